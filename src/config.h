@@ -1,0 +1,71 @@
+/*
+ * config.h: the walpipe configuration file (INI, parsed with libinih).
+ *
+ *   [walpipe]            optional: log_level
+ *   [staging]            conninfo, batch_rows, batch_bytes, batch_ms, payload_gin_index, partitions_ahead
+ *   [source NAME]        conninfo, slot, tables, status_interval_ms   (any number of sections)
+ *
+ * Values may reference the environment as ${VAR}; an unset variable is an
+ * error.  Unknown sections and keys are errors.  Every error names the file
+ * and line and says what to change.  The loaded configuration is immutable.
+ */
+#ifndef WP_CONFIG_H
+#define WP_CONFIG_H
+
+#include "wp_setup.h"
+
+typedef struct wp_table_ref {
+    char *schema; /* unquoted identifier, case kept */
+    char *table;
+} wp_table_ref_t;
+
+typedef struct wp_source_config {
+    char *name;     /* section name: [source NAME]; [A-Za-z0-9_-], unique */
+    char *conninfo; /* libpq conninfo; may hold a password: never log it */
+    char *slot;     /* default "walpipe_<name>" with '-' turned into '_' */
+    wp_table_ref_t *tables; /* include list (wal2json add-tables); NULL = all */
+    size_t ntables;
+    int status_interval_ms; /* feedback timer; default 1000 */
+    int line;               /* line of the section header, for messages */
+} wp_source_config_t;
+
+typedef enum wp_log_level {
+    WP_LOG_DEBUG = 0,
+    WP_LOG_INFO = 1,
+    WP_LOG_WARNING = 2,
+    WP_LOG_ERROR = 3,
+} wp_log_level_t;
+
+typedef struct wp_config {
+    char *path;
+    wp_log_level_t log_level;     /* [walpipe] log_level = debug|info|warning|error; default info */
+    char *staging_conninfo;       /* required */
+    int batch_rows;               /* default 10000 */
+    size_t batch_bytes;           /* default 8MB; accepts kB/MB/GB suffixes */
+    int batch_ms;                 /* default 50 */
+    bool payload_gin_index;       /* default false */
+    int partitions_ahead;         /* daily partitions created ahead; default 7 */
+    wp_source_config_t *sources;
+    size_t nsources;
+} wp_config_t;
+
+/*
+ * Loads and validates the file at path.  Returns a new configuration the
+ * caller frees with wp_config_destroy, or NULL with "file:line: problem; fix"
+ * written into errbuf.
+ */
+wp_config_t *wp_config_load(const char *path, char *errbuf, size_t errlen);
+
+/* As wp_config_load, on text held in memory; name is used in messages. */
+wp_config_t *wp_config_parse_string(const char *text, const char *name, char *errbuf, size_t errlen);
+
+/* Frees everything; NULL is a no-op. */
+void wp_config_destroy(wp_config_t *config);
+
+/*
+ * Returns a copy of conninfo safe to log: host, port, dbname and user only
+ * (never password or other keys).  Caller frees.
+ */
+char *wp_config_conninfo_redacted(const char *conninfo);
+
+#endif /* WP_CONFIG_H */

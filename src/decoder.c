@@ -1,0 +1,2 @@
+/* decoder.c: placeholder, being written */
+#include "wp_setup.h"

@@ -1,0 +1,91 @@
+/*
+ * decoder.h: one wal2json format-version-2 message -> one change.
+ *
+ * The reader hands every XLogData payload to wp_decoder_parse.  The decoder
+ * validates the whole message (so later steps cannot fail on its shape) and
+ * describes it as a wp_change_t whose pointers borrow from the decoder's
+ * current parse: they stay valid until the next wp_decoder_parse call or
+ * wp_decoder_destroy.  A message that fails validation is reported with a
+ * reason for walpipe.dead_letters; the decoder never aborts on bad input.
+ *
+ * Payload encoding (wp_decoder_payload) is the compact row image stored in
+ * walpipe.raw_events.payload:
+ *   insert   {"after":{col:value,...}}
+ *   update   {"after":{...},"key":{...}}     identity = replica-identity key
+ *            {"after":{...},"before":{...}}  identity = whole old row (REPLICA IDENTITY FULL)
+ *   delete   {"key":{...}} or {"before":{...}}
+ *   truncate {}
+ *   message  {"prefix":"...","content":"...","transactional":true|false}
+ * Values: SQL NULL -> null; bool -> true/false; int2/int4/oid/float4/float8
+ * -> JSON number (their text form round-trips through a double); int8 -> number
+ * when |v| <= 2^53, else string; numeric -> string (keeps precision and scale);
+ * bytea -> "\\x<hex>" (PostgreSQL's input form); everything else -> the
+ * type's text output as a JSON string (json/jsonb included, kept verbatim).
+ * Columns an UPDATE leaves out (unchanged TOAST) are absent from "after".
+ */
+#ifndef WP_DECODER_H
+#define WP_DECODER_H
+
+#include "wp_setup.h"
+
+#include <walpipe/lsn.h>
+
+#include "mem.h"
+
+typedef enum wp_op {
+    WP_OP_BEGIN = 0,
+    WP_OP_COMMIT,
+    WP_OP_INSERT,
+    WP_OP_UPDATE,
+    WP_OP_DELETE,
+    WP_OP_TRUNCATE,
+    WP_OP_MESSAGE,
+} wp_op_t;
+
+/* "insert", "update", ... as stored in raw_events.event_type; "begin"/"commit" for the envelope. */
+const char *wp_op_name(wp_op_t op);
+
+typedef struct wp_change {
+    wp_op_t op;
+    bool has_xid;           /* false when absent or null (non-transactional message) */
+    int64_t xid;
+    const char *timestamp;  /* commit timestamp text as wal2json printed it, or NULL */
+    wp_lsn_t lsn;           /* "lsn": change record start; B/C: commit start; M: message end */
+    wp_lsn_t nextlsn;       /* B/C only: end of the commit record (what to acknowledge) */
+    const char *schema;     /* I/U/D/T; NULL otherwise */
+    const char *table;      /* I/U/D/T; NULL otherwise */
+    size_t ncolumns;        /* I/U: entries in "columns" */
+    size_t nidentity;       /* U/D: entries in "identity" */
+    bool transactional;     /* M */
+    const char *prefix;     /* M */
+    const char *content;    /* M, may contain NUL only if the JSON escaped it */
+    size_t content_len;     /* M */
+} wp_change_t;
+
+typedef struct wp_decoder wp_decoder_t;
+
+wp_decoder_t *wp_decoder_create(void);
+void wp_decoder_destroy(wp_decoder_t *decoder); /* NULL is a no-op */
+
+/*
+ * Parses one wal2json v2 message of len bytes (need not be NUL-terminated).
+ * Returns 0 and fills *change, or -1 with a one-line reason in errbuf (for
+ * example "invalid JSON at byte 17: ...", "\"columns\" entry 2 has no \"name\"",
+ * "unknown action \"X\"").  Numbers of any size or precision are accepted
+ * and kept exactly as printed.
+ */
+int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
+                     size_t errlen);
+
+/* Appends the payload JSON (see the top of this file) of the last parsed I/U/D/T/M change to out. */
+void wp_decoder_payload(wp_decoder_t *decoder, const wp_change_t *change, wp_buf_t *out);
+
+/*
+ * Describes the column set of the last parsed I/U/D change (the new row's
+ * columns for I/U, the identity columns for D): appends
+ * [{"name":..,"type":..,"typeoid":N},...] to out and returns a stable
+ * 63-bit id of (schema, table, that JSON).  Returns 0 for T and M.
+ */
+int64_t wp_decoder_shape(wp_decoder_t *decoder, const wp_change_t *change, wp_buf_t *out);
+
+#endif /* WP_DECODER_H */

@@ -1,0 +1,2 @@
+/* lsn.c: placeholder, being written */
+#include "wp_setup.h"

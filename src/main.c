@@ -1,0 +1,2 @@
+#include "wp_setup.h"
+int main(void) { return 0; }

@@ -1,0 +1,2 @@
+/* migrate.c: placeholder, being written */
+#include "wp_setup.h"

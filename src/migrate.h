@@ -1,0 +1,22 @@
+/*
+ * migrate.h: the staging schema, versioned migrations from sql/ compiled in.
+ *
+ * wp_migrate_apply brings the staging database to the newest version in one
+ * transaction per migration, recording each in walpipe.schema_migrations; an
+ * already-applied version is skipped, so it is safe to run any number of times.
+ */
+#ifndef WP_MIGRATE_H
+#define WP_MIGRATE_H
+
+#include "wp_setup.h"
+
+typedef struct wp_migration {
+    int version;
+    const char *name;
+    const char *sql;
+} wp_migration_t;
+
+extern const wp_migration_t wp_migrations[];
+extern const size_t wp_migrations_count;
+
+#endif /* WP_MIGRATE_H */

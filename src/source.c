@@ -1,0 +1,2 @@
+/* source.c: placeholder, being written */
+#include "wp_setup.h"

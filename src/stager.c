@@ -1,0 +1,2 @@
+/* stager.c: placeholder, being written */
+#include "wp_setup.h"

@@ -1,0 +1,31 @@
+/*
+ * wp_setup.h: the first include of every walpipe source file.
+ *
+ * Feature macros, the standard integer/bool headers and the few attribute
+ * macros every module uses.  Nothing here allocates or has state.
+ */
+#ifndef WP_SETUP_H
+#define WP_SETUP_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define WP_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
+#define WP_NORETURN __attribute__((noreturn))
+#define WP_UNUSED __attribute__((unused))
+
+/* Unit tests compile some file-local helpers with external linkage. */
+#ifdef WP_UNIT_TEST
+#define WP_STATIC
+#else
+#define WP_STATIC static
+#endif
+
+#define WP_ERRLEN 512
+
+#endif /* WP_SETUP_H */
