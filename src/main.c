@@ -1,2 +1,134 @@
+/*
+ * main.c: the walpipe command: argument parsing, signals, lifecycle.
+ *
+ *   walpipe run  --config FILE   stream every configured source into staging
+ *   walpipe init --config FILE   create or upgrade the staging schema
+ *
+ * Signal handlers only set wp_stop_requested; each source notices it within
+ * one poll interval, commits the batch in hand, acknowledges it and exits.
+ */
 #include "wp_setup.h"
-int main(void) { return 0; }
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <walpipe/walpipe.h>
+
+#include "config.h"
+#include "log.h"
+#include "migrate.h"
+#include "pipeline.h"
+#include "source.h"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "walpipe %s: change data capture from PostgreSQL (wal2json) into a staging table, exactly once\n"
+            "\n"
+            "Usage:\n"
+            "  walpipe run  --config FILE   stream every [source] into walpipe.raw_events until SIGTERM/SIGINT\n"
+            "  walpipe init --config FILE   create or upgrade the staging schema (idempotent)\n"
+            "  walpipe --help | --version\n"
+            "\n"
+            "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
+            "Configuration reference: README.md, section \"Configuration\".\n",
+            WALPIPE_VERSION);
+}
+
+static void on_stop_signal(int sig)
+{
+    (void)sig;
+    wp_stop_requested = 1;
+}
+
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static int cmd_run(wp_config_t *config)
+{
+    int rc = WP_EXIT_OK;
+    wp_source_t **sources = wp_calloc(config->nsources, sizeof *sources);
+    install_signals();
+    wp_info("walpipe %s starting with %zu source(s)", WALPIPE_VERSION, config->nsources);
+    for (size_t i = 0; i < config->nsources; i++) {
+        char *where = wp_config_conninfo_redacted(config->sources[i].conninfo);
+        wp_info("source \"%s\": %s, slot \"%s\"", config->sources[i].name, where, config->sources[i].slot);
+        free(where);
+        sources[i] = wp_source_start(config, &config->sources[i]);
+        if (sources[i] == NULL)
+            rc = WP_EXIT_FATAL;
+    }
+    for (size_t i = 0; i < config->nsources; i++) {
+        if (sources[i] && wp_source_join(sources[i]) != 0)
+            rc = WP_EXIT_FATAL;
+    }
+    free(sources);
+    wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    int rc = WP_EXIT_CONFIG;
+    const char *command = NULL, *config_path = NULL;
+    wp_config_t *config = NULL;
+    char err[WP_ERRLEN];
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            rc = WP_EXIT_OK;
+            goto out;
+        } else if (strcmp(argv[i], "--version") == 0 || strcmp(argv[i], "-V") == 0) {
+            printf("walpipe %s\n", WALPIPE_VERSION);
+            rc = WP_EXIT_OK;
+            goto out;
+        } else if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "walpipe: %s needs a file name\n", argv[i]);
+                goto out;
+            }
+            config_path = argv[++i];
+        } else if (strncmp(argv[i], "--config=", 9) == 0) {
+            config_path = argv[i] + 9;
+        } else if (argv[i][0] != '-' && command == NULL) {
+            command = argv[i];
+        } else {
+            fprintf(stderr, "walpipe: unknown argument \"%s\"; try walpipe --help\n", argv[i]);
+            goto out;
+        }
+    }
+    if (command == NULL || (strcmp(command, "run") != 0 && strcmp(command, "init") != 0)) {
+        if (command)
+            fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
+        usage(stderr);
+        goto out;
+    }
+    if (config_path == NULL) {
+        fprintf(stderr, "walpipe: %s needs --config FILE\n", command);
+        goto out;
+    }
+    config = wp_config_load(config_path, err, sizeof err);
+    if (config == NULL) {
+        fprintf(stderr, "walpipe: %s\n", err);
+        goto out;
+    }
+    wp_log_set_level(config->log_level);
+    if (strcmp(command, "init") == 0)
+        rc = wp_migrate_apply(config) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
+    else
+        rc = cmd_run(config);
+out:
+    wp_config_destroy(config);
+    return rc;
+}

@@ -1,2 +1,127 @@
-/* migrate.c: placeholder, being written */
+/*
+ * migrate.c: `walpipe init`: the staging schema, versioned.
+ *
+ * Job: apply the migrations compiled in from sql/ that the staging database
+ * has not seen, each in its own transaction together with its row in
+ * walpipe.schema_migrations, under an advisory lock so that two `init`s
+ * cannot race.  Then apply the options that are configuration, not schema
+ * (the GIN index on payload, the partitions ahead).
+ *
+ * Invariant: a version recorded in schema_migrations is fully applied; running
+ * init again changes nothing that is already in place.
+ */
 #include "wp_setup.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include "log.h"
+#include "migrate.h"
+
+#define MIGRATE_LOCK_KEY "7745637465"
+
+int wp_migrate_latest_version(void)
+{
+    int latest = 0;
+    for (size_t i = 0; i < wp_migrations_count; i++)
+        if (wp_migrations[i].version > latest)
+            latest = wp_migrations[i].version;
+    return latest;
+}
+
+static int exec_ok(PGconn *conn, const char *sql, const char *what)
+{
+    PGresult *res = PQexec(conn, sql);
+    ExecStatusType st = PQresultStatus(res);
+    int rc = (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) ? 0 : -1;
+    if (rc != 0)
+        wp_error("staging: could not %s: %s", what, PQerrorMessage(conn));
+    PQclear(res);
+    return rc;
+}
+
+static int applied_version(PGconn *conn, int *version)
+{
+    PGresult *res = PQexec(conn, "SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations");
+    int rc = -1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_error("staging: could not read walpipe.schema_migrations: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    *version = atoi(PQgetvalue(res, 0, 0));
+    rc = 0;
+out:
+    PQclear(res);
+    return rc;
+}
+
+int wp_migrate_apply(const wp_config_t *config)
+{
+    int rc = -1;
+    bool locked = false;
+    const char *keys[] = {"dbname", "application_name", NULL};
+    const char *vals[] = {config->staging_conninfo, "walpipe_init", NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        wp_error("could not connect to staging: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    if (exec_ok(conn, "SET client_min_messages = warning", "set client_min_messages") != 0)
+        goto out;
+    if (exec_ok(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "take the migration lock") != 0)
+        goto out;
+    locked = true;
+    if (exec_ok(conn,
+                "CREATE SCHEMA IF NOT EXISTS walpipe; "
+                "CREATE TABLE IF NOT EXISTS walpipe.schema_migrations (version INT PRIMARY KEY, name TEXT NOT NULL, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                "create walpipe.schema_migrations") != 0)
+        goto out;
+    int have = 0;
+    if (applied_version(conn, &have) != 0)
+        goto out;
+    for (size_t i = 0; i < wp_migrations_count; i++) {
+        const wp_migration_t *m = &wp_migrations[i];
+        if (m->version <= have)
+            continue;
+        if (exec_ok(conn, "BEGIN", "begin a migration") != 0)
+            goto out;
+        if (exec_ok(conn, m->sql, m->name) != 0) {
+            PQclear(PQexec(conn, "ROLLBACK"));
+            goto out;
+        }
+        char *name = PQescapeLiteral(conn, m->name, strlen(m->name));
+        char sql[256];
+        snprintf(sql, sizeof sql, "INSERT INTO walpipe.schema_migrations (version, name) VALUES (%d, %s); COMMIT",
+                 m->version, name ? name : "''");
+        PQfreemem(name);
+        if (exec_ok(conn, sql, "record a migration") != 0) {
+            PQclear(PQexec(conn, "ROLLBACK"));
+            goto out;
+        }
+        wp_info("applied migration %s", m->name);
+    }
+    if (config->payload_gin_index) {
+        if (exec_ok(conn,
+                    "CREATE INDEX IF NOT EXISTS raw_events_payload_gin ON walpipe.raw_events "
+                    "USING gin (payload jsonb_path_ops)",
+                    "create the GIN index on payload") != 0)
+            goto out;
+    } else if (exec_ok(conn, "DROP INDEX IF EXISTS walpipe.raw_events_payload_gin", "drop the GIN index") != 0) {
+        goto out;
+    }
+    char sql[96];
+    snprintf(sql, sizeof sql, "SELECT walpipe.ensure_partitions(%d)", config->partitions_ahead);
+    if (exec_ok(conn, sql, "create raw_events partitions") != 0)
+        goto out;
+    wp_info("staging schema is at version %d", wp_migrate_latest_version());
+    rc = 0;
+out:
+    if (locked)
+        PQclear(PQexec(conn, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")"));
+    PQfinish(conn);
+    return rc;
+}

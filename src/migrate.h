@@ -19,4 +19,16 @@ typedef struct wp_migration {
 extern const wp_migration_t wp_migrations[];
 extern const size_t wp_migrations_count;
 
+#include "config.h"
+
+/* The newest schema version this walpipe knows. */
+int wp_migrate_latest_version(void);
+
+/*
+ * Brings the staging database named in config to the newest version and
+ * applies the configured index options (payload_gin_index) and partitions.
+ * Returns 0, or -1 after logging why.
+ */
+int wp_migrate_apply(const wp_config_t *config);
+
 #endif /* WP_MIGRATE_H */

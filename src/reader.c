@@ -1,2 +1,785 @@
-/* reader.c: placeholder, being written */
+/*
+ * reader.c: a source's logical replication stream -> segments for the stager.
+ *
+ * Job: open a replication=database connection, make sure the wal2json slot
+ * exists, START_REPLICATION from the staging checkpoint, decode every
+ * XLogData message into a raw_events row (or a dead letter), and keep the
+ * walsender content: answer keepalives, send status updates on a timer even
+ * while staging is slow, acknowledge what staging has committed.
+ *
+ * Invariant: the flush LSN sent to the source never passes a change that is
+ * not committed in staging.  It is only ever a position the stager published
+ * after its commit: the commit end LSN (nextlsn) of the last whole
+ * transaction staged, the end LSN of a staged non-transactional message, or
+ * a keepalive walEnd that was itself written to the checkpoint first.
+ *
+ * Restart: the server resends everything after its confirmed_flush_lsn, which
+ * may be behind the checkpoint.  The reader skips transactions that end at or
+ * before the checkpoint, and the first txn_seq changes of the transaction the
+ * checkpoint says was staged in part, so each change is staged exactly once.
+ *
+ * The loop has the shape of pg_recvlogical's: one poll on the socket with a
+ * computed timeout; XLogData and keepalives dispatched separately; feedback
+ * on a timer.  Message layouts (big-endian):
+ *   'w' XLogData   : Int64 dataStart, Int64 walEnd, Int64 sendTime, payload  (25-byte header)
+ *   'k' keepalive  : Int64 walEnd, Int64 sendTime, Byte1 replyRequested      (18 bytes)
+ *   'r' status     : Int64 write, Int64 flush, Int64 apply, Int64 clientTime, Byte1 replyRequested (34 bytes)
+ */
 #include "wp_setup.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+
+#include <libpq-fe.h>
+
+#include "decoder.h"
+#include "log.h"
+#include "reader.h"
+
+#define SEGMENT_MAX_BYTES (256 * 1024)
+#define SEGMENT_MAX_ROWS 2000
+#define POLL_MAX_MS 100
+#define PG_EPOCH_OFFSET_US (946684800LL * 1000000LL)
+
+typedef struct shape_set {
+    int64_t *ids; /* open addressing, 0 = empty */
+    size_t cap, count;
+} shape_set_t;
+
+struct wp_reader {
+    const wp_config_t *config;
+    const wp_source_config_t *source;
+    PGconn *conn;
+    wp_decoder_t *decoder;
+    shape_set_t shapes;
+    wp_buf_t payload;
+    wp_buf_t scratch;
+    char *source_copy; /* source name, COPY-escaped */
+
+    /* stream state */
+    wp_position_t start; /* checkpoint the session started from */
+    wp_position_t pos;   /* position after the last message handled */
+    wp_position_t pushed; /* position of the last segment pushed */
+    wp_segment_t *segment;
+    bool in_txn;
+    bool skipping;  /* whole transaction already staged */
+    int skip_seq;   /* changes of this transaction already staged */
+    int seq;
+    wp_lsn_t txn_end;
+    bool has_xid;
+    int64_t xid;
+    char ts[64];
+    bool has_ts;
+
+    /* feedback */
+    wp_lsn_t received; /* highest header LSN seen (reported as write) */
+    wp_lsn_t acked;    /* highest flush LSN sent */
+    int64_t last_feedback_ms;
+    int64_t last_position_push_ms;
+};
+
+/* ---- small helpers ------------------------------------------------------------------------- */
+
+static uint64_t get_u64(const char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | (unsigned char)p[i];
+    return v;
+}
+
+static void put_u64(char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static bool shape_set_add(shape_set_t *set, int64_t id)
+{
+    if (id == 0)
+        return false;
+    if ((set->count + 1) * 2 > set->cap) {
+        size_t cap = set->cap ? set->cap * 2 : 64;
+        int64_t *ids = wp_calloc(cap, sizeof *ids);
+        for (size_t i = 0; i < set->cap; i++) {
+            if (set->ids[i] == 0)
+                continue;
+            size_t j = (size_t)set->ids[i] & (cap - 1);
+            while (ids[j])
+                j = (j + 1) & (cap - 1);
+            ids[j] = set->ids[i];
+        }
+        free(set->ids);
+        set->ids = ids;
+        set->cap = cap;
+    }
+    size_t j = (size_t)id & (set->cap - 1);
+    while (set->ids[j]) {
+        if (set->ids[j] == id)
+            return false;
+        j = (j + 1) & (set->cap - 1);
+    }
+    set->ids[j] = id;
+    set->count++;
+    return true;
+}
+
+/* Appends s in COPY text format (backslash, tab, newline and CR escaped). */
+static void copy_escape(wp_buf_t *out, const char *s, size_t len)
+{
+    wp_buf_reserve(out, len + len / 8 + 8);
+    size_t start = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i], e;
+        switch (c) {
+        case '\\': e = '\\'; break;
+        case '\t': e = 't'; break;
+        case '\n': e = 'n'; break;
+        case '\r': e = 'r'; break;
+        default: continue;
+        }
+        wp_buf_append(out, s + start, i - start);
+        wp_buf_putc(out, '\\');
+        wp_buf_putc(out, e);
+        start = i + 1;
+    }
+    wp_buf_append(out, s + start, len - start);
+}
+
+static void copy_text_or_null(wp_buf_t *out, const char *s)
+{
+    if (s)
+        copy_escape(out, s, strlen(s));
+    else
+        wp_buf_puts(out, "\\N");
+}
+
+/*
+ * Classifies a server or connection error.  Returns a hint naming the fix
+ * and sets *fatal for errors that reconnecting cannot cure; NULL if none.
+ */
+static const char *classify_error(const char *msg, bool *fatal)
+{
+    static const struct {
+        const char *needle;
+        const char *hint;
+    } fatal_errors[] = {
+        {"wal_level", "set wal_level = logical in the source's postgresql.conf and restart it"},
+        {"could not access file \"wal2json\"", "install the wal2json output plugin on the source "
+                                               "(Debian: apt-get install postgresql-15-wal2json)"},
+        {"replication role", "grant the role replication: ALTER ROLE <user> WITH REPLICATION"},
+        {"permission denied to start WAL sender", "grant the role replication: ALTER ROLE <user> WITH REPLICATION"},
+        {"must be superuser or have REPLICATION", "grant the role replication: ALTER ROLE <user> WITH REPLICATION"},
+        {"password authentication failed", "check the user and password in the source's conninfo"},
+        {"does not exist", "check the names in the source's conninfo and configuration"},
+        {"no pg_hba.conf entry", "allow the connection in the source's pg_hba.conf"},
+        {"has been invalidated", "the slot lost WAL it needed: drop it, create a new one and re-snapshot"},
+        {"cannot read from logical replication slot", "the slot lost WAL it needed: drop it, create a new one and "
+                                                      "re-snapshot"},
+        {"is unknown", "the installed wal2json does not support an option walpipe needs (wal2json >= 2.5)"},
+    };
+    *fatal = false;
+    if (msg == NULL)
+        return NULL;
+    if (strstr(msg, "is active for PID"))
+        return "another consumer holds the slot (or its previous walsender has not exited yet); retrying";
+    for (size_t i = 0; i < sizeof fatal_errors / sizeof fatal_errors[0]; i++) {
+        if (strstr(msg, fatal_errors[i].needle)) {
+            *fatal = true;
+            return fatal_errors[i].hint;
+        }
+    }
+    return NULL;
+}
+
+static void log_source_error(const char *what, const char *msg, bool *fatal)
+{
+    const char *hint = classify_error(msg, fatal);
+    char line[1024];
+    snprintf(line, sizeof line, "%s", msg ? msg : "unknown error");
+    /* keep it to one line: libpq messages end in newlines and may carry DETAIL lines */
+    for (char *p = line; *p; p++)
+        if (*p == '\n')
+            *p = ' ';
+    if (hint)
+        wp_error("%s: %s; hint: %s", what, line, hint);
+    else
+        wp_error("%s: %s", what, line);
+}
+
+static void notice_processor(void *arg, const char *message)
+{
+    (void)arg;
+    /* wal2json reports skipped UPDATE/DELETEs (no replica identity) only as a WARNING notice */
+    wp_warn("source says: %s", message);
+}
+
+/* ---- lifecycle ----------------------------------------------------------------------------- */
+
+wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_t *source)
+{
+    wp_reader_t *reader = wp_calloc(1, sizeof *reader);
+    reader->config = config;
+    reader->source = source;
+    reader->decoder = wp_decoder_create();
+    wp_buf_t name = WP_BUF_INIT;
+    copy_escape(&name, source->name, strlen(source->name));
+    reader->source_copy = name.data;
+    return reader;
+}
+
+void wp_reader_close(wp_reader_t *reader)
+{
+    if (reader->conn)
+        PQfinish(reader->conn);
+    reader->conn = NULL;
+    wp_segment_destroy(reader->segment);
+    reader->segment = NULL;
+}
+
+void wp_reader_destroy(wp_reader_t *reader)
+{
+    if (reader == NULL)
+        return;
+    wp_reader_close(reader);
+    wp_decoder_destroy(reader->decoder);
+    wp_buf_free(&reader->payload);
+    wp_buf_free(&reader->scratch);
+    free(reader->shapes.ids);
+    free(reader->source_copy);
+    free(reader);
+}
+
+int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
+{
+    int rc = -1;
+    PGresult *res = NULL;
+    char appname[96];
+    char *slot_lit = NULL;
+    wp_buf_t sql = WP_BUF_INIT;
+    *fatal = false;
+    memset(info, 0, sizeof *info);
+    wp_reader_close(reader);
+
+    snprintf(appname, sizeof appname, "walpipe_%s", reader->source->name);
+    /* Values render through each type's output function in the walsender: pin the GUCs that change them. */
+    const char *keys[] = {"dbname", "replication", "application_name", "options", "keepalives", "keepalives_idle",
+                          "keepalives_interval", "keepalives_count", NULL};
+    const char *vals[] = {reader->source->conninfo,
+                          "database",
+                          appname,
+                          "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres -c bytea_output=hex "
+                          "-c extra_float_digits=3",
+                          "1",
+                          "30",
+                          "10",
+                          "3",
+                          NULL};
+    reader->conn = PQconnectdbParams(keys, vals, 1);
+    if (PQstatus(reader->conn) != CONNECTION_OK) {
+        log_source_error("could not connect to source", PQerrorMessage(reader->conn), fatal);
+        goto out;
+    }
+    PQsetNoticeProcessor(reader->conn, notice_processor, NULL);
+
+    res = PQexec(reader->conn, "IDENTIFY_SYSTEM");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQnfields(res) < 4) {
+        log_source_error("could not identify the source system", PQerrorMessage(reader->conn), fatal);
+        goto out;
+    }
+    if (PQgetisnull(res, 0, 3)) {
+        wp_error("source connection is not bound to a database; hint: give dbname in the source's conninfo");
+        *fatal = true;
+        goto out;
+    }
+    snprintf(info->systemid, sizeof info->systemid, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+
+    slot_lit = PQescapeLiteral(reader->conn, reader->source->slot, strlen(reader->source->slot));
+    wp_buf_printf(&sql,
+                  "SELECT plugin, slot_type, coalesce(wal_status, ''), confirmed_flush_lsn, "
+                  "database = current_database() FROM pg_replication_slots WHERE slot_name = %s",
+                  slot_lit);
+    res = PQexec(reader->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_source_error("could not look up the replication slot", PQerrorMessage(reader->conn), fatal);
+        goto out;
+    }
+    if (PQntuples(res) == 1) {
+        info->exists = true;
+        if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 || strcmp(PQgetvalue(res, 0, 0), "wal2json") != 0 ||
+            strcmp(PQgetvalue(res, 0, 4), "t") != 0) {
+            wp_error("slot \"%s\" exists but is not a wal2json logical slot of this database (plugin %s); "
+                     "hint: name another slot in the configuration or drop this one",
+                     reader->source->slot, PQgetvalue(res, 0, 0));
+            *fatal = true;
+            goto out;
+        }
+        info->lost = strcmp(PQgetvalue(res, 0, 2), "lost") == 0;
+        const char *flush = PQgetvalue(res, 0, 3);
+        if (!PQgetisnull(res, 0, 3) && !wp_lsn_parse(flush, strlen(flush), &info->confirmed_flush)) {
+            wp_error("slot \"%s\" reports an unreadable confirmed_flush_lsn", reader->source->slot);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    PQclear(res);
+    if (slot_lit)
+        PQfreemem(slot_lit);
+    wp_buf_free(&sql);
+    if (rc != 0)
+        wp_reader_close(reader);
+    return rc;
+}
+
+int wp_reader_create_slot(wp_reader_t *reader, wp_lsn_t *consistent_point, bool *fatal)
+{
+    int rc = -1;
+    char sql[160];
+    *fatal = false;
+    snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\" LOGICAL wal2json (SNAPSHOT 'nothing')",
+             reader->source->slot);
+    PGresult *res = PQexec(reader->conn, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        log_source_error("could not create the replication slot", PQerrorMessage(reader->conn), fatal);
+        goto out;
+    }
+    const char *cp = PQgetvalue(res, 0, 1);
+    if (!wp_lsn_parse(cp, strlen(cp), consistent_point)) {
+        wp_error("CREATE_REPLICATION_SLOT returned an unreadable consistent point");
+        goto out;
+    }
+    wp_info("created slot \"%s\" at %s", reader->source->slot, cp);
+    rc = 0;
+out:
+    PQclear(res);
+    return rc;
+}
+
+/* ---- feedback ------------------------------------------------------------------------------ */
+
+static int send_feedback(wp_reader_t *reader, wp_queue_t *queue, bool reply_requested)
+{
+    wp_position_t durable = wp_queue_durable(queue);
+    if (durable.lsn > reader->acked)
+        reader->acked = durable.lsn;
+    wp_lsn_t write = reader->received > reader->acked ? reader->received : reader->acked;
+    char msg[34];
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    int64_t now_us = (int64_t)tv.tv_sec * 1000000 + tv.tv_usec - PG_EPOCH_OFFSET_US;
+    msg[0] = 'r';
+    put_u64(msg + 1, write);
+    put_u64(msg + 9, reader->acked);
+    put_u64(msg + 17, reader->acked);
+    put_u64(msg + 25, (uint64_t)now_us);
+    msg[33] = reply_requested ? 1 : 0;
+    if (PQputCopyData(reader->conn, msg, sizeof msg) != 1 || PQflush(reader->conn) != 0) {
+        wp_error("could not send a status update to the source: %s", PQerrorMessage(reader->conn));
+        return -1;
+    }
+    reader->last_feedback_ms = wp_now_ms();
+    return 0;
+}
+
+/* Sends a status update if the timer is due or staging committed something new. */
+static int maybe_feedback(wp_reader_t *reader, wp_queue_t *queue)
+{
+    int64_t now = wp_now_ms();
+    int64_t since = now - reader->last_feedback_ms;
+    if (since >= reader->source->status_interval_ms)
+        return send_feedback(reader, queue, false);
+    if (since >= 20 && wp_queue_durable(queue).lsn > reader->acked)
+        return send_feedback(reader, queue, false);
+    return 0;
+}
+
+/* ---- segments ------------------------------------------------------------------------------ */
+
+static wp_segment_t *current_segment(wp_reader_t *reader)
+{
+    if (reader->segment == NULL)
+        reader->segment = wp_segment_create();
+    return reader->segment;
+}
+
+/*
+ * Hands the current segment (possibly holding only a new position) to the
+ * stager, waiting while the queue is full but keeping the walsender fed with
+ * status updates meanwhile.  Returns 0, or -1 if the session failed.
+ */
+static int push_segment(wp_reader_t *reader, wp_queue_t *queue, bool final)
+{
+    wp_segment_t *segment = current_segment(reader);
+    segment->pos = reader->pos;
+    segment->final = final;
+    for (;;) {
+        int pushed = wp_queue_push(queue, segment, POLL_MAX_MS);
+        if (pushed == 1)
+            break;
+        if (pushed < 0)
+            return -1;
+        if (maybe_feedback(reader, queue) != 0)
+            return -1;
+    }
+    reader->segment = NULL;
+    reader->pushed = reader->pos;
+    reader->last_position_push_ms = wp_now_ms();
+    return 0;
+}
+
+static bool position_advanced(const wp_reader_t *reader)
+{
+    return reader->pos.lsn != reader->pushed.lsn || reader->pos.txn_end != reader->pushed.txn_end ||
+           reader->pos.txn_seq != reader->pushed.txn_seq;
+}
+
+static void add_dead_letter(wp_reader_t *reader, const char *data, size_t len, wp_lsn_t lsn, int seq,
+                            const char *reason)
+{
+    wp_segment_t *segment = current_segment(reader);
+    wp_dead_letter_t *dead = wp_calloc(1, sizeof *dead);
+    dead->lsn = lsn;
+    dead->seq = seq;
+    dead->raw = wp_malloc(len ? len : 1);
+    memcpy(dead->raw, data, len);
+    dead->raw_len = len;
+    dead->reason = wp_strdup(reason);
+    wp_dead_letter_t **tail = &segment->dead;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = dead;
+}
+
+/* Appends one raw_events row for change (already parsed by the decoder) to the current segment. */
+static void add_row(wp_reader_t *reader, const wp_change_t *change, wp_lsn_t lsn, int seq)
+{
+    wp_segment_t *segment = current_segment(reader);
+    wp_buf_t *out = &segment->copy;
+    char lsntext[WP_LSN_STRLEN];
+    int64_t shape_id = 0;
+
+    if (change->op == WP_OP_INSERT || change->op == WP_OP_UPDATE || change->op == WP_OP_DELETE) {
+        wp_buf_reset(&reader->scratch);
+        shape_id = wp_decoder_shape(reader->decoder, change, &reader->scratch);
+        if (shape_set_add(&reader->shapes, shape_id)) {
+            wp_shape_t *shape = wp_calloc(1, sizeof *shape);
+            shape->id = shape_id;
+            shape->schema = wp_strdup(change->schema ? change->schema : "");
+            shape->table = wp_strdup(change->table);
+            shape->columns = wp_strndup(reader->scratch.data, reader->scratch.len);
+            shape->first_lsn = lsn;
+            shape->next = segment->shapes;
+            segment->shapes = shape;
+        }
+    }
+    wp_buf_reset(&reader->payload);
+    wp_decoder_payload(reader->decoder, change, &reader->payload);
+
+    wp_buf_puts(out, reader->source_copy);
+    wp_buf_putc(out, '\t');
+    wp_buf_puts(out, wp_op_name(change->op));
+    wp_buf_putc(out, '\t');
+    copy_escape(out, reader->payload.data, reader->payload.len);
+    wp_buf_printf(out, "\t%s\t", wp_lsn_format(lsn, lsntext));
+    if (change->has_xid)
+        wp_buf_printf(out, "%lld", (long long)change->xid);
+    else
+        wp_buf_puts(out, "\\N");
+    wp_buf_putc(out, '\t');
+    copy_text_or_null(out, change->timestamp);
+    wp_buf_printf(out, "\t%d\t", seq);
+    copy_text_or_null(out, change->schema);
+    wp_buf_putc(out, '\t');
+    copy_text_or_null(out, change->table);
+    if (shape_id)
+        wp_buf_printf(out, "\t%lld\n", (long long)shape_id);
+    else
+        wp_buf_puts(out, "\t\\N\n");
+    segment->rows++;
+}
+
+/* ---- message dispatch ---------------------------------------------------------------------- */
+
+static void begin_txn(wp_reader_t *reader, const wp_change_t *change)
+{
+    reader->in_txn = true;
+    reader->txn_end = change->nextlsn;
+    reader->seq = 0;
+    reader->skipping = change->nextlsn <= reader->start.lsn;
+    reader->skip_seq = change->nextlsn == reader->start.txn_end ? reader->start.txn_seq : 0;
+}
+
+/* Handles one XLogData payload.  Never fails: what cannot be decoded becomes a dead letter. */
+static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len)
+{
+    wp_change_t change;
+    char err[WP_ERRLEN];
+
+    if (wp_decoder_parse(reader->decoder, data, len, &change, err, sizeof err) != 0) {
+        if (reader->in_txn) {
+            reader->seq++;
+            if (!reader->skipping && reader->seq > reader->skip_seq) {
+                add_dead_letter(reader, data, len, reader->txn_end, reader->seq, err);
+                reader->pos.txn_end = reader->txn_end;
+                reader->pos.txn_seq = reader->seq;
+            }
+        } else if (header_lsn > reader->start.lsn) {
+            add_dead_letter(reader, data, len, header_lsn, 0, err);
+        }
+        return;
+    }
+
+    switch (change.op) {
+    case WP_OP_BEGIN:
+        if (reader->in_txn)
+            wp_warn("transaction ending at %X/%X began before the previous one committed",
+                    (unsigned)(change.nextlsn >> 32), (unsigned)change.nextlsn);
+        begin_txn(reader, &change);
+        reader->has_xid = change.has_xid;
+        reader->xid = change.xid;
+        break;
+    case WP_OP_COMMIT:
+        if (!reader->in_txn)
+            wp_warn("commit without a begin at %X/%X", (unsigned)(change.nextlsn >> 32), (unsigned)change.nextlsn);
+        if (!reader->skipping && change.nextlsn > reader->pos.lsn) {
+            reader->pos.lsn = change.nextlsn;
+            reader->pos.txn_end = WP_LSN_INVALID;
+            reader->pos.txn_seq = 0;
+        }
+        reader->in_txn = false;
+        reader->skipping = false;
+        break;
+    case WP_OP_MESSAGE:
+        if (!change.transactional) {
+            /* stands alone: keyed by its own LSN (the end of the message record) */
+            if (change.lsn > reader->start.lsn) {
+                add_row(reader, &change, change.lsn, 0);
+                if (!reader->in_txn && change.lsn > reader->pos.lsn)
+                    reader->pos.lsn = change.lsn;
+            }
+            break;
+        }
+        /* a transactional message is a change of its transaction */
+        __attribute__((fallthrough));
+    case WP_OP_INSERT:
+    case WP_OP_UPDATE:
+    case WP_OP_DELETE:
+    case WP_OP_TRUNCATE:
+        if (!reader->in_txn) {
+            if (header_lsn > reader->start.lsn)
+                add_dead_letter(reader, data, len, header_lsn, 0, "change outside a transaction");
+            break;
+        }
+        reader->seq++;
+        if (reader->skipping || reader->seq <= reader->skip_seq)
+            break;
+        add_row(reader, &change, reader->txn_end, reader->seq);
+        reader->pos.txn_end = reader->txn_end;
+        reader->pos.txn_seq = reader->seq;
+        break;
+    }
+}
+
+/*
+ * A keepalive's walEnd covers everything already sent to us.  When no
+ * transaction is open, staging may record it as the checkpoint (so that a
+ * quiet source's slot advances while other databases write); it is pushed as
+ * a position-only segment and acknowledged once committed like any other.
+ */
+static void handle_keepalive(wp_reader_t *reader, wp_lsn_t wal_end)
+{
+    if (reader->in_txn || wal_end <= reader->pos.lsn || reader->pos.txn_end != WP_LSN_INVALID)
+        return;
+    reader->pos.lsn = wal_end;
+}
+
+/* ---- the loop ------------------------------------------------------------------------------ */
+
+static int start_replication(wp_reader_t *reader, bool *fatal)
+{
+    int rc = -1;
+    wp_buf_t sql = WP_BUF_INIT;
+    char lsn[WP_LSN_STRLEN];
+    wp_buf_printf(&sql,
+                  "START_REPLICATION SLOT \"%s\" LOGICAL %s (\"format-version\" '2', \"include-xids\" '1', "
+                  "\"include-timestamp\" '1', \"include-lsn\" '1', \"include-type-oids\" '1'",
+                  reader->source->slot, wp_lsn_format(reader->start.lsn, lsn));
+    if (reader->source->ntables > 0) {
+        /* wal2json add-tables: schema.table, comma-separated; escape space ' , . * with a backslash */
+        wp_buf_puts(&sql, ", \"add-tables\" '");
+        for (size_t i = 0; i < reader->source->ntables; i++) {
+            const char *parts[2] = {reader->source->tables[i].schema, reader->source->tables[i].table};
+            if (i)
+                wp_buf_putc(&sql, ',');
+            for (int k = 0; k < 2; k++) {
+                if (k)
+                    wp_buf_putc(&sql, '.');
+                for (const char *p = parts[k]; *p; p++) {
+                    if (strchr(" ',.*\\", *p))
+                        wp_buf_putc(&sql, '\\');
+                    if (*p == '\'')
+                        wp_buf_putc(&sql, '\''); /* the replication grammar doubles quotes in literals */
+                    wp_buf_putc(&sql, *p);
+                }
+            }
+        }
+        wp_buf_putc(&sql, '\'');
+    }
+    wp_buf_putc(&sql, ')');
+    PGresult *res = PQexec(reader->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_COPY_BOTH) {
+        log_source_error("could not start replication", PQerrorMessage(reader->conn), fatal);
+        goto out;
+    }
+    wp_info("streaming from slot \"%s\" at %s", reader->source->slot, lsn);
+    rc = 0;
+out:
+    PQclear(res);
+    wp_buf_free(&sql);
+    return rc;
+}
+
+/* Waits for the socket to become readable, at most timeout_ms.  Returns -1 on error. */
+static int wait_socket(PGconn *conn, int timeout_ms)
+{
+    struct pollfd pfd = {.fd = PQsocket(conn), .events = POLLIN};
+    if (pfd.fd < 0) {
+        wp_error("source connection has no socket");
+        return -1;
+    }
+    int n = poll(&pfd, 1, timeout_ms);
+    if (n < 0 && errno != EINTR) {
+        wp_error("could not poll the source connection: %m");
+        return -1;
+    }
+    return 0;
+}
+
+/* Graceful stop: stage what we hold, wait for its commit, acknowledge it, end the COPY. */
+static int finish_stream(wp_reader_t *reader, wp_queue_t *queue)
+{
+    if (push_segment(reader, queue, true) != 0)
+        return -1;
+    for (;;) {
+        wp_position_t durable = wp_queue_durable(queue);
+        if (durable.lsn == reader->pushed.lsn && durable.txn_end == reader->pushed.txn_end &&
+            durable.txn_seq == reader->pushed.txn_seq)
+            break;
+        if (wp_queue_failed(queue))
+            return -1;
+        if (maybe_feedback(reader, queue) != 0)
+            return -1;
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (send_feedback(reader, queue, false) != 0)
+        return -1;
+    char lsn[WP_LSN_STRLEN];
+    wp_info("stopped; acknowledged %s", wp_lsn_format(reader->acked, lsn));
+    PQputCopyEnd(reader->conn, NULL);
+    PQflush(reader->conn);
+    return 0;
+}
+
+int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t *queue, bool *fatal)
+{
+    int rc = -1;
+    char *buf = NULL;
+    *fatal = false;
+    reader->start = *start;
+    reader->pos = *start;
+    reader->pushed = *start;
+    reader->in_txn = reader->skipping = false;
+    reader->acked = WP_LSN_INVALID;
+    reader->received = WP_LSN_INVALID;
+    reader->last_feedback_ms = 0;
+    reader->last_position_push_ms = wp_now_ms();
+
+    if (start_replication(reader, fatal) != 0)
+        goto fail;
+
+    for (;;) {
+        if (wp_stop_requested) {
+            rc = finish_stream(reader, queue);
+            if (rc != 0)
+                goto fail;
+            goto out;
+        }
+        if (wp_queue_failed(queue))
+            goto fail;
+        if (maybe_feedback(reader, queue) != 0)
+            goto fail;
+
+        int n = PQgetCopyData(reader->conn, &buf, 1);
+        if (n == 0) {
+            /* Nothing buffered: hand over what we hold so latency stays low, then wait. */
+            wp_segment_t *segment = reader->segment;
+            bool have_rows = segment && !wp_segment_empty(segment);
+            bool position_due = position_advanced(reader) &&
+                                wp_now_ms() - reader->last_position_push_ms >= reader->source->status_interval_ms;
+            if ((have_rows || position_due) && push_segment(reader, queue, false) != 0)
+                goto fail;
+            if (wait_socket(reader->conn, POLL_MAX_MS) != 0)
+                goto fail;
+            if (!PQconsumeInput(reader->conn)) {
+                log_source_error("lost the source connection", PQerrorMessage(reader->conn), fatal);
+                goto fail;
+            }
+            continue;
+        }
+        if (n == -1) {
+            PGresult *res = PQgetResult(reader->conn);
+            if (PQresultStatus(res) != PGRES_COMMAND_OK)
+                log_source_error("replication stream ended", PQresultErrorMessage(res), fatal);
+            else
+                wp_error("source ended the replication stream");
+            PQclear(res);
+            goto fail;
+        }
+        if (n == -2) {
+            log_source_error("could not read from the source", PQerrorMessage(reader->conn), fatal);
+            goto fail;
+        }
+
+        if (buf[0] == 'w' && n >= 25) {
+            wp_lsn_t data_start = get_u64(buf + 1);
+            if (data_start > reader->received)
+                reader->received = data_start;
+            handle_xlogdata(reader, data_start, buf + 25, (size_t)n - 25);
+            wp_segment_t *segment = reader->segment;
+            if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
+                push_segment(reader, queue, false) != 0)
+                goto fail;
+        } else if (buf[0] == 'k' && n >= 18) {
+            wp_lsn_t wal_end = get_u64(buf + 1);
+            if (wal_end > reader->received)
+                reader->received = wal_end;
+            handle_keepalive(reader, wal_end);
+            if (buf[17] && send_feedback(reader, queue, false) != 0)
+                goto fail;
+        } else {
+            wp_error("unexpected replication message type 0x%02x of %d bytes", (unsigned char)buf[0], n);
+            goto fail;
+        }
+        PQfreemem(buf);
+        buf = NULL;
+    }
+
+fail:
+    rc = -1;
+    wp_queue_fail(queue);
+out:
+    if (buf)
+        PQfreemem(buf);
+    wp_reader_close(reader);
+    return rc;
+}

@@ -1,2 +1,220 @@
-/* source.c: placeholder, being written */
+/*
+ * source.c: the life of one source: sessions, retries, refusals.
+ *
+ * Job: run sessions (staging connection, checkpoint, replication
+ * connection, slot checks, then reader and stager side by side) until a stop
+ * is requested, reconnecting with capped exponential backoff after any
+ * retriable error.  Each source has its own threads and connections, so a
+ * slow or broken source never stalls another.
+ *
+ * Invariant: streaming only starts from a checkpoint that matches the slot:
+ * same cluster (systemid), same slot, and a slot that has not confirmed
+ * anything past the checkpoint.  Otherwise changes would be missing from
+ * staging without anyone knowing, so walpipe refuses and says why.
+ */
 #include "wp_setup.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "reader.h"
+#include "source.h"
+#include "stager.h"
+
+#define BACKOFF_MIN_MS 500
+#define BACKOFF_MAX_MS 30000
+#define QUEUE_SEGMENTS 16
+
+struct wp_source {
+    const wp_config_t *config;
+    const wp_source_config_t *source;
+    pthread_t thread;
+    bool fatal;
+};
+
+typedef struct stager_arg {
+    wp_stager_t *stager;
+    wp_queue_t *queue;
+    int rc;
+} stager_arg_t;
+
+static void *stager_main(void *p)
+{
+    stager_arg_t *arg = p;
+    char name[96];
+    snprintf(name, sizeof name, "stager %s", wp_stager_source_name(arg->stager));
+    wp_log_set_component(name);
+    arg->rc = wp_stager_run(arg->stager, arg->queue);
+    return NULL;
+}
+
+/* Checks the checkpoint against the slot; returns 0 if streaming may start from it. */
+static int check_checkpoint(const wp_source_config_t *src, const wp_checkpoint_t *ckpt, const wp_slot_info_t *slot)
+{
+    char a[WP_LSN_STRLEN], b[WP_LSN_STRLEN];
+    if (strcmp(ckpt->systemid, slot->systemid) != 0) {
+        wp_error("source is a different cluster (system identifier %s) than the one staged so far (%s); refusing to "
+                 "mix them; hint: point the conninfo back at the original cluster, or give this cluster its own "
+                 "[source] section",
+                 slot->systemid, ckpt->systemid);
+        return -1;
+    }
+    if (strcmp(ckpt->slot, src->slot) != 0) {
+        wp_error("the checkpoint was written for slot \"%s\" but the configuration names slot \"%s\"; refusing: "
+                 "changes between the two would be lost; hint: restore slot = %s",
+                 ckpt->slot, src->slot, ckpt->slot);
+        return -1;
+    }
+    if (!slot->exists) {
+        wp_error("slot \"%s\" no longer exists on the source, but staging holds a checkpoint at %s: changes since "
+                 "then are gone from the source; refusing to start with a silent gap; hint: re-snapshot the "
+                 "source into a fresh staging checkpoint",
+                 src->slot, wp_lsn_format(ckpt->pos.lsn, a));
+        return -1;
+    }
+    if (slot->lost) {
+        wp_error("slot \"%s\" has been invalidated (wal_status = lost): the source removed WAL it still needed; "
+                 "hint: drop the slot, create a new one and re-snapshot the source",
+                 src->slot);
+        return -1;
+    }
+    if (slot->confirmed_flush > ckpt->pos.lsn) {
+        wp_error("slot \"%s\" has confirmed %s but staging's checkpoint is only at %s (staging restored from an "
+                 "older backup, or the slot advanced by hand): changes in between are not in staging; refusing to "
+                 "start with a silent gap",
+                 src->slot, wp_lsn_format(slot->confirmed_flush, a), wp_lsn_format(ckpt->pos.lsn, b));
+        return -1;
+    }
+    return 0;
+}
+
+/* One session.  Returns 0 on a requested stop, -1 on error (*fatal when retrying cannot help). */
+static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader, bool *fatal, int64_t *streamed_ms)
+{
+    int rc = -1;
+    wp_checkpoint_t ckpt;
+    wp_slot_info_t slot;
+    wp_queue_t queue;
+    bool queue_ready = false;
+    *fatal = false;
+    *streamed_ms = 0;
+
+    if (wp_stager_open(stager, fatal) != 0)
+        goto out;
+    int found = wp_stager_checkpoint_read(stager, &ckpt);
+    if (found < 0)
+        goto out;
+    if (wp_reader_open(reader, &slot, fatal) != 0)
+        goto out;
+    if (found) {
+        if (check_checkpoint(s->source, &ckpt, &slot) != 0) {
+            *fatal = true;
+            goto out;
+        }
+    } else {
+        memset(&ckpt, 0, sizeof ckpt);
+        if (slot.exists) {
+            if (slot.lost) {
+                wp_error("slot \"%s\" has been invalidated (wal_status = lost); hint: drop it and let walpipe "
+                         "create a new one",
+                         s->source->slot);
+                *fatal = true;
+                goto out;
+            }
+            ckpt.pos.lsn = slot.confirmed_flush;
+            wp_info("adopting existing slot \"%s\"", s->source->slot);
+        } else if (wp_reader_create_slot(reader, &ckpt.pos.lsn, fatal) != 0) {
+            goto out;
+        }
+        if (wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn) != 0)
+            goto out;
+    }
+
+    wp_queue_init(&queue, QUEUE_SEGMENTS);
+    queue_ready = true;
+    stager_arg_t arg = {.stager = stager, .queue = &queue, .rc = -1};
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, stager_main, &arg) != 0) {
+        wp_error("could not start the stager thread");
+        goto out;
+    }
+    int64_t started = wp_now_ms();
+    int rrc = wp_reader_stream(reader, &ckpt.pos, &queue, fatal);
+    pthread_join(thread, NULL);
+    *streamed_ms = wp_now_ms() - started;
+    rc = (rrc == 0 && arg.rc == 0) ? 0 : -1;
+out:
+    wp_reader_close(reader);
+    wp_stager_close(stager);
+    if (queue_ready)
+        wp_queue_cleanup(&queue);
+    return rc;
+}
+
+static void sleep_ms_interruptible(int ms)
+{
+    while (ms > 0 && !wp_stop_requested) {
+        int step = ms < 100 ? ms : 100;
+        struct timespec ts = {step / 1000, (long)(step % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        ms -= step;
+    }
+}
+
+static void *source_main(void *p)
+{
+    wp_source_t *s = p;
+    char name[96];
+    snprintf(name, sizeof name, "source %s", s->source->name);
+    wp_log_set_component(name);
+    wp_stager_t *stager = wp_stager_create(s->config, s->source);
+    wp_reader_t *reader = wp_reader_create(s->config, s->source);
+    int backoff = BACKOFF_MIN_MS;
+
+    while (!wp_stop_requested) {
+        bool fatal = false;
+        int64_t streamed_ms = 0;
+        if (run_session(s, stager, reader, &fatal, &streamed_ms) == 0 && wp_stop_requested)
+            break;
+        if (fatal) {
+            wp_error("source \"%s\" stopped: the error above needs a fix before walpipe can go on", s->source->name);
+            s->fatal = true;
+            break;
+        }
+        if (wp_stop_requested)
+            break;
+        if (streamed_ms > 60000)
+            backoff = BACKOFF_MIN_MS;
+        wp_info("retrying in %d ms", backoff);
+        sleep_ms_interruptible(backoff);
+        backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
+    }
+    wp_reader_destroy(reader);
+    wp_stager_destroy(stager);
+    return NULL;
+}
+
+wp_source_t *wp_source_start(const wp_config_t *config, const wp_source_config_t *source_config)
+{
+    wp_source_t *s = wp_calloc(1, sizeof *s);
+    s->config = config;
+    s->source = source_config;
+    if (pthread_create(&s->thread, NULL, source_main, s) != 0) {
+        wp_error("could not start a thread for source \"%s\"", source_config->name);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+int wp_source_join(wp_source_t *s)
+{
+    pthread_join(s->thread, NULL);
+    int rc = s->fatal ? -1 : 0;
+    free(s);
+    return rc;
+}

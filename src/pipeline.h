@@ -1,0 +1,100 @@
+/*
+ * pipeline.h: the hand-off between a source's reader and its stager.
+ *
+ * Data flows one way: the reader decodes the replication stream into
+ * segments (COPY-ready raw_events rows plus the stream position they bring
+ * staging to) and pushes them onto a bounded queue; the stager pops them,
+ * COPYs them into raw_events and commits them with the checkpoint.  The only
+ * thing that flows back is the durable position the stager publishes after
+ * each commit, which the reader may then acknowledge to the source.
+ *
+ * Invariant: segments are committed in the order they were pushed, so the
+ * durable position only moves forward along the stream.
+ */
+#ifndef WP_PIPELINE_H
+#define WP_PIPELINE_H
+
+#include "wp_setup.h"
+
+#include <pthread.h>
+
+#include <walpipe/lsn.h>
+
+#include "mem.h"
+
+/* How far into a source's stream staging holds everything (the checkpoint). */
+typedef struct wp_position {
+    wp_lsn_t lsn;     /* every transaction whose commit ends at or before lsn is staged */
+    wp_lsn_t txn_end; /* 0, or the commit end LSN of a transaction staged only in part ... */
+    int txn_seq;      /* ... whose changes with seq <= txn_seq are staged */
+} wp_position_t;
+
+typedef struct wp_dead_letter {
+    wp_lsn_t lsn; /* commit end LSN of the enclosing transaction, else the message's own LSN */
+    int seq;
+    char *raw; /* owned: the message exactly as received */
+    size_t raw_len;
+    char *reason; /* owned */
+    struct wp_dead_letter *next;
+} wp_dead_letter_t;
+
+typedef struct wp_shape {
+    int64_t id;
+    char *schema; /* owned */
+    char *table;  /* owned */
+    char *columns; /* owned: JSON array */
+    wp_lsn_t first_lsn;
+    struct wp_shape *next;
+} wp_shape_t;
+
+typedef struct wp_segment {
+    wp_buf_t copy; /* raw_events rows in COPY text format */
+    size_t rows;
+    wp_dead_letter_t *dead; /* in stream order */
+    wp_shape_t *shapes;     /* table shapes first seen in this segment */
+    wp_position_t pos;      /* position once this segment is committed */
+    bool final;             /* the reader stops after this segment */
+    struct wp_segment *next;
+} wp_segment_t;
+
+wp_segment_t *wp_segment_create(void);
+void wp_segment_destroy(wp_segment_t *segment); /* NULL is a no-op */
+bool wp_segment_empty(const wp_segment_t *segment);
+
+typedef struct wp_queue {
+    pthread_mutex_t mu;
+    pthread_cond_t changed;
+    wp_segment_t *head, *tail;
+    size_t count, max;
+    bool failed;           /* either side hit an error: the session is over */
+    wp_position_t durable; /* written by the stager after each commit */
+    uint64_t staged_rows;  /* rows committed this session (for progress logs) */
+} wp_queue_t;
+
+void wp_queue_init(wp_queue_t *queue, size_t max);
+void wp_queue_cleanup(wp_queue_t *queue); /* frees segments still queued */
+
+/*
+ * Reader side.  Pushes segment (ownership passes to the queue) if there is
+ * room, waiting at most wait_ms.  Returns 1 if pushed, 0 if still full (the
+ * caller keeps the segment and should send feedback before trying again),
+ * -1 if the session has failed (the caller keeps the segment).
+ */
+int wp_queue_push(wp_queue_t *queue, wp_segment_t *segment, int wait_ms);
+
+/* Stager side.  Pops the next segment, waiting at most wait_ms; NULL if none.  Sets *failed. */
+wp_segment_t *wp_queue_pop(wp_queue_t *queue, int wait_ms, bool *failed);
+
+void wp_queue_fail(wp_queue_t *queue);
+bool wp_queue_failed(wp_queue_t *queue);
+void wp_queue_set_durable(wp_queue_t *queue, const wp_position_t *pos, size_t rows);
+wp_position_t wp_queue_durable(wp_queue_t *queue);
+size_t wp_queue_length(wp_queue_t *queue);
+
+/* Monotonic clock in milliseconds. */
+int64_t wp_now_ms(void);
+
+/* Set by the SIGTERM/SIGINT handler: finish the batch in hand, commit, acknowledge, exit. */
+extern volatile int wp_stop_requested;
+
+#endif /* WP_PIPELINE_H */

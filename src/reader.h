@@ -1,0 +1,46 @@
+/*
+ * reader.h: one source's replication connection, decoded into segments.
+ *
+ * See reader.c for the acknowledgement invariant.
+ */
+#ifndef WP_READER_H
+#define WP_READER_H
+
+#include "wp_setup.h"
+
+#include "config.h"
+#include "pipeline.h"
+
+typedef struct wp_slot_info {
+    char systemid[32];   /* IDENTIFY_SYSTEM */
+    bool exists;         /* the slot was there when we looked */
+    bool lost;           /* wal_status = 'lost': invalidated */
+    wp_lsn_t confirmed_flush;
+} wp_slot_info_t;
+
+typedef struct wp_reader wp_reader_t;
+
+/* Borrows config and source; they must outlive the reader. */
+wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_t *source);
+void wp_reader_destroy(wp_reader_t *reader); /* NULL is a no-op */
+
+/*
+ * Opens the replication connection, runs IDENTIFY_SYSTEM and looks the slot
+ * up.  Returns 0, or -1 after logging why, with *fatal set when retrying
+ * cannot help (wal_level, missing privilege, unknown database, ...).
+ */
+int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal);
+
+/* Creates the slot with wal2json; *consistent_point is where it starts. */
+int wp_reader_create_slot(wp_reader_t *reader, wp_lsn_t *consistent_point, bool *fatal);
+
+/*
+ * Streams from start (the staging checkpoint) into queue until a stop is
+ * requested (returns 0 once everything read is committed and acknowledged)
+ * or an error (returns -1, logged; the queue is marked failed).
+ */
+int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t *queue, bool *fatal);
+
+void wp_reader_close(wp_reader_t *reader);
+
+#endif /* WP_READER_H */
