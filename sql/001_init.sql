@@ -41,6 +41,8 @@ DECLARE
     created INT := 0;
     part TEXT;
 BEGIN
+    -- several sources' stagers call this at once; serialize them
+    PERFORM pg_advisory_xact_lock(7745637466);
     FOR i IN 0..days_ahead LOOP
         d := (now() AT TIME ZONE 'UTC')::date + i;
         part := 'raw_events_' || to_char(d, 'YYYYMMDD');
