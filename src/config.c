@@ -1,2 +1,978 @@
-/* config.c: placeholder, being written */
+/*
+ * config.c: loads the INI configuration file into an immutable wp_config_t.
+ *
+ * libinih splits lines into comments, section headers and key = value
+ * pairs, but this module hands it the lines itself (read_line_cb) instead
+ * of letting ini_parse read the file.  That is how it knows the line of
+ * every key without INI_HANDLER_LINENO, and it avoids three traps of the
+ * stock build: lines longer than INI_MAX_LINE would be split silently (the
+ * tail of a conninfo would become a key of its own), section names are cut
+ * at 49 bytes, and an empty section never reaches the handler.  So section
+ * headers are handled in the reader, key = value pairs in the handler, and
+ * leading whitespace is dropped so an indented key never turns into a
+ * continuation of the previous value.
+ *
+ * Each key is described once in key_specs[]: section, type, field, range.
+ *
+ * Invariant: parsing stops at the first error.  The message starts with
+ * "name:line: " (or "name: " when no line is to blame), says what to change,
+ * and never contains the value of a conninfo key, which may hold a password.
+ */
 #include "wp_setup.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <ini.h>
+#include <libpq-fe.h>
+
+#include "config.h"
+#include "mem.h"
+
+#define NAME_MAX_LEN 63 /* source names, slot names, identifiers (NAMEDATALEN - 1) */
+#define SLOT_PREFIX "walpipe_"
+
+typedef enum section_kind {
+    SECTION_NONE,
+    SECTION_WALPIPE,
+    SECTION_STAGING,
+    SECTION_SOURCE,
+} section_kind_t;
+
+typedef enum key_type {
+    TYPE_LOG_LEVEL,
+    TYPE_CONNINFO,
+    TYPE_INT,
+    TYPE_BYTES,
+    TYPE_BOOL,
+    TYPE_SLOT,
+    TYPE_TABLES,
+} key_type_t;
+
+typedef struct key_spec {
+    section_kind_t section;
+    const char *name;
+    key_type_t type;
+    size_t offset; /* into wp_config_t, or wp_source_config_t for SECTION_SOURCE */
+    long long min, max;
+} key_spec_t;
+
+static const key_spec_t key_specs[] = {
+    {SECTION_WALPIPE, "log_level", TYPE_LOG_LEVEL, offsetof(wp_config_t, log_level), 0, 0},
+    {SECTION_STAGING, "conninfo", TYPE_CONNINFO, offsetof(wp_config_t, staging_conninfo), 0, 0},
+    {SECTION_STAGING, "batch_rows", TYPE_INT, offsetof(wp_config_t, batch_rows), 1, 1000000},
+    {SECTION_STAGING, "batch_bytes", TYPE_BYTES, offsetof(wp_config_t, batch_bytes), 64LL << 10, 1LL << 30},
+    {SECTION_STAGING, "batch_ms", TYPE_INT, offsetof(wp_config_t, batch_ms), 1, 60000},
+    {SECTION_STAGING, "payload_gin_index", TYPE_BOOL, offsetof(wp_config_t, payload_gin_index), 0, 0},
+    {SECTION_STAGING, "partitions_ahead", TYPE_INT, offsetof(wp_config_t, partitions_ahead), 1, 365},
+    {SECTION_SOURCE, "conninfo", TYPE_CONNINFO, offsetof(wp_source_config_t, conninfo), 0, 0},
+    {SECTION_SOURCE, "slot", TYPE_SLOT, offsetof(wp_source_config_t, slot), 0, 0},
+    {SECTION_SOURCE, "tables", TYPE_TABLES, 0, 0, 0},
+    {SECTION_SOURCE, "status_interval_ms", TYPE_INT, offsetof(wp_source_config_t, status_interval_ms), 100, 60000},
+};
+#define N_KEYS (sizeof key_specs / sizeof key_specs[0])
+
+static const char *const log_level_names[] = {"debug", "info", "warning", "error"};
+
+typedef struct source_state {
+    int key_line[N_KEYS]; /* line where key_specs[i] was set; 0 = not set */
+} source_state_t;
+
+typedef struct parser {
+    const char *name; /* file name for messages */
+    const char *text;
+    size_t len;
+    size_t pos;
+    int lineno; /* line last handed to inih */
+
+    wp_config_t *config;
+    source_state_t *states; /* parallel to config->sources */
+    size_t sources_cap;
+
+    section_kind_t section; /* section the current line belongs to */
+    size_t source;          /* index into config->sources when SECTION_SOURCE */
+    int walpipe_line;       /* header lines; 0 = section absent */
+    int staging_line;
+    int global_key_line[N_KEYS];
+
+    wp_buf_t value; /* current value after ${VAR} expansion */
+
+    bool failed;
+    int err_line;
+    char err[1024];
+} parser_t;
+
+static void fail(parser_t *p, int line, const char *fmt, ...) WP_PRINTF(3, 4);
+
+/* Records the first error only; later ones are consequences of it. */
+static void fail(parser_t *p, int line, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (p->failed)
+        return;
+    p->failed = true;
+    p->err_line = line;
+    if (line > 0)
+        n = snprintf(p->err, sizeof p->err, "%s:%d: ", p->name, line);
+    else
+        n = snprintf(p->err, sizeof p->err, "%s: ", p->name);
+    if (n < 0 || (size_t)n >= sizeof p->err)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(p->err + n, sizeof p->err - (size_t)n, fmt, ap);
+    va_end(ap);
+}
+
+static void set_error(char *errbuf, size_t errlen, const char *fmt, ...) WP_PRINTF(3, 4);
+
+static void set_error(char *errbuf, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (errbuf == NULL || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(errbuf, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static bool is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v';
+}
+
+static bool is_digit(char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+static bool is_alpha(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static bool is_source_name(const char *s)
+{
+    size_t n = strlen(s);
+
+    if (n == 0 || n > NAME_MAX_LEN)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!is_alpha(s[i]) && !is_digit(s[i]) && s[i] != '_' && s[i] != '-')
+            return false;
+    return true;
+}
+
+static bool is_slot_name(const char *s)
+{
+    size_t n = strlen(s);
+
+    if (n == 0 || n > NAME_MAX_LEN)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!(s[i] >= 'a' && s[i] <= 'z') && !is_digit(s[i]) && s[i] != '_')
+            return false;
+    return true;
+}
+
+/* "[staging]", "[source app]": the current section, for messages. */
+static const char *section_label(const parser_t *p, char *buf, size_t size)
+{
+    switch (p->section) {
+    case SECTION_WALPIPE:
+        return "[walpipe]";
+    case SECTION_STAGING:
+        return "[staging]";
+    case SECTION_SOURCE:
+        snprintf(buf, size, "[source %s]", p->config->sources[p->source].name);
+        return buf;
+    case SECTION_NONE:
+        break;
+    }
+    return "(no section)";
+}
+
+static wp_config_t *config_new(const char *path)
+{
+    wp_config_t *config = wp_calloc(1, sizeof *config);
+
+    config->path = wp_strdup(path);
+    config->log_level = WP_LOG_INFO;
+    config->batch_rows = 10000;
+    config->batch_bytes = (size_t)8 << 20;
+    config->batch_ms = 50;
+    config->payload_gin_index = false;
+    config->partitions_ahead = 7;
+    return config;
+}
+
+static void free_tables(wp_table_ref_t *tables, size_t ntables)
+{
+    for (size_t i = 0; i < ntables; i++) {
+        free(tables[i].schema);
+        free(tables[i].table);
+    }
+    free(tables);
+}
+
+void wp_config_destroy(wp_config_t *config)
+{
+    if (config == NULL)
+        return;
+    for (size_t i = 0; i < config->nsources; i++) {
+        wp_source_config_t *source = &config->sources[i];
+        free(source->name);
+        free(source->conninfo);
+        free(source->slot);
+        free_tables(source->tables, source->ntables);
+    }
+    free(config->sources);
+    free(config->staging_conninfo);
+    free(config->path);
+    free(config);
+}
+
+static void add_source(parser_t *p, const char *name, int line)
+{
+    wp_config_t *config = p->config;
+
+    if (config->nsources == p->sources_cap) {
+        p->sources_cap = p->sources_cap ? p->sources_cap * 2 : 4;
+        config->sources = wp_realloc(config->sources, p->sources_cap * sizeof *config->sources);
+        p->states = wp_realloc(p->states, p->sources_cap * sizeof *p->states);
+    }
+    wp_source_config_t *source = &config->sources[config->nsources];
+    memset(source, 0, sizeof *source);
+    source->name = wp_strdup(name);
+    source->status_interval_ms = 1000;
+    source->line = line;
+    memset(&p->states[config->nsources], 0, sizeof p->states[0]);
+    p->source = config->nsources;
+    config->nsources++;
+}
+
+/*
+ * Handles a "[...]" line: checks the name and makes it the current section.
+ * line holds the whole header with leading and trailing blanks removed.
+ */
+static bool begin_section(parser_t *p, const char *line)
+{
+    const char *close = strchr(line, ']');
+    const char *rest;
+    const char *start = line + 1;
+    const char *end;
+    char name[256];
+    int lineno = p->lineno;
+
+    if (close == NULL) {
+        fail(p, lineno, "section header has no closing \"]\"; write [walpipe], [staging] or [source NAME]");
+        return false;
+    }
+    for (rest = close + 1; is_space(*rest); rest++)
+        ;
+    if (*rest != '\0' && *rest != ';') {
+        fail(p, lineno, "unexpected text after \"]\"; put each key = value on a line of its own");
+        return false;
+    }
+    while (start < close && is_space(*start))
+        start++;
+    end = close;
+    while (end > start && is_space(end[-1]))
+        end--;
+    snprintf(name, sizeof name, "%.*s", (int)(end - start), start);
+
+    if (strcmp(name, "walpipe") == 0 || strcmp(name, "staging") == 0) {
+        int *seen = name[0] == 'w' ? &p->walpipe_line : &p->staging_line;
+        if (*seen) {
+            fail(p, lineno, "duplicate section [%s] (first at line %d); merge the two sections", name, *seen);
+            return false;
+        }
+        *seen = lineno;
+        p->section = name[0] == 'w' ? SECTION_WALPIPE : SECTION_STAGING;
+        return true;
+    }
+    if (strncmp(name, "source", 6) == 0 && (name[6] == '\0' || is_space(name[6]))) {
+        const char *source_name = name + 6;
+        while (is_space(*source_name))
+            source_name++;
+        if (*source_name == '\0') {
+            fail(p, lineno, "[source] needs a name; write [source NAME]");
+            return false;
+        }
+        if (!is_source_name(source_name)) {
+            fail(p, lineno, "invalid source name \"%s\"; use 1 to %d letters, digits, '_' or '-'", source_name,
+                 NAME_MAX_LEN);
+            return false;
+        }
+        for (size_t i = 0; i < p->config->nsources; i++) {
+            if (strcmp(p->config->sources[i].name, source_name) == 0) {
+                fail(p, lineno, "duplicate section [source %s] (first at line %d); give each source a unique name",
+                     source_name, p->config->sources[i].line);
+                return false;
+            }
+        }
+        add_source(p, source_name, lineno);
+        p->section = SECTION_SOURCE;
+        return true;
+    }
+    fail(p, lineno, "unknown section [%s]; expected [walpipe], [staging] or [source NAME]", name);
+    return false;
+}
+
+/*
+ * The ini_reader: hands inih the next line of p->text, without its newline
+ * and leading blanks.  Returns NULL at the end or after an error, which
+ * makes ini_parse_stream return.
+ */
+static char *read_line_cb(char *str, int num, void *stream)
+{
+    parser_t *p = stream;
+    const char *line;
+    const char *nl;
+    size_t n;
+
+    if (p->failed || p->pos >= p->len)
+        return NULL;
+    line = p->text + p->pos;
+    nl = memchr(line, '\n', p->len - p->pos);
+    n = nl ? (size_t)(nl - line) : p->len - p->pos;
+    p->pos += nl ? n + 1 : n;
+    p->lineno++;
+
+    if (p->lineno == 1 && n >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0) {
+        line += 3;
+        n -= 3;
+    }
+    while (n > 0 && is_space(line[0])) {
+        line++;
+        n--;
+    }
+    while (n > 0 && is_space(line[n - 1]))
+        n--;
+    if (memchr(line, '\0', n) != NULL) {
+        fail(p, p->lineno, "line contains a NUL byte; the file must be text");
+        return NULL;
+    }
+    if (num < 1 || n > (size_t)num - 1) {
+        fail(p, p->lineno,
+             "line is too long (%zu characters, at most %d allowed); put the long value in an environment "
+             "variable and write ${VAR}",
+             n, num - 1);
+        return NULL;
+    }
+    memcpy(str, line, n);
+    str[n] = '\0';
+    if (n > 0 && str[0] == '[' && !begin_section(p, str))
+        return NULL;
+    return str;
+}
+
+/* Replaces each ${VAR} in value with the variable's value, into p->value. */
+static bool expand_env(parser_t *p, const char *key, const char *label, const char *value)
+{
+    const char *s = value;
+
+    wp_buf_reset(&p->value);
+    wp_buf_append(&p->value, "", 0);
+    while (*s) {
+        if (s[0] != '$' || s[1] != '{') {
+            wp_buf_putc(&p->value, *s++);
+            continue;
+        }
+        const char *start = s + 2;
+        const char *end = start;
+        while (is_alpha(*end) || is_digit(*end) || *end == '_')
+            end++;
+        if (*end != '}' || end == start || is_digit(*start)) {
+            /* The text is not quoted back: it may be part of a password. */
+            fail(p, p->lineno,
+                 "malformed \"${\" in the value of key \"%s\" in %s; write ${NAME} with a NAME of letters, "
+                 "digits and '_' (a literal \"${\" can only come from an environment variable)",
+                 key, label);
+            return false;
+        }
+        char *var = wp_strndup(start, (size_t)(end - start));
+        const char *env = getenv(var);
+        if (env == NULL)
+            fail(p, p->lineno, "environment variable \"%s\" is not set (referenced by key \"%s\" in %s)", var, key,
+                 label);
+        else
+            wp_buf_puts(&p->value, env);
+        free(var);
+        if (env == NULL)
+            return false;
+        s = end + 1;
+    }
+    return true;
+}
+
+/* Accepts digits only (no sign, blanks or base prefix) within [min, max]. */
+static bool parse_int(const char *s, long long min, long long max, long long *out)
+{
+    char *end;
+    long long v;
+
+    if (!is_digit(s[0]))
+        return false;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno != 0 || *end != '\0' || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* A byte count with an optional kB, MB or GB suffix (1024-based, as in PostgreSQL). */
+static bool parse_bytes(const char *s, long long min, long long max, long long *out)
+{
+    static const struct {
+        const char *suffix;
+        unsigned long long mult;
+    } units[] = {{"", 1}, {"kB", 1ULL << 10}, {"MB", 1ULL << 20}, {"GB", 1ULL << 30}};
+    char *end;
+    unsigned long long v;
+
+    if (!is_digit(s[0]))
+        return false;
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno != 0)
+        return false;
+    while (is_space(*end))
+        end++;
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
+        if (strcmp(end, units[i].suffix) != 0)
+            continue;
+        if (v > (unsigned long long)max / units[i].mult)
+            return false;
+        v *= units[i].mult;
+        if (v < (unsigned long long)min)
+            return false;
+        *out = (long long)v;
+        return true;
+    }
+    return false;
+}
+
+static bool parse_bool(const char *s, bool *out)
+{
+    static const char *const yes[] = {"true", "on", "yes", "1"};
+    static const char *const no[] = {"false", "off", "no", "0"};
+
+    for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++) {
+        if (strcasecmp(s, yes[i]) == 0) {
+            *out = true;
+            return true;
+        }
+        if (strcasecmp(s, no[i]) == 0) {
+            *out = false;
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * Reads one identifier of a tables entry at *sp into *out (caller frees):
+ * "quoted" with "" for a quote, or a run of letters, digits, '_', '$' and
+ * non-ASCII bytes taken as written.
+ */
+static bool parse_ident(parser_t *p, const char *label, size_t entry, const char **sp, char **out)
+{
+    const char *s = *sp;
+    wp_buf_t ident = WP_BUF_INIT;
+    bool ok = false;
+
+    wp_buf_append(&ident, "", 0);
+    if (*s == '"') {
+        s++;
+        for (;;) {
+            if (*s == '\0') {
+                fail(p, p->lineno, "entry %zu of tables in %s has an unterminated quoted name; close it with '\"'",
+                     entry, label);
+                goto out;
+            }
+            if (*s == '"' && s[1] == '"') {
+                wp_buf_putc(&ident, '"');
+                s += 2;
+            } else if (*s == '"') {
+                s++;
+                break;
+            } else {
+                wp_buf_putc(&ident, *s++);
+            }
+        }
+        if (ident.len == 0) {
+            fail(p, p->lineno, "entry %zu of tables in %s has an empty quoted name \"\"; write schema.table", entry,
+                 label);
+            goto out;
+        }
+    } else {
+        while (is_alpha(*s) || is_digit(*s) || *s == '_' || *s == '$' || (unsigned char)*s >= 0x80)
+            wp_buf_putc(&ident, *s++);
+        if (ident.len == 0) {
+            if (*s == '*')
+                fail(p, p->lineno,
+                     "entry %zu of tables in %s uses a wildcard, which is not supported; list each schema.table, or "
+                     "remove the tables key to capture all tables",
+                     entry, label);
+            else if (*s == '.' || *s == ',' || *s == '\0')
+                fail(p, p->lineno, "entry %zu of tables in %s has an empty schema or table name; write schema.table",
+                     entry, label);
+            else
+                fail(p, p->lineno,
+                     "entry %zu of tables in %s has an unexpected '%c'; double-quote names that contain it, e.g. "
+                     "public.\"my-table\"",
+                     entry, label, *s);
+            goto out;
+        }
+    }
+    if (ident.len > NAME_MAX_LEN) {
+        fail(p, p->lineno, "entry %zu of tables in %s has a name longer than %d bytes; PostgreSQL names are shorter",
+             entry, label, NAME_MAX_LEN);
+        goto out;
+    }
+    *out = ident.data;
+    ident.data = NULL;
+    *sp = s;
+    ok = true;
+out:
+    wp_buf_free(&ident);
+    return ok;
+}
+
+/* Parses "schema.table, ..." into source->tables. */
+static bool parse_tables(parser_t *p, const char *label, const char *s, wp_source_config_t *source)
+{
+    wp_table_ref_t *tables = NULL;
+    size_t ntables = 0;
+    char *names[2] = {NULL, NULL};
+    size_t entry = 1;
+    bool ok = false;
+
+    while (is_space(*s))
+        s++;
+    if (*s == '\0') {
+        fail(p, p->lineno, "tables in %s is empty; list schema.table names, or remove the key to capture all tables",
+             label);
+        goto out;
+    }
+    for (;; entry++) {
+        size_t nnames = 0;
+
+        while (is_space(*s))
+            s++;
+        if (*s == ',' || *s == '\0') {
+            fail(p, p->lineno, "entry %zu of tables in %s is empty; remove the extra comma", entry, label);
+            goto out;
+        }
+        for (;;) {
+            if (nnames == 2) {
+                fail(p, p->lineno,
+                     "entry %zu of tables in %s has more than two dot-separated names; write schema.table "
+                     "(double-quote names that contain a dot)",
+                     entry, label);
+                goto out;
+            }
+            if (!parse_ident(p, label, entry, &s, &names[nnames]))
+                goto out;
+            nnames++;
+            while (is_space(*s))
+                s++;
+            if (*s != '.')
+                break;
+            s++;
+            while (is_space(*s))
+                s++;
+        }
+        if (*s != ',' && *s != '\0') {
+            fail(p, p->lineno,
+                 "entry %zu of tables in %s has an unexpected '%c'; separate entries with ',' and double-quote names "
+                 "that contain it",
+                 entry, label, *s);
+            goto out;
+        }
+        if (nnames == 1) {
+            fail(p, p->lineno, "table \"%s\" in tables of %s has no schema; write schema.table (e.g. public.%s)",
+                 names[0], label, names[0]);
+            goto out;
+        }
+        for (size_t i = 0; i < ntables; i++) {
+            if (strcmp(tables[i].schema, names[0]) == 0 && strcmp(tables[i].table, names[1]) == 0) {
+                fail(p, p->lineno, "table %s.%s is listed twice in tables of %s; remove one", names[0], names[1],
+                     label);
+                goto out;
+            }
+        }
+        tables = wp_realloc(tables, (ntables + 1) * sizeof *tables);
+        tables[ntables].schema = names[0];
+        tables[ntables].table = names[1];
+        ntables++;
+        names[0] = names[1] = NULL;
+        if (*s == '\0')
+            break;
+        s++; /* ',' */
+    }
+    source->tables = tables;
+    source->ntables = ntables;
+    tables = NULL;
+    ntables = 0;
+    ok = true;
+out:
+    free(names[0]);
+    free(names[1]);
+    free_tables(tables, ntables);
+    return ok;
+}
+
+/* Stores the expanded value of one key into base (a wp_config_t or wp_source_config_t). */
+static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, char *base, const char *value)
+{
+    char *field = base + spec->offset;
+    long long n;
+
+    switch (spec->type) {
+    case TYPE_LOG_LEVEL:
+        for (size_t i = 0; i < sizeof log_level_names / sizeof log_level_names[0]; i++) {
+            if (strcasecmp(value, log_level_names[i]) == 0) {
+                *(wp_log_level_t *)field = (wp_log_level_t)i;
+                return true;
+            }
+        }
+        fail(p, p->lineno, "log_level in %s must be debug, info, warning or error (got \"%.40s\")", label, value);
+        return false;
+
+    case TYPE_CONNINFO: {
+        char *errmsg = NULL;
+        PQconninfoOption *opts;
+
+        if (value[0] == '\0') {
+            fail(p, p->lineno,
+                 "conninfo in %s is empty; write a libpq connection string such as \"host=db dbname=app user=walpipe\"",
+                 label);
+            return false;
+        }
+        /* libpq's message is not passed on: it can quote part of a password. */
+        opts = PQconninfoParse(value, &errmsg);
+        PQconninfoFree(opts);
+        PQfreemem(errmsg);
+        if (opts == NULL) {
+            fail(p, p->lineno,
+                 "conninfo in %s is not a valid libpq connection string (value not shown, it may hold a password); "
+                 "check its key names and quoting",
+                 label);
+            return false;
+        }
+        *(char **)field = wp_strdup(value);
+        return true;
+    }
+
+    case TYPE_INT:
+        if (!parse_int(value, spec->min, spec->max, &n)) {
+            fail(p, p->lineno, "%s in %s must be an integer from %lld to %lld (got \"%.40s\")", spec->name, label,
+                 spec->min, spec->max, value);
+            return false;
+        }
+        *(int *)field = (int)n;
+        return true;
+
+    case TYPE_BYTES:
+        if (!parse_bytes(value, spec->min, spec->max, &n)) {
+            fail(p, p->lineno,
+                 "%s in %s must be a size from 64kB to 1GB: a number of bytes, or a number followed by kB, MB or GB "
+                 "(got \"%.40s\")",
+                 spec->name, label, value);
+            return false;
+        }
+        *(size_t *)field = (size_t)n;
+        return true;
+
+    case TYPE_BOOL:
+        if (!parse_bool(value, (bool *)field)) {
+            fail(p, p->lineno, "%s in %s must be true or false (or on/off, yes/no, 1/0) (got \"%.40s\")", spec->name,
+                 label, value);
+            return false;
+        }
+        return true;
+
+    case TYPE_SLOT:
+        if (!is_slot_name(value)) {
+            fail(p, p->lineno,
+                 "slot in %s must be a replication slot name: 1 to %d lower-case letters, digits or '_' (got "
+                 "\"%.70s\")",
+                 label, NAME_MAX_LEN, value);
+            return false;
+        }
+        *(char **)field = wp_strdup(value);
+        return true;
+
+    case TYPE_TABLES:
+        return parse_tables(p, label, value, (wp_source_config_t *)(void *)base);
+    }
+    return false;
+}
+
+/* The ini_handler: one key = value line of the current section. */
+static int handle_key_cb(void *user, const char *section, const char *name, const char *value)
+{
+    parser_t *p = user;
+    const key_spec_t *spec = NULL;
+    char labelbuf[96];
+    const char *label;
+    int *key_line;
+    char *base;
+
+    (void)section; /* inih truncates long names; p->section is the real one */
+    if (p->failed)
+        return 0;
+    if (p->section == SECTION_NONE) {
+        fail(p, p->lineno, "key \"%s\" comes before any section; put it under [walpipe], [staging] or [source NAME]",
+             name);
+        return 0;
+    }
+    label = section_label(p, labelbuf, sizeof labelbuf);
+    if (name[0] == '\0') {
+        fail(p, p->lineno, "missing key name before \"=\" in %s; write key = value", label);
+        return 0;
+    }
+    for (size_t i = 0; i < N_KEYS; i++) {
+        if (key_specs[i].section == p->section && strcmp(key_specs[i].name, name) == 0) {
+            spec = &key_specs[i];
+            break;
+        }
+    }
+    if (spec == NULL) {
+        char valid[256] = "";
+        size_t used = 0;
+        for (size_t i = 0; i < N_KEYS && used < sizeof valid; i++) {
+            if (key_specs[i].section == p->section) {
+                int n = snprintf(valid + used, sizeof valid - used, "%s%s", used ? ", " : "", key_specs[i].name);
+                used += n > 0 ? (size_t)n : 0;
+            }
+        }
+        fail(p, p->lineno, "unknown key \"%.64s\" in %s; valid keys are: %s", name, label, valid);
+        return 0;
+    }
+
+    if (p->section == SECTION_SOURCE) {
+        key_line = p->states[p->source].key_line;
+        base = (char *)&p->config->sources[p->source];
+    } else {
+        key_line = p->global_key_line;
+        base = (char *)p->config;
+    }
+    if (key_line[spec - key_specs]) {
+        fail(p, p->lineno, "duplicate key \"%s\" in %s (first set at line %d); keep only one", name, label,
+             key_line[spec - key_specs]);
+        return 0;
+    }
+    key_line[spec - key_specs] = p->lineno;
+
+    if (!expand_env(p, name, label, value))
+        return 0;
+    if (!apply_value(p, spec, label, base, p->value.data))
+        return 0;
+    return 1;
+}
+
+/* "walpipe_" + name, lower-cased, with '-' turned into '_'. */
+static char *default_slot(const char *name)
+{
+    char *slot = wp_malloc(strlen(SLOT_PREFIX) + strlen(name) + 1);
+    char *d = slot;
+
+    memcpy(d, SLOT_PREFIX, strlen(SLOT_PREFIX));
+    d += strlen(SLOT_PREFIX);
+    for (const char *s = name; *s; s++)
+        *d++ = *s == '-' ? '_' : (*s >= 'A' && *s <= 'Z') ? (char)(*s - 'A' + 'a') : *s;
+    *d = '\0';
+    return slot;
+}
+
+/* Checks what no single line can: required keys, defaults, slot clashes. */
+static void check_complete(parser_t *p)
+{
+    wp_config_t *config = p->config;
+
+    if (p->staging_line == 0) {
+        fail(p, 0, "missing [staging] section; add one with conninfo = <libpq connection string>");
+        return;
+    }
+    if (config->staging_conninfo == NULL) {
+        fail(p, p->staging_line, "[staging] has no conninfo; add conninfo = <libpq connection string>");
+        return;
+    }
+    if (config->nsources == 0) {
+        fail(p, 0, "no [source NAME] section; add at least one, with conninfo = <libpq connection string>");
+        return;
+    }
+    for (size_t i = 0; i < config->nsources; i++) {
+        wp_source_config_t *source = &config->sources[i];
+        if (source->conninfo == NULL) {
+            fail(p, source->line, "[source %s] has no conninfo; add conninfo = <libpq connection string>",
+                 source->name);
+            return;
+        }
+        if (source->slot == NULL) {
+            source->slot = default_slot(source->name);
+            if (!is_slot_name(source->slot)) {
+                fail(p, source->line,
+                     "the default slot name for [source %s] is longer than %d characters; set slot = <name>",
+                     source->name, NAME_MAX_LEN);
+                return;
+            }
+        }
+    }
+    size_t slot_key = 0;
+    while (key_specs[slot_key].type != TYPE_SLOT)
+        slot_key++;
+    for (size_t i = 1; i < config->nsources; i++) {
+        const wp_source_config_t *source = &config->sources[i];
+        for (size_t j = 0; j < i; j++) {
+            const wp_source_config_t *other = &config->sources[j];
+            if (strcmp(source->slot, other->slot) != 0)
+                continue;
+            int line = p->states[i].key_line[slot_key] ? p->states[i].key_line[slot_key] : source->line;
+            fail(p, line,
+                 "[source %s] uses slot \"%s\", which [source %s] (line %d) already uses; set a different slot = "
+                 "in one of them",
+                 source->name, source->slot, other->name, other->line);
+            return;
+        }
+    }
+}
+
+static wp_config_t *parse_text(const char *text, size_t len, const char *name, char *errbuf, size_t errlen)
+{
+    parser_t p;
+    wp_config_t *result = NULL;
+    int rc;
+
+    memset(&p, 0, sizeof p);
+    p.name = name;
+    p.text = text;
+    p.len = len;
+    p.config = config_new(name);
+
+    rc = ini_parse_stream(read_line_cb, &p, handle_key_cb, &p);
+    if (rc > 0 && (!p.failed || rc < p.err_line)) {
+        /* inih's own complaint: a line that is neither comment, [section] nor key = value. */
+        p.failed = false;
+        fail(&p, rc, "expected \"key = value\", a [section] header or a comment");
+    } else if (rc < 0) {
+        p.failed = false;
+        fail(&p, 0, "could not parse the file (libinih error %d)", rc);
+    }
+    if (!p.failed)
+        check_complete(&p);
+    if (p.failed) {
+        set_error(errbuf, errlen, "%s", p.err);
+        goto out;
+    }
+    result = p.config;
+    p.config = NULL;
+out:
+    wp_config_destroy(p.config);
+    free(p.states);
+    wp_buf_free(&p.value);
+    return result;
+}
+
+wp_config_t *wp_config_parse_string(const char *text, const char *name, char *errbuf, size_t errlen)
+{
+    set_error(errbuf, errlen, "%s", "");
+    return parse_text(text, strlen(text), name ? name : "(string)", errbuf, errlen);
+}
+
+wp_config_t *wp_config_load(const char *path, char *errbuf, size_t errlen)
+{
+    wp_config_t *config = NULL;
+    wp_buf_t text = WP_BUF_INIT;
+    FILE *file;
+
+    set_error(errbuf, errlen, "%s", "");
+    file = fopen(path, "r");
+    if (file == NULL) {
+        set_error(errbuf, errlen, "could not open \"%s\": %s", path, strerror(errno));
+        goto out;
+    }
+    for (;;) {
+        wp_buf_reserve(&text, 4096);
+        size_t n = fread(text.data + text.len, 1, text.cap - text.len - 1, file);
+        text.len += n;
+        text.data[text.len] = '\0';
+        if (n == 0)
+            break;
+    }
+    if (ferror(file)) {
+        set_error(errbuf, errlen, "could not read \"%s\": %s", path, strerror(errno));
+        goto out;
+    }
+    config = parse_text(text.data, text.len, path, errbuf, errlen);
+out:
+    if (file != NULL)
+        fclose(file);
+    wp_buf_free(&text);
+    return config;
+}
+
+/* Appends a conninfo value, single-quoted when libpq would need it. */
+static void put_conninfo_value(wp_buf_t *out, const char *val)
+{
+    bool quote = val[0] == '\0' || strpbrk(val, " \t\n\r\f\v'\\") != NULL;
+
+    if (!quote) {
+        wp_buf_puts(out, val);
+        return;
+    }
+    wp_buf_putc(out, '\'');
+    for (const char *s = val; *s; s++) {
+        if (*s == '\'' || *s == '\\')
+            wp_buf_putc(out, '\\');
+        wp_buf_putc(out, *s);
+    }
+    wp_buf_putc(out, '\'');
+}
+
+char *wp_config_conninfo_redacted(const char *conninfo)
+{
+    static const char *const keep[] = {"host", "port", "dbname", "user"};
+    wp_buf_t out = WP_BUF_INIT;
+    PQconninfoOption *opts;
+    char *errmsg = NULL;
+    char *result = NULL;
+
+    opts = PQconninfoParse(conninfo ? conninfo : "", &errmsg);
+    if (opts == NULL) {
+        result = wp_strdup("(unparsable conninfo)");
+        goto out;
+    }
+    wp_buf_append(&out, "", 0);
+    for (size_t k = 0; k < sizeof keep / sizeof keep[0]; k++) {
+        for (const PQconninfoOption *opt = opts; opt->keyword != NULL; opt++) {
+            /* A URI with several hosts and no ports yields port=",": not set either. */
+            if (strcmp(opt->keyword, keep[k]) != 0 || opt->val == NULL || opt->val[strspn(opt->val, ",")] == '\0')
+                continue;
+            if (out.len > 0)
+                wp_buf_putc(&out, ' ');
+            wp_buf_printf(&out, "%s=", opt->keyword);
+            /* A value holding '=' may be a whole conninfo pasted as dbname, password included. */
+            if (strchr(opt->val, '=') != NULL)
+                wp_buf_puts(&out, "(hidden)");
+            else
+                put_conninfo_value(&out, opt->val);
+        }
+    }
+    result = out.data;
+    out.data = NULL;
+out:
+    PQconninfoFree(opts);
+    PQfreemem(errmsg);
+    wp_buf_free(&out);
+    return result;
+}

@@ -8,6 +8,15 @@
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
  * and line and says what to change.  The loaded configuration is immutable.
+ *
+ * tables = public.orders, "My Schema"."Weird, Table", public."Orders"
+ *   Each entry is schema.table.  Double-quote a name that holds dots, commas,
+ *   spaces or quotes ("" inside quotes is one quote).  Names are taken as
+ *   written, unquoted ones too: case is kept, not folded to lower case as SQL
+ *   would, because wal2json matches table names case-sensitively.
+ *
+ * Lines may be at most 199 characters (libinih's limit); put longer values
+ * in an environment variable.  " ;" starts a comment, even inside a value.
  */
 #ifndef WP_CONFIG_H
 #define WP_CONFIG_H
@@ -22,7 +31,7 @@ typedef struct wp_table_ref {
 typedef struct wp_source_config {
     char *name;     /* section name: [source NAME]; [A-Za-z0-9_-], unique */
     char *conninfo; /* libpq conninfo; may hold a password: never log it */
-    char *slot;     /* default "walpipe_<name>" with '-' turned into '_' */
+    char *slot;     /* default "walpipe_<name>" lower-cased, with '-' turned into '_' */
     wp_table_ref_t *tables; /* include list (wal2json add-tables); NULL = all */
     size_t ntables;
     int status_interval_ms; /* feedback timer; default 1000 */

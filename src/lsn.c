@@ -1,2 +1,72 @@
-/* lsn.c: placeholder, being written */
+/*
+ * lsn.c: parsing and printing PostgreSQL log sequence numbers.
+ *
+ * Invariant: wp_lsn_parse accepts exactly the texts PostgreSQL prints
+ * ("%X/%X": 1-8 hex digits, '/', 1-8 hex digits) plus their lower-case
+ * spellings, reads no byte past len, and on failure never touches *out.
+ */
 #include "wp_setup.h"
+
+#include <stdio.h>
+
+#include <walpipe/lsn.h>
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/*
+ * Reads 1-8 hex digits from s[*pos..len) into *out and advances *pos past
+ * them.  Returns false if there are none or more than 8.
+ */
+static bool parse_half(const char *s, size_t len, size_t *pos, uint32_t *out)
+{
+    uint32_t v = 0;
+    size_t start = *pos;
+    size_t i = start;
+
+    while (i < len && hex_value(s[i]) >= 0) {
+        if (i - start == 8)
+            return false;
+        v = (v << 4) | (uint32_t)hex_value(s[i]);
+        i++;
+    }
+    if (i == start)
+        return false;
+    *pos = i;
+    *out = v;
+    return true;
+}
+
+bool wp_lsn_parse(const char *s, size_t len, wp_lsn_t *out)
+{
+    uint32_t hi, lo;
+    size_t pos = 0;
+
+    if (s == NULL)
+        return false;
+    if (!parse_half(s, len, &pos, &hi))
+        return false;
+    if (pos >= len || s[pos] != '/')
+        return false;
+    pos++;
+    if (!parse_half(s, len, &pos, &lo))
+        return false;
+    if (pos != len)
+        return false;
+    *out = ((wp_lsn_t)hi << 32) | lo;
+    return true;
+}
+
+char *wp_lsn_format(wp_lsn_t lsn, char buf[WP_LSN_STRLEN])
+{
+    snprintf(buf, WP_LSN_STRLEN, "%X/%X", (unsigned)(lsn >> 32), (unsigned)(lsn & 0xFFFFFFFFu));
+    return buf;
+}
