@@ -1096,6 +1096,9 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
         if (json_error_code(&jerr) == json_error_null_character ||
             json_error_code(&jerr) == json_error_null_byte_in_key)
             fail(errbuf, errlen, "invalid JSON at byte %zu: string contains \\u0000, which jsonb cannot store", pos);
+        else if (json_error_code(&jerr) == json_error_invalid_utf8)
+            fail(errbuf, errlen, "invalid JSON at byte %zu: not valid UTF-8 (wal2json passes message content "
+                                 "through unchecked): %s", pos, jerr.text);
         else
             fail(errbuf, errlen, "invalid JSON at byte %zu: %s", pos, jerr.text);
         goto out;
