@@ -526,6 +526,23 @@ static void test_redacted(void **state)
     }
 }
 
+/* The commented sample shipped at the top of the repository is a valid configuration. */
+static void test_example_file(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    setenv("APP_PW", "example-secret", 1);
+    wp_config_t *c = wp_config_load(WP_TEST_DATA "/../../walpipe.conf.example", err, sizeof err);
+    if (c == NULL)
+        fail_msg("walpipe.conf.example: %s", err);
+    assert_int_equal(c->nsources, 1);
+    assert_string_equal(c->sources[0].slot, "walpipe_app");
+    assert_int_equal(c->sources[0].ntables, 2);
+    assert_int_equal(c->batch_rows, 10000);
+    assert_int_equal(c->batch_bytes, 8 * 1024 * 1024);
+    wp_config_destroy(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -533,7 +550,7 @@ int main(void)
         cmocka_unit_test(test_layout),        cmocka_unit_test(test_env_expansion), cmocka_unit_test(test_tables),
         cmocka_unit_test(test_section_errors), cmocka_unit_test(test_key_errors),   cmocka_unit_test(test_value_errors),
         cmocka_unit_test(test_missing_errors), cmocka_unit_test(test_slot_clashes), cmocka_unit_test(test_long_line),
-        cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted),
+        cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted), cmocka_unit_test(test_example_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
