@@ -28,7 +28,10 @@ static void usage(FILE *out)
             "walpipe %s: change data capture from PostgreSQL (wal2json) into a staging table, exactly once\n"
             "\n"
             "Usage:\n"
-            "  walpipe run  --config FILE   stream every [source] into walpipe.raw_events until SIGTERM/SIGINT\n"
+            "  walpipe run  --config FILE [--accept-gap SOURCE]...\n"
+            "                               stream every [source] into walpipe.raw_events until SIGTERM/SIGINT;\n"
+            "                               --accept-gap: where staging's checkpoint and the slot disagree (slot\n"
+            "                               ahead, dropped or recreated), record the gap and go on instead of refusing\n"
             "  walpipe init --config FILE   create or upgrade the staging schema (idempotent)\n"
             "  walpipe --help | --version\n"
             "\n"
@@ -54,17 +57,26 @@ static void install_signals(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
-static int cmd_run(wp_config_t *config)
+/* True if name is among the --accept-gap arguments. */
+static bool listed(const char *name, const char *const *names, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(names[i], name) == 0)
+            return true;
+    return false;
+}
+
+static int cmd_run(wp_config_t *config, const char *const *accept_gap, int naccept_gap)
 {
     int rc = WP_EXIT_OK;
     wp_source_t **sources = wp_calloc(config->nsources, sizeof *sources);
-    install_signals();
     wp_info("walpipe %s starting with %zu source(s)", WALPIPE_VERSION, config->nsources);
     for (size_t i = 0; i < config->nsources; i++) {
         char *where = wp_config_conninfo_redacted(config->sources[i].conninfo);
         wp_info("source \"%s\": %s, slot \"%s\"", config->sources[i].name, where, config->sources[i].slot);
         free(where);
-        sources[i] = wp_source_start(config, &config->sources[i]);
+        sources[i] = wp_source_start(config, &config->sources[i],
+                                     listed(config->sources[i].name, accept_gap, naccept_gap));
         if (sources[i] == NULL)
             rc = WP_EXIT_FATAL;
     }
@@ -83,6 +95,11 @@ int main(int argc, char **argv)
     const char *command = NULL, *config_path = NULL;
     wp_config_t *config = NULL;
     char err[WP_ERRLEN];
+    const char **accept_gap = wp_calloc((size_t)argc, sizeof *accept_gap);
+    int naccept_gap = 0;
+
+    /* first thing: a SIGTERM that arrives while the configuration loads still means "stop cleanly" */
+    install_signals();
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -101,6 +118,12 @@ int main(int argc, char **argv)
             config_path = argv[++i];
         } else if (strncmp(argv[i], "--config=", 9) == 0) {
             config_path = argv[i] + 9;
+        } else if (strcmp(argv[i], "--accept-gap") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "walpipe: --accept-gap needs a source name\n");
+                goto out;
+            }
+            accept_gap[naccept_gap++] = argv[++i];
         } else if (argv[i][0] != '-' && command == NULL) {
             command = argv[i];
         } else {
@@ -123,12 +146,23 @@ int main(int argc, char **argv)
         fprintf(stderr, "walpipe: %s\n", err);
         goto out;
     }
+    for (int i = 0; i < naccept_gap; i++) {
+        bool known = false;
+        for (size_t k = 0; k < config->nsources; k++)
+            known = known || strcmp(config->sources[k].name, accept_gap[i]) == 0;
+        if (!known) {
+            fprintf(stderr, "walpipe: --accept-gap names source \"%s\", which %s does not configure\n", accept_gap[i],
+                    config_path);
+            goto out;
+        }
+    }
     wp_log_set_level(config->log_level);
     if (strcmp(command, "init") == 0)
         rc = wp_migrate_apply(config) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
     else
-        rc = cmd_run(config);
+        rc = cmd_run(config, accept_gap, naccept_gap);
 out:
     wp_config_destroy(config);
+    free(accept_gap);
     return rc;
 }

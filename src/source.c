@@ -33,6 +33,7 @@ struct wp_source {
     const wp_config_t *config;
     const wp_source_config_t *source;
     pthread_t thread;
+    bool accept_gap;
     bool fatal;
 };
 
@@ -52,8 +53,20 @@ static void *stager_main(void *p)
     return NULL;
 }
 
-/* Checks the checkpoint against the slot; returns 0 if streaming may start from it. */
-static int check_checkpoint(const wp_source_config_t *src, const wp_checkpoint_t *ckpt, const wp_slot_info_t *slot)
+typedef enum check_result {
+    CHECK_OK = 0,
+    CHECK_REFUSED,     /* never streamable: a different cluster, another slot, an invalidated slot */
+    CHECK_GAP_DROPPED, /* the slot is gone: changes since the checkpoint are lost */
+    CHECK_GAP_AHEAD,   /* the slot confirmed past the checkpoint */
+} check_result_t;
+
+/*
+ * Checks the checkpoint against the slot.  Gaps are logged as errors unless
+ * the operator accepted them (--accept-gap), in which case the caller records
+ * them; everything else that is not CHECK_OK is logged here.
+ */
+static check_result_t check_checkpoint(const wp_source_config_t *src, const wp_checkpoint_t *ckpt,
+                                       const wp_slot_info_t *slot, bool accept_gap)
 {
     char a[WP_LSN_STRLEN], b[WP_LSN_STRLEN];
     if (strcmp(ckpt->systemid, slot->systemid) != 0) {
@@ -61,35 +74,38 @@ static int check_checkpoint(const wp_source_config_t *src, const wp_checkpoint_t
                  "mix them; hint: point the conninfo back at the original cluster, or give this cluster its own "
                  "[source] section",
                  slot->systemid, ckpt->systemid);
-        return -1;
+        return CHECK_REFUSED;
     }
     if (strcmp(ckpt->slot, src->slot) != 0) {
         wp_error("the checkpoint was written for slot \"%s\" but the configuration names slot \"%s\"; refusing: "
                  "changes between the two would be lost; hint: restore slot = %s",
                  ckpt->slot, src->slot, ckpt->slot);
-        return -1;
+        return CHECK_REFUSED;
     }
     if (!slot->exists) {
-        wp_error("slot \"%s\" no longer exists on the source, but staging holds a checkpoint at %s: changes since "
-                 "then are gone from the source; refusing to start with a silent gap; hint: re-snapshot the "
-                 "source into a fresh staging checkpoint",
-                 src->slot, wp_lsn_format(ckpt->pos.lsn, a));
-        return -1;
+        if (!accept_gap)
+            wp_error("slot \"%s\" no longer exists on the source, but staging holds a checkpoint at %s: changes "
+                     "since then are gone from the source; refusing to start with a silent gap; hint: re-snapshot "
+                     "the source, or run with --accept-gap %s to create a new slot and record the gap",
+                     src->slot, wp_lsn_format(ckpt->pos.lsn, a), src->name);
+        return CHECK_GAP_DROPPED;
     }
     if (slot->lost) {
-        wp_error("slot \"%s\" has been invalidated (wal_status = lost): the source removed WAL it still needed; "
-                 "hint: drop the slot, create a new one and re-snapshot the source",
+        wp_error("slot \"%s\" has been invalidated (wal_status = lost): the source removed WAL it still needed "
+                 "(max_slot_wal_keep_size); hint: drop the slot, create a new one and re-snapshot the source",
                  src->slot);
-        return -1;
+        return CHECK_REFUSED;
     }
     if (slot->confirmed_flush > ckpt->pos.lsn) {
-        wp_error("slot \"%s\" has confirmed %s but staging's checkpoint is only at %s (staging restored from an "
-                 "older backup, or the slot advanced by hand): changes in between are not in staging; refusing to "
-                 "start with a silent gap",
-                 src->slot, wp_lsn_format(slot->confirmed_flush, a), wp_lsn_format(ckpt->pos.lsn, b));
-        return -1;
+        if (!accept_gap)
+            wp_error("slot \"%s\" has confirmed %s but staging's checkpoint is only at %s (staging restored from "
+                     "an older backup, the slot advanced by hand, or dropped and recreated): changes in between are "
+                     "not in staging; refusing to start with a silent gap; hint: re-snapshot, or run with "
+                     "--accept-gap %s to record the gap and go on",
+                     src->slot, wp_lsn_format(slot->confirmed_flush, a), wp_lsn_format(ckpt->pos.lsn, b), src->name);
+        return CHECK_GAP_AHEAD;
     }
-    return 0;
+    return CHECK_OK;
 }
 
 /* One session.  Returns 0 on a requested stop, -1 on error (*fatal when retrying cannot help). */
@@ -111,9 +127,22 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
     if (wp_reader_open(reader, &slot, fatal) != 0)
         goto out;
     if (found) {
-        if (check_checkpoint(s->source, &ckpt, &slot) != 0) {
+        check_result_t check = check_checkpoint(s->source, &ckpt, &slot, s->accept_gap);
+        if (check == CHECK_REFUSED || (check != CHECK_OK && !s->accept_gap)) {
             *fatal = true;
             goto out;
+        }
+        if (check == CHECK_GAP_DROPPED) {
+            wp_lsn_t created;
+            if (wp_reader_create_slot(reader, &created, fatal) != 0 ||
+                wp_stager_accept_gap(stager, ckpt.pos.lsn, created, "slot was missing; created anew") != 0)
+                goto out;
+            ckpt.pos = (wp_position_t){.lsn = created};
+        } else if (check == CHECK_GAP_AHEAD) {
+            if (wp_stager_accept_gap(stager, ckpt.pos.lsn, slot.confirmed_flush,
+                                     "slot had confirmed past the checkpoint") != 0)
+                goto out;
+            ckpt.pos = (wp_position_t){.lsn = slot.confirmed_flush};
         }
     } else {
         memset(&ckpt, 0, sizeof ckpt);
@@ -198,11 +227,12 @@ static void *source_main(void *p)
     return NULL;
 }
 
-wp_source_t *wp_source_start(const wp_config_t *config, const wp_source_config_t *source_config)
+wp_source_t *wp_source_start(const wp_config_t *config, const wp_source_config_t *source_config, bool accept_gap)
 {
     wp_source_t *s = wp_calloc(1, sizeof *s);
     s->config = config;
     s->source = source_config;
+    s->accept_gap = accept_gap;
     if (pthread_create(&s->thread, NULL, source_main, s) != 0) {
         wp_error("could not start a thread for source \"%s\"", source_config->name);
         free(s);

@@ -238,6 +238,38 @@ int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_
     return rc;
 }
 
+int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const char *reason)
+{
+    int rc = -1;
+    wp_buf_t sql = WP_BUF_INIT;
+    wp_position_t pos = {.lsn = to};
+    char a[WP_LSN_STRLEN], b[WP_LSN_STRLEN];
+    char *reason_lit = PQescapeLiteral(stager->conn, reason, strlen(reason));
+    if (reason_lit == NULL) {
+        wp_error("staging: could not quote a gap reason: %s", PQerrorMessage(stager->conn));
+        goto out;
+    }
+    wp_buf_printf(&sql,
+                  "BEGIN; INSERT INTO walpipe.accepted_gaps (source, slot, from_lsn, to_lsn, reason) "
+                  "VALUES (%s, %s, '%s', '%s', %s); ",
+                  stager->source_lit, stager->slot_lit, wp_lsn_format(from, a), wp_lsn_format(to, b), reason_lit);
+    append_checkpoint_sql(stager, &sql, &pos);
+    wp_buf_puts(&sql, "; COMMIT");
+    if (exec_expect(stager, sql.data, PGRES_COMMAND_OK, "record the accepted gap") != 0) {
+        PQclear(PQexec(stager->conn, "ROLLBACK"));
+        goto out;
+    }
+    wp_warn("accepted a gap from %s to %s (%s): changes in between may be missing from staging; recorded in "
+            "walpipe.accepted_gaps",
+            a, b, reason);
+    rc = 0;
+out:
+    if (reason_lit)
+        PQfreemem(reason_lit);
+    wp_buf_free(&sql);
+    return rc;
+}
+
 /* Generates a random (version 4) UUID for batch_id. */
 static void make_uuid(char out[37])
 {

@@ -41,6 +41,12 @@ int wp_stager_checkpoint_read(wp_stager_t *stager, wp_checkpoint_t *out);
 int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_t lsn);
 
 /*
+ * Moves the checkpoint from `from` to `to` over a gap the operator accepted
+ * (--accept-gap), recording it in walpipe.accepted_gaps in the same transaction.
+ */
+int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const char *reason);
+
+/*
  * Thread body.  Stages segments popped from queue, committing each batch
  * together with its checkpoint and then publishing the new durable position.
  * Returns 0 after committing a final segment, -1 on error (logged; the queue

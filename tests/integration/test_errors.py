@@ -190,3 +190,72 @@ def test_dropped_slot_is_refused(source_pg, staging_pg, walpipe_factory):
     w.start()
     expect_fatal(w, "no longer exists", "silent gap")
     assert wptest.slot_info(source_pg, "walpipe_app") is None, "walpipe must not recreate a dropped slot"
+
+
+def test_accepted_gap_is_recorded_and_streaming_goes_on(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema="CREATE TABLE t (id int PRIMARY KEY)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    source_pg.sql("INSERT INTO t VALUES (1)", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    ck_before = staging_pg.scalar("SELECT lsn::text FROM walpipe.checkpoints", dbname="staging")
+    source_pg.sql("INSERT INTO t VALUES (2)", dbname="app")
+    source_pg.sql("SELECT pg_replication_slot_advance('walpipe_app', pg_current_wal_lsn())", dbname="app")
+    ahead = wptest.slot_info(source_pg, "walpipe_app")["confirmed_flush_lsn"]
+    w.start(args=["--accept-gap", "app"])
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming after the gap", walpipe=w)
+    source_pg.sql("INSERT INTO t VALUES (3)", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    gaps = staging_pg.sql("SELECT source, slot, from_lsn::text, to_lsn::text, reason FROM walpipe.accepted_gaps",
+                          dbname="staging")
+    assert gaps == [("app", "walpipe_app", ck_before, ahead, "slot had confirmed past the checkpoint")]
+    ids = staging_pg.sql("SELECT payload->'after'->>'id' FROM walpipe.raw_events ORDER BY id", dbname="staging")
+    assert ids == [("1",), ("3",)]   # row 2 is the accepted gap, and only it is missing
+    assert "accepted a gap" in w.log()
+
+
+def test_dropped_slot_with_accept_gap_is_recreated(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema="CREATE TABLE t (id int PRIMARY KEY)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    source_pg.sql("INSERT INTO t VALUES (1)", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    wptest.drop_slot(source_pg, "app", "walpipe_app")
+    source_pg.sql("INSERT INTO t VALUES (2)", dbname="app")
+    w.start(args=["--accept-gap", "app"])
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming after the gap", walpipe=w)
+    source_pg.sql("INSERT INTO t VALUES (3)", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    gaps = staging_pg.sql("SELECT reason FROM walpipe.accepted_gaps", dbname="staging")
+    assert gaps == [("slot was missing; created anew",)]
+    ids = staging_pg.sql("SELECT payload->'after'->>'id' FROM walpipe.raw_events ORDER BY id", dbname="staging")
+    assert ids == [("1",), ("3",)]
+
+
+def test_accept_gap_names_an_unknown_source(source_pg, staging_pg, walpipe_factory, tmp_path):
+    cfg = wptest.write_config(tmp_path / "w.conf", staging_pg.conninfo("staging"),
+                              {"app": {"conninfo": source_pg.conninfo("app")}})
+    w = walpipe_factory(str(cfg))
+    r = w.command("run", "--accept-gap", "nosuch")
+    assert r.returncode == 2 and "nosuch" in r.stderr, r.stderr
+
+
+@pytest.mark.source_settings(max_slot_wal_keep_size="1MB", max_wal_size="32MB", min_wal_size="32MB")
+def test_invalidated_slot_stops_loudly(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema="CREATE TABLE t (id int PRIMARY KEY, v text)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    source_pg.sql("INSERT INTO t VALUES (0, 'x')", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    # walpipe is down; the source writes far past max_slot_wal_keep_size and checkpoints
+    for i in range(6):
+        source_pg.sql(f"INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series({i * 20000 + 1}, "
+                      f"{(i + 1) * 20000}) g", dbname="app")
+        source_pg.sql("SELECT pg_switch_wal()")
+        source_pg.sql("CHECKPOINT")
+    assert wptest.slot_info(source_pg, "walpipe_app")["wal_status"] == "lost"
+    w.start(args=["--accept-gap", "app"])   # even an accepted gap cannot revive a lost slot
+    line = expect_fatal(w, "invalidated", "create a new one and re-snapshot")
+    assert "walpipe_app" in line
