@@ -1,0 +1,82 @@
+"""Awkward input from a real source lands intact or goes to dead_letters with the reason.
+
+Never a crash, never a silent drop: what the decoder cannot take is kept whole.
+"""
+
+import hashlib
+
+import truth
+import wptest
+from test_core import setup_source, start_walpipe, wait_caught_up
+
+AWKWARD = '''
+CREATE SCHEMA "My Schema";
+CREATE TABLE "My Schema"."select" ("Id" int PRIMARY KEY, "col ""quoted""" text, "ünïcödé" text, "order" int,
+                                   "Mixed Case" text, "a.b,c" text);
+CREATE TABLE public."Weird, Table.name" (id int PRIMARY KEY, v text);
+CREATE TABLE public.excluded (id int PRIMARY KEY);
+CREATE TABLE public."UPPER" (id int PRIMARY KEY);
+'''
+
+
+def test_awkward_identifiers_and_table_filter(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema=AWKWARD)
+    tables = '"My Schema"."select", public."Weird, Table.name", public.UPPER'
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
+                                                            "tables": tables}})
+    source_pg.sql('''INSERT INTO "My Schema"."select" VALUES (1, 'q"uote', 'ü', 2, 'MiXeD', 'dots')''', dbname="app")
+    source_pg.sql('''UPDATE "My Schema"."select" SET "order" = 3 WHERE "Id" = 1''', dbname="app")
+    source_pg.sql('''INSERT INTO public."Weird, Table.name" VALUES (1, 'w')''', dbname="app")
+    source_pg.sql("INSERT INTO public.excluded VALUES (1)", dbname="app")
+    source_pg.sql('INSERT INTO public."UPPER" VALUES (1)', dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    staged = truth.read_staged(staging_pg, "staging")
+    got = [(s["schema"], s["table"], s["type"]) for s in staged]
+    assert got == [("My Schema", "select", "insert"), ("My Schema", "select", "update"),
+                   ("public", "Weird, Table.name", "insert"), ("public", "UPPER", "insert")]
+    after = staged[0]["payload"]["after"]
+    assert after == {"Id": 1, 'col "quoted"': 'q"uote', "ünïcödé": "ü", "order": 2, "Mixed Case": "MiXeD",
+                     "a.b,c": "dots"}
+    assert staged[1]["payload"]["key"] == {"Id": 1}
+    # ground truth without the filter: everything walpipe staged, and exactly what the filter let through
+    expected = [e for e in truth.read_truth(source_pg, "app", "truth") if e["table"] != "excluded"]
+    truth.assert_exactly_once(expected, staged)
+
+
+def test_hundred_megabyte_value_lands_intact(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema="CREATE TABLE big (id int PRIMARY KEY, v text)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    # 100 MB of text with characters that need escaping in JSON and in COPY
+    # 41-character units x 1 250 000 = 51 MB, doubled by the update to 102 MB
+    source_pg.sql("INSERT INTO big SELECT 1, repeat(E'ab\\\\c\"d\\te\\n' || md5(g::text), 1250000) "
+                  "FROM generate_series(1, 1) g", dbname="app")
+    source_pg.sql("UPDATE big SET v = v || v WHERE id = 1", dbname="app")
+    source_pg.sql("INSERT INTO big VALUES (2, 'after')", dbname="app")
+    wait_caught_up(source_pg, w, timeout=300)
+    assert w.stop() == 0
+    src = source_pg.sql("SELECT id, length(v), md5(v) FROM big ORDER BY id", dbname="app")
+    rows = staging_pg.sql("SELECT event_type, length(payload->'after'->>'v'), md5(payload->'after'->>'v') "
+                          "FROM walpipe.raw_events ORDER BY id", dbname="staging")
+    assert len(rows) == 3, rows
+    assert src[0][1] >= 100 * 1000 * 1000
+    assert rows[1] == ("update", src[0][1], src[0][2])
+    assert rows[0][0] == "insert" and rows[0][1] * 2 == src[0][1]
+    assert rows[2] == ("insert", 5, hashlib.md5(b"after").hexdigest())
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.dead_letters", dbname="staging") == 0
+
+
+def test_invalid_utf8_non_transactional_message(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema="CREATE TABLE t (id int PRIMARY KEY)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    source_pg.sql("SELECT pg_logical_emit_message(false, 'bin', '\\x41ff42'::bytea)", dbname="app")
+    source_pg.sql("SELECT pg_logical_emit_message(false, 'txt', 'fine')", dbname="app")
+    source_pg.sql("INSERT INTO t VALUES (1)", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    dead = staging_pg.sql("SELECT raw, reason, seq FROM walpipe.dead_letters", dbname="staging")
+    assert len(dead) == 1 and dead[0][2] == 0
+    assert b"A\xffB" in bytes(dead[0][0]) and "UTF-8" in dead[0][1]
+    rows = staging_pg.sql("SELECT event_type, payload->>'content' FROM walpipe.raw_events ORDER BY id",
+                          dbname="staging")
+    assert rows == [("message", "fine"), ("insert", None)]
