@@ -169,7 +169,10 @@ def test_million_row_transaction_bounded_memory(source_pg, staging_pg, walpipe_f
                            "count(DISTINCT batch_id) FROM walpipe.raw_events", dbname="staging")[0]
     assert stats[:5] == (1000000, 1000000, 1, 1000000, 1), stats
     assert stats[5] > 1, "a 1M-row transaction must be split across staging commits"
-    assert peak < 64 * 1024, f"peak RSS {peak} kB"
+    if os.environ.get("WALPIPE_SANITIZED") == "1":
+        print(f"peak RSS {peak} kB not checked: AddressSanitizer's shadow memory and quarantine inflate RSS")
+    else:
+        assert peak < 64 * 1024, f"peak RSS {peak} kB"
     print(f"1M-row transaction: peak RSS {peak} kB over {stats[5]} staging commits")
 
 
