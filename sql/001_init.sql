@@ -12,7 +12,7 @@ CREATE TABLE walpipe.raw_events (
     event_type  TEXT        NOT NULL
         CHECK (event_type IN ('insert', 'update', 'delete', 'truncate', 'message', 'snapshot')),
     payload     JSONB       NOT NULL,
-    received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    received_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),  -- when the row was written, not when its batch began
     processed   BOOLEAN     NOT NULL DEFAULT false,
     -- one id per staging transaction, set by walpipe with SET LOCAL walpipe.batch_id
     batch_id    UUID        DEFAULT nullif(current_setting('walpipe.batch_id', true), '')::uuid,

@@ -50,6 +50,7 @@ typedef enum key_type {
     TYPE_BOOL,
     TYPE_SLOT,
     TYPE_TABLES,
+    TYPE_SNAPSHOT,
 } key_type_t;
 
 typedef struct key_spec {
@@ -72,6 +73,8 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "slot", TYPE_SLOT, offsetof(wp_source_config_t, slot), 0, 0},
     {SECTION_SOURCE, "tables", TYPE_TABLES, 0, 0, 0},
     {SECTION_SOURCE, "status_interval_ms", TYPE_INT, offsetof(wp_source_config_t, status_interval_ms), 100, 60000},
+    {SECTION_SOURCE, "snapshot", TYPE_SNAPSHOT, offsetof(wp_source_config_t, snapshot_initial), 0, 0},
+    {SECTION_SOURCE, "snapshot_workers", TYPE_INT, offsetof(wp_source_config_t, snapshot_workers), 1, 16},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 
@@ -250,6 +253,8 @@ static void add_source(parser_t *p, const char *name, int line)
     memset(source, 0, sizeof *source);
     source->name = wp_strdup(name);
     source->status_interval_ms = 1000;
+    source->snapshot_initial = true;
+    source->snapshot_workers = 2;
     source->line = line;
     memset(&p->states[config->nsources], 0, sizeof p->states[0]);
     p->source = config->nsources;
@@ -713,6 +718,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
 
     case TYPE_TABLES:
         return parse_tables(p, label, value, (wp_source_config_t *)(void *)base);
+
+    case TYPE_SNAPSHOT:
+        if (strcmp(value, "initial") != 0 && strcmp(value, "never") != 0) {
+            fail(p, p->lineno, "snapshot in %s must be initial or never (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(bool *)field = strcmp(value, "initial") == 0;
+        return true;
     }
     return false;
 }
@@ -975,4 +988,27 @@ out:
     PQfreemem(errmsg);
     wp_buf_free(&out);
     return result;
+}
+
+int wp_config_parse_tables(const char *text, wp_table_ref_t **tables, size_t *ntables, char *errbuf, size_t errlen)
+{
+    parser_t p;
+    wp_source_config_t source;
+    memset(&p, 0, sizeof p);
+    memset(&source, 0, sizeof source);
+    p.name = "--table";
+    *tables = NULL;
+    *ntables = 0;
+    if (!parse_tables(&p, "the command line", text, &source)) {
+        set_error(errbuf, errlen, "%s", p.err);
+        return -1;
+    }
+    *tables = source.tables;
+    *ntables = source.ntables;
+    return 0;
+}
+
+void wp_config_free_tables(wp_table_ref_t *tables, size_t ntables)
+{
+    free_tables(tables, ntables);
 }

@@ -3,7 +3,8 @@
  *
  *   [walpipe]            optional: log_level
  *   [staging]            conninfo, batch_rows, batch_bytes, batch_ms, payload_gin_index, partitions_ahead
- *   [source NAME]        conninfo, slot, tables, status_interval_ms   (any number of sections)
+ *   [source NAME]        conninfo, slot, tables, status_interval_ms, snapshot, snapshot_workers
+ *                        (any number of sections)
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
@@ -35,6 +36,8 @@ typedef struct wp_source_config {
     wp_table_ref_t *tables; /* include list (wal2json add-tables); NULL = all */
     size_t ntables;
     int status_interval_ms; /* feedback timer; default 1000 */
+    bool snapshot_initial;  /* snapshot = initial (default) | never: copy existing rows when walpipe creates the slot */
+    int snapshot_workers;   /* connections copying a snapshot in parallel; default 2 */
     int line;               /* line of the section header, for messages */
 } wp_source_config_t;
 
@@ -70,6 +73,14 @@ wp_config_t *wp_config_parse_string(const char *text, const char *name, char *er
 
 /* Frees everything; NULL is a no-op. */
 void wp_config_destroy(wp_config_t *config);
+
+/*
+ * Parses a `tables` list ("schema.table, ...", same syntax as the key) given
+ * outside the file, e.g. on the command line.  Returns 0 and a new array the
+ * caller frees with wp_config_free_tables, or -1 with the problem in errbuf.
+ */
+int wp_config_parse_tables(const char *text, wp_table_ref_t **tables, size_t *ntables, char *errbuf, size_t errlen);
+void wp_config_free_tables(wp_table_ref_t *tables, size_t ntables);
 
 /*
  * Returns a copy of conninfo safe to log: host, port, dbname and user only

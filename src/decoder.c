@@ -1062,6 +1062,24 @@ void wp_decoder_destroy(wp_decoder_t *decoder)
     free(decoder);
 }
 
+/* Validates root (ownership passes to the decoder) and makes it the current message. */
+static int adopt(wp_decoder_t *decoder, json_t *root, wp_change_t *change, char *errbuf, size_t errlen)
+{
+    wp_change_t c;
+    memset(&c, 0, sizeof c);
+    if (parse_message(decoder, root, &c, errbuf, errlen) < 0) {
+        json_decref(root);
+        decoder->has_ident = false;
+        decoder->table = NULL;
+        return -1;
+    }
+    decoder->root = root; /* c borrows from it from now on */
+    decoder->last = c;
+    decoder->valid = true;
+    *change = c;
+    return 0;
+}
+
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen)
 {
@@ -1070,9 +1088,7 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     json_error_t jerr;
     const char *text;
     size_t textlen;
-    wp_change_t c;
 
-    memset(&c, 0, sizeof c);
     memset(change, 0, sizeof *change);
     if (errbuf && errlen)
         errbuf[0] = '\0';
@@ -1103,22 +1119,25 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
             fail(errbuf, errlen, "invalid JSON at byte %zu: %s", pos, jerr.text);
         goto out;
     }
-    if (parse_message(decoder, root, &c, errbuf, errlen) < 0)
-        goto out;
-
-    decoder->root = root; /* c borrows from it from now on */
+    rc = adopt(decoder, root, change, errbuf, errlen);
     root = NULL;
-    decoder->last = c;
-    decoder->valid = true;
-    *change = c;
-    rc = 0;
 out:
     json_decref(root);
-    if (rc < 0) {
-        decoder->has_ident = false;
-        decoder->table = NULL;
-    }
     return rc;
+}
+
+int wp_decoder_adopt(wp_decoder_t *decoder, json_t *root, wp_change_t *change, char *errbuf, size_t errlen)
+{
+    memset(change, 0, sizeof *change);
+    if (errbuf && errlen)
+        errbuf[0] = '\0';
+    json_decref(decoder->root);
+    decoder->root = NULL;
+    decoder->valid = false;
+    decoder->has_ident = false;
+    decoder->ident_full = false;
+    decoder->table = NULL;
+    return adopt(decoder, root, change, errbuf, errlen);
 }
 
 /* The decoder's last change, if change is it; NULL otherwise. */

@@ -20,6 +20,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "pipeline.h"
+#include "snapshot.h"
 #include "source.h"
 
 static void usage(FILE *out)
@@ -33,6 +34,9 @@ static void usage(FILE *out)
             "                               --accept-gap: where staging's checkpoint and the slot disagree (slot\n"
             "                               ahead, dropped or recreated), record the gap and go on instead of refusing\n"
             "  walpipe init --config FILE   create or upgrade the staging schema (idempotent)\n"
+            "  walpipe snapshot --config FILE --source NAME [--table SCHEMA.TABLE]...\n"
+            "                               copy the current rows of a source's tables (default: its `tables`, or\n"
+            "                               all) into raw_events as 'snapshot' events, while `run` keeps streaming\n"
             "  walpipe --help | --version\n"
             "\n"
             "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
@@ -97,6 +101,9 @@ int main(int argc, char **argv)
     char err[WP_ERRLEN];
     const char **accept_gap = wp_calloc((size_t)argc, sizeof *accept_gap);
     int naccept_gap = 0;
+    const char **tables = wp_calloc((size_t)argc, sizeof *tables);
+    int ntables = 0;
+    const char *source_name = NULL;
 
     /* first thing: a SIGTERM that arrives while the configuration loads still means "stop cleanly" */
     install_signals();
@@ -124,6 +131,15 @@ int main(int argc, char **argv)
                 goto out;
             }
             accept_gap[naccept_gap++] = argv[++i];
+        } else if (strcmp(argv[i], "--source") == 0 || strcmp(argv[i], "--table") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "walpipe: %s needs a name\n", argv[i]);
+                goto out;
+            }
+            if (strcmp(argv[i], "--source") == 0)
+                source_name = argv[++i];
+            else
+                tables[ntables++] = argv[++i];
         } else if (argv[i][0] != '-' && command == NULL) {
             command = argv[i];
         } else {
@@ -131,10 +147,19 @@ int main(int argc, char **argv)
             goto out;
         }
     }
-    if (command == NULL || (strcmp(command, "run") != 0 && strcmp(command, "init") != 0)) {
+    if (command == NULL ||
+        (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0)) {
         if (command)
             fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
         usage(stderr);
+        goto out;
+    }
+    if (strcmp(command, "snapshot") == 0 && source_name == NULL) {
+        fprintf(stderr, "walpipe: snapshot needs --source NAME\n");
+        goto out;
+    }
+    if ((source_name || ntables) && strcmp(command, "snapshot") != 0) {
+        fprintf(stderr, "walpipe: --source and --table go with the snapshot command\n");
         goto out;
     }
     if (config_path == NULL) {
@@ -159,10 +184,13 @@ int main(int argc, char **argv)
     wp_log_set_level(config->log_level);
     if (strcmp(command, "init") == 0)
         rc = wp_migrate_apply(config) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
+    else if (strcmp(command, "snapshot") == 0)
+        rc = wp_snapshot_command(config, source_name, tables, ntables);
     else
         rc = cmd_run(config, accept_gap, naccept_gap);
 out:
     wp_config_destroy(config);
     free(accept_gap);
+    free(tables);
     return rc;
 }

@@ -38,6 +38,7 @@
 #include <libpq-fe.h>
 
 #include "decoder.h"
+#include "encoder.h"
 #include "log.h"
 #include "reader.h"
 
@@ -46,20 +47,12 @@
 #define POLL_MAX_MS 100
 #define PG_EPOCH_OFFSET_US (946684800LL * 1000000LL)
 
-typedef struct shape_set {
-    int64_t *ids; /* open addressing, 0 = empty */
-    size_t cap, count;
-} shape_set_t;
-
 struct wp_reader {
     const wp_config_t *config;
     const wp_source_config_t *source;
     PGconn *conn;
     wp_decoder_t *decoder;
-    shape_set_t shapes;
-    wp_buf_t payload;
-    wp_buf_t scratch;
-    char *source_copy; /* source name, COPY-escaped */
+    wp_encoder_t *encoder;
 
     /* stream state */
     wp_position_t start; /* checkpoint the session started from */
@@ -99,66 +92,6 @@ static void put_u64(char *p, uint64_t v)
         p[i] = (char)(v & 0xff);
         v >>= 8;
     }
-}
-
-static bool shape_set_add(shape_set_t *set, int64_t id)
-{
-    if (id == 0)
-        return false;
-    if ((set->count + 1) * 2 > set->cap) {
-        size_t cap = set->cap ? set->cap * 2 : 64;
-        int64_t *ids = wp_calloc(cap, sizeof *ids);
-        for (size_t i = 0; i < set->cap; i++) {
-            if (set->ids[i] == 0)
-                continue;
-            size_t j = (size_t)set->ids[i] & (cap - 1);
-            while (ids[j])
-                j = (j + 1) & (cap - 1);
-            ids[j] = set->ids[i];
-        }
-        free(set->ids);
-        set->ids = ids;
-        set->cap = cap;
-    }
-    size_t j = (size_t)id & (set->cap - 1);
-    while (set->ids[j]) {
-        if (set->ids[j] == id)
-            return false;
-        j = (j + 1) & (set->cap - 1);
-    }
-    set->ids[j] = id;
-    set->count++;
-    return true;
-}
-
-/* Appends s in COPY text format (backslash, tab, newline and CR escaped). */
-static void copy_escape(wp_buf_t *out, const char *s, size_t len)
-{
-    wp_buf_reserve(out, len + len / 8 + 8);
-    size_t start = 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = s[i], e;
-        switch (c) {
-        case '\\': e = '\\'; break;
-        case '\t': e = 't'; break;
-        case '\n': e = 'n'; break;
-        case '\r': e = 'r'; break;
-        default: continue;
-        }
-        wp_buf_append(out, s + start, i - start);
-        wp_buf_putc(out, '\\');
-        wp_buf_putc(out, e);
-        start = i + 1;
-    }
-    wp_buf_append(out, s + start, len - start);
-}
-
-static void copy_text_or_null(wp_buf_t *out, const char *s)
-{
-    if (s)
-        copy_escape(out, s, strlen(s));
-    else
-        wp_buf_puts(out, "\\N");
 }
 
 /*
@@ -229,9 +162,7 @@ wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_
     reader->config = config;
     reader->source = source;
     reader->decoder = wp_decoder_create();
-    wp_buf_t name = WP_BUF_INIT;
-    copy_escape(&name, source->name, strlen(source->name));
-    reader->source_copy = name.data;
+    reader->encoder = wp_encoder_create(source->name);
     return reader;
 }
 
@@ -250,10 +181,7 @@ void wp_reader_destroy(wp_reader_t *reader)
         return;
     wp_reader_close(reader);
     wp_decoder_destroy(reader->decoder);
-    wp_buf_free(&reader->payload);
-    wp_buf_free(&reader->scratch);
-    free(reader->shapes.ids);
-    free(reader->source_copy);
+    wp_encoder_destroy(reader->encoder);
     free(reader);
 }
 
@@ -340,13 +268,19 @@ out:
     return rc;
 }
 
-int wp_reader_create_slot(wp_reader_t *reader, wp_lsn_t *consistent_point, bool *fatal)
+int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_lsn_t *consistent_point,
+                          char snapshot_name[WP_SNAPSHOT_NAME_LEN], bool *fatal)
 {
     int rc = -1;
-    char sql[160];
+    char sql[200];
+    const char *slot = spec && spec->name ? spec->name : reader->source->slot;
+    bool export_snapshot = spec && spec->export_snapshot;
     *fatal = false;
-    snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\" LOGICAL wal2json (SNAPSHOT 'nothing')",
-             reader->source->slot);
+    if (snapshot_name)
+        snapshot_name[0] = '\0';
+    /* slot names are validated ([a-z0-9_]) by the configuration, so quoting them is enough */
+    snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\"%s LOGICAL wal2json (SNAPSHOT '%s')", slot,
+             spec && spec->temporary ? " TEMPORARY" : "", export_snapshot ? "export" : "nothing");
     PGresult *res = PQexec(reader->conn, sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         log_source_error("could not create the replication slot", PQerrorMessage(reader->conn), fatal);
@@ -357,9 +291,33 @@ int wp_reader_create_slot(wp_reader_t *reader, wp_lsn_t *consistent_point, bool 
         wp_error("CREATE_REPLICATION_SLOT returned an unreadable consistent point");
         goto out;
     }
-    wp_info("created slot \"%s\" at %s", reader->source->slot, cp);
+    if (export_snapshot) {
+        if (PQgetisnull(res, 0, 2) || strlen(PQgetvalue(res, 0, 2)) >= WP_SNAPSHOT_NAME_LEN) {
+            wp_error("CREATE_REPLICATION_SLOT exported no usable snapshot");
+            goto out;
+        }
+        snprintf(snapshot_name, WP_SNAPSHOT_NAME_LEN, "%s", PQgetvalue(res, 0, 2));
+    }
+    wp_info("created slot \"%s\" at %s%s", slot, cp, export_snapshot ? " with an exported snapshot" : "");
     rc = 0;
 out:
+    PQclear(res);
+    return rc;
+}
+
+int wp_reader_drop_slot(wp_reader_t *reader)
+{
+    char sql[160];
+    snprintf(sql, sizeof sql, "DROP_REPLICATION_SLOT \"%s\" WAIT", reader->source->slot);
+    PGresult *res = PQexec(reader->conn, sql);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        bool fatal;
+        log_source_error("could not drop the replication slot", PQerrorMessage(reader->conn), &fatal);
+        rc = -1;
+    } else {
+        wp_info("dropped slot \"%s\"", reader->source->slot);
+    }
     PQclear(res);
     return rc;
 }
@@ -459,54 +417,6 @@ static void add_dead_letter(wp_reader_t *reader, const char *data, size_t len, w
     *tail = dead;
 }
 
-/* Appends one raw_events row for change (already parsed by the decoder) to the current segment. */
-static void add_row(wp_reader_t *reader, const wp_change_t *change, wp_lsn_t lsn, int seq)
-{
-    wp_segment_t *segment = current_segment(reader);
-    wp_buf_t *out = &segment->copy;
-    char lsntext[WP_LSN_STRLEN];
-    int64_t shape_id = 0;
-
-    if (change->op == WP_OP_INSERT || change->op == WP_OP_UPDATE || change->op == WP_OP_DELETE) {
-        wp_buf_reset(&reader->scratch);
-        shape_id = wp_decoder_shape(reader->decoder, change, &reader->scratch);
-        if (shape_set_add(&reader->shapes, shape_id)) {
-            wp_shape_t *shape = wp_calloc(1, sizeof *shape);
-            shape->id = shape_id;
-            shape->schema = wp_strdup(change->schema ? change->schema : "");
-            shape->table = wp_strdup(change->table);
-            shape->columns = wp_strndup(reader->scratch.data, reader->scratch.len);
-            shape->first_lsn = lsn;
-            shape->next = segment->shapes;
-            segment->shapes = shape;
-        }
-    }
-    wp_buf_reset(&reader->payload);
-    wp_decoder_payload(reader->decoder, change, &reader->payload);
-
-    wp_buf_puts(out, reader->source_copy);
-    wp_buf_putc(out, '\t');
-    wp_buf_puts(out, wp_op_name(change->op));
-    wp_buf_putc(out, '\t');
-    copy_escape(out, reader->payload.data, reader->payload.len);
-    wp_buf_printf(out, "\t%s\t", wp_lsn_format(lsn, lsntext));
-    if (change->has_xid)
-        wp_buf_printf(out, "%lld", (long long)change->xid);
-    else
-        wp_buf_puts(out, "\\N");
-    wp_buf_putc(out, '\t');
-    copy_text_or_null(out, change->timestamp);
-    wp_buf_printf(out, "\t%d\t", seq);
-    copy_text_or_null(out, change->schema);
-    wp_buf_putc(out, '\t');
-    copy_text_or_null(out, change->table);
-    if (shape_id)
-        wp_buf_printf(out, "\t%lld\n", (long long)shape_id);
-    else
-        wp_buf_puts(out, "\t\\N\n");
-    segment->rows++;
-}
-
 /* ---- message dispatch ---------------------------------------------------------------------- */
 
 static void begin_txn(wp_reader_t *reader, const wp_change_t *change)
@@ -562,7 +472,7 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
         if (!change.transactional) {
             /* stands alone: keyed by its own LSN (the end of the message record) */
             if (change.lsn > reader->start.lsn) {
-                add_row(reader, &change, change.lsn, 0);
+                wp_encoder_add(reader->encoder, current_segment(reader), reader->decoder, &change, NULL, change.lsn, 0);
                 if (!reader->in_txn && change.lsn > reader->pos.lsn)
                     reader->pos.lsn = change.lsn;
             }
@@ -582,7 +492,8 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
         reader->seq++;
         if (reader->skipping || reader->seq <= reader->skip_seq)
             break;
-        add_row(reader, &change, reader->txn_end, reader->seq);
+        wp_encoder_add(reader->encoder, current_segment(reader), reader->decoder, &change, NULL, reader->txn_end,
+                       reader->seq);
         reader->pos.txn_end = reader->txn_end;
         reader->pos.txn_seq = reader->seq;
         break;

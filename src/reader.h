@@ -31,8 +31,25 @@ void wp_reader_destroy(wp_reader_t *reader); /* NULL is a no-op */
  */
 int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal);
 
-/* Creates the slot with wal2json; *consistent_point is where it starts. */
-int wp_reader_create_slot(wp_reader_t *reader, wp_lsn_t *consistent_point, bool *fatal);
+#define WP_SNAPSHOT_NAME_LEN 64
+
+typedef struct wp_slot_spec {
+    const char *name;     /* NULL: the source's configured slot */
+    bool temporary;       /* dropped when the connection ends */
+    bool export_snapshot; /* export the snapshot of the consistent point (SNAPSHOT 'export') */
+} wp_slot_spec_t;
+
+/*
+ * Creates a wal2json slot (spec NULL: the configured slot, no snapshot);
+ * *consistent_point is where it starts.  With export_snapshot, snapshot_name
+ * receives the exported snapshot, which stays importable only until this
+ * connection runs its next command (START_REPLICATION, for example).
+ */
+int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_lsn_t *consistent_point,
+                          char snapshot_name[WP_SNAPSHOT_NAME_LEN], bool *fatal);
+
+/* Drops the configured slot (waiting if a previous walsender still holds it). */
+int wp_reader_drop_slot(wp_reader_t *reader);
 
 /*
  * Streams from start (the staging checkpoint) into queue until a stop is

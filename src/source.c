@@ -22,6 +22,7 @@
 
 #include "log.h"
 #include "reader.h"
+#include "snapshot.h"
 #include "source.h"
 #include "stager.h"
 
@@ -126,7 +127,24 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
         goto out;
     if (wp_reader_open(reader, &slot, fatal) != 0)
         goto out;
-    if (found) {
+    if (found && strcmp(ckpt.snapshot_state, "in_progress") == 0) {
+        /* the previous run died while copying: its exported snapshot died with it */
+        if (strcmp(ckpt.systemid, slot.systemid) != 0) {
+            wp_error("source is a different cluster (system identifier %s) than the one staged so far (%s); "
+                     "refusing to mix them",
+                     slot.systemid, ckpt.systemid);
+            *fatal = true;
+            goto out;
+        }
+        wp_warn("the initial snapshot of a previous run did not finish and its exported snapshot is gone; "
+                "discarding its rows and starting it over with a new slot");
+        if (wp_stager_snapshot_discard(stager) != 0)
+            goto out;
+        if (slot.exists && wp_reader_drop_slot(reader) != 0)
+            goto out;
+        slot.exists = false;
+        found = 0;
+    } else if (found) {
         check_result_t check = check_checkpoint(s->source, &ckpt, &slot, s->accept_gap);
         if (check == CHECK_REFUSED || (check != CHECK_OK && !s->accept_gap)) {
             *fatal = true;
@@ -134,7 +152,7 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
         }
         if (check == CHECK_GAP_DROPPED) {
             wp_lsn_t created;
-            if (wp_reader_create_slot(reader, &created, fatal) != 0 ||
+            if (wp_reader_create_slot(reader, NULL, &created, NULL, fatal) != 0 ||
                 wp_stager_accept_gap(stager, ckpt.pos.lsn, created, "slot was missing; created anew") != 0)
                 goto out;
             ckpt.pos = (wp_position_t){.lsn = created};
@@ -144,7 +162,8 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
                 goto out;
             ckpt.pos = (wp_position_t){.lsn = slot.confirmed_flush};
         }
-    } else {
+    }
+    if (!found) {
         memset(&ckpt, 0, sizeof ckpt);
         if (slot.exists) {
             if (slot.lost) {
@@ -155,12 +174,33 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
                 goto out;
             }
             ckpt.pos.lsn = slot.confirmed_flush;
-            wp_info("adopting existing slot \"%s\"", s->source->slot);
-        } else if (wp_reader_create_slot(reader, &ckpt.pos.lsn, fatal) != 0) {
-            goto out;
+            wp_info("adopting existing slot \"%s\"%s", s->source->slot,
+                    s->source->snapshot_initial ? "; rows that existed before it are not copied (no snapshot can be "
+                                                  "taken for a slot walpipe did not create); use `walpipe snapshot` "
+                                                  "to copy tables"
+                                                : "");
+            if (wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn, "none") != 0)
+                goto out;
+        } else if (!s->source->snapshot_initial) {
+            if (wp_reader_create_slot(reader, NULL, &ckpt.pos.lsn, NULL, fatal) != 0 ||
+                wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn, "none") != 0)
+                goto out;
+        } else {
+            char snapshot_name[WP_SNAPSHOT_NAME_LEN];
+            wp_slot_spec_t spec = {.export_snapshot = true};
+            uint64_t rows;
+            if (wp_reader_create_slot(reader, &spec, &ckpt.pos.lsn, snapshot_name, fatal) != 0 ||
+                wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn, "in_progress") != 0)
+                goto out;
+            /* the replication connection stays idle until the copy is done: its next command ends the snapshot */
+            wp_snapshot_job_t job = {.config = s->config,
+                                     .source = s->source,
+                                     .snapshot_name = snapshot_name,
+                                     .lsn = ckpt.pos.lsn,
+                                     .kind = "initial"};
+            if (wp_snapshot_copy(&job, &rows) != 0 || wp_stager_snapshot_done(stager) != 0)
+                goto out;
         }
-        if (wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn) != 0)
-            goto out;
     }
 
     wp_queue_init(&queue, QUEUE_SEGMENTS);

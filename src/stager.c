@@ -79,6 +79,11 @@ void wp_stager_close(wp_stager_t *stager)
     stager->in_txn = stager->in_copy = false;
 }
 
+bool wp_stager_is_open(const wp_stager_t *stager)
+{
+    return stager->conn != NULL && PQstatus(stager->conn) == CONNECTION_OK;
+}
+
 const char *wp_stager_source_name(const wp_stager_t *stager)
 {
     return stager->source->name;
@@ -180,7 +185,7 @@ int wp_stager_checkpoint_read(wp_stager_t *stager, wp_checkpoint_t *out)
     int rc = -1;
     wp_buf_t sql = WP_BUF_INIT;
     wp_buf_printf(&sql,
-                  "SELECT slot, systemid, lsn, txn_end, coalesce(txn_seq, 0) FROM walpipe.checkpoints "
+                  "SELECT slot, systemid, lsn, txn_end, coalesce(txn_seq, 0), snapshot_state FROM walpipe.checkpoints "
                   "WHERE source = %s",
                   stager->source_lit);
     PGresult *res = PQexec(stager->conn, sql.data);
@@ -201,6 +206,7 @@ int wp_stager_checkpoint_read(wp_stager_t *stager, wp_checkpoint_t *out)
         goto out;
     }
     out->pos.txn_seq = atoi(PQgetvalue(res, 0, 4));
+    snprintf(out->snapshot_state, sizeof out->snapshot_state, "%s", PQgetvalue(res, 0, 5));
     snprintf(stager->systemid, sizeof stager->systemid, "%s", out->systemid);
     rc = 1;
 out:
@@ -227,13 +233,80 @@ static void append_checkpoint_sql(wp_stager_t *stager, wp_buf_t *sql, const wp_p
                      "updated_at = excluded.updated_at");
 }
 
-int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_t lsn)
+int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_t lsn, const char *snapshot_state)
 {
     wp_buf_t sql = WP_BUF_INIT;
     wp_position_t pos = {.lsn = lsn};
+    char l[WP_LSN_STRLEN];
     snprintf(stager->systemid, sizeof stager->systemid, "%s", systemid);
     append_checkpoint_sql(stager, &sql, &pos);
+    wp_buf_printf(&sql, "; UPDATE walpipe.checkpoints SET snapshot_state = '%s', snapshot_lsn = %s%s%s WHERE source = %s",
+                  snapshot_state, strcmp(snapshot_state, "none") == 0 ? "NULL" : "'",
+                  strcmp(snapshot_state, "none") == 0 ? "" : wp_lsn_format(lsn, l),
+                  strcmp(snapshot_state, "none") == 0 ? "" : "'", stager->source_lit);
     int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "write the first checkpoint");
+    wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_stager_snapshot_done(wp_stager_t *stager)
+{
+    wp_buf_t sql = WP_BUF_INIT;
+    wp_buf_printf(&sql, "UPDATE walpipe.checkpoints SET snapshot_state = 'done', updated_at = now() WHERE source = %s",
+                  stager->source_lit);
+    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "mark the initial snapshot done");
+    wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_stager_snapshot_discard(wp_stager_t *stager)
+{
+    wp_buf_t sql = WP_BUF_INIT;
+    wp_buf_printf(&sql,
+                  "BEGIN; DELETE FROM walpipe.raw_events WHERE source = %s AND event_type = 'snapshot' AND lsn IN "
+                  "(SELECT lsn FROM walpipe.snapshots WHERE source = %s AND kind = 'initial' AND state <> 'done'); "
+                  "UPDATE walpipe.snapshots SET state = 'superseded', finished_at = now() WHERE source = %s "
+                  "AND kind = 'initial' AND state <> 'done'; COMMIT",
+                  stager->source_lit, stager->source_lit, stager->source_lit);
+    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "discard the unfinished snapshot");
+    if (rc != 0)
+        PQclear(PQexec(stager->conn, "ROLLBACK"));
+    wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_stager_snapshot_begin(wp_stager_t *stager, const char *kind, wp_lsn_t lsn, int64_t *id)
+{
+    int rc = -1;
+    wp_buf_t sql = WP_BUF_INIT;
+    char l[WP_LSN_STRLEN];
+    wp_buf_printf(&sql, "INSERT INTO walpipe.snapshots (source, kind, lsn) VALUES (%s, '%s', '%s') RETURNING id",
+                  stager->source_lit, kind, wp_lsn_format(lsn, l));
+    PGresult *res = PQexec(stager->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_error("staging: could not record a snapshot: %s", PQerrorMessage(stager->conn));
+        goto out;
+    }
+    *id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    rc = 0;
+out:
+    PQclear(res);
+    wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state, const char *tables_literal,
+                              uint64_t rows)
+{
+    wp_buf_t sql = WP_BUF_INIT;
+    char *tables = PQescapeLiteral(stager->conn, tables_literal, strlen(tables_literal));
+    wp_buf_printf(&sql,
+                  "UPDATE walpipe.snapshots SET state = '%s', rows = %llu, tables = %s::text[], finished_at = now() "
+                  "WHERE id = %lld",
+                  state, (unsigned long long)rows, tables ? tables : "'{}'", (long long)id);
+    if (tables)
+        PQfreemem(tables);
+    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "record the end of a snapshot");
     wp_buf_free(&sql);
     return rc;
 }
@@ -430,6 +503,42 @@ static int stage_segment(wp_stager_t *stager, wp_segment_t *segment)
     stager->batch_pos = segment->pos;
     stager->batch_has_pos = true;
     return 0;
+}
+
+int wp_stager_add_segment(wp_stager_t *stager, wp_segment_t *segment)
+{
+    return stage_segment(stager, segment);
+}
+
+int wp_stager_commit_chunk(wp_stager_t *stager, int64_t snapshot_id, const char *schema, const char *table, int chunk,
+                           uint64_t rows)
+{
+    int rc = -1;
+    char id[32], ch[16], n[32];
+    if (!stager->in_txn && batch_begin(stager) != 0)
+        return -1;
+    if (copy_end(stager) != 0)
+        goto out;
+    snprintf(id, sizeof id, "%lld", (long long)snapshot_id);
+    snprintf(ch, sizeof ch, "%d", chunk);
+    snprintf(n, sizeof n, "%llu", (unsigned long long)rows);
+    const char *params[] = {id, schema, table, ch, n};
+    PGresult *res = PQexecParams(stager->conn,
+                                 "INSERT INTO walpipe.snapshot_chunks (snapshot_id, schema_name, table_name, chunk, rows) "
+                                 "VALUES ($1, $2, $3, $4, $5)",
+                                 5, NULL, params, NULL, NULL, 0);
+    bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+    if (!ok)
+        wp_error("staging: could not record a snapshot chunk: %s", PQerrorMessage(stager->conn));
+    PQclear(res);
+    if (!ok || exec_expect(stager, "COMMIT", PGRES_COMMAND_OK, "commit a snapshot chunk") != 0)
+        goto out;
+    stager->in_txn = false;
+    rc = 0;
+out:
+    if (rc != 0)
+        wp_stager_close(stager); /* rolls back; the caller reopens and retries the chunk */
+    return rc;
 }
 
 static void log_progress(wp_stager_t *stager, wp_queue_t *queue)

@@ -16,6 +16,7 @@ typedef struct wp_checkpoint {
     char slot[64];
     char systemid[32];
     wp_position_t pos;
+    char snapshot_state[16]; /* none | in_progress | done */
 } wp_checkpoint_t;
 
 typedef struct wp_stager wp_stager_t;
@@ -31,14 +32,40 @@ void wp_stager_destroy(wp_stager_t *stager); /* NULL is a no-op */
  */
 int wp_stager_open(wp_stager_t *stager, bool *fatal);
 void wp_stager_close(wp_stager_t *stager);
+bool wp_stager_is_open(const wp_stager_t *stager);
 
 const char *wp_stager_source_name(const wp_stager_t *stager);
 
 /* Returns 1 and fills *out if the source has a checkpoint, 0 if not, -1 on error (logged). */
 int wp_stager_checkpoint_read(wp_stager_t *stager, wp_checkpoint_t *out);
 
-/* Records the first checkpoint of the source: its slot, the cluster's systemid, the slot's start LSN. */
-int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_t lsn);
+/*
+ * Records the first checkpoint of the source: its slot, the cluster's
+ * systemid, the slot's start LSN, and whether an initial snapshot is being
+ * copied ("in_progress") or none is taken ("none").
+ */
+int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_t lsn, const char *snapshot_state);
+
+/* Marks the initial snapshot copied: from now on the source streams. */
+int wp_stager_snapshot_done(wp_stager_t *stager);
+
+/* Deletes the rows of an initial snapshot that never finished and marks it superseded, in one transaction. */
+int wp_stager_snapshot_discard(wp_stager_t *stager);
+
+/* Records a snapshot (walpipe.snapshots) and returns its id. */
+int wp_stager_snapshot_begin(wp_stager_t *stager, const char *kind, wp_lsn_t lsn, int64_t *id);
+int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state, const char *tables_literal,
+                              uint64_t rows);
+
+/*
+ * Snapshot copy, outside the streaming loop: adds a segment's rows to the open
+ * staging transaction (opening it if needed), then commits them together with
+ * the walpipe.snapshot_chunks row of the chunk they came from.  On error the
+ * transaction is rolled back and the connection closed (wp_stager_open again).
+ */
+int wp_stager_add_segment(wp_stager_t *stager, wp_segment_t *segment);
+int wp_stager_commit_chunk(wp_stager_t *stager, int64_t snapshot_id, const char *schema, const char *table, int chunk,
+                           uint64_t rows);
 
 /*
  * Moves the checkpoint from `from` to `to` over a gap the operator accepted

@@ -157,3 +157,25 @@ def assert_exactly_once(truth, staged, check_images=True):
     assert not problems, (f"staging vs ground truth ({r.expected} source changes, {r.staged} staged): "
                           + "; ".join(problems))
     return r
+
+
+def reconstruct(staged, key="id"):
+    """Replays staged events in commit order (snapshot rows at their snapshot's LSN) into
+    {(schema, table): {key: row}}: what a mirror of the source must hold."""
+    state = collections.defaultdict(dict)
+    order = sorted(staged, key=lambda s: (s["lsn"], 0 if s["type"] == "snapshot" else 1, s["seq"]))
+    for s in order:
+        t = (s["schema"], s["table"])
+        p = s["payload"]
+        if s["type"] in ("insert", "snapshot"):
+            state[t][p["after"][key]] = dict(p["after"])
+        elif s["type"] == "update":
+            old = p.get("key", p.get("before", {})).get(key, p["after"][key])
+            row = dict(state[t].pop(old, {}))
+            row.update(p["after"])   # columns absent from "after" (unchanged TOAST) keep their value
+            state[t][p["after"][key]] = row
+        elif s["type"] == "delete":
+            state[t].pop(p.get("key", p.get("before", {}))[key], None)
+        elif s["type"] == "truncate":
+            state[t].clear()
+    return state

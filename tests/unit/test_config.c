@@ -135,6 +135,8 @@ static void test_defaults(void **state)
     assert_string_equal(config->sources[0].slot, "walpipe_main_db");
     assert_null(config->sources[0].tables);
     assert_int_equal(config->sources[0].status_interval_ms, 1000);
+    assert_true(config->sources[0].snapshot_initial);
+    assert_int_equal(config->sources[0].snapshot_workers, 2);
     wp_config_destroy(config);
     wp_config_destroy(NULL);
 }
@@ -166,6 +168,15 @@ static void test_values(void **state)
         if (config == NULL)
             fail_msg("%s: %s", sizes[i].line, err);
         assert_int_equal(config->batch_bytes, sizes[i].bytes);
+        wp_config_destroy(config);
+    }
+    for (int never = 0; never < 2; never++) {
+        snprintf(text, sizeof text, STAGING SOURCE "snapshot = %s\nsnapshot_workers = 16\n", never ? "never" : "initial");
+        wp_config_t *config = parse(text, err, sizeof err);
+        if (config == NULL)
+            fail_msg("snapshot: %s", err);
+        assert_int_equal(config->sources[0].snapshot_initial, !never);
+        assert_int_equal(config->sources[0].snapshot_workers, 16);
         wp_config_destroy(config);
     }
     for (size_t i = 0; i < sizeof bools / sizeof bools[0]; i++) {
@@ -394,6 +405,8 @@ static void test_value_errors(void **state)
     expect_error(STAGING "batch_bytes = 8 TB\n" SOURCE, 3, "kB, MB or GB");
     expect_error(STAGING "batch_bytes = 18446744073709551615GB\n" SOURCE, 3, "from 64kB to 1GB");
     expect_error(STAGING "batch_bytes = 99999999999999999999999\n" SOURCE, 3, "from 64kB to 1GB");
+    expect_error(STAGING SOURCE "snapshot = sometimes\n", 5, "snapshot in [source app] must be initial or never");
+    expect_error(STAGING SOURCE "snapshot_workers = 0\n", 5, "snapshot_workers in [source app] must be an integer from 1 to 16");
     expect_error(STAGING "payload_gin_index = maybe\n" SOURCE, 3,
                  "payload_gin_index in [staging] must be true or false (or on/off, yes/no, 1/0) (got \"maybe\")");
     expect_error(STAGING SOURCE "slot = Bad-Slot\n", 5, "slot in [source app] must be a replication slot name");

@@ -1,0 +1,162 @@
+"""Initial and requested snapshots: the rows that existed before streaming, copied under the
+slot's exported snapshot, so that snapshot + stream reproduce the source exactly."""
+
+import threading
+import time
+
+import truth
+import wptest
+from test_core import staged_count, start_walpipe, wait_caught_up
+from wptest import wait_until
+
+SCHEMA = """
+CREATE TABLE big (id int PRIMARY KEY, n int, v text);
+CREATE TABLE small (id int PRIMARY KEY, price numeric(10,2), at timestamptz, tags text[], raw bytea, ok bool);
+CREATE SCHEMA "Other";
+CREATE TABLE "Other"."Mixed" (id int PRIMARY KEY, "Val" text);
+INSERT INTO small VALUES (1, 10.50, '2024-02-29 11:14:15+00', '{a,b}', '\\x00ff', true),
+                         (2, NULL, NULL, NULL, NULL, NULL);
+INSERT INTO "Other"."Mixed" VALUES (1, 'x');
+"""
+
+
+def fill_big(source_pg, rows, width=100):
+    source_pg.sql(f"INSERT INTO big SELECT g, g, repeat('x', {width}) FROM generate_series(1, {rows}) g",
+                  dbname="app")
+
+
+def churn(source_pg, stop, top):
+    """Updates, deletes and inserts on big while the snapshot runs."""
+    conn = source_pg.connect("app")
+    cur = conn.cursor()
+    i = 0
+    while not stop.is_set():
+        i += 1
+        cur.execute("UPDATE big SET n = n + 1 WHERE id = %s", ((i * 7919) % top + 1,))
+        cur.execute("DELETE FROM big WHERE id = %s", ((i * 104729) % top + 1,))
+        cur.execute("INSERT INTO big VALUES (%s, 0, 'new') ON CONFLICT (id) DO UPDATE SET v = 'again'", (top + i,))
+    conn.close()
+
+
+def source_state(source_pg):
+    rows = source_pg.sql("SELECT id, n, v FROM big", dbname="app")
+    return {r[0]: {"id": r[0], "n": r[1], "v": r[2]} for r in rows}
+
+
+def mirror_of_big(staging_pg):
+    state = truth.reconstruct(truth.read_staged(staging_pg, "staging"))
+    return {int(k): {"id": int(v["id"]), "n": int(v["n"]), "v": v["v"]}
+            for k, v in state[("public", "big")].items()}
+
+
+def test_initial_snapshot_under_write_load(source_pg, staging_pg, walpipe_factory):
+    source_pg.createdb("app")
+    source_pg.sql(SCHEMA, dbname="app")
+    fill_big(source_pg, 400000)   # about 60 MB: several 16 MB chunks, copied by 2 workers
+    stop = threading.Event()
+    t = threading.Thread(target=churn, args=(source_pg, stop, 400000))
+    t.start()
+    try:
+        w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+        wait_until(lambda: "initial snapshot done" in w.log(since_start=True), timeout=300, what="snapshot done",
+                   walpipe=w)
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join()
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    snap = staging_pg.sql("SELECT kind, state, rows, lsn::text FROM walpipe.snapshots", dbname="staging")
+    assert len(snap) == 1 and snap[0][:2] == ("initial", "done"), snap
+    chunks = staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks WHERE table_name = 'big'",
+                               dbname="staging")
+    assert chunks >= 3, chunks
+    ck = staging_pg.sql("SELECT snapshot_state, snapshot_lsn::text FROM walpipe.checkpoints", dbname="staging")[0]
+    assert ck == ("done", snap[0][3])
+    # snapshot rows carry the slot's consistent point; every streamed change committed after it
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE event_type <> 'snapshot' "
+                             "AND lsn <= %s::pg_lsn", (snap[0][3],), dbname="staging") == 0
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE event_type = 'snapshot'",
+                             dbname="staging") == snap[0][2]
+    assert mirror_of_big(staging_pg) == source_state(source_pg)
+    # values follow the same rules as streamed rows
+    rows = staging_pg.sql("SELECT payload FROM walpipe.raw_events WHERE table_name = 'small' ORDER BY "
+                          "payload->'after'->>'id'", dbname="staging")
+    assert rows[0][0]["after"] == {"id": 1, "price": "10.50", "at": "2024-02-29 11:14:15+00", "tags": "{a,b}",
+                                   "raw": "\\x00ff", "ok": True}
+    assert rows[1][0]["after"] == {"id": 2, "price": None, "at": None, "tags": None, "raw": None, "ok": None}
+    mixed = staging_pg.sql("SELECT schema_name, table_name, payload FROM walpipe.raw_events "
+                           "WHERE table_name = 'Mixed'", dbname="staging")
+    assert mixed == [("Other", "Mixed", {"after": {"id": 1, "Val": "x"}})]
+
+
+def test_snapshot_interrupted_starts_over_cleanly(source_pg, staging_pg, walpipe_factory):
+    source_pg.createdb("app")
+    source_pg.sql(SCHEMA, dbname="app")
+    fill_big(source_pg, 600000)
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
+                                                            "snapshot_workers": 1}})
+    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks", dbname="staging") >= 1,
+               timeout=120, interval=0.02, what="a first chunk committed", walpipe=w)
+    w.kill()
+    partial = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
+    assert 0 < partial < 600000 + 3
+    source_pg.sql("UPDATE big SET n = -1 WHERE id <= 10", dbname="app")
+    w.start()
+    wait_until(lambda: "initial snapshot done" in w.log(since_start=True), timeout=300, what="snapshot done",
+               walpipe=w)
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    assert "starting it over" in w.log()
+    states = staging_pg.sql("SELECT state FROM walpipe.snapshots ORDER BY id", dbname="staging")
+    assert states == [("superseded",), ("done",)]
+    # only the second attempt's rows are left, each row once
+    n = staging_pg.sql("SELECT count(*), count(DISTINCT payload->'after'->>'id'), count(DISTINCT lsn) "
+                       "FROM walpipe.raw_events WHERE table_name = 'big'", dbname="staging")[0]
+    assert n == (600000, 600000, 1)
+    assert mirror_of_big(staging_pg) == source_state(source_pg)
+
+
+def test_requested_snapshot_while_streaming(source_pg, staging_pg, walpipe_factory):
+    source_pg.createdb("app")
+    source_pg.sql(SCHEMA, dbname="app")
+    fill_big(source_pg, 50000)
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
+                                                            "snapshot": "never"}})
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming", walpipe=w)
+    assert staged_count(staging_pg) == 0   # snapshot = never: existing rows are not copied
+    stop = threading.Event()
+    t = threading.Thread(target=churn, args=(source_pg, stop, 50000))
+    t.start()
+    try:
+        time.sleep(1)
+        r = w.command("snapshot", "--source", "app", "--table", "public.big", timeout=300)
+        assert r.returncode == 0, r.stderr
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join()
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    snap = staging_pg.sql("SELECT kind, state, tables FROM walpipe.snapshots", dbname="staging")
+    assert snap == [("requested", "done", ["public.big"])]
+    assert staging_pg.scalar("SELECT count(DISTINCT table_name) FROM walpipe.raw_events WHERE event_type = "
+                             "'snapshot'", dbname="staging") == 1
+    # the temporary slot is gone with the command
+    assert [r[0] for r in source_pg.sql("SELECT slot_name FROM pg_replication_slots")] == ["walpipe_app"]
+    assert mirror_of_big(staging_pg) == source_state(source_pg)
+
+
+def test_snapshot_command_errors(source_pg, staging_pg, walpipe_factory, tmp_path):
+    source_pg.createdb("app")
+    staging_pg.createdb("staging")
+    cfg = wptest.write_config(tmp_path / "w.conf", staging_pg.conninfo("staging"),
+                              {"app": {"conninfo": source_pg.conninfo("app")}})
+    w = walpipe_factory(str(cfg))
+    assert w.init().returncode == 0
+    r = w.command("snapshot", "--source", "nosuch")
+    assert r.returncode == 2 and 'no source "nosuch"' in r.stderr
+    r = w.command("snapshot", "--source", "app", "--table", "nodot")
+    assert r.returncode == 2 and "schema.table" in r.stderr, r.stderr
+    r = w.command("snapshot", "--source", "app", "--table", "public.nosuch")
+    assert r.returncode == 1 and "none of the tables named exists" in r.stdout + r.stderr
