@@ -45,6 +45,12 @@
 #define SEGMENT_MAX_BYTES (256 * 1024)
 #define SEGMENT_MAX_ROWS 2000
 #define POLL_MAX_MS 100
+/*
+ * Rows wait at most this long in the reader for more rows to join their
+ * segment before they go to the stager.  A few ms of latency buys segments
+ * (and so staging commits) of a useful size when rows trickle in.
+ */
+#define SEGMENT_LINGER_MS 5
 #define PG_EPOCH_OFFSET_US (946684800LL * 1000000LL)
 
 struct wp_reader {
@@ -74,6 +80,7 @@ struct wp_reader {
     wp_lsn_t acked;    /* highest flush LSN sent */
     int64_t last_feedback_ms;
     int64_t last_position_push_ms;
+    int64_t dirty_since_ms; /* 0, or when rows or a transaction end first waited to be pushed */
 };
 
 /* ---- small helpers ------------------------------------------------------------------------- */
@@ -366,6 +373,8 @@ static wp_segment_t *current_segment(wp_reader_t *reader)
 {
     if (reader->segment == NULL)
         reader->segment = wp_segment_create();
+    if (reader->dirty_since_ms == 0)
+        reader->dirty_since_ms = wp_now_ms();
     return reader->segment;
 }
 
@@ -391,6 +400,7 @@ static int push_segment(wp_reader_t *reader, wp_queue_t *queue, bool final)
     reader->segment = NULL;
     reader->pushed = reader->pos;
     reader->last_position_push_ms = wp_now_ms();
+    reader->dirty_since_ms = 0;
     return 0;
 }
 
@@ -461,6 +471,9 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
         if (!reader->in_txn)
             wp_warn("commit without a begin at %X/%X", (unsigned)(change.nextlsn >> 32), (unsigned)change.nextlsn);
         if (!reader->skipping && change.nextlsn > reader->pos.lsn) {
+            /* a transaction that staged rows ends: its checkpoint should follow them promptly */
+            if (reader->pos.txn_end != WP_LSN_INVALID && reader->dirty_since_ms == 0)
+                reader->dirty_since_ms = wp_now_ms();
             reader->pos.lsn = change.nextlsn;
             reader->pos.txn_end = WP_LSN_INVALID;
             reader->pos.txn_seq = 0;
@@ -614,6 +627,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
     reader->received = WP_LSN_INVALID;
     reader->last_feedback_ms = 0;
     reader->last_position_push_ms = wp_now_ms();
+    reader->dirty_since_ms = 0;
 
     if (start_replication(reader, fatal) != 0)
         goto fail;
@@ -632,14 +646,29 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
 
         int n = PQgetCopyData(reader->conn, &buf, 1);
         if (n == 0) {
-            /* Nothing buffered: hand over what we hold so latency stays low, then wait. */
-            wp_segment_t *segment = reader->segment;
-            bool have_rows = segment && !wp_segment_empty(segment);
+            /*
+             * Nothing buffered.  Rows (or a transaction end) waiting for at
+             * least SEGMENT_LINGER_MS go to the stager now; younger ones wait
+             * for the socket that long at most.  A position that only moved
+             * (empty transactions, keepalives) goes on the status timer.
+             */
+            int64_t now = wp_now_ms();
+            int wait = POLL_MAX_MS;
             bool position_due = position_advanced(reader) &&
-                                wp_now_ms() - reader->last_position_push_ms >= reader->source->status_interval_ms;
-            if ((have_rows || position_due) && push_segment(reader, queue, false) != 0)
-                goto fail;
-            if (wait_socket(reader->conn, POLL_MAX_MS) != 0)
+                                now - reader->last_position_push_ms >= reader->source->status_interval_ms;
+            if (reader->dirty_since_ms != 0) {
+                int64_t left = reader->dirty_since_ms + SEGMENT_LINGER_MS - now;
+                if (left <= 0)
+                    position_due = true;
+                else
+                    wait = (int)left;
+            }
+            if (position_due) {
+                if (push_segment(reader, queue, false) != 0)
+                    goto fail;
+                wait = POLL_MAX_MS;
+            }
+            if (wait_socket(reader->conn, wait) != 0)
                 goto fail;
             if (!PQconsumeInput(reader->conn)) {
                 log_source_error("lost the source connection", PQerrorMessage(reader->conn), fatal);

@@ -80,8 +80,11 @@ def staged_count(staging_pg):
 
 
 def wait_caught_up(source_pg, walpipe, slot="walpipe_app", dbname="app", timeout=120):
-    """Waits until the slot has confirmed everything written so far."""
-    target = source_pg.scalar("SELECT pg_current_wal_lsn()::text", dbname=dbname)
+    """Waits until the slot has confirmed everything written so far.
+
+    The insert position, not pg_current_wal_lsn() (the write position): a non-transactional
+    message's record may still sit in WAL buffers, undecoded, until the WAL writer flushes it."""
+    target = source_pg.scalar("SELECT pg_current_wal_insert_lsn()::text", dbname=dbname)
     wait_until(lambda: source_pg.scalar(
         "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
         (target, slot)), timeout=timeout, interval=0.1, what=f"slot {slot} to confirm {target}",
