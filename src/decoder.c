@@ -26,6 +26,7 @@
 #include "wp_setup.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,7 +96,23 @@ typedef struct wrap {
     size_t len;
 } wrap_t;
 
+/*
+ * Per-message arena for jansson's allocations (see "arena" below): the tree of
+ * one message is built by bumping a pointer and thrown away in one step when
+ * the next message is parsed, instead of thousands of malloc/free pairs.
+ */
+typedef struct arena_block {
+    struct arena_block *next;
+    size_t size, used;
+    max_align_t data[];
+} arena_block_t;
+
+typedef struct arena {
+    arena_block_t *head; /* newest block first */
+} arena_t;
+
 struct wp_decoder {
+    arena_t arena;     /* owns the nodes of root when root came from wp_decoder_parse */
     json_t *root;      /* the last successful parse, or NULL */
     bool valid;        /* root and last describe a message */
     wp_change_t last;  /* what the last successful parse returned */
@@ -1042,8 +1059,95 @@ const char *wp_op_name(wp_op_t op)
     return "unknown";
 }
 
+/* ---- arena ------------------------------------------------------------------------------- */
+
+/*
+ * jansson takes one process-wide pair of allocation functions.  They serve
+ * from an arena only while a decoder has made it current for this thread
+ * (tl_alloc: during json_loadb), and skip freeing pointers that lie in the
+ * arena whose tree is being released (tl_owner).  Everything else goes to
+ * malloc/free, so jansson trees built elsewhere are unaffected.
+ */
+#define ARENA_BLOCK (64 * 1024)
+
+static __thread arena_t *tl_alloc;
+static __thread const arena_t *tl_owner;
+static pthread_once_t alloc_once = PTHREAD_ONCE_INIT;
+
+static void *arena_malloc(size_t n)
+{
+    arena_t *a = tl_alloc;
+    if (a == NULL)
+        return malloc(n);
+    n = (n + sizeof(max_align_t) - 1) & ~(sizeof(max_align_t) - 1);
+    arena_block_t *b = a->head;
+    if (b == NULL || b->used + n > b->size) {
+        size_t size = n > ARENA_BLOCK / 4 ? n : ARENA_BLOCK;
+        b = malloc(sizeof *b + size);
+        if (b == NULL)
+            return NULL;
+        b->size = size;
+        b->used = 0;
+        b->next = a->head;
+        a->head = b;
+    }
+    void *p = (char *)b->data + b->used;
+    b->used += n;
+    return p;
+}
+
+static bool arena_owns(const arena_t *a, const void *p)
+{
+    for (const arena_block_t *b = a->head; b; b = b->next)
+        if ((const char *)p >= (const char *)b->data && (const char *)p < (const char *)b->data + b->size)
+            return true;
+    return false;
+}
+
+static void arena_free(void *p)
+{
+    if (p == NULL || (tl_owner && arena_owns(tl_owner, p)))
+        return;
+    free(p);
+}
+
+/* Drops everything allocated; keeps one standard block for the next message. */
+static void arena_reset(arena_t *a)
+{
+    arena_block_t *keep = NULL;
+    for (arena_block_t *b = a->head, *n; b; b = n) {
+        n = b->next;
+        if (keep == NULL && b->size == ARENA_BLOCK) {
+            keep = b;
+            continue;
+        }
+        free(b);
+    }
+    if (keep) {
+        keep->used = 0;
+        keep->next = NULL;
+    }
+    a->head = keep;
+}
+
+static void set_alloc_funcs(void)
+{
+    json_set_alloc_funcs(arena_malloc, arena_free);
+}
+
+/* Releases the decoder's current tree and, with it, the arena's contents. */
+static void release_root(wp_decoder_t *decoder)
+{
+    tl_owner = &decoder->arena;
+    json_decref(decoder->root);
+    tl_owner = NULL;
+    decoder->root = NULL;
+    arena_reset(&decoder->arena);
+}
+
 wp_decoder_t *wp_decoder_create(void)
 {
+    pthread_once(&alloc_once, set_alloc_funcs);
     wp_decoder_t *decoder = wp_calloc(1, sizeof *decoder);
     return decoder;
 }
@@ -1052,7 +1156,8 @@ void wp_decoder_destroy(wp_decoder_t *decoder)
 {
     if (decoder == NULL)
         return;
-    json_decref(decoder->root);
+    release_root(decoder);
+    free(decoder->arena.head);
     free(decoder->cols);
     free(decoder->ident);
     wp_buf_free(&decoder->scratch);
@@ -1094,8 +1199,7 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
         errbuf[0] = '\0';
 
     /* Whatever the outcome, the previous message is released now. */
-    json_decref(decoder->root);
-    decoder->root = NULL;
+    release_root(decoder);
     decoder->valid = false;
     decoder->has_ident = false;
     decoder->ident_full = false;
@@ -1106,7 +1210,10 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
         goto out;
     }
     prepass(decoder, data, len, &text, &textlen);
+    tl_alloc = &decoder->arena;
+    tl_owner = &decoder->arena;
     root = json_loadb(text, textlen, JSON_REJECT_DUPLICATES, &jerr);
+    tl_alloc = NULL;
     if (root == NULL) {
         size_t pos = jerr.position < 0 ? 0 : original_position(decoder, (size_t)jerr.position);
         if (json_error_code(&jerr) == json_error_null_character ||
@@ -1123,6 +1230,7 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     root = NULL;
 out:
     json_decref(root);
+    tl_owner = NULL;
     return rc;
 }
 
@@ -1131,12 +1239,12 @@ int wp_decoder_adopt(wp_decoder_t *decoder, json_t *root, wp_change_t *change, c
     memset(change, 0, sizeof *change);
     if (errbuf && errlen)
         errbuf[0] = '\0';
-    json_decref(decoder->root);
-    decoder->root = NULL;
+    release_root(decoder);
     decoder->valid = false;
     decoder->has_ident = false;
     decoder->ident_full = false;
     decoder->table = NULL;
+    /* root was built with malloc: nothing of it lives in the arena */
     return adopt(decoder, root, change, errbuf, errlen);
 }
 
