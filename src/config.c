@@ -30,6 +30,7 @@
 #include <libpq-fe.h>
 
 #include "config.h"
+#include "log.h"
 #include "mem.h"
 
 #define NAME_MAX_LEN 63 /* source names, slot names, identifiers (NAMEDATALEN - 1) */
@@ -142,6 +143,10 @@ static void set_error(char *errbuf, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(errbuf, errlen, fmt, ap);
     va_end(ap);
+    /* Messages quote keys, values and file names as written: a stray control character (a
+     * lone '\r', an escape sequence) would garble the terminal line, and "%.40s" or a short
+     * errbuf can cut a UTF-8 character in two.  Found by tests/fuzz/fuzz_config.c. */
+    wp_log_sanitize(errbuf);
 }
 
 static bool is_space(char c)

@@ -64,7 +64,8 @@ typedef struct wp_config {
 /*
  * Loads and validates the file at path.  Returns a new configuration the
  * caller frees with wp_config_destroy, or NULL with "file:line: problem; fix"
- * written into errbuf.
+ * written into errbuf: one printable line (quoted control characters become
+ * ' ', bytes that are not valid UTF-8 become '?').
  */
 wp_config_t *wp_config_load(const char *path, char *errbuf, size_t errlen);
 

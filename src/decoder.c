@@ -26,6 +26,7 @@
 #include "wp_setup.h"
 
 #include <inttypes.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -35,6 +36,7 @@
 #include <jansson.h>
 
 #include "decoder.h"
+#include "log.h"
 
 /* Shapes remembered per table: I, U without TOAST columns, D identity, one spare. */
 #define SHAPE_SLOTS 4
@@ -299,6 +301,35 @@ static void put_string(wp_buf_t *out, const char *s, size_t len)
     wp_buf_putc(out, '"');
 }
 
+/*
+ * True when the JSON number text s (NUL-terminated) may go out bare for an
+ * int2/int4/oid/float4/float8 column: at most 64 characters, an exponent of
+ * at most 3 digits, and finite as a double.  Whatever PostgreSQL prints for
+ * those types passes (float8's longest is 24 characters, e+308 at most).
+ * Only a corrupt or forged message holds anything else, and it goes out as a
+ * string: "1e400" is no double, and "1e-99999" or thousands of fraction
+ * digits overflow jsonb's numeric, which would fail the staging COPY of the
+ * whole batch on every retry instead of costing one value.  Found by
+ * tests/fuzz/fuzz_decoder.c.
+ */
+static bool number_fits_double(const char *s, size_t len)
+{
+    const char *e = memchr(s, 'e', len);
+    if (e == NULL)
+        e = memchr(s, 'E', len);
+    if (len > 64)
+        return false;
+    if (e != NULL) {
+        e++;
+        if (*e == '+' || *e == '-')
+            e++;
+        if ((size_t)(s + len - e) > 3)
+            return false;
+    }
+    double d = strtod(s, NULL);
+    return d != HUGE_VAL && d != -HUGE_VAL;
+}
+
 /* Appends one column value following the value rules in decoder.h. */
 static void put_value(wp_buf_t *out, const col_t *col)
 {
@@ -331,7 +362,7 @@ static void put_value(wp_buf_t *out, const col_t *col)
         case VC_INT:
         case VC_FLOAT:
             /* NaN/Infinity (numeric-data-types-as-string) are not JSON numbers: keep the text. */
-            if (json_number_text(s, len, &is_int))
+            if (json_number_text(s, len, &is_int) && number_fits_double(s, len))
                 wp_buf_append(out, s, len);
             else
                 put_string(out, s, len);
@@ -376,53 +407,6 @@ static void put_row(wp_buf_t *out, const col_t *cols, size_t n)
 
 /* ---------------------------------------------------------------- errors */
 
-/*
- * Makes errbuf safe to store as PostgreSQL text: bytes that are not part of
- * valid UTF-8 become '?', control characters become ' ' (jansson quotes the
- * offending input in its messages, and snprintf may cut a character in two).
- */
-static void sanitize_reason(char *buf)
-{
-    unsigned char *p = (unsigned char *)buf;
-    while (*p) {
-        unsigned char c = *p;
-        size_t n = 0;
-        uint32_t cp = 0;
-        if (c < 0x80) {
-            if (c < 0x20 || c == 0x7f)
-                *p = ' ';
-            p++;
-            continue;
-        }
-        if (c >= 0xc2 && c <= 0xdf) {
-            n = 1;
-            cp = c & 0x1f;
-        } else if (c >= 0xe0 && c <= 0xef) {
-            n = 2;
-            cp = c & 0x0f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            n = 3;
-            cp = c & 0x07;
-        }
-        size_t k = 0;
-        if (n) {
-            for (k = 1; k <= n; k++) {
-                if ((p[k] & 0xc0) != 0x80)
-                    break;
-                cp = (cp << 6) | (p[k] & 0x3f);
-            }
-        }
-        bool ok = n && k == n + 1 && !(n == 2 && cp < 0x800) && !(n == 3 && (cp < 0x10000 || cp > 0x10ffff)) &&
-                  !(cp >= 0xd800 && cp <= 0xdfff);
-        if (ok) {
-            p += n + 1;
-        } else {
-            *p = '?';
-            p++;
-        }
-    }
-}
-
 static int fail(char *errbuf, size_t errlen, const char *fmt, ...) WP_PRINTF(3, 4);
 
 /* Formats the reason for a rejected message into errbuf; always returns -1. */
@@ -434,7 +418,9 @@ static int fail(char *errbuf, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(errbuf, errlen, fmt, ap);
     va_end(ap);
-    sanitize_reason(errbuf);
+    /* jansson quotes the offending input in its messages, and vsnprintf may cut a
+     * character in two: the reason is stored as PostgreSQL text. */
+    wp_log_sanitize(errbuf);
     return -1;
 }
 

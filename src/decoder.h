@@ -17,7 +17,8 @@
  *   truncate {}
  *   message  {"prefix":"...","content":"...","transactional":true|false}
  * Values: SQL NULL -> null; bool -> true/false; int2/int4/oid/float4/float8
- * -> JSON number (their text form round-trips through a double); int8 -> number
+ * -> JSON number (their text form round-trips through a double; a text no
+ * PostgreSQL prints for them, such as 1e400, goes out as a string); int8 -> number
  * when |v| <= 2^53, else string; numeric -> string (keeps precision and scale);
  * bytea -> "\\x<hex>" (PostgreSQL's input form); everything else -> the
  * type's text output as a JSON string (json/jsonb included, kept verbatim).

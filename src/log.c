@@ -3,6 +3,7 @@
  *
  * Each line is formatted into a local buffer and written with one write(2)
  * call, so lines from different source threads never interleave.
+ * wp_log_sanitize cleans messages that quote untrusted input.
  */
 #include "wp_setup.h"
 
@@ -59,4 +60,46 @@ void wp_log(wp_log_level_t level, const char *fmt, ...)
         len--;
     line[len++] = '\n';
     ssize_t w WP_UNUSED = write(STDERR_FILENO, line, len);
+}
+
+void wp_log_sanitize(char *msg)
+{
+    unsigned char *p = (unsigned char *)msg;
+    while (*p) {
+        unsigned char c = *p;
+        size_t n = 0;
+        uint32_t cp = 0;
+        if (c < 0x80) {
+            if (c < 0x20 || c == 0x7f)
+                *p = ' ';
+            p++;
+            continue;
+        }
+        if (c >= 0xc2 && c <= 0xdf) {
+            n = 1;
+            cp = c & 0x1f;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            n = 2;
+            cp = c & 0x0f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            n = 3;
+            cp = c & 0x07;
+        }
+        size_t k = 0;
+        if (n) {
+            for (k = 1; k <= n; k++) {
+                if ((p[k] & 0xc0) != 0x80)
+                    break;
+                cp = (cp << 6) | (p[k] & 0x3f);
+            }
+        }
+        bool ok = n && k == n + 1 && !(n == 2 && cp < 0x800) && !(n == 3 && (cp < 0x10000 || cp > 0x10ffff)) &&
+                  !(cp >= 0xd800 && cp <= 0xdfff);
+        if (ok) {
+            p += n + 1;
+        } else {
+            *p = '?';
+            p++;
+        }
+    }
 }

@@ -20,6 +20,14 @@ void wp_log_set_component(const char *name);
 
 void wp_log(wp_log_level_t level, const char *fmt, ...) WP_PRINTF(2, 3);
 
+/*
+ * Makes msg (NUL-terminated, changed in place) safe to print as one line and
+ * to store as PostgreSQL text when it quotes input: bytes that are not part
+ * of valid UTF-8 become '?', control characters become ' '.  A character
+ * that snprintf cut in two at the end becomes '?' too.
+ */
+void wp_log_sanitize(char *msg);
+
 #define wp_debug(...) \
     do { \
         if (wp_log_enabled(WP_LOG_DEBUG)) \
