@@ -16,8 +16,8 @@
  *    write valid JSON that PostgreSQL accepts as jsonb.
  *  - No number is ever rounded.  jansson only sees integers it stores exactly
  *    (int64, other than "-0"): prepass() turns every other number token in a
- *    value position into a JSON string holding the exact text wal2json
- *    printed.  The value rules then decide per column type whether that text
+ *    value position (but not where a string is required) into a JSON string
+ *    holding the exact text wal2json printed.  The value rules then decide per column type whether that text
  *    goes out as a JSON number or as a JSON string.
  *  - Strings holding NUL (\u0000) are rejected: jsonb cannot store them.
  *
@@ -437,6 +437,25 @@ static void add_wrap(wp_decoder_t *decoder, size_t off, size_t len)
     decoder->nwraps++;
 }
 
+/*
+ * True for the raw text (quotes included) of a key whose value the decoder
+ * reads as text.  A number there must reach jansson unwrapped, so that the
+ * field check says "is not a string" instead of taking the number's text as,
+ * say, a column name.  A key holding an escape may spell any of them.
+ */
+static bool key_wants_string(const char *key, size_t len)
+{
+    static const char *const keys[] = {"\"action\"", "\"timestamp\"", "\"lsn\"",  "\"nextlsn\"", "\"schema\"",
+                                       "\"table\"",  "\"name\"",      "\"type\"", "\"prefix\"",  "\"content\""};
+    if (memchr(key, '\\', len) != NULL)
+        return true;
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+        if (len == strlen(keys[k]) && memcmp(key, keys[k], len) == 0)
+            return true;
+    }
+    return false;
+}
+
 static bool is_number_char(unsigned char c)
 {
     return is_digit(c) || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E';
@@ -449,6 +468,9 @@ static bool is_number_char(unsigned char c)
  * change ("-0") is wrapped in double quotes, so it arrives as a string holding
  * the exact text.  Only value positions are touched, so no malformed message
  * becomes well-formed; anything malformed is left for jansson to reject.
+ * Nor is the value of a key the decoder reads as text (key_wants_string):
+ * wrapped, "name": 1.5 would pass as the column name "1.5" (found by
+ * tests/fuzz/fuzz_decoder.c).
  *
  * Sets *out to data itself when nothing needed wrapping (the common case: no
  * copy), else to decoder->scratch.  decoder->wraps records what was wrapped,
@@ -461,11 +483,14 @@ static void prepass(wp_decoder_t *decoder, const char *data, size_t len, const c
     char prev = 0; /* last structural byte outside strings ('0' after a number) */
     size_t copied = 0;
     size_t i = 0;
+    size_t str_off = 0; /* the last string, quotes included: the key when prev is ':' */
+    size_t str_len = 0;
 
     decoder->nwraps = 0;
     while (i < len) {
         unsigned char c = (unsigned char)data[i];
         if (c == '"') {
+            str_off = i;
             for (i++; i < len; i++) {
                 if (data[i] == '\\')
                     i++;
@@ -473,6 +498,7 @@ static void prepass(wp_decoder_t *decoder, const char *data, size_t len, const c
                     break;
             }
             i++;
+            str_len = (i < len ? i : len) - str_off;
             prev = '"';
             continue;
         }
@@ -483,7 +509,8 @@ static void prepass(wp_decoder_t *decoder, const char *data, size_t len, const c
             bool tracked = depth >= 1 && depth <= PREPASS_MAX_DEPTH;
             bool in_object = tracked && ((objbits >> (depth - 1)) & 1);
             bool in_array = tracked && !in_object;
-            bool value_pos = (in_object && prev == ':') || (in_array && (prev == '[' || prev == ','));
+            bool value_pos = (in_object && prev == ':' && !key_wants_string(data + str_off, str_len)) ||
+                             (in_array && (prev == '[' || prev == ','));
             bool is_int;
             if (value_pos && json_number_text(data + start, i - start, &is_int) &&
                 !(is_int && int_text_exact_in_jansson(data + start, i - start))) {

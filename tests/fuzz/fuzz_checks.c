@@ -398,12 +398,132 @@ out:
     return bad;
 }
 
-static const char *check_payload(wp_decoder_t *d, const wp_change_t *c, char *why, size_t whylen)
+/* The message's field key, when present, is a JSON string (or null, if null_ok). */
+static bool field_is_string(const json_t *obj, const char *key, bool required, bool null_ok)
+{
+    const json_t *v = json_object_get(obj, key);
+    if (v == NULL)
+        return !required;
+    return json_is_string(v) || (null_ok && json_is_null(v));
+}
+
+/*
+ * decoder.h: "The decoder validates the whole message": a field it reads as
+ * text was a JSON string in the message, not a number it turned into one.
+ * in is the message parsed by jansson with every number as a double.
+ */
+static const char *check_string_fields(const json_t *in, const wp_change_t *c, char *why, size_t whylen)
+{
+    const char *bad = NULL;
+    static const char *const arrays[] = {"columns", "identity"};
+
+    CHECK(field_is_string(in, "action", true, false), "accepted an \"action\" that is not a JSON string");
+    CHECK(field_is_string(in, "timestamp", false, true), "accepted a \"timestamp\" that is not a JSON string");
+    CHECK(field_is_string(in, "lsn", false, false), "accepted an \"lsn\" that is not a JSON string");
+    switch (c->op) {
+    case WP_OP_BEGIN:
+    case WP_OP_COMMIT:
+        CHECK(field_is_string(in, "nextlsn", true, false), "accepted a \"nextlsn\" that is not a JSON string");
+        break;
+    case WP_OP_MESSAGE:
+        CHECK(field_is_string(in, "prefix", true, false) && field_is_string(in, "content", true, false),
+              "accepted a \"prefix\" or \"content\" that is not a JSON string");
+        break;
+    default:
+        CHECK(field_is_string(in, "table", true, false) && field_is_string(in, "schema", false, false),
+              "accepted a \"table\" or \"schema\" that is not a JSON string");
+        for (size_t a = 0; a < 2; a++) {
+            const json_t *arr = json_object_get(in, arrays[a]);
+            if ((c->op == WP_OP_TRUNCATE) || (a == 0 && c->op == WP_OP_DELETE) ||
+                (a == 1 && c->op == WP_OP_INSERT))
+                continue;
+            for (size_t i = 0; i < json_array_size(arr); i++) {
+                const json_t *e = json_array_get(arr, i);
+                CHECK(field_is_string(e, "name", true, false) && field_is_string(e, "type", true, false),
+                      "%s entry %zu: accepted a \"name\" or \"type\" that is not a JSON string", arrays[a], i + 1);
+            }
+        }
+        break;
+    }
+out:
+    return bad;
+}
+
+/* True when text is exactly one number strtod reads as x (both are how JSON readers see it). */
+static bool text_is_number(const char *text, double x)
+{
+    char *end;
+    double y = strtod(text, &end);
+    return end != text && *end == '\0' && y == x;
+}
+
+/*
+ * decoder.h's value rules, as a reader of the payload sees them: every entry
+ * of the message's array in (parsed with all numbers as doubles) is a member
+ * of the payload row out, with the same value: null, the same boolean, the
+ * same text as a string (bytea as "\\x" + text), or a number (bare, or as a
+ * string when it is too big for one) equal to the text.
+ */
+static const char *check_row(const json_t *in, const json_t *out, const char *what, char *why, size_t whylen)
+{
+    const char *bad = NULL;
+    size_t n = json_array_size(in);
+
+    for (size_t i = 0; i < n; i++) {
+        const char *name = json_string_value(json_object_get(json_array_get(in, i), "name"));
+        CHECK(name != NULL, "%s entry %zu: a name that is not a JSON string was accepted", what, i + 1);
+        for (size_t k = 0; k < i; k++) /* a repeated name keeps only one member: nothing to compare */
+            if (strcmp(name, json_string_value(json_object_get(json_array_get(in, k), "name"))) == 0)
+                goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const json_t *e = json_array_get(in, i);
+        const char *name = json_string_value(json_object_get(e, "name"));
+        const json_t *iv = json_object_get(e, "value");
+        const json_t *ov = json_object_get(out, name);
+        bool same = false;
+
+        CHECK(ov != NULL, "%s entry %zu (\"%.60s\") is missing from the payload", what, i + 1, name);
+        switch (json_typeof(iv)) {
+        case JSON_NULL:
+        case JSON_TRUE:
+        case JSON_FALSE:
+            same = json_typeof(ov) == json_typeof(iv);
+            break;
+        case JSON_REAL:
+            same = (json_is_real(ov) && json_real_value(ov) == json_real_value(iv)) ||
+                   (json_is_string(ov) && text_is_number(json_string_value(ov), json_real_value(iv)));
+            break;
+        case JSON_STRING: {
+            const char *is = json_string_value(iv);
+            size_t il = json_string_length(iv);
+            if (json_is_string(ov)) {
+                const char *os = json_string_value(ov);
+                size_t ol = json_string_length(ov);
+                same = (ol == il && memcmp(os, is, il) == 0) ||
+                       (ol == il + 2 && memcmp(os, "\\x", 2) == 0 && memcmp(os + 2, is, il) == 0);
+            } else if (json_is_real(ov)) {
+                same = text_is_number(is, json_real_value(ov));
+            }
+            break;
+        }
+        default:
+            break;
+        }
+        CHECK(same, "%s entry %zu (\"%.60s\") changed its value", what, i + 1, name);
+    }
+out:
+    return bad;
+}
+
+static const char *check_payload(wp_decoder_t *d, const wp_change_t *c, const uint8_t *data, size_t size,
+                                 char *why, size_t whylen)
 {
     const char *bad = NULL;
     wp_buf_t b = WP_BUF_INIT;
     wp_buf_t again = WP_BUF_INIT;
     json_t *root = NULL;
+    json_t *in = NULL;
     json_error_t jerr;
     const json_t *v;
 
@@ -458,7 +578,25 @@ static const char *check_payload(wp_decoder_t *d, const wp_change_t *c, char *wh
               b.data);
         break;
     }
+
+    /* The fields and row images against the message itself, when jansson reads it with every
+     * number as a double (a number too big for one leaves this part out). */
+    in = json_loadb((const char *)data, size, JSON_DECODE_INT_AS_REAL | JSON_REJECT_DUPLICATES, &jerr);
+    if (in != NULL)
+        bad = check_string_fields(in, c, why, whylen);
+    if (in != NULL && bad == NULL) {
+        const json_t *ident = json_object_get(in, "identity");
+        const json_t *old_row = json_object_get(root, "key") ? json_object_get(root, "key")
+                                                             : json_object_get(root, "before");
+        if (c->op != WP_OP_DELETE)
+            bad = check_row(json_object_get(in, "columns"), json_object_get(root, "after"), "columns", why, whylen);
+        if (bad == NULL && ident != NULL && c->op != WP_OP_INSERT) {
+            CHECK(old_row != NULL, "the message has an identity, the payload no key or before");
+            bad = check_row(ident, old_row, "identity", why, whylen);
+        }
+    }
 out:
+    json_decref(in);
     json_decref(root);
     wp_buf_free(&b);
     wp_buf_free(&again);
@@ -587,7 +725,7 @@ static const char *check_message(wp_decoder_t *d, wp_change_t *prev, const uint8
     CHECK(err[0] == '\0', "successful parse left a reason: %.100s", err);
     bad = check_change(&c, why, whylen);
     if (bad == NULL)
-        bad = check_payload(d, &c, why, whylen);
+        bad = check_payload(d, &c, data, size, why, whylen);
     if (bad == NULL)
         bad = check_shape(d, &c, why, whylen);
     *prev = c;

@@ -205,6 +205,45 @@ static void test_decoder_number_bounds(void **state)
     expect_payload("integer", "23", "-2147483648", "{\"after\":{\"a\":-2147483648}}");
 }
 
+/* The reason wp_decoder_parse gives for msg, which must fail. */
+static void expect_reason(const char *msg, const char *want)
+{
+    char err[WP_ERRLEN];
+    wp_change_t c;
+    wp_decoder_t *d = wp_decoder_create();
+
+    if (wp_decoder_parse(d, msg, strlen(msg), &c, err, sizeof err) == 0)
+        fail_msg("accepted: %s", msg);
+    if (strstr(err, want) == NULL)
+        fail_msg("expected \"%s\" in: %s", want, err);
+    wp_decoder_destroy(d);
+}
+
+/*
+ * Fixed: the number pre-pass turned a non-int64 number into a string wherever a value stood, so
+ * "name": -1e-400 passed as the column name "-1e-400" (and likewise table, type, prefix, ...).
+ */
+static void test_decoder_string_fields(void **state)
+{
+    (void)state;
+    expect_reason("{\"action\":\"I\",\"lsn\":\"0/1\",\"table\":\"t\",\"columns\":"
+                  "[{\"name\":-1e-400,\"type\":\"text\",\"value\":\"x\"}]}",
+                  "\"columns\" entry 1: \"name\" is not a string");
+    expect_reason("{\"action\":\"I\",\"lsn\":\"0/1\",\"table\":\"t\",\"columns\":"
+                  "[{\"name\":\"a\",\"type\":1.5,\"value\":\"x\"}]}",
+                  "\"columns\" entry 1: \"type\" is not a string");
+    expect_reason("{\"action\":\"T\",\"lsn\":\"0/1\",\"table\":99999999999999999999}", "too big integer");
+    expect_reason("{\"action\":\"T\",\"lsn\":\"0/1\",\"schema\":-0,\"table\":\"t\"}", "\"schema\" is not a string");
+    expect_reason("{\"action\":\"M\",\"lsn\":\"0/1\",\"transactional\":false,\"prefix\":\"p\",\"content\":2.5}",
+                  "\"content\" is not a string");
+    expect_reason("{\"action\":\"B\",\"timestamp\":1e3,\"lsn\":\"0/1\",\"nextlsn\":\"0/2\"}",
+                  "\"timestamp\" is not a string or null");
+    /* An escaped key is read as one of these too. */
+    expect_reason("{\"action\":\"T\",\"lsn\":\"0/1\",\"t\\u0061ble\":0.5}", "\"table\" is not a string");
+    /* Values and unknown fields keep their exact numbers. */
+    expect_payload("numeric", "1700", "-1e-400", "{\"after\":{\"a\":\"-1e-400\"}}");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -213,6 +252,7 @@ int main(void)
         cmocka_unit_test(test_jsonb_model),
         cmocka_unit_test(test_config_error_is_printable),
         cmocka_unit_test(test_decoder_number_bounds),
+        cmocka_unit_test(test_decoder_string_fields),
     };
     wp_fuzz_init();
     return cmocka_run_group_tests(tests, NULL, NULL);
