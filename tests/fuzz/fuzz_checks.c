@@ -584,7 +584,8 @@ static const char *check_payload(wp_decoder_t *d, const wp_change_t *c, const ui
     in = json_loadb((const char *)data, size, JSON_DECODE_INT_AS_REAL | JSON_REJECT_DUPLICATES, &jerr);
     if (in != NULL)
         bad = check_string_fields(in, c, why, whylen);
-    if (in != NULL && bad == NULL) {
+    if (in != NULL && bad == NULL &&
+        (c->op == WP_OP_INSERT || c->op == WP_OP_UPDATE || c->op == WP_OP_DELETE)) {
         const json_t *ident = json_object_get(in, "identity");
         const json_t *old_row = json_object_get(root, "key") ? json_object_get(root, "key")
                                                              : json_object_get(root, "before");
