@@ -17,8 +17,9 @@
  *  - No number is ever rounded.  jansson only sees integers it stores exactly
  *    (int64, other than "-0"): prepass() turns every other number token in a
  *    value position (but not where a string is required) into a JSON string
- *    holding the exact text wal2json printed.  The value rules then decide per column type whether that text
- *    goes out as a JSON number or as a JSON string.
+ *    holding the exact text wal2json printed.  The value rules then decide
+ *    per column type whether that text goes out as a JSON number or as a
+ *    JSON string.
  *  - Strings holding NUL (\u0000) are rejected: jsonb cannot store them.
  *
  * A decoder is used by one thread at a time; it has no global state.
@@ -309,8 +310,8 @@ static void put_string(wp_buf_t *out, const char *s, size_t len)
  * Only a corrupt or forged message holds anything else, and it goes out as a
  * string: "1e400" is no double, and "1e-99999" or thousands of fraction
  * digits overflow jsonb's numeric, which would fail the staging COPY of the
- * whole batch on every retry instead of costing one value.  Found by
- * tests/fuzz/fuzz_decoder.c.
+ * whole batch on every retry instead of costing one value.  Caught by the
+ * payload invariant of tests/fuzz/fuzz_checks.c.
  */
 static bool number_fits_double(const char *s, size_t len)
 {
