@@ -179,3 +179,140 @@ def reconstruct(staged, key="id"):
         elif s["type"] == "truncate":
             state[t].clear()
     return state
+
+
+# --------------------------------------------------------------------------
+# Streaming comparison, for runs too large to hold as dicts (torture suite).
+#
+# Both sides are read through server-side cursors.  Truth is only peeked (the
+# slot is left as it was), so that a second pass can fetch the full expected
+# event of the few keys that differ.  Memory: one (key -> 64-bit digest) entry
+# per source change.
+
+Tally = collections.namedtuple("Tally", "expected staged missing doubled extra mismatched examples")
+
+_TRUTH_SQL = ("SELECT data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, 'format-version', '2', "
+              "'include-xids', '1', 'include-timestamp', '1', 'include-lsn', '1')")
+
+
+def _iter_truth(cluster, dbname, slot, itersize=20000):
+    """Yields the expected events of slot in stream order, like read_truth,
+    without consuming the slot or holding them all."""
+    conn = cluster.connect(dbname, autocommit=False)
+    try:
+        cur = conn.cursor(name="truth_stream")
+        cur.itersize = itersize
+        cur.execute(_TRUTH_SQL, (slot,))
+        txn_end, seq = None, 0
+        for (data,) in cur:
+            c = _loads(data)
+            a = c["action"]
+            if a == "B":
+                txn_end, seq = lsn_int(c["nextlsn"]), 0
+                continue
+            if a == "C":
+                txn_end = None
+                continue
+            ev = {"type": OPS[a], "schema": c.get("schema"), "table": c.get("table")}
+            if a == "M" and not c["transactional"]:
+                ev.update(lsn=lsn_int(c["lsn"]), seq=0)
+            else:
+                seq += 1
+                ev.update(lsn=txn_end, seq=seq)
+            types = {}
+            if a in "IU":
+                ev["after"] = _image(c["columns"])
+                types.update({col["name"]: col["type"] for col in c["columns"]})
+            if a in "UD" and "identity" in c:
+                ev["identity"] = _image(c["identity"])
+                types.update({col["name"]: col["type"] for col in c["identity"]})
+            ev["types"] = types
+            if a == "M":
+                ev["message"] = {"prefix": c["prefix"], "content": c["content"],
+                                 "transactional": c["transactional"]}
+            yield ev
+        cur.close()
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _items(image):
+    return None if image is None else tuple(sorted(image.items(), key=lambda kv: kv[0]))
+
+
+def _truth_digest(e):
+    m = e.get("message")
+    return hash((e["type"], e["schema"], e["table"], _items(e.get("after")), _items(e.get("identity")),
+                 None if m is None else (m["prefix"], m["content"], m["transactional"])))
+
+
+def _staged_digest(typ, schema, table, p, types):
+    after = old = msg = None
+    if typ in ("insert", "update"):
+        after = _staged_image(p.get("after", {}), types)
+    if typ in ("update", "delete"):
+        o = p.get("key", p.get("before"))
+        old = None if o is None else _staged_image(o, types)
+    if typ == "message":
+        msg = (p.get("prefix"), p.get("content"), p.get("transactional"))
+    return hash((typ, schema, table, _items(after), _items(old), msg))
+
+
+def stream_compare(source, dbname, slot, staging, staging_db, source_name=None, max_examples=5):
+    """Compares staging with the truth slot, row image included, exactly
+    like compare(), but streaming.  Returns Tally: counts of expected
+    changes, staged rows, missing, doubled (keys staged more than once),
+    extra (staged keys not in the source) and mismatched (wrong image), and
+    examples: {kind: [...]} with up to max_examples of each."""
+    want = {}                              # (lsn, seq) -> digest
+    types = collections.defaultdict(dict)  # (schema, table) -> {column: type}
+    for e in _iter_truth(source, dbname, slot):
+        want[(e["lsn"], e["seq"])] = _truth_digest(e)
+        if e["types"]:
+            types[(e["schema"], e["table"])].update(e["types"])
+
+    seen = collections.Counter()
+    staged = 0
+    mism = []
+    mism_n = 0
+    conn = staging.connect(staging_db, autocommit=False)
+    try:
+        cur = conn.cursor(name="staged_stream")
+        cur.itersize = 20000
+        sql = ("SELECT lsn::text, seq, event_type, schema_name, table_name, payload::text "
+               "FROM walpipe.raw_events")
+        if source_name is not None:
+            cur.execute(sql + " WHERE source = %s", (source_name,))
+        else:
+            cur.execute(sql)
+        for lsn, seq, typ, schema, table, payload in cur:
+            staged += 1
+            k = (lsn_int(lsn), seq)
+            seen[k] += 1
+            if seen[k] > 1 or k not in want:
+                continue
+            d = _staged_digest(typ, schema, table, _loads(payload), types.get((schema, table), {}))
+            if d != want[k]:
+                mism_n += 1
+                if len(mism) < max_examples:
+                    mism.append({"key": k, "staged": {"type": typ, "table": f"{schema}.{table}",
+                                                      "payload": payload}})
+        cur.close()
+        conn.commit()
+    finally:
+        conn.close()
+
+    missing = [k for k in want if k not in seen]
+    doubled = [k for k, n in seen.items() if n > 1]
+    extra = [k for k in seen if k not in want]
+    if mism:  # second pass: what the source said for those keys
+        keys = {m["key"]: m for m in mism}
+        for e in _iter_truth(source, dbname, slot):
+            k = (e["lsn"], e["seq"])
+            if k in keys:
+                keys[k]["expected"] = {x: e[x] for x in ("type", "schema", "table", "after", "identity",
+                                                         "message") if x in e}
+    fmt = lambda ks: [(f"{k[0] >> 32:X}/{k[0] & 0xFFFFFFFF:X}", k[1]) for k in ks[:max_examples]]
+    examples = {"missing": fmt(missing), "doubled": fmt(doubled), "extra": fmt(extra), "mismatched": mism}
+    return Tally(len(want), staged, len(missing), len(doubled), len(extra), mism_n, examples)
