@@ -362,14 +362,14 @@ def insert_big(src, lo, n):
             (lo + 1, lo + n), dbname="app")
 
 
-def wait_partial(x, w, stg, at_seq, n):
+def wait_partial(x, w, stg, at_seq, n, timeout=300):
     """Waits until the checkpoint says a transaction is staged in part, past
     change at_seq and short of n.  at_seq above the load's own transaction
     sizes means it is the big one.  Returns the checkpoint row."""
     def partial():
         ck = x.checkpoint(stg)
         return ck if ck[1] is not None and at_seq < ck[2] < n else None
-    return wait_until(partial, timeout=300, interval=0.01, what=f"a transaction staged past change {at_seq}",
+    return wait_until(partial, timeout=timeout, interval=0.01, what=f"a transaction staged past change {at_seq}",
                       walpipe=w)
 
 
@@ -382,9 +382,16 @@ def scenario_sigkill(x):
     load = x.load(src)
     x.wait_progress(w, stg, 2000)
     mid_txn = 0
-    for _ in range(x.p["kills"]):
+    for i in range(x.p["kills"]):
         time.sleep(x.rnd.uniform(0.2, 3.0))
-        ck = x.checkpoint(stg)
+        ck = None
+        if i % 2 == 1:  # every other kill waits for a checkpoint inside a transaction (the load's bulk ones)
+            try:
+                ck = wait_partial(x, w, stg, 0, 1 << 30, timeout=15)
+            except AssertionError:
+                if not w.running:
+                    raise
+        ck = ck or x.checkpoint(stg)
         x.kill(w)
         if ck and ck[1] is not None:
             mid_txn += 1
