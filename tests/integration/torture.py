@@ -45,6 +45,8 @@ import wptest  # noqa: E402
 from wptest import wait_until  # noqa: E402
 
 RSS_LIMIT_KB = 64 * 1024
+# ASan's shadow memory and quarantine inflate RSS: the bound is only checked in the normal build
+SANITIZED = os.environ.get("WALPIPE_SANITIZED") == "1"
 PGBENCH = wptest.PG_BIN / "pgbench"
 SLOT = "walpipe_app"
 TRUTH_SLOT = "truth"
@@ -115,7 +117,7 @@ COMMIT;
 PARAMS = {
     "short": dict(rate=100, clients=2, bulk_rows=3000, kills=5, crash_cycles=1, walsender_cycles=1,
                   walsender_txn=100000, outage_s=10, lock_cycles=1, lock_s=12, big_txn=300000,
-                  down_txn=100000, settle_s=3),
+                  down_txn=100000, settle_s=2),
     "full": dict(rate=150, clients=2, bulk_rows=3000, kills=20, crash_cycles=3, walsender_cycles=3,
                  walsender_txn=300000, outage_s=60, lock_cycles=3, lock_s=12, big_txn=2000000,
                  down_txn=500000, settle_s=5),
@@ -667,7 +669,7 @@ def run_one(name, full=False, seed=None, workdir=None, log=sys.stderr):
     t0 = time.monotonic()
     try:
         SCENARIOS[name](x)
-        if x.row.rss_kb > RSS_LIMIT_KB:
+        if x.row.rss_kb > RSS_LIMIT_KB and not SANITIZED:
             x.row.problems.append(f"peak RSS {x.row.rss_kb} kB > {RSS_LIMIT_KB} kB")
     except Exception as e:  # a failed wait or check: the scenario fails, the suite goes on
         x.row.problems.append(f"{type(e).__name__}: {e}")
