@@ -83,7 +83,9 @@ def wait_caught_up(source_pg, walpipe, slot="walpipe_app", dbname="app", timeout
     """Waits until the slot has confirmed everything written so far.
 
     The insert position, not pg_current_wal_lsn() (the write position): a non-transactional
-    message's record may still sit in WAL buffers, undecoded, until the WAL writer flushes it."""
+    message's record may still sit in WAL buffers, undecoded, until the WAL writer flushes it.
+    Committing a catalog-only transaction (decoded as an empty one) flushes it now."""
+    source_pg.sql("CREATE TEMP TABLE wp_flush_wal (); DROP TABLE wp_flush_wal", dbname=dbname)
     target = source_pg.scalar("SELECT pg_current_wal_insert_lsn()::text", dbname=dbname)
     wait_until(lambda: source_pg.scalar(
         "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",

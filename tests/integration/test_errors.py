@@ -98,6 +98,10 @@ def test_walsender_terminated_mid_stream(source_pg, staging_pg, walpipe_factory)
         for _ in range(3):
             base = staged_count(staging_pg)
             wait_until(lambda: staged_count(staging_pg) > base + 1000, timeout=60, what="progress", walpipe=w)
+            # rows staged after a terminate may predate the reconnect: wait for a walsender to kill
+            wait_until(lambda: source_pg.scalar("SELECT active_pid FROM pg_replication_slots "
+                                                "WHERE slot_name = 'walpipe_app'"),
+                       timeout=60, what="walpipe streaming again", walpipe=w)
             n = source_pg.scalar("SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots "
                                  "WHERE slot_name = 'walpipe_app' AND active_pid IS NOT NULL")
             assert n == 1
