@@ -101,13 +101,17 @@ CREATE TABLE orders (
     created_at  timestamptz NOT NULL DEFAULT now()
 )"""
 
-OLTP_SCRIPT = r"""\set cid random(1, 100000)
-\set cents random(100, 99999999)
-BEGIN;
-INSERT INTO orders (customer_id, status, amount, note, attrs, created_at) VALUES (:cid, 'new', :cents / 100.0, 'order for customer ' || :cid, jsonb_build_object('channel', 'web', 'items', :cid % 7 + 1, 'gift', false), now()) RETURNING id \gset
-UPDATE orders SET status = 'paid', amount = amount + 1.00 WHERE id = :id;
-END;
-"""
+def oltp_script(pairs=1):
+    """The pgbench script of workload (a): per transaction, `pairs` x (one INSERT + one UPDATE)."""
+    lines = ["\\set cid random(1, 100000)", "\\set cents random(100, 99999999)", "BEGIN;"]
+    for k in range(1, pairs + 1):
+        lines.append("INSERT INTO orders (customer_id, status, amount, note, attrs, created_at) VALUES "
+                     "(:cid, 'new', :cents / 100.0, 'order for customer ' || :cid, jsonb_build_object("
+                     f"'channel', 'web', 'items', :cid % 7 + 1, 'gift', false), now()) RETURNING id \\gset p{k}_")
+        lines.append(f"UPDATE orders SET status = 'paid', amount = amount + 1.00 WHERE id = :p{k}_id;")
+    lines.append("END;")
+    return "\n".join(lines) + "\n"
+
 
 ORDERS_SELECT = ("SELECT g % 100000, 'new', (g % 9999999) / 100.0, 'bulk order ' || g, "
                  "jsonb_build_object('channel', 'batch', 'items', g % 7 + 1, 'gift', false), now() "
@@ -299,9 +303,9 @@ class Bench:
 
     # -- workload generation
 
-    def pgbench(self, db, txns=None, rate=None, seconds=None, clients=4):
-        script = self.work / "oltp.sql"
-        script.write_text(OLTP_SCRIPT)
+    def pgbench(self, db, txns=None, rate=None, seconds=None, clients=4, pairs=1):
+        script = self.work / f"oltp{pairs}.sql"
+        script.write_text(oltp_script(pairs))
         cmd = [str(PG_BIN / "pgbench"), "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
                "-j", "2", "-h", str(self.src.socket_dir), "-p", str(self.src.port), "-U", "postgres"]
         if txns is not None:
@@ -642,26 +646,14 @@ class Bench:
             parts.append(f"staged {r['staged_rows']} ({'ok' if r['rows_ok'] else 'MISMATCH'})")
         return ", ".join(parts)
 
-    def capacity(self):
-        """Changes/s for the latency run: 50% of min(walpipe on (a), the source alone on (a))."""
-        wp = next((r for r in self.results if r["workload"] == "oltp" and r["contender"] == "walpipe"), None)
-        src = self.workload_info.get("oltp", {}).get("source_tps")
-        cands = {}
-        if wp:
-            cands["walpipe_oltp_changes_per_s"] = wp["changes_per_s"]
-        if src:
-            cands["source_oltp_changes_per_s"] = 2 * src
-        if self.args.latency_rate:
-            return self.args.latency_rate, {"given": self.args.latency_rate}
-        if not cands:
-            raise RuntimeError("the latency run needs workload oltp (for capacity) or --latency-rate")
-        return 0.5 * min(cands.values()), cands
-
     def run_latency(self):
-        rate, basis = self.capacity()
+        """walpipe live while pgbench writes (a)-shaped transactions.  First the live capacity:
+        pgbench unthrottled, capacity = changes staged per second inside that window (source,
+        walsender, walpipe and staging share the 2 cores, as they would in production on one
+        box).  Then latency at a steady 50% of it (pgbench -R): source commit time (commit_ts)
+        -> staging commit time of the row (track_commit_timestamp), i.e. when it became visible."""
         secs = self.sizes["latency_seconds"]
-        log(f"latency: walpipe live, pgbench at {rate:,.0f} changes/s ({rate / 2:,.0f} tps) for {secs}s "
-            f"(50% of the lower of {basis})")
+        cap_secs = max(10, secs // 2)
         self.src.sql("TRUNCATE orders", dbname="bench")
         self.checkpoint()
         slot = "b_latency_walpipe"
@@ -669,15 +661,39 @@ class Bench:
         stg_db = self.new_staging("latency")
         wp = self.walpipe_for(stg_db, "bench", slot, "latency_walpipe")
         wp.start()
+
+        def caught_up(target):
+            wptest.wait_until(lambda: lsn_int(self.src.scalar(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                (slot,))) >= target, timeout=600, what="walpipe caught up", walpipe=wp)
+
+        def now():
+            return self.src.scalar("SELECT clock_timestamp()")
         try:
             wptest.wait_until(lambda: "streaming from slot" in wp.log(since_start=True), timeout=60,
                               what="walpipe streaming", walpipe=wp)
             time.sleep(1)
+            if self.args.latency_rate:
+                rate, cap = self.args.latency_rate, None
+            else:
+                log(f"latency: walpipe live; capacity first: pgbench unthrottled for {cap_secs}s")
+                c0 = now()
+                cap_gen = self.pgbench("bench", seconds=cap_secs)
+                c1 = now()
+                caught_up(self.marker("bench"))
+                staged_in_window = self.stg.scalar(
+                    "SELECT count(*) FROM walpipe.raw_events WHERE event_type <> 'message' "
+                    "AND pg_xact_commit_timestamp(xmin) BETWEEN %s AND %s", (c0, c1), dbname=stg_db)
+                window = (c1 - c0).total_seconds()
+                cap = {"changes_per_s": staged_in_window / window, "source_tps": cap_gen["tps"],
+                       "seconds": window}
+                rate = 0.5 * cap["changes_per_s"]
+                log(f"  live capacity {cap['changes_per_s']:,.0f} changes/s staged "
+                    f"(source committed {2 * cap_gen['tps']:,.0f}/s)")
+            log(f"latency: pgbench -R {rate / 2:,.0f} tps ({rate:,.0f} changes/s) for {secs}s")
+            t0 = now()
             gen = self.pgbench("bench", rate=rate / 2, seconds=secs)
-            target = self.marker("bench")
-            wptest.wait_until(lambda: lsn_int(self.src.scalar(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (slot,))) >= target, timeout=600, what="walpipe caught up", walpipe=wp)
+            caught_up(self.marker("bench"))
             hwm = wp.rss_peak_kb()
         finally:
             wp.stop(timeout=120)
@@ -686,7 +702,8 @@ class Bench:
             "SELECT extract(epoch FROM commit_ts), "
             "1000 * extract(epoch FROM pg_xact_commit_timestamp(xmin) - commit_ts), "
             "1000 * extract(epoch FROM received_at - commit_ts) "
-            "FROM walpipe.raw_events WHERE event_type <> 'message' ORDER BY commit_ts, seq", dbname=stg_db)
+            "FROM walpipe.raw_events WHERE event_type <> 'message' AND commit_ts >= %s "
+            "ORDER BY commit_ts, seq", (t0,), dbname=stg_db)
         self.stg.sql(f'DROP DATABASE "{stg_db}"')
         wptest.drop_slot(self.src, "bench", slot)
         t_first = float(rows[0][0])
@@ -694,7 +711,7 @@ class Bench:
         recv = sorted(float(r[2]) for r in rows)
         span = float(rows[-1][0]) - t_first
         self.latency = {
-            "target_changes_per_s": rate, "capacity_basis": basis, "seconds": secs,
+            "target_changes_per_s": rate, "capacity": cap, "seconds": secs,
             "changes": len(rows), "achieved_changes_per_s": len(rows) / span if span > 0 else None,
             "pgbench_tps": gen["tps"], "peak_rss_kb": hwm,
             "visible_ms": {"p50": pct(vis, 50), "p90": pct(vis, 90), "p99": pct(vis, 99), "max": vis[-1]},
@@ -873,12 +890,14 @@ class Bench:
             lat = self.latency
             v, rc = lat["visible_ms"], lat["received_ms"]
             L.append("")
+            cap = lat["capacity"]
+            how = (f"50% of the live capacity: with pgbench unthrottled on the same machine, walpipe staged "
+                   f"{cap['changes_per_s']:,.0f} changes/s" if cap else "given with --latency-rate")
             L.append(f"Latency, walpipe live: {lat['changes']:,} changes at "
-                     f"{lat['achieved_changes_per_s']:,.0f} changes/s (asked {lat['target_changes_per_s']:,.0f}"
-                     f" = 50% of the lower of {', '.join(f'{k} {v:,.0f}' for k, v in lat['capacity_basis'].items())}):"
-                     f" source commit → staged row visible (staging commit time) p50 {v['p50']:.1f} ms, "
-                     f"p90 {v['p90']:.1f} ms, p99 {v['p99']:.1f} ms, max {v['max']:.1f} ms; "
-                     f"source commit → received_at (staging transaction start) p50 {rc['p50']:.1f} ms, "
+                     f"{lat['achieved_changes_per_s']:,.0f} changes/s (asked {lat['target_changes_per_s']:,.0f} = "
+                     f"{how}): source commit → staged row visible (staging "
+                     f"commit time) p50 {v['p50']:.1f} ms, p90 {v['p90']:.1f} ms, p99 {v['p99']:.1f} ms, "
+                     f"max {v['max']:.1f} ms; source commit → received_at p50 {rc['p50']:.1f} ms, "
                      f"p99 {rc['p99']:.1f} ms.")
         if self.backlog:
             b = self.backlog
@@ -1061,7 +1080,7 @@ def main():
                     help="before each timed run wait up to S seconds until the rest of the machine "
                          "uses less than a quarter of a core (shared machines)")
     ap.add_argument("--latency-rate", type=float, default=None,
-                    help="changes/s for the latency run (default: 50%% of measured capacity)")
+                    help="changes/s for the latency run (default: 50%% of the live capacity, measured first)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
     ap.add_argument("--perf", choices=("system", "walpipe"), default=None,
                     help="profile walpipe's runs with perf record into OUT/perf/ (system: every process, "
