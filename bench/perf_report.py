@@ -74,10 +74,9 @@ def walpipe_breakdown(inc):
     prepass = g("prepass")
     payload = g("wp_decoder_payload")
     shape = g("wp_decoder_shape")
-    add_row = g("add_row")
-    esc = g("copy_escape")
+    add_row = g("add_row") or g("wp_encoder_add")   # the row encoder moved to encoder.c
+    esc = g("copy_escape") or g("wp_copy_escape")
     recv = g("PQconsumeInput") + g("PQgetCopyData")
-    stager = g("stager_main")
     rows = [
         ("jansson: json_loadb (tokenize + build the DOM, its mallocs)", loadb),
         ("jansson: json_delete (free the previous message's DOM)", delete),
@@ -85,10 +84,9 @@ def walpipe_breakdown(inc):
         ("decoder: validation and walk (rest of wp_decoder_parse)", max(0.0, parse - loadb - delete - prepass)),
         ("payload encode (wp_decoder_payload)", payload),
         ("table shape lookup (wp_decoder_shape)", shape),
-        ("COPY row framing (add_row without payload/shape; copy_escape alone: %.1f%%)" % esc,
+        ("COPY row framing (row encoder without payload/shape; COPY escaping alone: %.1f%%)" % esc,
          max(0.0, add_row - payload - shape)),
         ("libpq receive (PQconsumeInput, PQgetCopyData)", recv),
-        ("stager thread (COPY send, commit round trips)", stager),
     ]
     rest = 100.0 - sum(v for _, v in rows)
     rows.append(("everything else (queue, feedback, keepalives, libc)", max(0.0, rest)))
@@ -127,6 +125,12 @@ def main():
         L.append(f"| idle | {idle:.1f} | |")
         L.append(f"| everything else on the machine (other sessions, samplers) | "
                  f"{max(0.0, 100 - ours - idle):.1f} | |")
+        wp_tids = sorted(((sum(x[0] for x in rows if x[1] == t), t) for t in roles[0][1]), reverse=True)
+        wp_total = sum(v for v, _ in wp_tids) or 1
+        L.append("")
+        L.append("walpipe's threads: " + ", ".join(f"{100 * v / wp_total:.1f}%" for v, _ in wp_tids if v > 0) +
+                 " (the busiest is the reader: decode + encode; the stager only ships COPY data and "
+                 "waits for commits)")
         L.append("")
         for role, v in views:
             L.append(f"{role}, by library: " + ", ".join(f"{d} {p:.0f}%" for p, d in v[1][:5]))
@@ -139,7 +143,7 @@ def main():
     for data in sorted((wpdir / "perf").glob("*-walpipe.data")):
         inc = inclusive(data)
         L.append(f"## inside walpipe: {data.stem.replace('_walpipe-walpipe', '')} "
-                 f"(perf record --call-graph dwarf -p walpipe)")
+                 f"(perf record --call-graph dwarf -p walpipe; the reader thread, where its CPU goes)")
         L.append("")
         L.append("| where the walpipe process spends its CPU | % (inclusive) |")
         L.append("|---|---:|")
