@@ -423,7 +423,7 @@ class Bench:
         return wp
 
     def wait_quiet(self):
-        """--wait-quiet S: wait up to S seconds for the rest of the machine to use < 0.25 cores."""
+        """--wait-quiet S: wait up to S seconds for the rest of the machine to use < 0.35 cores."""
         limit = self.args.wait_quiet
         if not limit:
             return None
@@ -432,7 +432,7 @@ class Bench:
             b0 = machine_busy_s()
             time.sleep(2)
             load = (machine_busy_s() - b0) / 2
-            if load < 0.25 or time.monotonic() > deadline:
+            if load < 0.35 or time.monotonic() > deadline:
                 return load
             log(f"  waiting for a quieter machine (others use {load:.2f} cores)")
 
@@ -984,7 +984,7 @@ def plots(out, results, have_latency, have_backlog):
                     r = next((r for r in results if r["workload"] == w and r["contender"] == c), None)
                     vals.append(f"{r['changes_per_s']:.0f}" if r and r.get("changes_per_s") else "0")
                 f.write(f"\"{WORKLOAD_TITLES[w]}\" " + " ".join(vals) + "\n")
-        gnuplot(out, "throughput", TERM + """set output 'throughput.png'
+        gnuplot(out, "throughput", TERM + f"XMAX = {len(wl) - 0.5}\n" + """set output 'throughput.png'
 set title 'Draining the same WAL backlog: changes per second (higher is better)'
 set style data histogram
 set style histogram cluster gap 1
@@ -995,11 +995,12 @@ set yrange [0:*]
 set grid ytics
 set key top right
 set format y '%.0f'
-set xrange [-0.5:*]
-set offsets 0, 0.5, 0, 0
-plot for [i=2:4] 'throughput.dat' using i:xtic(1) title columnheader(i), \\
+set xrange [-0.5:XMAX]
+set key autotitle columnheader
+plot for [i=2:4] 'throughput.dat' using i:xtic(1), \\
      for [i=2:4] '' using ($0 + (i - 3) * 0.25):i:(sprintf('%.0f', column(i))) with labels offset 0,0.7 font ',9' notitle
 """)
+        nbars = 0
         with open(out / "cpu.dat", "w") as f:
             f.write("run process walsender staging\n")
             for w in wl:
@@ -1010,7 +1011,8 @@ plot for [i=2:4] 'throughput.dat' using i:xtic(1) title columnheader(i), \\
                     vals = [r.get(k) or 0 for k in ("cpu_proc_per_100k", "cpu_walsender_per_100k",
                                                       "cpu_staging_per_100k")]
                     f.write(f"\"{WORKLOAD_TITLES[w].split()[0]} {c}\" " + " ".join(f"{v:.3f}" for v in vals) + "\n")
-        gnuplot(out, "cpu", TERM + """set output 'cpu.png'
+                    nbars += 1
+        gnuplot(out, "cpu", TERM + f"XMAX = {nbars - 0.4}\n" + """set output 'cpu.png'
 set title 'CPU seconds per 100 000 changes (lower is better)'
 set style data histogram
 set style histogram rowstacked
@@ -1020,8 +1022,8 @@ set ylabel 'CPU s / 100k changes'
 set grid ytics
 set xtics rotate by -30
 set key top left
-set xrange [-0.6:*]
-set offsets 0, 0.6, 0, 0
+set xrange [-0.6:XMAX]
+set key autotitle columnheader
 plot 'cpu.dat' using 2:xtic(1) title 'consumer process', '' using 3 title 'walsender (source)', \\
      '' using 4 title 'staging backend'
 """)
@@ -1078,7 +1080,7 @@ def main():
                          "run is reported (all runs are in results.json)")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each timed run wait up to S seconds until the rest of the machine "
-                         "uses less than a quarter of a core (shared machines)")
+                         "uses less than a third of a core (shared machines)")
     ap.add_argument("--latency-rate", type=float, default=None,
                     help="changes/s for the latency run (default: 50%% of the live capacity, measured first)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
