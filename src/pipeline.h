@@ -54,6 +54,7 @@ typedef struct wp_segment {
     wp_shape_t *shapes;     /* table shapes first seen in this segment */
     wp_position_t pos;      /* position once this segment is committed */
     bool final;             /* the reader stops after this segment */
+    bool more_coming;       /* pushed because it was full: the reader is behind, more follows at once */
     struct wp_segment *next;
 } wp_segment_t;
 

@@ -383,11 +383,12 @@ static wp_segment_t *current_segment(wp_reader_t *reader)
  * stager, waiting while the queue is full but keeping the walsender fed with
  * status updates meanwhile.  Returns 0, or -1 if the session failed.
  */
-static int push_segment(wp_reader_t *reader, wp_queue_t *queue, bool final)
+static int push_segment(wp_reader_t *reader, wp_queue_t *queue, bool final, bool more_coming)
 {
     wp_segment_t *segment = current_segment(reader);
     segment->pos = reader->pos;
     segment->final = final;
+    segment->more_coming = more_coming;
     for (;;) {
         int pushed = wp_queue_push(queue, segment, POLL_MAX_MS);
         if (pushed == 1)
@@ -591,7 +592,7 @@ static int wait_socket(PGconn *conn, int timeout_ms)
 /* Graceful stop: stage what we hold, wait for its commit, acknowledge it, end the COPY. */
 static int finish_stream(wp_reader_t *reader, wp_queue_t *queue)
 {
-    if (push_segment(reader, queue, true) != 0)
+    if (push_segment(reader, queue, true, false) != 0)
         return -1;
     for (;;) {
         wp_position_t durable = wp_queue_durable(queue);
@@ -664,7 +665,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
                     wait = (int)left;
             }
             if (position_due) {
-                if (push_segment(reader, queue, false) != 0)
+                if (push_segment(reader, queue, false, false) != 0)
                     goto fail;
                 wait = POLL_MAX_MS;
             }
@@ -697,7 +698,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
             handle_xlogdata(reader, data_start, buf + 25, (size_t)n - 25);
             wp_segment_t *segment = reader->segment;
             if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
-                push_segment(reader, queue, false) != 0)
+                push_segment(reader, queue, false, true) != 0)
                 goto fail;
         } else if (buf[0] == 'k' && n >= 18) {
             wp_lsn_t wal_end = get_u64(buf + 1);

@@ -13,7 +13,8 @@
  * nor repeats a change.
  *
  * A batch ends when it holds batch_rows rows or batch_bytes bytes, when it is
- * batch_ms old, or when the queue runs dry (nothing more to wait for).  Any
+ * batch_ms old, or when the queue runs dry while the reader is caught up with
+ * the source (nothing more to wait for).  Any
  * staging error rolls the batch back and fails the session; the source then
  * reconnects and resumes from the last committed checkpoint.
  *
@@ -574,6 +575,7 @@ int wp_stager_run(wp_stager_t *stager, wp_queue_t *queue)
             goto out;
         if (segment) {
             bool final = segment->final;
+            bool more_coming = segment->more_coming;
             int src = stage_segment(stager, segment);
             wp_segment_destroy(segment);
             if (src != 0)
@@ -581,7 +583,12 @@ int wp_stager_run(wp_stager_t *stager, wp_queue_t *queue)
             bool full = stager->batch_rows >= (size_t)stager->config->batch_rows ||
                         stager->batch_bytes >= stager->config->batch_bytes;
             bool old = wp_now_ms() - stager->batch_started_ms >= stager->config->batch_ms;
-            bool dry = wp_queue_length(queue) == 0;
+            /*
+             * An empty queue means "commit now" only when the reader has caught
+             * up with the source (it pushed because its socket ran dry); while
+             * it works through a backlog the batch grows to its limits instead.
+             */
+            bool dry = wp_queue_length(queue) == 0 && !more_coming;
             if ((final || full || old || dry) && batch_commit(stager, queue) != 0)
                 goto out;
             if (final) {
