@@ -90,6 +90,8 @@ def main():
         trial("schema_as_is", 10000)
         trial("no_secondary_indexes", 10000, [f"DROP INDEX walpipe.{i}" for i in SECONDARY_INDEXES])
         trial("payload_json", 10000, ["ALTER TABLE walpipe.raw_events ALTER payload TYPE json"])
+        trial("payload_gin_index", 10000, ["CREATE INDEX raw_events_payload_gin ON walpipe.raw_events "
+                                           "USING gin (payload jsonb_path_ops)"])
     finally:
         wptest.cleanup_all()
 
