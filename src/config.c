@@ -41,6 +41,7 @@ typedef enum section_kind {
     SECTION_WALPIPE,
     SECTION_STAGING,
     SECTION_SOURCE,
+    SECTION_WORKERS,
 } section_kind_t;
 
 typedef enum key_type {
@@ -52,6 +53,8 @@ typedef enum key_type {
     TYPE_SLOT,
     TYPE_TABLES,
     TYPE_SNAPSHOT,
+    TYPE_NAME,    /* an SQL identifier, taken as written (quoted when used) */
+    TYPE_PATTERN, /* mirror table name pattern: {source}, {schema}, {table} */
 } key_type_t;
 
 typedef struct key_spec {
@@ -76,6 +79,12 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "status_interval_ms", TYPE_INT, offsetof(wp_source_config_t, status_interval_ms), 100, 60000},
     {SECTION_SOURCE, "snapshot", TYPE_SNAPSHOT, offsetof(wp_source_config_t, snapshot_initial), 0, 0},
     {SECTION_SOURCE, "snapshot_workers", TYPE_INT, offsetof(wp_source_config_t, snapshot_workers), 1, 16},
+    {SECTION_WORKERS, "count", TYPE_INT, offsetof(wp_config_t, workers), 0, 64},
+    {SECTION_WORKERS, "claim_size", TYPE_INT, offsetof(wp_config_t, claim_size), 1, 100000},
+    {SECTION_WORKERS, "mirror_schema", TYPE_NAME, offsetof(wp_config_t, mirror_schema), 0, 0},
+    {SECTION_WORKERS, "mirror_table", TYPE_PATTERN, offsetof(wp_config_t, mirror_table), 0, 0},
+    {SECTION_WORKERS, "max_attempts", TYPE_INT, offsetof(wp_config_t, max_attempts), 1, 1000},
+    {SECTION_WORKERS, "retry_backoff_ms", TYPE_INT, offsetof(wp_config_t, retry_backoff_ms), 10, 3600000},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 
@@ -100,6 +109,7 @@ typedef struct parser {
     size_t source;          /* index into config->sources when SECTION_SOURCE */
     int walpipe_line;       /* header lines; 0 = section absent */
     int staging_line;
+    int workers_line;
     int global_key_line[N_KEYS];
 
     wp_buf_t value; /* current value after ${VAR} expansion */
@@ -196,6 +206,8 @@ static const char *section_label(const parser_t *p, char *buf, size_t size)
         return "[walpipe]";
     case SECTION_STAGING:
         return "[staging]";
+    case SECTION_WORKERS:
+        return "[workers]";
     case SECTION_SOURCE:
         snprintf(buf, size, "[source %s]", p->config->sources[p->source].name);
         return buf;
@@ -216,6 +228,12 @@ static wp_config_t *config_new(const char *path)
     config->batch_ms = 50;
     config->payload_gin_index = false;
     config->partitions_ahead = 7;
+    config->workers = 1;
+    config->claim_size = 1000;
+    config->mirror_schema = wp_strdup("analytics");
+    config->mirror_table = wp_strdup("{schema}_{table}");
+    config->max_attempts = 5;
+    config->retry_backoff_ms = 1000;
     return config;
 }
 
@@ -241,6 +259,8 @@ void wp_config_destroy(wp_config_t *config)
     }
     free(config->sources);
     free(config->staging_conninfo);
+    free(config->mirror_schema);
+    free(config->mirror_table);
     free(config->path);
     free(config);
 }
@@ -280,7 +300,7 @@ static bool begin_section(parser_t *p, const char *line)
     int lineno = p->lineno;
 
     if (close == NULL) {
-        fail(p, lineno, "section header has no closing \"]\"; write [walpipe], [staging] or [source NAME]");
+        fail(p, lineno, "section header has no closing \"]\"; write [walpipe], [staging], [workers] or [source NAME]");
         return false;
     }
     for (rest = close + 1; is_space(*rest); rest++)
@@ -304,6 +324,15 @@ static bool begin_section(parser_t *p, const char *line)
         }
         *seen = lineno;
         p->section = name[0] == 'w' ? SECTION_WALPIPE : SECTION_STAGING;
+        return true;
+    }
+    if (strcmp(name, "workers") == 0) {
+        if (p->workers_line) {
+            fail(p, lineno, "duplicate section [workers] (first at line %d); merge the two sections", p->workers_line);
+            return false;
+        }
+        p->workers_line = lineno;
+        p->section = SECTION_WORKERS;
         return true;
     }
     if (strncmp(name, "source", 6) == 0 && (name[6] == '\0' || is_space(name[6]))) {
@@ -330,7 +359,7 @@ static bool begin_section(parser_t *p, const char *line)
         p->section = SECTION_SOURCE;
         return true;
     }
-    fail(p, lineno, "unknown section [%s]; expected [walpipe], [staging] or [source NAME]", name);
+    fail(p, lineno, "unknown section [%s]; expected [walpipe], [staging], [workers] or [source NAME]", name);
     return false;
 }
 
@@ -640,6 +669,41 @@ out:
     return ok;
 }
 
+/*
+ * A mirror table name pattern: text with {source}, {schema} and {table}
+ * placeholders; it must hold {table} so that two tables never share a mirror.
+ */
+static bool check_pattern(parser_t *p, const key_spec_t *spec, const char *label, const char *value)
+{
+    bool has_table = false;
+
+    for (const char *s = value; *s; s++) {
+        if (*s == '}') {
+            fail(p, p->lineno, "%s in %s has a '}' without '{'; placeholders are {source}, {schema} and {table}",
+                 spec->name, label);
+            return false;
+        }
+        if (*s != '{')
+            continue;
+        const char *end = strchr(s, '}');
+        size_t n = end ? (size_t)(end - s - 1) : 0;
+        if (end && n == 5 && strncmp(s + 1, "table", 5) == 0)
+            has_table = true;
+        else if (!end || !((n == 6 && strncmp(s + 1, "source", 6) == 0) || (n == 6 && strncmp(s + 1, "schema", 6) == 0))) {
+            fail(p, p->lineno, "%s in %s has an unknown placeholder; use {source}, {schema} and {table} (got \"%.60s\")",
+                 spec->name, label, value);
+            return false;
+        }
+        s = end;
+    }
+    if (!has_table) {
+        fail(p, p->lineno, "%s in %s must contain {table}, or two tables would share one mirror (got \"%.60s\")",
+             spec->name, label, value);
+        return false;
+    }
+    return true;
+}
+
 /* Stores the expanded value of one key into base (a wp_config_t or wp_source_config_t). */
 static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, char *base, const char *value)
 {
@@ -731,6 +795,23 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
         }
         *(bool *)field = strcmp(value, "initial") == 0;
         return true;
+
+    case TYPE_NAME:
+        if (value[0] == '\0' || strlen(value) > NAME_MAX_LEN) {
+            fail(p, p->lineno, "%s in %s must be a name of 1 to %d bytes (it is used quoted, case kept)", spec->name,
+                 label, NAME_MAX_LEN);
+            return false;
+        }
+        free(*(char **)field);
+        *(char **)field = wp_strdup(value);
+        return true;
+
+    case TYPE_PATTERN:
+        if (!check_pattern(p, spec, label, value))
+            return false;
+        free(*(char **)field);
+        *(char **)field = wp_strdup(value);
+        return true;
     }
     return false;
 }
@@ -749,7 +830,8 @@ static int handle_key_cb(void *user, const char *section, const char *name, cons
     if (p->failed)
         return 0;
     if (p->section == SECTION_NONE) {
-        fail(p, p->lineno, "key \"%s\" comes before any section; put it under [walpipe], [staging] or [source NAME]",
+        fail(p, p->lineno,
+             "key \"%s\" comes before any section; put it under [walpipe], [staging], [workers] or [source NAME]",
              name);
         return 0;
     }

@@ -5,6 +5,7 @@
  *   [staging]            conninfo, batch_rows, batch_bytes, batch_ms, payload_gin_index, partitions_ahead
  *   [source NAME]        conninfo, slot, tables, status_interval_ms, snapshot, snapshot_workers
  *                        (any number of sections)
+ *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
@@ -57,6 +58,12 @@ typedef struct wp_config {
     int batch_ms;                 /* default 50 */
     bool payload_gin_index;       /* default false */
     int partitions_ahead;         /* daily partitions created ahead; default 7 */
+    int workers;                  /* [workers] count: transform workers `run` starts; default 1, 0 = none */
+    int claim_size;               /* events a worker claims per transaction; default 1000 */
+    char *mirror_schema;          /* schema of the mirror tables; default "analytics" */
+    char *mirror_table;           /* mirror table name pattern; default "{schema}_{table}" */
+    int max_attempts;             /* automatic apply attempts before a dead letter is parked; default 5 */
+    int retry_backoff_ms;         /* delay before the first retry, doubled per attempt; default 1000 */
     wp_source_config_t *sources;
     size_t nsources;
 } wp_config_t;

@@ -346,7 +346,7 @@ static void test_tables(void **state)
 static void test_section_errors(void **state)
 {
     (void)state;
-    expect_error(STAGING "[stagin]\n" SOURCE, 3, "unknown section [stagin]; expected [walpipe], [staging] or [source NAME]");
+    expect_error(STAGING "[stagin]\n" SOURCE, 3, "unknown section [stagin]; expected [walpipe], [staging], [workers] or [source NAME]");
     expect_error(STAGING "[sourceapp]\n" SOURCE, 3, "unknown section [sourceapp]");
     expect_error(STAGING "\n[source]\n" SOURCE, 4, "[source] needs a name");
     expect_error(STAGING "[source a.b]\n", 3, "invalid source name \"a.b\"");
@@ -540,6 +540,60 @@ static void test_redacted(void **state)
 }
 
 /* The commented sample shipped at the top of the repository is a valid configuration. */
+/* [workers]: defaults, every key, and the errors of each. */
+static void test_workers(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    wp_config_t *c = parse(STAGING SOURCE, err, sizeof err);
+
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->workers, 1);
+    assert_int_equal(c->claim_size, 1000);
+    assert_string_equal(c->mirror_schema, "analytics");
+    assert_string_equal(c->mirror_table, "{schema}_{table}");
+    assert_int_equal(c->max_attempts, 5);
+    assert_int_equal(c->retry_backoff_ms, 1000);
+    wp_config_destroy(c);
+
+    c = parse(STAGING SOURCE "[workers]\ncount = 0\nclaim_size = 50\nmirror_schema = My Mirror\n"
+                             "mirror_table = {source}__{schema}.{table}\nmax_attempts = 9\nretry_backoff_ms = 250\n",
+              err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->workers, 0);
+    assert_int_equal(c->claim_size, 50);
+    assert_string_equal(c->mirror_schema, "My Mirror");
+    assert_string_equal(c->mirror_table, "{source}__{schema}.{table}");
+    assert_int_equal(c->max_attempts, 9);
+    assert_int_equal(c->retry_backoff_ms, 250);
+    wp_config_destroy(c);
+
+    /* the section may come first, and {table} alone is enough */
+    c = parse("[workers]\nmirror_table = {table}\n" STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_string_equal(c->mirror_table, "{table}");
+    wp_config_destroy(c);
+
+    expect_error(STAGING SOURCE "[workers]\ncount = 65\n", 6, "count in [workers] must be an integer from 0 to 64");
+    expect_error(STAGING SOURCE "[workers]\nclaim_size = 0\n", 6, "claim_size in [workers] must be an integer from 1");
+    expect_error(STAGING SOURCE "[workers]\nmax_attempts = -1\n", 6, "max_attempts in [workers] must be an integer");
+    expect_error(STAGING SOURCE "[workers]\nretry_backoff_ms = 5\n", 6, "retry_backoff_ms in [workers] must be");
+    expect_error(STAGING SOURCE "[workers]\nworkers = 2\n", 6,
+                 "unknown key \"workers\" in [workers]; valid keys are: count, claim_size, mirror_schema, mirror_table, "
+                 "max_attempts, retry_backoff_ms");
+    expect_error(STAGING SOURCE "[workers]\nmirror_schema = "
+                                "a234567890123456789012345678901234567890123456789012345678901234\n",
+                 6, "mirror_schema in [workers] must be a name of 1 to 63 bytes");
+    expect_error(STAGING SOURCE "[workers]\nmirror_table = {schema}_x\n", 6, "must contain {table}");
+    expect_error(STAGING SOURCE "[workers]\nmirror_table = {tabel}\n", 6, "unknown placeholder");
+    expect_error(STAGING SOURCE "[workers]\nmirror_table = {table\n", 6, "unknown placeholder");
+    expect_error(STAGING SOURCE "[workers]\nmirror_table = t}{table}\n", 6, "'}' without '{'");
+    expect_error(STAGING SOURCE "[workers]\ncount = 1\n[workers]\n", 7, "duplicate section [workers] (first at line 5)");
+}
+
 static void test_example_file(void **state)
 {
     (void)state;
@@ -553,6 +607,8 @@ static void test_example_file(void **state)
     assert_int_equal(c->sources[0].ntables, 2);
     assert_int_equal(c->batch_rows, 10000);
     assert_int_equal(c->batch_bytes, 8 * 1024 * 1024);
+    assert_int_equal(c->workers, 1);
+    assert_string_equal(c->mirror_schema, "analytics");
     wp_config_destroy(c);
 }
 
@@ -564,6 +620,7 @@ int main(void)
         cmocka_unit_test(test_section_errors), cmocka_unit_test(test_key_errors),   cmocka_unit_test(test_value_errors),
         cmocka_unit_test(test_missing_errors), cmocka_unit_test(test_slot_clashes), cmocka_unit_test(test_long_line),
         cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted), cmocka_unit_test(test_example_file),
+        cmocka_unit_test(test_workers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
