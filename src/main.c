@@ -1,8 +1,10 @@
 /*
  * main.c: the walpipe command: argument parsing, signals, lifecycle.
  *
- *   walpipe run  --config FILE   stream every configured source into staging
+ *   walpipe run  --config FILE   stream every configured source into staging (and run the workers)
  *   walpipe init --config FILE   create or upgrade the staging schema
+ *   walpipe work --config FILE   transform workers only, against the same staging database
+ *   walpipe dlq list|retry|drop [--id N]... [--all] --config FILE
  *
  * Signal handlers only set wp_stop_requested; each source notices it within
  * one poll interval, commits the batch in hand, acknowledges it and exits.
@@ -17,11 +19,14 @@
 #include <walpipe/walpipe.h>
 
 #include "config.h"
+#include "dlq.h"
 #include "log.h"
+#include "mem.h"
 #include "migrate.h"
 #include "pipeline.h"
 #include "snapshot.h"
 #include "source.h"
+#include "worker.h"
 
 static void usage(FILE *out)
 {
@@ -37,6 +42,10 @@ static void usage(FILE *out)
             "  walpipe snapshot --config FILE --source NAME [--table SCHEMA.TABLE]...\n"
             "                               copy the current rows of a source's tables (default: its `tables`, or\n"
             "                               all) into raw_events as 'snapshot' events, while `run` keeps streaming\n"
+            "  walpipe work --config FILE [--workers N]\n"
+            "                               transform workers only: apply raw_events to the mirror tables\n"
+            "  walpipe dlq list|retry|drop [--id N]... [--all] --config FILE\n"
+            "                               show, retry or drop dead letters (events that could not be applied)\n"
             "  walpipe --help | --version\n"
             "\n"
             "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
@@ -84,19 +93,46 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
         if (sources[i] == NULL)
             rc = WP_EXIT_FATAL;
     }
+    wp_workers_t *workers = wp_workers_start(config, config->workers, true);
     for (size_t i = 0; i < config->nsources; i++) {
         if (sources[i] && wp_source_join(sources[i]) != 0)
             rc = WP_EXIT_FATAL;
     }
+    wp_workers_stop(workers);
     free(sources);
     wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
     return rc;
 }
 
+static int cmd_work(wp_config_t *config, int workers)
+{
+    if (workers <= 0)
+        workers = config->workers > 0 ? config->workers : 1;
+    wp_info("walpipe %s starting %d transform worker(s)", WALPIPE_VERSION, workers);
+    wp_workers_t *pool = wp_workers_start(config, workers, false);
+    wp_workers_wait(pool);
+    int rc = wp_workers_stop(pool) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
+    wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
+    return rc;
+}
+
+/* Parses a positive integer argument of option opt; false after printing why not. */
+static bool parse_count(const char *opt, const char *s, long long max, long long *out)
+{
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < 1 || v > max) {
+        fprintf(stderr, "walpipe: %s needs a number from 1 to %lld (got \"%s\")\n", opt, max, s);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
 int main(int argc, char **argv)
 {
     int rc = WP_EXIT_CONFIG;
-    const char *command = NULL, *config_path = NULL;
+    const char *command = NULL, *config_path = NULL, *action = NULL;
     wp_config_t *config = NULL;
     char err[WP_ERRLEN];
     const char **accept_gap = wp_calloc((size_t)argc, sizeof *accept_gap);
@@ -107,6 +143,10 @@ int main(int argc, char **argv)
 
     /* first thing: a SIGTERM that arrives while the configuration loads still means "stop cleanly" */
     install_signals();
+    int64_t *ids = wp_calloc((size_t)argc, sizeof *ids);
+    size_t nids = 0;
+    bool all = false;
+    long long workers = 0;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -140,15 +180,29 @@ int main(int argc, char **argv)
                 source_name = argv[++i];
             else
                 tables[ntables++] = argv[++i];
+        } else if ((strcmp(argv[i], "--id") == 0 || strcmp(argv[i], "--workers") == 0) && i + 1 < argc) {
+            long long v;
+            if (!parse_count(argv[i], argv[i + 1], argv[i][2] == 'i' ? INT64_MAX : 64, &v))
+                goto out;
+            if (argv[i][2] == 'i')
+                ids[nids++] = v;
+            else
+                workers = v;
+            i++;
+        } else if (strcmp(argv[i], "--all") == 0) {
+            all = true;
         } else if (argv[i][0] != '-' && command == NULL) {
             command = argv[i];
+        } else if (argv[i][0] != '-' && command && strcmp(command, "dlq") == 0 && action == NULL) {
+            action = argv[i];
         } else {
             fprintf(stderr, "walpipe: unknown argument \"%s\"; try walpipe --help\n", argv[i]);
             goto out;
         }
     }
     if (command == NULL ||
-        (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0)) {
+        (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0 &&
+         strcmp(command, "work") != 0 && strcmp(command, "dlq") != 0)) {
         if (command)
             fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
         usage(stderr);
@@ -186,9 +240,14 @@ int main(int argc, char **argv)
         rc = wp_migrate_apply(config) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
     else if (strcmp(command, "snapshot") == 0)
         rc = wp_snapshot_command(config, source_name, tables, ntables);
+    else if (strcmp(command, "work") == 0)
+        rc = cmd_work(config, (int)workers);
+    else if (strcmp(command, "dlq") == 0)
+        rc = wp_dlq_command(config, action, ids, nids, all);
     else
         rc = cmd_run(config, accept_gap, naccept_gap);
 out:
+    free(ids);
     wp_config_destroy(config);
     free(accept_gap);
     free(tables);

@@ -469,6 +469,8 @@ static int batch_commit(wp_stager_t *stager, wp_queue_t *queue)
         append_checkpoint_sql(stager, &sql, &stager->batch_pos);
     if (sql.len)
         wp_buf_puts(&sql, "; ");
+    if (stager->batch_rows)
+        wp_buf_puts(&sql, "NOTIFY walpipe_raw_events; "); /* wakes idle transform workers at commit */
     wp_buf_puts(&sql, "COMMIT");
     if (exec_expect(stager, sql.data, PGRES_COMMAND_OK, "commit a batch") != 0)
         goto out;

@@ -1,0 +1,1546 @@
+/*
+ * mirror.c: the mirror transform's SQL: payloads, the registry, mirror DDL,
+ * the statements that apply one change, and key discovery.
+ *
+ * Job: keep analytics.<schema>_<table> (configurable) equal to each captured
+ * source table, whatever order staged events are applied in and however many
+ * times: several workers, retries from the dead-letter queue and replays
+ * (processed = false again) must all converge to the source's state.
+ *
+ * Invariant, and why it holds.
+ *
+ * A change's version is (commit LSN, seq).  Changes to one row are totally
+ * ordered by it: a transaction that writes a row another transaction wrote
+ * waits for that one's commit, so its own commit record ends later in the WAL;
+ * inside a transaction seq orders the changes.  The source's state of a key is
+ * a function of the changes to that key: the row exists iff the newest change
+ * is an insert or update (not a delete) and is newer than the newest TRUNCATE;
+ * and each column holds the value of the newest change that carried that
+ * column (an UPDATE leaves a column out only when it is an unchanged TOAST
+ * value, i.e. the value did not change).
+ *
+ * The mirror keeps exactly what computes that function incrementally:
+ *  - each row carries _walpipe_lsn/_walpipe_seq, the newest version that wrote it;
+ *  - _walpipe_stale maps a column the newest write left out to the version of
+ *    the value the column still holds (NULL when no column lags: the usual case);
+ *  - walpipe."tombstones_<id>" maps each deleted key to the newest delete's version;
+ *  - walpipe.mirrors.truncated_lsn/seq is the newest TRUNCATE's version.
+ * Applying a change is a max-merge on these: a row image at version v is
+ * written where v is newer than the row, or fills a stale column older than v;
+ * not at all when a tombstone of the key is newer than v or the newest
+ * TRUNCATE is at v or newer.  A delete at v raises the tombstone to v and
+ * removes the row unless the row is newer.  A TRUNCATE at v raises the table's
+ * truncate version and removes rows and tombstones older than v.  Max is
+ * commutative, associative and idempotent, so any interleaving, replay or
+ * retry of the same changes ends in the same state, the one the newest changes
+ * dictate: the source's.  (A tombstone equal to a write's version only arises
+ * when an UPDATE changes the key to a value equal to the old one, e.g. numeric
+ * 1.0 -> 1.00: the write wins, so tombstones block writes strictly older.)
+ *
+ * Concurrency.  Row writes to one key serialize on the mirror's primary key
+ * (INSERT ... ON CONFLICT waits for another worker's uncommitted row and
+ * re-checks).  A delete and an older insert of the same key could still miss
+ * each other under READ COMMITTED: the insert checks for a tombstone before
+ * the delete commits, the delete looks for the row before the insert commits,
+ * and the row is resurrected.  Three statements close that gap:
+ *  1. the delete first inserts a placeholder row for its key (ON CONFLICT DO
+ *     NOTHING), together with the tombstone.  This waits for any uncommitted
+ *     insert of the key; and an insert that comes after it waits for the
+ *     delete's commit;
+ *  2. then, in a new statement (a new snapshot, taken after that wait), it
+ *     deletes the key's row, placeholder included, unless the row is newer;
+ *  3. before it commits, a worker sweeps the keys it wrote: it deletes its
+ *     rows that a tombstone visible now (committed meanwhile) makes dead.
+ * If the insert came first, the delete waited for it and statement 2 sees and
+ * deletes its row.  If the delete came first, the insert waited for the
+ * delete's commit, so the insert's sweep sees the tombstone.  A TRUNCATE takes
+ * LOCK TABLE ... IN EXCLUSIVE MODE, which waits for every transaction writing
+ * the mirror and makes new writers wait until it commits.
+ *
+ * Limits (README, "Transform workers"): a key-changing UPDATE that leaves a
+ * TOASTed column out copies that value from the old key's mirror row, so an
+ * older change to that column applied later does not follow the row to its
+ * new key; rows that exist when a column is added with a DEFAULT read NULL in
+ * the mirror until they change (ADD COLUMN writes no row changes to the WAL);
+ * tables need a key (see key discovery at the end of this file).
+ *
+ * Every identifier in generated SQL is quoted with PQescapeIdentifier and
+ * every name used as a value with PQescapeLiteral or passed as a parameter.
+ */
+#include "wp_setup.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "log.h"
+#include "mirror.h"
+
+#define OID_TEXT 25
+#define OID_INT4 23
+#define OID_PG_LSN 3220
+#define OID_TEXT_ARRAY 1009
+#define FIRST_USER_OID 16384
+/* pg_advisory_xact_lock(int, int) class for mirror creation (the (int, int) key space is separate from bigint keys). */
+#define MIRROR_LOCK_CLASS "774563"
+#define NAMEDATALEN_MAX 63
+
+/* ---------------------------------------------------------------- payload parser */
+
+typedef struct jparser {
+    const char *s;
+    size_t pos;
+    char *err;
+    size_t errlen;
+    wp_payload_t *p;
+} jparser_t;
+
+static void jfail(jparser_t *j, const char *what)
+{
+    snprintf(j->err, j->errlen, "invalid payload JSON at byte %zu: %s", j->pos, what);
+}
+
+static void jspace(jparser_t *j)
+{
+    while (j->s[j->pos] == ' ' || j->s[j->pos] == '\t' || j->s[j->pos] == '\n' || j->s[j->pos] == '\r')
+        j->pos++;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static bool read_hex4(jparser_t *j, unsigned *out)
+{
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        int h = hexval(j->s[j->pos + (size_t)i]);
+        if (h < 0)
+            return false;
+        v = v * 16 + (unsigned)h;
+    }
+    j->pos += 4;
+    *out = v;
+    return true;
+}
+
+static void put_utf8(wp_buf_t *b, unsigned cp)
+{
+    if (cp < 0x80) {
+        wp_buf_putc(b, (char)cp);
+    } else if (cp < 0x800) {
+        wp_buf_putc(b, (char)(0xC0 | (cp >> 6)));
+        wp_buf_putc(b, (char)(0x80 | (cp & 0x3F)));
+    } else if (cp < 0x10000) {
+        wp_buf_putc(b, (char)(0xE0 | (cp >> 12)));
+        wp_buf_putc(b, (char)(0x80 | ((cp >> 6) & 0x3F)));
+        wp_buf_putc(b, (char)(0x80 | (cp & 0x3F)));
+    } else {
+        wp_buf_putc(b, (char)(0xF0 | (cp >> 18)));
+        wp_buf_putc(b, (char)(0x80 | ((cp >> 12) & 0x3F)));
+        wp_buf_putc(b, (char)(0x80 | ((cp >> 6) & 0x3F)));
+        wp_buf_putc(b, (char)(0x80 | (cp & 0x3F)));
+    }
+}
+
+/* Reads a JSON string at j->pos into the arena (NUL-terminated); *off is its offset there. */
+static bool jstring(jparser_t *j, size_t *off)
+{
+    wp_buf_t *a = &j->p->arena;
+    if (j->s[j->pos] != '"') {
+        jfail(j, "expected a string");
+        return false;
+    }
+    j->pos++;
+    *off = a->len;
+    for (;;) {
+        unsigned char c = (unsigned char)j->s[j->pos];
+        if (c == '"') {
+            j->pos++;
+            break;
+        }
+        if (c == '\0' || c < 0x20) {
+            jfail(j, "unterminated string or raw control character");
+            return false;
+        }
+        if (c != '\\') {
+            size_t start = j->pos;
+            while ((unsigned char)j->s[j->pos] >= 0x20 && j->s[j->pos] != '"' && j->s[j->pos] != '\\')
+                j->pos++;
+            wp_buf_append(a, j->s + start, j->pos - start);
+            continue;
+        }
+        j->pos++;
+        char e = j->s[j->pos++];
+        switch (e) {
+        case '"':
+        case '\\':
+        case '/':
+            wp_buf_putc(a, e);
+            break;
+        case 'b':
+            wp_buf_putc(a, '\b');
+            break;
+        case 'f':
+            wp_buf_putc(a, '\f');
+            break;
+        case 'n':
+            wp_buf_putc(a, '\n');
+            break;
+        case 'r':
+            wp_buf_putc(a, '\r');
+            break;
+        case 't':
+            wp_buf_putc(a, '\t');
+            break;
+        case 'u': {
+            unsigned cp;
+            if (!read_hex4(j, &cp)) {
+                jfail(j, "bad \\u escape");
+                return false;
+            }
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                unsigned lo;
+                if (j->s[j->pos] != '\\' || j->s[j->pos + 1] != 'u') {
+                    jfail(j, "unpaired surrogate");
+                    return false;
+                }
+                j->pos += 2;
+                if (!read_hex4(j, &lo) || lo < 0xDC00 || lo > 0xDFFF) {
+                    jfail(j, "unpaired surrogate");
+                    return false;
+                }
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+                jfail(j, "unpaired surrogate");
+                return false;
+            }
+            if (cp == 0) {
+                jfail(j, "\\u0000 cannot be a SQL text value");
+                return false;
+            }
+            put_utf8(a, cp);
+            break;
+        }
+        default:
+            jfail(j, "unknown escape");
+            return false;
+        }
+    }
+    wp_buf_putc(a, '\0');
+    return true;
+}
+
+/* A scalar value: *off into the arena, or *is_null.  Numbers keep their exact text. */
+static bool jscalar(jparser_t *j, size_t *off, bool *is_null)
+{
+    const char *s = j->s + j->pos;
+    *is_null = false;
+    if (*s == '"')
+        return jstring(j, off);
+    if (strncmp(s, "null", 4) == 0) {
+        j->pos += 4;
+        *is_null = true;
+        return true;
+    }
+    size_t n = 0;
+    if (strncmp(s, "true", 4) == 0)
+        n = 4;
+    else if (strncmp(s, "false", 5) == 0)
+        n = 5;
+    else
+        while (s[n] == '-' || s[n] == '+' || s[n] == '.' || s[n] == 'e' || s[n] == 'E' || (s[n] >= '0' && s[n] <= '9'))
+            n++;
+    if (n == 0) {
+        jfail(j, "expected a scalar value");
+        return false;
+    }
+    *off = j->p->arena.len;
+    wp_buf_append(&j->p->arena, s, n);
+    wp_buf_putc(&j->p->arena, '\0');
+    j->pos += n;
+    return true;
+}
+
+/* Skips any JSON value (members walpipe does not use, like a message's "content"). */
+static bool jskip(jparser_t *j, int depth)
+{
+    jspace(j);
+    char c = j->s[j->pos];
+    if (depth > 64) {
+        jfail(j, "nested too deeply");
+        return false;
+    }
+    if (c == '{' || c == '[') {
+        char close = c == '{' ? '}' : ']';
+        j->pos++;
+        jspace(j);
+        if (j->s[j->pos] == close) {
+            j->pos++;
+            return true;
+        }
+        for (;;) {
+            jspace(j);
+            if (c == '{') {
+                size_t off;
+                if (!jstring(j, &off))
+                    return false;
+                jspace(j);
+                if (j->s[j->pos++] != ':') {
+                    jfail(j, "expected ':'");
+                    return false;
+                }
+            }
+            if (!jskip(j, depth + 1))
+                return false;
+            jspace(j);
+            if (j->s[j->pos] == ',') {
+                j->pos++;
+                continue;
+            }
+            if (j->s[j->pos] == close) {
+                j->pos++;
+                return true;
+            }
+            jfail(j, "expected ',' or the end of a container");
+            return false;
+        }
+    }
+    size_t off;
+    bool is_null;
+    return jscalar(j, &off, &is_null);
+}
+
+typedef struct pending_field {
+    size_t name, value;
+    bool is_null;
+} pending_field_t;
+
+/* Parses {"name": scalar, ...} into o (offsets fixed up by the caller). */
+static bool jobject(jparser_t *j, wp_jobject_t *o, pending_field_t **pend, size_t *npend, size_t *cap)
+{
+    size_t first = *npend;
+    jspace(j);
+    if (j->s[j->pos] != '{') {
+        jfail(j, "expected an object of column values");
+        return false;
+    }
+    j->pos++;
+    jspace(j);
+    if (j->s[j->pos] == '}') {
+        j->pos++;
+    } else {
+        for (;;) {
+            jspace(j);
+            pending_field_t f;
+            if (!jstring(j, &f.name))
+                return false;
+            jspace(j);
+            if (j->s[j->pos++] != ':') {
+                jfail(j, "expected ':'");
+                return false;
+            }
+            jspace(j);
+            if (!jscalar(j, &f.value, &f.is_null))
+                return false;
+            if (*npend == *cap) {
+                *cap = *cap ? *cap * 2 : 64;
+                *pend = wp_realloc(*pend, *cap * sizeof **pend);
+            }
+            (*pend)[(*npend)++] = f;
+            jspace(j);
+            if (j->s[j->pos] == ',') {
+                j->pos++;
+                continue;
+            }
+            if (j->s[j->pos] == '}') {
+                j->pos++;
+                break;
+            }
+            jfail(j, "expected ',' or '}'");
+            return false;
+        }
+    }
+    o->present = true;
+    o->n = *npend - first;
+    o->fields = (wp_jfield_t *)(uintptr_t)first; /* index for now; fixed up at the end */
+    return true;
+}
+
+int wp_payload_parse(wp_payload_t *p, const char *text, char *err, size_t errlen)
+{
+    jparser_t j = {.s = text, .pos = 0, .err = err, .errlen = errlen, .p = p};
+    pending_field_t *pend = NULL;
+    size_t npend = 0, cap = 0;
+    int rc = -1;
+
+    wp_buf_reset(&p->arena);
+    wp_buf_reserve(&p->arena, 1);
+    memset(&p->after, 0, sizeof p->after);
+    memset(&p->key, 0, sizeof p->key);
+    memset(&p->before, 0, sizeof p->before);
+    jspace(&j);
+    if (text[j.pos] != '{') {
+        jfail(&j, "expected an object");
+        goto out;
+    }
+    j.pos++;
+    jspace(&j);
+    if (text[j.pos] == '}') {
+        j.pos++;
+    } else {
+        for (;;) {
+            size_t off;
+            jspace(&j);
+            if (!jstring(&j, &off))
+                goto out;
+            jspace(&j);
+            if (text[j.pos++] != ':') {
+                jfail(&j, "expected ':'");
+                goto out;
+            }
+            const char *name = p->arena.data + off;
+            wp_jobject_t *o = strcmp(name, "after") == 0    ? &p->after
+                              : strcmp(name, "key") == 0    ? &p->key
+                              : strcmp(name, "before") == 0 ? &p->before
+                                                            : NULL;
+            if (o != NULL && o->present) {
+                jfail(&j, "duplicate member");
+                goto out;
+            }
+            if (o != NULL ? !jobject(&j, o, &pend, &npend, &cap) : !jskip(&j, 0))
+                goto out;
+            jspace(&j);
+            if (text[j.pos] == ',') {
+                j.pos++;
+                continue;
+            }
+            if (text[j.pos] == '}') {
+                j.pos++;
+                break;
+            }
+            jfail(&j, "expected ',' or '}'");
+            goto out;
+        }
+    }
+    jspace(&j);
+    if (text[j.pos] != '\0') {
+        jfail(&j, "trailing characters");
+        goto out;
+    }
+    if (npend > p->fields_cap) {
+        p->fields_cap = npend;
+        p->fields = wp_realloc(p->fields, npend * sizeof *p->fields);
+    }
+    for (size_t i = 0; i < npend; i++) {
+        p->fields[i].name = p->arena.data + pend[i].name;
+        p->fields[i].value = pend[i].is_null ? NULL : p->arena.data + pend[i].value;
+    }
+    wp_jobject_t *objs[] = {&p->after, &p->key, &p->before};
+    for (size_t i = 0; i < 3; i++)
+        if (objs[i]->present)
+            objs[i]->fields = p->fields + (uintptr_t)objs[i]->fields;
+    rc = 0;
+out:
+    free(pend);
+    return rc;
+}
+
+void wp_payload_free(wp_payload_t *p)
+{
+    wp_buf_free(&p->arena);
+    free(p->fields);
+    memset(p, 0, sizeof *p);
+}
+
+const wp_jfield_t *wp_jobject_get(const wp_jobject_t *o, const char *name, size_t *hint)
+{
+    size_t start = hint && *hint < o->n ? *hint : 0;
+    for (size_t k = 0; k < o->n; k++) {
+        size_t i = (start + k) % o->n;
+        if (strcmp(o->fields[i].name, name) == 0) {
+            if (hint)
+                *hint = i + 1;
+            return &o->fields[i];
+        }
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- shapes */
+
+int wp_tshape_parse(const char *text, wp_tshape_t *out, char *err, size_t errlen)
+{
+    json_error_t jerr;
+    json_t *root = json_loads(text, 0, &jerr);
+    int rc = -1;
+
+    memset(out, 0, sizeof *out);
+    if (root == NULL || !json_is_array(root)) {
+        snprintf(err, errlen, "recorded table shape is not a JSON array: %s", root ? "not an array" : jerr.text);
+        goto out;
+    }
+    out->ncols = json_array_size(root);
+    out->cols = wp_calloc(out->ncols ? out->ncols : 1, sizeof *out->cols);
+    for (size_t i = 0; i < out->ncols; i++) {
+        json_t *c = json_array_get(root, i);
+        json_t *name = json_object_get(c, "name"), *type = json_object_get(c, "type");
+        json_t *oid = json_object_get(c, "typeoid");
+        if (!json_is_string(name) || !json_is_string(type)) {
+            snprintf(err, errlen, "recorded table shape: column %zu has no name or type", i + 1);
+            goto out;
+        }
+        out->cols[i].name = wp_strdup(json_string_value(name));
+        out->cols[i].type = wp_strdup(json_string_value(type));
+        out->cols[i].typeoid = json_is_integer(oid) ? (int64_t)json_integer_value(oid) : -1;
+    }
+    rc = 0;
+out:
+    if (rc != 0)
+        wp_tshape_clear(out);
+    json_decref(root);
+    return rc;
+}
+
+void wp_tshape_clear(wp_tshape_t *shape)
+{
+    for (size_t i = 0; i < shape->ncols; i++) {
+        free(shape->cols[i].name);
+        free(shape->cols[i].type);
+    }
+    free(shape->cols);
+    memset(shape, 0, sizeof *shape);
+}
+
+/* ---------------------------------------------------------------- small SQL helpers */
+
+static char *quote_ident(PGconn *conn, const char *name)
+{
+    char *q = PQescapeIdentifier(conn, name, strlen(name));
+    char *out = q ? wp_strdup(q) : NULL;
+    PQfreemem(q);
+    return out;
+}
+
+static char *quote_literal(PGconn *conn, const char *s)
+{
+    char *q = PQescapeLiteral(conn, s, strlen(s));
+    char *out = q ? wp_strdup(q) : NULL;
+    PQfreemem(q);
+    return out;
+}
+
+/* Copies PostgreSQL's message (first line) into err. */
+static void set_pg_error(char *err, size_t errlen, const char *what, PGconn *conn, const PGresult *res)
+{
+    const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    if (msg == NULL)
+        msg = PQerrorMessage(conn);
+    size_t n = strcspn(msg, "\n");
+    snprintf(err, errlen, "%s: %.*s", what, (int)n, msg);
+}
+
+wp_fail_t wp_mirror_classify(const PGresult *res, PGconn *conn)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (PQstatus(conn) != CONNECTION_OK || state == NULL)
+        return WP_FAIL_TRANSIENT;
+    if (strncmp(state, "40", 2) == 0 || strcmp(state, "55P03") == 0 || strncmp(state, "08", 2) == 0 ||
+        strncmp(state, "57", 2) == 0 || strcmp(state, "53300") == 0)
+        return WP_FAIL_TRANSIENT;
+    return WP_FAIL_RETRY;
+}
+
+/* Runs sql with text parameters; returns the result (caller clears) or NULL after filling err. */
+static PGresult *run(PGconn *conn, const char *sql, int n, const char *const *params, ExecStatusType want,
+                     const char *what, wp_fail_t *fail, char *err, size_t errlen)
+{
+    /* without parameters: the simple protocol, which also runs several ;-separated DDL statements */
+    PGresult *res = n == 0 ? PQexec(conn, sql) : PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != want) {
+        set_pg_error(err, errlen, what, conn, res);
+        *fail = wp_mirror_classify(res, conn);
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* ---------------------------------------------------------------- mirror metadata */
+
+static void free_cols(wp_mcol_t *cols, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(cols[i].name);
+        free(cols[i].qname);
+        free(cols[i].lit);
+        free(cols[i].type);
+    }
+    free(cols);
+}
+
+void wp_mirror_destroy(wp_mirror_t *m)
+{
+    if (m == NULL)
+        return;
+    free(m->source);
+    free(m->schema);
+    free(m->table);
+    free(m->qmirror);
+    free(m->qtomb);
+    free_cols(m->cols, m->ncols);
+    free(m->keys);
+    free(m);
+}
+
+static bool is_reserved(const char *name)
+{
+    return strcmp(name, "_walpipe_lsn") == 0 || strcmp(name, "_walpipe_seq") == 0 ||
+           strcmp(name, "_walpipe_stale") == 0;
+}
+
+/* Reads the registry row's key columns (a text[] literal parsed by the server) and the mirror's columns. */
+int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen)
+{
+    char id[16];
+    wp_fail_t fail;
+    int rc = -1;
+    snprintf(id, sizeof id, "%d", m->id);
+    const char *params[] = {id};
+    PGresult *res = run(conn,
+                        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, "
+                        "       a.attname = ANY (r.key_columns), r.generation, r.shape_lsn, "
+                        "       coalesce(a.attname = ANY (st.not_null_columns), false) "
+                        "FROM walpipe.mirrors r "
+                        "JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', r.mirror_schema, "
+                        "r.mirror_table)) "
+                        "LEFT JOIN walpipe.source_tables st ON (st.source, st.schema_name, st.table_name) = "
+                        "(r.source, r.schema_name, r.table_name) "
+                        "WHERE r.id = $1 AND a.attnum > 0 AND NOT a.attisdropped "
+                        "  AND a.attname NOT IN ('_walpipe_lsn', '_walpipe_seq', '_walpipe_stale') "
+                        "ORDER BY a.attnum",
+                        1, params, PGRES_TUPLES_OK, "could not read the mirror's columns", &fail, err, errlen);
+    if (res == NULL)
+        return -1;
+    size_t n = (size_t)PQntuples(res);
+    if (n == 0) {
+        snprintf(err, errlen, "mirror table %s does not exist (dropped by hand?); hint: drop its row from "
+                              "walpipe.mirrors and walpipe.%s too, and re-snapshot the table",
+                 m->qmirror, m->qtomb);
+        goto out;
+    }
+    wp_mcol_t *cols = wp_calloc(n, sizeof *cols);
+    size_t *keys = wp_calloc(n, sizeof *keys);
+    size_t nkeys = 0;
+    for (size_t i = 0; i < n; i++) {
+        cols[i].name = wp_strdup(PQgetvalue(res, (int)i, 0));
+        cols[i].type = wp_strdup(PQgetvalue(res, (int)i, 1));
+        cols[i].typoid = (unsigned)strtoul(PQgetvalue(res, (int)i, 2), NULL, 10);
+        cols[i].is_key = PQgetvalue(res, (int)i, 3)[0] == 't';
+        cols[i].src_not_null = PQgetvalue(res, (int)i, 6)[0] == 't';
+        cols[i].qname = quote_ident(conn, cols[i].name);
+        cols[i].lit = quote_literal(conn, cols[i].name);
+    }
+    m->generation = atoi(PQgetvalue(res, 0, 4));
+    const char *sl = PQgetvalue(res, 0, 5);
+    wp_lsn_parse(sl, strlen(sl), &m->shape_lsn);
+    PQclear(res);
+    /* key order is the registry's, not attnum order */
+    res = run(conn, "SELECT k FROM walpipe.mirrors r, unnest(r.key_columns) WITH ORDINALITY u(k, o) WHERE r.id = $1 "
+                    "ORDER BY o",
+              1, params, PGRES_TUPLES_OK, "could not read the mirror's key", &fail, err, errlen);
+    if (res == NULL) {
+        free_cols(cols, n);
+        free(keys);
+        return -1;
+    }
+    for (int r = 0; r < PQntuples(res); r++) {
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(cols[i].name, PQgetvalue(res, r, 0)) == 0) {
+                keys[nkeys++] = i;
+                break;
+            }
+        }
+    }
+    if (nkeys != (size_t)PQntuples(res) || nkeys == 0) {
+        snprintf(err, errlen, "mirror table %s lacks one of its key columns; hint: restore the column or rebuild the "
+                              "mirror", m->qmirror);
+        free_cols(cols, n);
+        free(keys);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (cols[i].qname == NULL || cols[i].lit == NULL) {
+            snprintf(err, errlen, "could not quote a column name of mirror %s", m->qmirror);
+            free_cols(cols, n);
+            free(keys);
+            goto out;
+        }
+    }
+    free_cols(m->cols, m->ncols);
+    free(m->keys);
+    m->cols = cols;
+    m->ncols = n;
+    m->keys = keys;
+    m->nkeys = nkeys;
+    rc = 0;
+out:
+    PQclear(res);
+    return rc;
+}
+
+/* The type a mirror column gets for a source column: the source's own when built in, else text. */
+static char *map_type(PGconn *conn, const char *type, int64_t typeoid)
+{
+    bool safe = typeoid > 0 && typeoid < FIRST_USER_OID && strlen(type) < 128;
+    for (const char *s = type; safe && *s; s++)
+        safe = (*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || strchr(" _(),[]\"", *s) != NULL;
+    if (safe) {
+        /* to_regtype parses the name without executing anything: the last guard against odd input */
+        const char *params[] = {type};
+        PGresult *res = PQexecParams(conn, "SELECT to_regtype($1) IS NOT NULL", 1, NULL, params, NULL, NULL, 0);
+        safe = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+        PQclear(res);
+    }
+    return wp_strdup(safe ? type : "text");
+}
+
+/* Expands the mirror_table pattern; long names are cut and given a hash so they stay unique. */
+static char *mirror_name(const char *pattern, const char *source, const char *schema, const char *table,
+                         bool force_hash)
+{
+    wp_buf_t b = WP_BUF_INIT;
+    uint64_t h = UINT64_C(14695981039346656037);
+    wp_buf_append(&b, "", 0);
+    for (const char *s = pattern; *s; s++) {
+        if (strncmp(s, "{source}", 8) == 0) {
+            wp_buf_puts(&b, source);
+            s += 7;
+        } else if (strncmp(s, "{schema}", 8) == 0) {
+            wp_buf_puts(&b, schema);
+            s += 7;
+        } else if (strncmp(s, "{table}", 7) == 0) {
+            wp_buf_puts(&b, table);
+            s += 6;
+        } else {
+            wp_buf_putc(&b, *s);
+        }
+    }
+    for (const char *s = source; *s; s++)
+        h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+    h = (h ^ 0xFF) * UINT64_C(1099511628211);
+    for (const char *s = schema; *s; s++)
+        h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+    h = (h ^ 0xFF) * UINT64_C(1099511628211);
+    for (const char *s = table; *s; s++)
+        h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+    if (b.len > NAMEDATALEN_MAX || force_hash) {
+        size_t keep = b.len > 54 ? 54 : b.len;
+        while (keep > 0 && ((unsigned char)b.data[keep] & 0xC0) == 0x80) /* never split a UTF-8 character */
+            keep--;
+        b.len = keep;
+        b.data[keep] = '\0';
+        wp_buf_printf(&b, "_%08x", (unsigned)(h & 0xFFFFFFFFu));
+    }
+    return b.data;
+}
+
+/* Fills the names of a freshly loaded or created mirror. */
+static wp_mirror_t *mirror_new(PGconn *conn, int id, const char *source, const char *schema, const char *table,
+                               const char *mschema, const char *mtable, const char *tomb)
+{
+    wp_mirror_t *m = wp_calloc(1, sizeof *m);
+    char *qs = quote_ident(conn, mschema), *qt = quote_ident(conn, mtable), *qb = quote_ident(conn, tomb);
+    m->id = id;
+    m->source = wp_strdup(source);
+    m->schema = wp_strdup(schema);
+    m->table = wp_strdup(table);
+    if (qs && qt && qb) {
+        wp_buf_t b = WP_BUF_INIT;
+        wp_buf_printf(&b, "%s.%s", qs, qt);
+        m->qmirror = b.data;
+        b = (wp_buf_t)WP_BUF_INIT;
+        wp_buf_printf(&b, "walpipe.%s", qb);
+        m->qtomb = b.data;
+    }
+    free(qs);
+    free(qt);
+    free(qb);
+    if (m->qmirror == NULL || m->qtomb == NULL) {
+        wp_mirror_destroy(m);
+        return NULL;
+    }
+    return m;
+}
+
+/* Looks the mirror up in the registry; *found says whether it exists. */
+static wp_mirror_t *mirror_load(PGconn *conn, const char *source, const char *schema, const char *table, bool *found,
+                                wp_fail_t *fail, char *err, size_t errlen)
+{
+    const char *params[] = {source, schema, table};
+    wp_mirror_t *m = NULL;
+    *found = false;
+    PGresult *res = run(conn,
+                        "SELECT id, mirror_schema, mirror_table, tombstones FROM walpipe.mirrors "
+                        "WHERE source = $1 AND schema_name = $2 AND table_name = $3",
+                        3, params, PGRES_TUPLES_OK, "could not read walpipe.mirrors", fail, err, errlen);
+    if (res == NULL)
+        return NULL;
+    if (PQntuples(res) == 1) {
+        *found = true;
+        m = mirror_new(conn, atoi(PQgetvalue(res, 0, 0)), source, schema, table, PQgetvalue(res, 0, 1),
+                       PQgetvalue(res, 0, 2), PQgetvalue(res, 0, 3));
+        if (m == NULL) {
+            snprintf(err, errlen, "could not quote the names of mirror %s.%s", PQgetvalue(res, 0, 1),
+                     PQgetvalue(res, 0, 2));
+            *fail = WP_FAIL_RETRY;
+        } else if (wp_mirror_reload(conn, m, err, errlen) != 0) {
+            *fail = WP_FAIL_RETRY;
+            wp_mirror_destroy(m);
+            m = NULL;
+        }
+    }
+    PQclear(res);
+    return m;
+}
+
+/* One column definition of a CREATE TABLE: "name" type. */
+static bool append_coldef(PGconn *conn, wp_buf_t *sql, const char *name, const char *type, bool not_null)
+{
+    char *q = quote_ident(conn, name);
+    if (q == NULL)
+        return false;
+    wp_buf_printf(sql, "%s %s%s, ", q, type, not_null ? " NOT NULL" : "");
+    free(q);
+    return true;
+}
+
+/* Creates the registry row, the mirror table and its tombstone table.  The caller holds the creation lock. */
+static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
+                                  const char *table, const wp_tshape_t *shape, wp_fail_t *fail, char *err,
+                                  size_t errlen)
+{
+    const char *params[6] = {source, schema, table};
+    wp_tshape_t key = {0};
+    wp_mirror_t *m = NULL;
+    wp_buf_t sql = WP_BUF_INIT, keylist = WP_BUF_INIT, keyarr = WP_BUF_INIT;
+    char *name = NULL, *qschema = NULL;
+    char **types = NULL;
+    size_t ncols = 0;
+    const wp_tshape_col_t **cols = NULL;
+    PGresult *res = run(conn,
+                        "SELECT key_columns::text, problem FROM walpipe.source_tables "
+                        "WHERE source = $1 AND schema_name = $2 AND table_name = $3",
+                        3, params, PGRES_TUPLES_OK, "could not read walpipe.source_tables", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    if (PQntuples(res) == 0) {
+        *fail = WP_FAIL_NO_KEY;
+        snprintf(err, errlen,
+                 "the key of table \"%s\".\"%s\" of source \"%s\" is not known yet: `walpipe run` reads it from the "
+                 "source's catalog into walpipe.source_tables; hint: make sure `walpipe run` is running and can "
+                 "connect to the source, then `walpipe dlq retry`",
+                 schema, table, source);
+        goto out;
+    }
+    if (!PQgetisnull(res, 0, 1)) {
+        *fail = WP_FAIL_PARK;
+        snprintf(err, errlen, "table \"%s\".\"%s\" of source \"%s\" cannot be mirrored: %s", schema, table, source,
+                 PQgetvalue(res, 0, 1));
+        goto out;
+    }
+    if (PQgetisnull(res, 0, 0) || wp_tshape_parse(PQgetvalue(res, 0, 0), &key, err, errlen) != 0 || key.ncols == 0) {
+        *fail = WP_FAIL_PARK;
+        snprintf(err, errlen, "table \"%s\".\"%s\" of source \"%s\" has no key recorded in walpipe.source_tables",
+                 schema, table, source);
+        goto out;
+    }
+    PQclear(res);
+    res = NULL;
+
+    /* the columns: the shape's, then any key column the shape lacks (a delete's shape is the key alone) */
+    cols = wp_calloc((shape ? shape->ncols : 0) + key.ncols, sizeof *cols);
+    for (size_t i = 0; shape && i < shape->ncols; i++)
+        cols[ncols++] = &shape->cols[i];
+    for (size_t k = 0; k < key.ncols; k++) {
+        bool have = false;
+        for (size_t i = 0; i < ncols && !have; i++)
+            have = strcmp(cols[i]->name, key.cols[k].name) == 0;
+        if (!have)
+            cols[ncols++] = &key.cols[k];
+    }
+    types = wp_calloc(ncols, sizeof *types);
+    for (size_t i = 0; i < ncols; i++) {
+        if (is_reserved(cols[i]->name)) {
+            *fail = WP_FAIL_PARK;
+            snprintf(err, errlen,
+                     "table \"%s\".\"%s\" of source \"%s\" has a column named \"%s\", which the mirror reserves for "
+                     "itself; hint: rename the column on the source",
+                     schema, table, source, cols[i]->name);
+            goto out;
+        }
+        types[i] = map_type(conn, cols[i]->type, cols[i]->typeoid);
+    }
+
+    /* the name: the pattern's, or with a hash when that is taken by another mirror */
+    qschema = quote_ident(conn, config->mirror_schema);
+    for (int attempt = 0; attempt < 2 && qschema; attempt++) {
+        free(name);
+        name = mirror_name(config->mirror_table, source, schema, table, attempt > 0);
+        const char *p2[] = {config->mirror_schema, name};
+        res = run(conn,
+                  "SELECT EXISTS (SELECT 1 FROM walpipe.mirrors WHERE mirror_schema = $1 AND mirror_table = $2), "
+                  "to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
+                  2, p2, PGRES_TUPLES_OK, "could not check the mirror's name", fail, err, errlen);
+        if (res == NULL)
+            goto out;
+        bool taken = PQgetvalue(res, 0, 0)[0] == 't', exists = PQgetvalue(res, 0, 1)[0] == 't';
+        PQclear(res);
+        res = NULL;
+        if (!taken && exists) {
+            *fail = WP_FAIL_PARK;
+            snprintf(err, errlen,
+                     "cannot create the mirror of \"%s\".\"%s\": table \"%s\".\"%s\" already exists and is not a "
+                     "walpipe mirror; hint: drop or rename it, or set mirror_schema / mirror_table in [workers]",
+                     schema, table, config->mirror_schema, name);
+            goto out;
+        }
+        if (!taken)
+            break;
+        if (attempt == 1) {
+            *fail = WP_FAIL_PARK;
+            snprintf(err, errlen, "mirror name \"%s\".\"%s\" is taken; hint: change mirror_table in [workers]",
+                     config->mirror_schema, name);
+            goto out;
+        }
+    }
+    if (qschema == NULL) {
+        *fail = WP_FAIL_PARK;
+        snprintf(err, errlen, "could not quote mirror_schema");
+        goto out;
+    }
+
+    res = run(conn, "SELECT nextval('walpipe.mirrors_id_seq')", 0, NULL, PGRES_TUPLES_OK,
+              "could not allocate a mirror id", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    int id = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    res = NULL;
+    char tomb[32], idtext[16], shape_lsn[WP_LSN_STRLEN];
+    snprintf(tomb, sizeof tomb, "tombstones_%d", id);
+    snprintf(idtext, sizeof idtext, "%d", id);
+    wp_lsn_format(shape ? shape->first_lsn : 0, shape_lsn);
+    wp_buf_append(&keyarr, "{", 1);
+    for (size_t k = 0; k < key.ncols; k++) {
+        wp_buf_puts(&keyarr, k ? ",\"" : "\"");
+        for (const char *s = key.cols[k].name; *s; s++) {
+            if (*s == '"' || *s == '\\')
+                wp_buf_putc(&keyarr, '\\');
+            wp_buf_putc(&keyarr, *s);
+        }
+        wp_buf_putc(&keyarr, '"');
+    }
+    wp_buf_putc(&keyarr, '}');
+    const char *p7[] = {idtext, source, schema, table, config->mirror_schema, name, tomb, keyarr.data, shape_lsn};
+    res = run(conn,
+              "INSERT INTO walpipe.mirrors (id, source, schema_name, table_name, mirror_schema, mirror_table, "
+              "tombstones, key_columns, shape_lsn) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+              9, p7, PGRES_COMMAND_OK, "could not register the mirror", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    PQclear(res);
+
+    m = mirror_new(conn, id, source, schema, table, config->mirror_schema, name, tomb);
+    if (m == NULL) {
+        *fail = WP_FAIL_PARK;
+        snprintf(err, errlen, "could not quote the mirror's names");
+        goto out;
+    }
+    wp_buf_printf(&sql, "CREATE SCHEMA IF NOT EXISTS %s; CREATE TABLE %s (", qschema, m->qmirror);
+    for (size_t i = 0; i < ncols; i++) {
+        bool is_key = false;
+        for (size_t k = 0; k < key.ncols && !is_key; k++)
+            is_key = strcmp(key.cols[k].name, cols[i]->name) == 0;
+        if (!append_coldef(conn, &sql, cols[i]->name, types[i], is_key))
+            goto quote_failed;
+    }
+    wp_buf_puts(&sql, "_walpipe_lsn pg_lsn NOT NULL, _walpipe_seq integer NOT NULL, _walpipe_stale jsonb, PRIMARY KEY (");
+    for (size_t k = 0; k < key.ncols; k++) {
+        char *q = quote_ident(conn, key.cols[k].name);
+        if (q == NULL)
+            goto quote_failed;
+        wp_buf_printf(&keylist, "%s%s", k ? ", " : "", q);
+        free(q);
+    }
+    wp_buf_printf(&sql, "%s)); CREATE TABLE %s (", keylist.data, m->qtomb);
+    for (size_t k = 0; k < key.ncols; k++) {
+        size_t i = 0;
+        while (strcmp(cols[i]->name, key.cols[k].name) != 0)
+            i++;
+        if (!append_coldef(conn, &sql, key.cols[k].name, types[i], true))
+            goto quote_failed;
+    }
+    wp_buf_printf(&sql, "_walpipe_lsn pg_lsn NOT NULL, _walpipe_seq integer NOT NULL, PRIMARY KEY (%s))",
+                  keylist.data);
+    res = run(conn, sql.data, 0, NULL, PGRES_COMMAND_OK, "could not create the mirror table", fail, err, errlen);
+    if (res == NULL) {
+        wp_mirror_destroy(m);
+        m = NULL;
+        goto out;
+    }
+    PQclear(res);
+    res = NULL;
+    if (wp_mirror_reload(conn, m, err, errlen) != 0) {
+        *fail = WP_FAIL_RETRY;
+        wp_mirror_destroy(m);
+        m = NULL;
+        goto out;
+    }
+    wp_info("created mirror %s of \"%s\".\"%s\" (source \"%s\")", m->qmirror, schema, table, source);
+    goto out;
+quote_failed:
+    *fail = WP_FAIL_PARK;
+    snprintf(err, errlen, "could not quote a column name of \"%s\".\"%s\"", schema, table);
+    wp_mirror_destroy(m);
+    m = NULL;
+out:
+    PQclear(res);
+    for (size_t i = 0; types && i < ncols; i++)
+        free(types[i]);
+    free(types);
+    free(cols);
+    free(name);
+    free(qschema);
+    wp_tshape_clear(&key);
+    wp_buf_free(&sql);
+    wp_buf_free(&keylist);
+    wp_buf_free(&keyarr);
+    return m;
+}
+
+wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
+                            const char *table, const wp_tshape_t *shape, wp_fail_t *fail, char *err, size_t errlen)
+{
+    bool found;
+    *fail = WP_FAIL_NONE;
+    wp_mirror_t *m = mirror_load(conn, source, schema, table, &found, fail, err, errlen);
+    if (m != NULL || found || *fail != WP_FAIL_NONE)
+        return m;
+    /* one creator at a time; the loser of a race finds the winner's mirror */
+    PGresult *res = run(conn, "SELECT pg_advisory_xact_lock(" MIRROR_LOCK_CLASS ", 0)", 0, NULL, PGRES_TUPLES_OK,
+                        "could not take the mirror creation lock", fail, err, errlen);
+    if (res == NULL)
+        return NULL;
+    PQclear(res);
+    m = mirror_load(conn, source, schema, table, &found, fail, err, errlen);
+    if (m != NULL || found || *fail != WP_FAIL_NONE)
+        return m;
+    return mirror_create(conn, config, source, schema, table, shape, fail, err, errlen);
+}
+
+/* ---------------------------------------------------------------- schema changes */
+
+static ssize_t find_col(const wp_mirror_t *m, const char *name)
+{
+    for (size_t i = 0; i < m->ncols; i++)
+        if (strcmp(m->cols[i].name, name) == 0)
+            return (ssize_t)i;
+    return -1;
+}
+
+/* Appends the ALTERs that bring m to shape; returns how many. */
+static int plan_alters(PGconn *conn, const wp_mirror_t *m, const wp_tshape_t *shape, bool full, wp_buf_t *sql,
+                       bool *quote_failed)
+{
+    int n = 0;
+    for (size_t i = 0; i < shape->ncols; i++) {
+        const wp_tshape_col_t *c = &shape->cols[i];
+        ssize_t at = find_col(m, c->name);
+        if (is_reserved(c->name))
+            continue;
+        char *type = map_type(conn, c->type, c->typeoid);
+        char *q = quote_ident(conn, c->name);
+        if (q == NULL) {
+            *quote_failed = true;
+        } else if (at < 0) {
+            wp_buf_printf(sql, "ALTER TABLE %s ADD COLUMN IF NOT EXISTS %s %s; ", m->qmirror, q, type);
+            n++;
+        } else if (strcmp(m->cols[at].type, type) != 0) {
+            wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s TYPE %s USING %s::text::%s; ", m->qmirror, q, type, q,
+                          type);
+            if (m->cols[at].is_key)
+                wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s TYPE %s USING %s::text::%s; ", m->qtomb, q, type,
+                              q, type);
+            n++;
+        }
+        free(q);
+        free(type);
+    }
+    if (full) {
+        for (size_t i = 0; i < m->ncols; i++) {
+            bool in_shape = false;
+            for (size_t k = 0; k < shape->ncols && !in_shape; k++)
+                in_shape = strcmp(shape->cols[k].name, m->cols[i].name) == 0;
+            if (!in_shape && !m->cols[i].is_key) {
+                wp_buf_printf(sql, "ALTER TABLE %s DROP COLUMN IF EXISTS %s; ", m->qmirror, m->cols[i].qname);
+                n++;
+            }
+        }
+    }
+    return n;
+}
+
+int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, bool full, bool *changed, wp_fail_t *fail,
+                     char *err, size_t errlen)
+{
+    wp_buf_t sql = WP_BUF_INIT;
+    bool quote_failed = false;
+    int rc = -1;
+    PGresult *res = NULL;
+    *changed = false;
+    if (shape->first_lsn <= m->shape_lsn)
+        return 0; /* an older shape: its changes apply to the columns both have */
+    if (plan_alters(conn, m, shape, full, &sql, &quote_failed) == 0 && !quote_failed) {
+        rc = 0;
+        goto out;
+    }
+    /* lock the registry row: one worker alters, the others then see its result */
+    char id[16], lsn[WP_LSN_STRLEN];
+    snprintf(id, sizeof id, "%d", m->id);
+    wp_lsn_format(shape->first_lsn, lsn);
+    const char *params[] = {id, lsn};
+    res = run(conn, "SELECT 1 FROM walpipe.mirrors WHERE id = $1 FOR UPDATE", 1, params, PGRES_TUPLES_OK,
+              "could not lock the mirror's registry row", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    PQclear(res);
+    res = NULL;
+    if (wp_mirror_reload(conn, m, err, errlen) != 0) {
+        *fail = WP_FAIL_RETRY;
+        goto out;
+    }
+    *changed = true;
+    if (shape->first_lsn <= m->shape_lsn) {
+        rc = 0; /* another worker got there first */
+        goto out;
+    }
+    wp_buf_reset(&sql);
+    quote_failed = false;
+    int n = plan_alters(conn, m, shape, full, &sql, &quote_failed);
+    if (quote_failed) {
+        *fail = WP_FAIL_PARK;
+        snprintf(err, errlen, "could not quote a column name of \"%s\".\"%s\"", m->schema, m->table);
+        goto out;
+    }
+    if (n > 0) {
+        res = run(conn, sql.data, 0, NULL, PGRES_COMMAND_OK, "could not change the mirror's columns", fail, err,
+                  errlen);
+        if (res == NULL)
+            goto out;
+        PQclear(res);
+        res = NULL;
+        wp_info("mirror %s follows a new shape of \"%s\".\"%s\": %s", m->qmirror, m->schema, m->table, sql.data);
+    }
+    res = run(conn, "UPDATE walpipe.mirrors SET shape_lsn = $2, generation = generation + 1 WHERE id = $1", 2, params,
+              PGRES_COMMAND_OK, "could not record the mirror's shape", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    if (wp_mirror_reload(conn, m, err, errlen) != 0) {
+        *fail = WP_FAIL_RETRY;
+        goto out;
+    }
+    rc = 0;
+out:
+    PQclear(res);
+    wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_mirror_truncate(PGconn *conn, wp_mirror_t *m, wp_lsn_t lsn, int seq, wp_fail_t *fail, char *err, size_t errlen)
+{
+    char id[16], l[WP_LSN_STRLEN], s[16];
+    wp_buf_t sql = WP_BUF_INIT;
+    int rc = -1;
+    snprintf(id, sizeof id, "%d", m->id);
+    snprintf(s, sizeof s, "%d", seq);
+    wp_lsn_format(lsn, l);
+    const char *params[] = {id, l, s};
+    wp_buf_printf(&sql, "LOCK TABLE %s IN EXCLUSIVE MODE", m->qmirror);
+    PGresult *res = run(conn, sql.data, 0, NULL, PGRES_COMMAND_OK, "could not lock the mirror", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    PQclear(res);
+    res = run(conn,
+              "UPDATE walpipe.mirrors SET truncated_lsn = $2, truncated_seq = $3 "
+              "WHERE id = $1 AND (truncated_lsn, truncated_seq) < ($2::pg_lsn, $3::int)",
+              3, params, PGRES_COMMAND_OK, "could not record the truncate", fail, err, errlen);
+    if (res == NULL)
+        goto out;
+    bool newest = strcmp(PQcmdTuples(res), "1") == 0;
+    PQclear(res);
+    if (newest) {
+        const char *p2[] = {l, s};
+        wp_buf_reset(&sql);
+        wp_buf_printf(&sql, "DELETE FROM %s WHERE (_walpipe_lsn, _walpipe_seq) < ($1::pg_lsn, $2::int)", m->qmirror);
+        res = run(conn, sql.data, 2, p2, PGRES_COMMAND_OK, "could not truncate the mirror", fail, err, errlen);
+        if (res == NULL)
+            goto out;
+        PQclear(res);
+        wp_buf_reset(&sql);
+        wp_buf_printf(&sql, "DELETE FROM %s WHERE (_walpipe_lsn, _walpipe_seq) < ($1::pg_lsn, $2::int)", m->qtomb);
+        res = run(conn, sql.data, 2, p2, PGRES_COMMAND_OK, "could not prune tombstones", fail, err, errlen);
+        if (res == NULL)
+            goto out;
+        PQclear(res);
+    }
+    rc = 0;
+out:
+    wp_buf_free(&sql);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- apply statements */
+
+/* " AND x.k1 = $a AND x.k2 = $b", with the key parameters numbered from param_of[key]. */
+static void key_match(const wp_mirror_t *m, const char *alias, const int *param_of, wp_buf_t *sql)
+{
+    for (size_t k = 0; k < m->nkeys; k++) {
+        size_t i = m->keys[k];
+        wp_buf_printf(sql, " AND %s%s%s = $%d", alias ? alias : "", alias ? "." : "", m->cols[i].qname,
+                      param_of[i]);
+    }
+}
+
+void wp_mirror_sql_upsert(const wp_mirror_t *m, const bool *absent, wp_buf_t *sql, unsigned *types, int *ntypes)
+{
+    int *param_of = wp_calloc(m->ncols, sizeof *param_of);
+    int n = 0;
+    bool any_absent = false, first;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (absent[i]) {
+            any_absent = true;
+            continue;
+        }
+        param_of[i] = ++n;
+        types[n - 1] = m->cols[i].typoid;
+    }
+    int L = n + 1, S = n + 2;
+    types[n] = OID_PG_LSN;
+    types[n + 1] = OID_INT4;
+    *ntypes = n + 2;
+
+    wp_buf_printf(sql, "INSERT INTO %s AS t (", m->qmirror);
+    for (size_t i = 0; i < m->ncols; i++)
+        if (!absent[i])
+            wp_buf_printf(sql, "%s, ", m->cols[i].qname);
+    wp_buf_puts(sql, "_walpipe_lsn, _walpipe_seq, _walpipe_stale) SELECT ");
+    for (int p = 1; p <= n; p++)
+        wp_buf_printf(sql, "$%d, ", p);
+    wp_buf_printf(sql, "$%d, $%d, ", L, S);
+    if (any_absent) {
+        /* a row first written by a change that left columns out: their values are unknown (version 0) */
+        wp_buf_puts(sql, "jsonb_build_object(");
+        first = true;
+        for (size_t i = 0; i < m->ncols; i++) {
+            if (absent[i]) {
+                wp_buf_printf(sql, "%s%s, 0", first ? "" : ", ", m->cols[i].lit);
+                first = false;
+            }
+        }
+        wp_buf_puts(sql, ")");
+    } else {
+        wp_buf_puts(sql, "NULL::jsonb");
+    }
+    wp_buf_printf(sql, " WHERE NOT EXISTS (SELECT FROM %s x WHERE (x._walpipe_lsn, x._walpipe_seq) > ($%d, $%d)",
+                  m->qtomb, L, S);
+    key_match(m, "x", param_of, sql);
+    wp_buf_printf(sql,
+                  ") AND NOT EXISTS (SELECT FROM walpipe.mirrors r WHERE r.id = %d AND (r.truncated_lsn, "
+                  "r.truncated_seq) >= ($%d, $%d)) ON CONFLICT (",
+                  m->id, L, S);
+    for (size_t k = 0; k < m->nkeys; k++)
+        wp_buf_printf(sql, "%s%s", k ? ", " : "", m->cols[m->keys[k]].qname);
+    wp_buf_puts(sql, ") DO UPDATE SET ");
+    char newer[96];
+    snprintf(newer, sizeof newer, "(t._walpipe_lsn, t._walpipe_seq) < ($%d, $%d)", L, S);
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (absent[i] || m->cols[i].is_key)
+            continue;
+        wp_buf_printf(sql, "%s = CASE WHEN %s OR walpipe.stale_lt(t._walpipe_stale, %s, $%d, $%d) THEN excluded.%s "
+                           "ELSE t.%s END, ",
+                      m->cols[i].qname, newer, m->cols[i].lit, L, S, m->cols[i].qname, m->cols[i].qname);
+    }
+    wp_buf_printf(sql, "_walpipe_stale = CASE WHEN %s THEN ", newer);
+    if (any_absent) {
+        wp_buf_puts(sql, "walpipe.stale_keep(t._walpipe_stale, ARRAY[");
+        first = true;
+        for (size_t i = 0; i < m->ncols; i++) {
+            if (absent[i]) {
+                wp_buf_printf(sql, "%s%s", first ? "" : ", ", m->cols[i].lit);
+                first = false;
+            }
+        }
+        wp_buf_puts(sql, "]::text[], t._walpipe_lsn, t._walpipe_seq)");
+    } else {
+        wp_buf_puts(sql, "NULL");
+    }
+    wp_buf_puts(sql, " ELSE walpipe.stale_fill(t._walpipe_stale, ARRAY[");
+    first = true;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (!absent[i] && !m->cols[i].is_key) {
+            wp_buf_printf(sql, "%s%s", first ? "" : ", ", m->cols[i].lit);
+            first = false;
+        }
+    }
+    wp_buf_printf(sql,
+                  "]::text[], $%d, $%d) END, _walpipe_lsn = CASE WHEN %s THEN $%d ELSE t._walpipe_lsn END, "
+                  "_walpipe_seq = CASE WHEN %s THEN $%d ELSE t._walpipe_seq END WHERE %s OR t._walpipe_stale IS NOT "
+                  "NULL",
+                  L, S, newer, L, newer, S, newer);
+    free(param_of);
+}
+
+void wp_mirror_sql_delete(const wp_mirror_t *m, int which, wp_buf_t *sql, unsigned *types, int *ntypes)
+{
+    int *param_of = wp_calloc(m->ncols, sizeof *param_of);
+    int n = 0;
+    for (size_t k = 0; k < m->nkeys; k++) {
+        param_of[m->keys[k]] = ++n;
+        types[n - 1] = m->cols[m->keys[k]].typoid;
+    }
+    int L = n + 1, S = n + 2;
+    types[n] = OID_PG_LSN;
+    types[n + 1] = OID_INT4;
+    *ntypes = n + 2;
+    wp_buf_t keys = WP_BUF_INIT, vals = WP_BUF_INIT;
+    for (size_t k = 0; k < m->nkeys; k++) {
+        wp_buf_printf(&keys, "%s%s", k ? ", " : "", m->cols[m->keys[k]].qname);
+        wp_buf_printf(&vals, "%s$%d", k ? ", " : "", (int)k + 1);
+    }
+    if (which == 1) {
+        /* the tombstone, and a placeholder row that makes a concurrent insert of the key and this delete
+           wait for each other (see the top of this file) */
+        wp_buf_printf(sql,
+                      "WITH tomb AS (INSERT INTO %s AS x (%s, _walpipe_lsn, _walpipe_seq) VALUES (%s, $%d, $%d) "
+                      "ON CONFLICT (%s) DO UPDATE SET _walpipe_lsn = excluded._walpipe_lsn, _walpipe_seq = "
+                      "excluded._walpipe_seq WHERE (x._walpipe_lsn, x._walpipe_seq) < (excluded._walpipe_lsn, "
+                      "excluded._walpipe_seq) RETURNING 1) "
+                      "INSERT INTO %s (%s, _walpipe_lsn, _walpipe_seq) VALUES (%s, $%d, $%d) ON CONFLICT (%s) DO "
+                      "NOTHING",
+                      m->qtomb, keys.data, vals.data, L, S, keys.data, m->qmirror, keys.data, vals.data, L, S,
+                      keys.data);
+    } else {
+        wp_buf_printf(sql, "DELETE FROM %s WHERE (_walpipe_lsn, _walpipe_seq) <= ($%d, $%d)", m->qmirror, L, S);
+        key_match(m, NULL, param_of, sql);
+    }
+    wp_buf_free(&keys);
+    wp_buf_free(&vals);
+    free(param_of);
+}
+
+void wp_mirror_sql_read(const wp_mirror_t *m, const bool *absent, wp_buf_t *sql, unsigned *types, int *ntypes)
+{
+    int *param_of = wp_calloc(m->ncols, sizeof *param_of);
+    int n = 0;
+    for (size_t k = 0; k < m->nkeys; k++) {
+        param_of[m->keys[k]] = ++n;
+        types[n - 1] = m->cols[m->keys[k]].typoid;
+    }
+    *ntypes = n;
+    wp_buf_puts(sql, "SELECT _walpipe_lsn::text, _walpipe_seq");
+    for (size_t i = 0; i < m->ncols; i++)
+        if (absent[i])
+            wp_buf_printf(sql, ", %s", m->cols[i].qname);
+    wp_buf_printf(sql, " FROM %s WHERE true", m->qmirror);
+    key_match(m, NULL, param_of, sql);
+    free(param_of);
+}
+
+void wp_mirror_sql_sweep(const wp_mirror_t *m, wp_buf_t *sql, unsigned *types, int *ntypes)
+{
+    wp_buf_printf(sql, "DELETE FROM %s m USING %s x, unnest(", m->qmirror, m->qtomb);
+    for (size_t k = 0; k < m->nkeys; k++) {
+        wp_buf_printf(sql, "%s$%d::text[]", k ? ", " : "", (int)k + 1);
+        types[k] = OID_TEXT_ARRAY;
+    }
+    *ntypes = (int)m->nkeys;
+    wp_buf_puts(sql, ") AS k(");
+    for (size_t k = 0; k < m->nkeys; k++)
+        wp_buf_printf(sql, "%sk%zu", k ? ", " : "", k);
+    wp_buf_puts(sql, ") WHERE (m._walpipe_lsn, m._walpipe_seq) < (x._walpipe_lsn, x._walpipe_seq)");
+    for (size_t k = 0; k < m->nkeys; k++) {
+        const wp_mcol_t *c = &m->cols[m->keys[k]];
+        wp_buf_printf(sql, " AND m.%s = k.k%zu::%s AND x.%s = m.%s", c->qname, k, c->type, c->qname, c->qname);
+    }
+}
+
+/* ---------------------------------------------------------------- key discovery */
+
+/*
+ * The mirror keys each table on the columns that identify its rows in the
+ * change stream: the replica identity index (REPLICA IDENTITY USING INDEX),
+ * else the primary key; a REPLICA IDENTITY FULL table without a primary key
+ * may use a unique index over NOT NULL columns.  Only valid, immediate,
+ * non-partial unique indexes on plain NOT NULL columns qualify, as for
+ * PostgreSQL's own replica identity.
+ */
+static const char DISCOVER_SQL[] =
+    "WITH t AS ("
+    "  SELECT c.oid, n.nspname, c.relname, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = "
+    "c.relnamespace"
+    "  WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    "    AND n.nspname !~ '^pg_(toast|temp_)'"
+    "    AND ($1::text[] IS NULL OR (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[])))), "
+    "idx AS ("
+    "  SELECT DISTINCT ON (t.oid) t.oid, i.indexrelid FROM t JOIN pg_index i ON i.indrelid = t.oid"
+    "  WHERE i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL"
+    "    AND NOT EXISTS (SELECT FROM unnest(i.indkey) k(attnum) JOIN pg_attribute a ON a.attrelid = t.oid AND "
+    "a.attnum = k.attnum WHERE NOT a.attnotnull)"
+    "    AND CASE t.relreplident WHEN 'i' THEN i.indisreplident WHEN 'f' THEN true ELSE i.indisprimary END"
+    "  ORDER BY t.oid, i.indisreplident DESC, i.indisprimary DESC, i.indexrelid) "
+    "SELECT t.nspname, t.relname,"
+    "  CASE t.relreplident WHEN 'd' THEN 'default' WHEN 'i' THEN 'index' WHEN 'f' THEN 'full' ELSE 'nothing' END,"
+    "  (SELECT json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod), "
+    "'typeoid', a.atttypid) ORDER BY k.o)::text"
+    "     FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o), pg_attribute a"
+    "    WHERE i.indexrelid = idx.indexrelid AND a.attrelid = t.oid AND a.attnum = k.attnum),"
+    "  (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a"
+    "    WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull)::text "
+    "FROM t LEFT JOIN idx ON idx.oid = t.oid ORDER BY 1, 2";
+
+static const char *key_problem(const char *identity, bool has_key)
+{
+    if (strcmp(identity, "nothing") == 0)
+        return "it has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs carry no key; its changes go to "
+               "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY DEFAULT and give it a primary key";
+    if (has_key)
+        return NULL;
+    if (strcmp(identity, "full") == 0)
+        return "it has REPLICA IDENTITY FULL but no primary key or unique index on NOT NULL columns: the mirror "
+               "applies changes by key (in any order, any number of times), and rows that are exact duplicates "
+               "cannot be told apart; its changes go to walpipe.dead_letters; hint: add a primary key";
+    if (strcmp(identity, "index") == 0)
+        return "its replica identity index is not usable (dropped, invalid or deferrable); its changes go to "
+               "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY USING INDEX on a valid unique index";
+    return "it has no usable primary key (none, or DEFERRABLE) and REPLICA IDENTITY DEFAULT, so wal2json drops its "
+           "UPDATEs and DELETEs; its changes go to walpipe.dead_letters; hint: add a primary key";
+}
+
+/* Builds the {schema,...} and {table,...} array literals of the configured tables; false if all tables. */
+static bool table_filter(const wp_source_config_t *source, wp_buf_t *schemas, wp_buf_t *tables)
+{
+    if (source->tables == NULL)
+        return false;
+    wp_buf_t *bufs[] = {schemas, tables};
+    for (int b = 0; b < 2; b++) {
+        wp_buf_putc(bufs[b], '{');
+        for (size_t i = 0; i < source->ntables; i++) {
+            const char *v = b == 0 ? source->tables[i].schema : source->tables[i].table;
+            wp_buf_puts(bufs[b], i ? ",\"" : "\"");
+            for (; *v; v++) {
+                if (*v == '"' || *v == '\\')
+                    wp_buf_putc(bufs[b], '\\');
+                wp_buf_putc(bufs[b], *v);
+            }
+            wp_buf_putc(bufs[b], '"');
+        }
+        wp_buf_putc(bufs[b], '}');
+    }
+    return true;
+}
+
+int wp_mirror_discover(const wp_config_t *config, const wp_source_config_t *source, PGconn *staging,
+                       wp_buf_t *named)
+{
+    (void)config;
+    int rc = -1;
+    PGresult *res = NULL, *ins = NULL;
+    wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;
+    const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
+    const char *vals[] = {source->conninfo, "walpipe_discover", "10", NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    bool in_txn = false;
+
+    if (PQstatus(conn) != CONNECTION_OK) {
+        wp_warn("could not connect to source \"%s\" to read its tables' keys: %s", source->name,
+                PQerrorMessage(conn));
+        goto out;
+    }
+    bool filtered = table_filter(source, &schemas, &tables);
+    const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL};
+    res = PQexecParams(conn, DISCOVER_SQL, 2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
+        goto out;
+    }
+    ins = PQexec(staging, "BEGIN");
+    if (PQresultStatus(ins) != PGRES_COMMAND_OK) {
+        wp_warn("staging: could not begin recording table keys: %s", PQerrorMessage(staging));
+        goto out;
+    }
+    in_txn = true;
+    PQclear(ins);
+    ins = NULL;
+    for (int r = 0; r < PQntuples(res); r++) {
+        const char *identity = PQgetvalue(res, r, 2);
+        bool has_key = !PQgetisnull(res, r, 3);
+        const char *problem = key_problem(identity, has_key);
+        const char *p[] = {source->name,
+                           PQgetvalue(res, r, 0),
+                           PQgetvalue(res, r, 1),
+                           identity,
+                           has_key ? PQgetvalue(res, r, 3) : NULL,
+                           PQgetisnull(res, r, 4) ? NULL : PQgetvalue(res, r, 4),
+                           problem};
+        ins = PQexecParams(staging,
+                           "INSERT INTO walpipe.source_tables AS s (source, schema_name, table_name, replica_identity, "
+                           "key_columns, not_null_columns, problem) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
+                           "ON CONFLICT (source, schema_name, table_name) DO UPDATE SET replica_identity = "
+                           "excluded.replica_identity, key_columns = excluded.key_columns, not_null_columns = "
+                           "excluded.not_null_columns, problem = excluded.problem, discovered_at = now()",
+                           7, NULL, p, NULL, NULL, 0);
+        if (PQresultStatus(ins) != PGRES_COMMAND_OK) {
+            wp_warn("staging: could not record the key of \"%s\".\"%s\": %s", p[1], p[2], PQerrorMessage(staging));
+            goto out;
+        }
+        PQclear(ins);
+        ins = NULL;
+        if (problem) {
+            wp_buf_reset(&tag);
+            wp_buf_printf(&tag, "\n%s\t%s\t%s\n", source->name, p[1], p[2]);
+            if (named->data == NULL || strstr(named->data, tag.data) == NULL) {
+                wp_warn("table \"%s\".\"%s\" of source \"%s\" cannot be mirrored: %s", p[1], p[2], source->name,
+                        problem);
+                wp_buf_puts(named, tag.data + (named->len && named->data[named->len - 1] == '\n' ? 1 : 0));
+            }
+        }
+    }
+    ins = PQexec(staging, "COMMIT");
+    if (PQresultStatus(ins) != PGRES_COMMAND_OK) {
+        wp_warn("staging: could not commit the table keys: %s", PQerrorMessage(staging));
+        goto out;
+    }
+    in_txn = false;
+    wp_debug("recorded the keys of %d table(s) of source \"%s\"", PQntuples(res), source->name);
+    rc = 0;
+out:
+    if (in_txn)
+        PQclear(PQexec(staging, "ROLLBACK"));
+    PQclear(ins);
+    PQclear(res);
+    PQfinish(conn);
+    wp_buf_free(&schemas);
+    wp_buf_free(&tables);
+    wp_buf_free(&tag);
+    return rc;
+}

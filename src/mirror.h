@@ -1,0 +1,181 @@
+/*
+ * mirror.h: the mirror transform: one table in the mirror schema per captured
+ * source table, kept equal to the source by applying staged events.
+ *
+ * This module owns the SQL: parsing an event's payload, the mirror registry
+ * (walpipe.mirrors), creating and altering mirror tables, the statements that
+ * apply one change, and key discovery from the source's catalog.  worker.c
+ * decides when to run them; see mirror.c for why applying them in any order,
+ * any number of times, converges to the source's state.
+ */
+#ifndef WP_MIRROR_H
+#define WP_MIRROR_H
+
+#include "wp_setup.h"
+
+#include <libpq-fe.h>
+
+#include <walpipe/lsn.h>
+
+#include "config.h"
+#include "mem.h"
+
+/* ---------------------------------------------------------------- payloads */
+
+/* One "name": value of a payload object.  value is the text form, NULL for JSON null. */
+typedef struct wp_jfield {
+    const char *name;
+    const char *value;
+} wp_jfield_t;
+
+typedef struct wp_jobject {
+    bool present;
+    wp_jfield_t *fields;
+    size_t n;
+} wp_jobject_t;
+
+/*
+ * A raw_events payload: {"after": {...}, "key": {...}, "before": {...}},
+ * any of them absent.  Values keep their exact text: strings unescaped,
+ * numbers as written (jsonb prints them exactly), true/false as such.
+ * Other top-level members (a message's "prefix", ...) are skipped.  Owns
+ * every string it points to; reusable across parses.
+ */
+typedef struct wp_payload {
+    wp_jobject_t after, key, before;
+    wp_buf_t arena;
+    wp_jfield_t *fields;
+    size_t fields_cap;
+} wp_payload_t;
+
+/* Returns 0, or -1 with a reason in err. */
+int wp_payload_parse(wp_payload_t *p, const char *text, char *err, size_t errlen);
+void wp_payload_free(wp_payload_t *p);
+
+/*
+ * The field named name in o, or NULL.  *hint is where to start looking (the
+ * index after the previous hit), so looking up columns in the order the
+ * payload lists them is linear; start it at 0.
+ */
+const wp_jfield_t *wp_jobject_get(const wp_jobject_t *o, const char *name, size_t *hint);
+
+/* ---------------------------------------------------------------- shapes */
+
+/* One column of a recorded table shape (walpipe.table_schemas.columns). */
+typedef struct wp_tshape_col {
+    char *name;
+    char *type;      /* format_type() text on the source */
+    int64_t typeoid; /* -1 when not recorded */
+} wp_tshape_col_t;
+
+typedef struct wp_tshape {
+    wp_tshape_col_t *cols;
+    size_t ncols;
+    wp_lsn_t first_lsn; /* where staging first saw this shape: orders shapes of one table */
+} wp_tshape_t;
+
+/* Parses a columns JSON array into *out.  Returns 0, or -1 with a reason. */
+int wp_tshape_parse(const char *json, wp_tshape_t *out, char *err, size_t errlen);
+void wp_tshape_clear(wp_tshape_t *shape);
+
+/* ---------------------------------------------------------------- mirrors */
+
+/* Why an event could not be applied, which decides what happens to it. */
+typedef enum wp_fail {
+    WP_FAIL_NONE = 0,
+    WP_FAIL_RETRY,     /* dead-letter it; retry with backoff */
+    WP_FAIL_PARK,      /* dead-letter it; retrying cannot help until someone fixes the cause */
+    WP_FAIL_NO_KEY,    /* the table's key is not discovered yet: ask `walpipe run`, then retry */
+    WP_FAIL_TRANSIENT, /* deadlock, lost connection: roll back the claim and claim again */
+} wp_fail_t;
+
+/* One column of a mirror table, as the mirror's catalog says. */
+typedef struct wp_mcol {
+    char *name;
+    char *qname;     /* quoted identifier */
+    char *lit;       /* the name as a quoted SQL literal */
+    char *type;      /* format_type(atttypid, atttypmod) */
+    unsigned typoid; /* parameter type of values for this column */
+    bool is_key;
+    bool src_not_null; /* NOT NULL on the source (walpipe.source_tables) */
+} wp_mcol_t;
+
+typedef struct wp_mirror {
+    int id;
+    int generation;
+    char *source, *schema, *table; /* the source table */
+    char *qmirror;                 /* "mirror_schema"."mirror_table" */
+    char *qtomb;                   /* walpipe."tombstones_<id>" */
+    wp_lsn_t shape_lsn;            /* first_lsn of the newest shape the columns follow */
+    wp_mcol_t *cols;               /* user columns in attnum order (no _walpipe_*) */
+    size_t ncols;
+    size_t *keys; /* indexes into cols, in key order */
+    size_t nkeys;
+} wp_mirror_t;
+
+/*
+ * Loads the mirror of source.schema.table from walpipe.mirrors and the
+ * catalog, creating it (registry row, mirror table, tombstone table) when it
+ * does not exist yet.  shape, when not NULL, gives the columns to create it
+ * with; otherwise it starts with the key columns alone.  Returns the mirror,
+ * or NULL with *fail and err set.  Runs inside the caller's transaction.
+ */
+wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
+                            const char *table, const wp_tshape_t *shape, wp_fail_t *fail, char *err, size_t errlen);
+
+/* Re-reads the mirror's columns from the catalog.  Returns 0 or -1 (err set). */
+int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen);
+
+void wp_mirror_destroy(wp_mirror_t *m);
+
+/*
+ * Brings the mirror's columns to shape when shape is newer than the one they
+ * follow: adds new columns, changes types, and (full: the shape is an
+ * insert's, not an update's that may leave TOAST columns out) drops columns
+ * the source no longer has.  Sets *changed when it altered the table.
+ * Returns 0, or -1 with *fail and err set.
+ */
+int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, bool full, bool *changed, wp_fail_t *fail,
+                     char *err, size_t errlen);
+
+/* Applies a TRUNCATE at version (lsn, seq).  Returns 0, or -1 with *fail and err set. */
+int wp_mirror_truncate(PGconn *conn, wp_mirror_t *m, wp_lsn_t lsn, int seq, wp_fail_t *fail, char *err,
+                       size_t errlen);
+
+/*
+ * Statement texts and parameter types.  Every statement takes its row values
+ * first (one text parameter per column, typed as the column), then the
+ * change's version: $n pg_lsn, $n+1 int4.
+ *
+ * upsert: writes the row image at the version.  absent[i] marks columns the
+ *   change left out (unchanged TOAST): they keep the mirror's value.
+ *   Parameters: one per column not absent, in column order.
+ * delete: records the tombstone and locks or reserves the key (statement 1),
+ *   then removes the row if it is not newer (statement 2).  Parameters: keys.
+ * read: the current values of the absent columns, by key (a key change must
+ *   carry them to the new key).  Parameters: keys, no version.
+ * sweep: removes rows this transaction wrote that a concurrently committed
+ *   tombstone makes dead.  Parameters: one text[] per key column, no version.
+ */
+void wp_mirror_sql_upsert(const wp_mirror_t *m, const bool *absent, wp_buf_t *sql, unsigned *types, int *ntypes);
+void wp_mirror_sql_delete(const wp_mirror_t *m, int which, wp_buf_t *sql, unsigned *types, int *ntypes);
+void wp_mirror_sql_read(const wp_mirror_t *m, const bool *absent, wp_buf_t *sql, unsigned *types, int *ntypes);
+void wp_mirror_sql_sweep(const wp_mirror_t *m, wp_buf_t *sql, unsigned *types, int *ntypes);
+
+/* Sorts err into a wp_fail_t by SQLSTATE (40001, 40P01, 55P03, connection → TRANSIENT; else RETRY). */
+wp_fail_t wp_mirror_classify(const PGresult *res, PGconn *conn);
+
+/* ---------------------------------------------------------------- key discovery */
+
+/*
+ * Reads the key of every captured table of source from the source's catalog
+ * (a plain connection, not replication) and records it in
+ * walpipe.source_tables on staging.  Logs each table that cannot be mirrored
+ * and why the first time it sees it (named is a per-process set of
+ * "source\tschema\ttable" already named, owned by the caller).  Returns 0, or
+ * -1 after logging why.
+ */
+int wp_mirror_discover(const wp_config_t *config, const wp_source_config_t *source, PGconn *staging,
+                       wp_buf_t *named);
+
+#endif /* WP_MIRROR_H */
