@@ -19,7 +19,9 @@
  * (unique on event_id), and attempt_count counts every failed attempt.  It
  * is retried automatically while attempt_count < max_attempts and the
  * failure is not one retrying cannot fix (a table without a key, a lost NaN):
- * those are parked at once (next_attempt_at NULL).
+ * those are parked at once (next_attempt_at NULL).  A deferred event (one
+ * that must wait for older changes, see worker.c) is retried until it
+ * applies, at most 5 s apart, and never parked.
  */
 #include "wp_setup.h"
 
@@ -33,6 +35,7 @@
 
 #define RETRY_CHUNK 100
 #define MAX_BACKOFF_MS "86400000"
+#define DEFER_MAX_MS "5000"
 
 int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
 {
@@ -48,15 +51,21 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
         "INSERT INTO walpipe.dead_letters AS d (kind, source, lsn, seq, event_id, event_received_at, event_type, "
         "schema_name, table_name, reason, next_attempt_at) "
         "VALUES ('apply', $1, $2, $3, $4, $5, $6, $7, $8, $9, "
-        "        CASE WHEN $10::bool OR $11::int <= 1 THEN NULL ELSE now() + $12::int * interval '1 ms' END) "
+        "        CASE WHEN $10::text = 'park' OR ($10::text = 'retry' AND $11::int <= 1) THEN NULL "
+        "             ELSE now() + $12::int * interval '1 ms' END) "
         "ON CONFLICT (event_id) WHERE kind = 'apply' DO UPDATE SET reason = excluded.reason, "
         "  attempt_count = d.attempt_count + 1, last_failed_at = now(), "
-        "  next_attempt_at = CASE WHEN $10::bool OR d.attempt_count + 1 >= $11::int THEN NULL "
+        "  next_attempt_at = CASE WHEN $10::text = 'park' OR ($10::text = 'retry' AND d.attempt_count + 1 >= $11::int) THEN NULL "
+        "    WHEN $10::text = 'defer' THEN now() + least($12::float8 * power(2, d.attempt_count), " DEFER_MAX_MS ") * "
+        "interval '1 ms' "
         "    ELSE now() + least($12::float8 * power(2, d.attempt_count), " MAX_BACKOFF_MS ") * interval '1 ms' END",
         12, NULL, params, NULL, NULL, 0);
     int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
     if (rc != 0)
         wp_error("staging: could not record a dead letter: %s", PQerrorMessage(conn));
+    else if (ev->fail == WP_FAIL_DEFER)
+        wp_info("event %lld (%s on \"%s\".\"%s\" of source \"%s\") deferred: %s", (long long)ev->id, ev->type,
+                ev->schema ? ev->schema : "", ev->table ? ev->table : "", ev->source, ev->error);
     else
         wp_warn("event %lld (%s on \"%s\".\"%s\" of source \"%s\") could not be applied%s: %s", (long long)ev->id,
                 ev->type, ev->schema ? ev->schema : "", ev->table ? ev->table : "", ev->source,

@@ -1384,6 +1384,30 @@ void wp_mirror_sql_sweep(const wp_mirror_t *m, wp_buf_t *sql, unsigned *types, i
     }
 }
 
+void wp_mirror_sql_pending(const wp_mirror_t *m, wp_buf_t *sql)
+{
+    wp_buf_t match = WP_BUF_INIT;
+    static const char *const images[] = {"after", "key", "before"};
+    for (int img = 0; img < 3; img++) {
+        wp_buf_printf(&match, "%s(", img ? " OR " : "");
+        for (size_t k = 0; k < m->nkeys; k++)
+            wp_buf_printf(&match, "%se.payload->'%s'->>%s = $%zu", k ? " AND " : "", images[img],
+                          m->cols[m->keys[k]].lit, k + 4);
+        wp_buf_putc(&match, ')');
+    }
+    wp_buf_printf(sql,
+                  "SELECT EXISTS (SELECT 1 FROM walpipe.raw_events e WHERE NOT e.processed AND e.source = $1 "
+                  "AND e.schema_name = (SELECT schema_name FROM walpipe.mirrors WHERE id = %d) "
+                  "AND e.table_name = (SELECT table_name FROM walpipe.mirrors WHERE id = %d) "
+                  "AND (e.lsn, e.seq) < ($2::pg_lsn, $3::int) AND (%s)) "
+                  "OR EXISTS (SELECT 1 FROM walpipe.dead_letters d JOIN walpipe.raw_events e "
+                  "ON (e.id, e.received_at) = (d.event_id, d.event_received_at) WHERE d.kind = 'apply' "
+                  "AND d.source = $1 AND (d.schema_name, d.table_name) = (SELECT schema_name, table_name FROM "
+                  "walpipe.mirrors WHERE id = %d) AND (d.lsn, d.seq) < ($2::pg_lsn, $3::int) AND (%s))",
+                  m->id, m->id, match.data, m->id, match.data);
+    wp_buf_free(&match);
+}
+
 /* ---------------------------------------------------------------- key discovery */
 
 /*
@@ -1411,7 +1435,7 @@ static const char DISCOVER_SQL[] =
     "SELECT t.nspname, t.relname,"
     "  CASE t.relreplident WHEN 'd' THEN 'default' WHEN 'i' THEN 'index' WHEN 'f' THEN 'full' ELSE 'nothing' END,"
     "  (SELECT json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod), "
-    "'typeoid', a.atttypid) ORDER BY k.o)::text"
+    "'typeoid', a.atttypid::int8) ORDER BY k.o)::text"
     "     FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o), pg_attribute a"
     "    WHERE i.indexrelid = idx.indexrelid AND a.attrelid = t.oid AND a.attnum = k.attnum),"
     "  (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a"

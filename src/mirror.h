@@ -87,6 +87,7 @@ typedef enum wp_fail {
     WP_FAIL_PARK,      /* dead-letter it; retrying cannot help until someone fixes the cause */
     WP_FAIL_NO_KEY,    /* the table's key is not discovered yet: ask `walpipe run`, then retry */
     WP_FAIL_TRANSIENT, /* deadlock, lost connection: roll back the claim and claim again */
+    WP_FAIL_DEFER,     /* must wait for older changes: dead-letter it, retry with backoff, never park */
 } wp_fail_t;
 
 /* One column of a mirror table, as the mirror's catalog says. */
@@ -161,6 +162,13 @@ void wp_mirror_sql_upsert(const wp_mirror_t *m, const bool *absent, wp_buf_t *sq
 void wp_mirror_sql_delete(const wp_mirror_t *m, int which, wp_buf_t *sql, unsigned *types, int *ntypes);
 void wp_mirror_sql_read(const wp_mirror_t *m, const bool *absent, wp_buf_t *sql, unsigned *types, int *ntypes);
 void wp_mirror_sql_sweep(const wp_mirror_t *m, wp_buf_t *sql, unsigned *types, int *ntypes);
+
+/*
+ * pending: whether an older change of the key (as old or new key) is not
+ * applied yet: still unprocessed, or in the dead-letter queue.  Parameters:
+ * $1 source, $2 version lsn, $3 version seq, then the key values (text).
+ */
+void wp_mirror_sql_pending(const wp_mirror_t *m, wp_buf_t *sql);
 
 /* Sorts err into a wp_fail_t by SQLSTATE (40001, 40P01, 55P03, connection → TRANSIENT; else RETRY). */
 wp_fail_t wp_mirror_classify(const PGresult *res, PGconn *conn);

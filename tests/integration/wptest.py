@@ -480,11 +480,12 @@ class Walpipe:
     def init(self, timeout=120, extra_env=None):
         return self.command("init", timeout=timeout, extra_env=extra_env)
 
-    def start(self, extra_env=None, args=()):
+    def start(self, extra_env=None, args=(), subcommand="run"):
+        """Start `walpipe SUBCOMMAND --config FILE ARGS...` (run, or work) in the background."""
         if self.running:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         self.starts += 1
-        cmd = [str(self.binary), "run", "--config", str(self.config_path), *map(str, args)]
+        cmd = [str(self.binary), subcommand, "--config", str(self.config_path), *map(str, args)]
         self._append_log(f"=== wptest: start #{self.starts}: {' '.join(cmd)}\n")
         self._log_offset = self.log_path.stat().st_size
         with open(self.log_path, "ab") as logf:
