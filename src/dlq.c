@@ -44,7 +44,7 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
     snprintf(max, sizeof max, "%d", config->max_attempts);
     snprintf(backoff, sizeof backoff, "%d", config->retry_backoff_ms);
     const char *params[] = {ev->source, ev->lsn_text,  ev->seq_text, id,        ev->received_at, ev->type,
-                            ev->schema, ev->table,     ev->error,    ev->fail == WP_FAIL_PARK ? "t" : "f",
+                            ev->schema, ev->table,     ev->error,    ev->fail == WP_FAIL_PARK ? "park" : ev->fail == WP_FAIL_DEFER ? "defer" : "retry",
                             max,        backoff};
     PGresult *res = PQexecParams(
         conn,

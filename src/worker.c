@@ -1458,6 +1458,14 @@ static void *monitor_main(void *arg)
             }
             if (p->discover)
                 PQclear(PQexec(conn, "LISTEN walpipe_discover"));
+            long long waiting = 0, parked = 0, undecodable = 0;
+            if (last_dead < 0 && wp_dlq_counts(conn, &waiting, &parked, &undecodable) == 0) {
+                last_dead = waiting + parked; /* the baseline a rise is measured from */
+                if (waiting + parked + undecodable > 0)
+                    wp_warn("dead-letter queue holds %lld waiting for retry, %lld parked, %lld undecodable; see "
+                            "`walpipe dlq list --config %s`",
+                            waiting, parked, undecodable, p->config->path ? p->config->path : "FILE");
+            }
         }
         int64_t now = wp_now_ms();
         if (p->discover && (want_discover || now - last_discover >= DISCOVER_EVERY_MS) &&
