@@ -80,7 +80,7 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "snapshot", TYPE_SNAPSHOT, offsetof(wp_source_config_t, snapshot_initial), 0, 0},
     {SECTION_SOURCE, "snapshot_workers", TYPE_INT, offsetof(wp_source_config_t, snapshot_workers), 1, 16},
     {SECTION_WORKERS, "count", TYPE_INT, offsetof(wp_config_t, workers), 0, 64},
-    {SECTION_WORKERS, "claim_size", TYPE_INT, offsetof(wp_config_t, claim_size), 1, 100000},
+    {SECTION_WORKERS, "claim_size", TYPE_INT, offsetof(wp_config_t, claim_size), 1, 10000},
     {SECTION_WORKERS, "mirror_schema", TYPE_NAME, offsetof(wp_config_t, mirror_schema), 0, 0},
     {SECTION_WORKERS, "mirror_table", TYPE_PATTERN, offsetof(wp_config_t, mirror_table), 0, 0},
     {SECTION_WORKERS, "max_attempts", TYPE_INT, offsetof(wp_config_t, max_attempts), 1, 1000},

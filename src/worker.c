@@ -540,8 +540,34 @@ static int sweep(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
         wp_buf_putc(&me->sweep[k], '}');
         params[k] = me->sweep[k].data;
     }
-    stmt_t *st = get_stmt(a, me, 'S', NULL);
-    int rc = run_stmt(a, me, st, params, ev, NULL); /* libpq copies parameters when it sends them */
+    /*
+     * Not prepared: a cached generic plan made while the mirror was small would
+     * keep scanning it whole as it grows; planned each time, it probes the keys.
+     */
+    wp_buf_t sql = WP_BUF_INIT;
+    unsigned types[64];
+    int ntypes = 0, rc = AP_OK;
+    wp_mirror_sql_sweep(me->m, &sql, types, &ntypes);
+    if (!a->careful) {
+        rc = go_pipeline(a);
+        if (rc == AP_OK && PQsendQueryParams(a->conn, sql.data, ntypes, (const Oid *)types, params, NULL, NULL, 0) != 1) {
+            a->pipe_failed = true;
+            a->pipe_fail = WP_FAIL_TRANSIENT;
+            snprintf(a->pipe_error, sizeof a->pipe_error, "could not send to staging: %s", PQerrorMessage(a->conn));
+            rc = AP_TRANSIENT;
+        } else if (rc == AP_OK) {
+            a->pending++; /* libpq copied the parameters: the literals may go */
+        }
+    } else {
+        PGresult *res = PQexecParams(a->conn, sql.data, ntypes, (const Oid *)types, params, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            wp_fail_t fail = wp_mirror_classify(res, a->conn);
+            ev_fail(ev, fail, "could not sweep mirror %s: %s", me->m->qmirror, PQerrorMessage(a->conn));
+            rc = sync_failure(a, ev, fail);
+        }
+        PQclear(res);
+    }
+    wp_buf_free(&sql);
     sweep_reset(me);
     return rc;
 }
@@ -1250,6 +1276,20 @@ static const char CLAIM_SQL[] =
     "RETURNING r.id, r.received_at::text, r.source, r.event_type, r.payload::text, r.lsn::text, r.seq, "
     "r.schema_name, r.table_name, r.shape_id::text";
 
+/*
+ * Claiming by staging batch instead of by rows, for bench/mirror_apply.py
+ * only (WALPIPE_BENCH_CLAIM=batch, with an index on batch_id the bench
+ * creates): the comparison behind claiming by rows (see the top of the file).
+ */
+static const char CLAIM_BATCH_SQL[] =
+    "WITH b AS (SELECT batch_id FROM walpipe.raw_events WHERE NOT processed ORDER BY id LIMIT 1 "
+    "FOR UPDATE SKIP LOCKED), "
+    "c AS (SELECT e.id, e.received_at FROM walpipe.raw_events e, b WHERE e.batch_id = b.batch_id AND NOT "
+    "e.processed LIMIT $1 FOR UPDATE OF e SKIP LOCKED) "
+    "UPDATE walpipe.raw_events r SET processed = true FROM c WHERE r.id = c.id AND r.received_at = c.received_at "
+    "RETURNING r.id, r.received_at::text, r.source, r.event_type, r.payload::text, r.lsn::text, r.seq, "
+    "r.schema_name, r.table_name, r.shape_id::text";
+
 /* Forgets cached mirrors that another worker altered since. */
 static int check_generations(worker_t *w)
 {
@@ -1290,7 +1330,9 @@ static int claim_and_apply(worker_t *w)
     const char *params[] = {limit};
     if (exec_simple(w->applier, "BEGIN") != AP_OK)
         return -1;
-    res = PQexecParams(w->conn, CLAIM_SQL, 1, NULL, params, NULL, NULL, 0);
+    const char *bench = getenv("WALPIPE_BENCH_CLAIM");
+    res = PQexecParams(w->conn, bench && strcmp(bench, "batch") == 0 ? CLAIM_BATCH_SQL : CLAIM_SQL, 1, NULL, params,
+                       NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         wp_warn("staging: could not claim events: %s", PQerrorMessage(w->conn));
         goto rollback;

@@ -33,7 +33,7 @@ typedef struct wp_event {
     const char *shape_text; /* shape_id as text, NULL when none */
     /* outcome of wp_applier_apply */
     wp_fail_t fail;
-    char error[512];
+    char error[400];
 } wp_event_t;
 
 /*
