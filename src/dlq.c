@@ -242,10 +242,12 @@ static PGconn *command_connect(const wp_config_t *config)
         PQfinish(conn);
         return NULL;
     }
-    PGresult *res = PQexec(conn, "SELECT CASE WHEN to_regclass('walpipe.schema_migrations') IS NULL THEN 0 ELSE "
-                                 "(SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations) END");
-    int version = PQresultStatus(res) == PGRES_TUPLES_OK ? atoi(PQgetvalue(res, 0, 0)) : -1;
-    PQclear(res);
+    int version = wp_migrate_staging_version(conn);
+    if (version < 0) {
+        wp_error("staging: could not read the schema version: %s", PQerrorMessage(conn));
+        PQfinish(conn);
+        return NULL;
+    }
     if (version < wp_migrate_latest_version()) {
         wp_error("staging schema is at version %d but this walpipe needs %d; hint: run `walpipe init --config %s`",
                  version, wp_migrate_latest_version(), config->path ? config->path : "FILE");

@@ -32,6 +32,22 @@ int wp_migrate_latest_version(void)
     return latest;
 }
 
+int wp_migrate_staging_version(PGconn *conn)
+{
+    int version = -1;
+    PGresult *res = PQexec(conn, "SELECT to_regclass('walpipe.schema_migrations') IS NOT NULL");
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 'f') {
+        version = 0;
+    } else if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+        PQclear(res);
+        res = PQexec(conn, "SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations");
+        if (PQresultStatus(res) == PGRES_TUPLES_OK)
+            version = atoi(PQgetvalue(res, 0, 0));
+    }
+    PQclear(res);
+    return version;
+}
+
 static int exec_ok(PGconn *conn, const char *sql, const char *what)
 {
     PGresult *res = PQexec(conn, sql);

@@ -24,6 +24,11 @@ extern const size_t wp_migrations_count;
 /* The newest schema version this walpipe knows. */
 int wp_migrate_latest_version(void);
 
+#include <libpq-fe.h>
+
+/* The schema version of the staging database on conn: 0 when never initialized, -1 on error (not logged). */
+int wp_migrate_staging_version(PGconn *conn);
+
 /*
  * Brings the staging database named in config to the newest version and
  * applies the configured index options (payload_gin_index) and partitions.

@@ -1211,10 +1211,7 @@ static PGconn *connect_staging(const wp_config_t *config, const char *appname, b
         PQfinish(conn);
         return NULL;
     }
-    PGresult *res = PQexec(conn, "SELECT CASE WHEN to_regclass('walpipe.schema_migrations') IS NULL THEN 0 ELSE "
-                                 "(SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations) END");
-    int version = PQresultStatus(res) == PGRES_TUPLES_OK ? atoi(PQgetvalue(res, 0, 0)) : -1;
-    PQclear(res);
+    int version = wp_migrate_staging_version(conn);
     if (version < wp_migrate_latest_version()) {
         if (version >= 0)
             *old_schema = true;
