@@ -553,3 +553,15 @@ def test_worker_killed_mid_claim(source_pg, staging_pg, walpipe_factory):
     assert dead_letters(staging_pg) == []
     assert work.stop() == 0 and w.stop() == 0
     print(f"{kills} SIGKILLs of `walpipe work` inside a claim; mirrors equal their sources")
+
+
+def test_work_needs_an_initialized_staging_schema(source_pg, staging_pg, walpipe_factory):
+    source_pg.createdb("app")
+    staging_pg.createdb("staging")
+    w = start(walpipe_factory, staging_pg, source_pg, workers=1, init=False, run=False)
+    work = start_work(walpipe_factory, w, 2)
+    assert work.wait_exit(30) == 1
+    errors = [l for l in work.log().splitlines() if " ERROR " in l]
+    assert errors and "hint: run `walpipe init --config" in errors[0], work.log_tail()
+    r = w.command("dlq", "list")
+    assert r.returncode == 1 and "walpipe init" in r.stderr
