@@ -1483,10 +1483,8 @@ static bool table_filter(const wp_source_config_t *source, wp_buf_t *schemas, wp
     return true;
 }
 
-int wp_mirror_discover(const wp_config_t *config, const wp_source_config_t *source, PGconn *staging,
-                       wp_buf_t *named)
+int wp_mirror_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named)
 {
-    (void)config;
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;

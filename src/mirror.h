@@ -183,7 +183,6 @@ wp_fail_t wp_mirror_classify(const PGresult *res, PGconn *conn);
  * "source\tschema\ttable" already named, owned by the caller).  Returns 0, or
  * -1 after logging why.
  */
-int wp_mirror_discover(const wp_config_t *config, const wp_source_config_t *source, PGconn *staging,
-                       wp_buf_t *named);
+int wp_mirror_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named);
 
 #endif /* WP_MIRROR_H */

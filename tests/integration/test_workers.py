@@ -565,3 +565,32 @@ def test_work_needs_an_initialized_staging_schema(source_pg, staging_pg, walpipe
     assert errors and "hint: run `walpipe init --config" in errors[0], work.log_tail()
     r = w.command("dlq", "list")
     assert r.returncode == 1 and "walpipe init" in r.stderr
+
+
+# --------------------------------------------------------------------------
+# initial snapshot under write load, then streaming: the mirror equals the source
+
+def test_initial_snapshot_under_write_load_mirrors_the_source(source_pg, staging_pg, walpipe_factory):
+    from test_snapshot import SCHEMA, churn, fill_big
+    source_pg.createdb("app")
+    source_pg.sql(SCHEMA, dbname="app")
+    fill_big(source_pg, 100000)
+    stop = threading.Event()
+    t = threading.Thread(target=churn, args=(source_pg, stop, 100000))
+    t.start()
+    try:
+        # no slot yet: walpipe creates it and copies the existing rows under its exported snapshot
+        w = start(walpipe_factory, staging_pg, source_pg, workers=2)
+        wait_until(lambda: "initial snapshot done" in w.log(), timeout=300, what="snapshot done", walpipe=w)
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join()
+    wait_applied(source_pg, staging_pg, w, timeout=300)
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE event_type = 'snapshot'",
+                             dbname="staging") >= 100000
+    assert_mirrored(source_pg, staging_pg, "big", ["id"])
+    assert_mirrored(source_pg, staging_pg, "small", ["id"])
+    assert_mirrored(source_pg, staging_pg, "Mixed", ["id"], schema="Other")
+    assert dead_letters(staging_pg) == []
+    assert w.stop() == 0
