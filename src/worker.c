@@ -103,6 +103,18 @@ typedef struct shape_entry {
     int followed_gen;
 } shape_entry_t;
 
+/* One event of a claim: what orders and groups it (see plan_cmp and coalesce). */
+typedef struct plan {
+    size_t ev; /* index into the claim's events */
+    int kind;  /* ev_kind_t */
+    int mirror; /* mirror id; 0 when none */
+    char *key;  /* owned: the key it changes (the old key of an update), NULL for TRUNCATE */
+    bool full;  /* writes the whole row, key unchanged */
+    bool deletes; /* removes the key: a delete, or an update that moves the row away */
+    bool late;    /* a key change that carries TOAST values: after everything else */
+    bool skip;    /* superseded by a later change of the key in this claim */
+} plan_t;
+
 typedef struct waited {
     char *key; /* "source\tschema\ttable" */
     int64_t at_ms;
@@ -135,6 +147,8 @@ struct wp_applier {
     size_t nowned;
     size_t cap_cols;
     unsigned changes; /* bumped when the cache learns of a mirror created or altered in this transaction */
+    plan_t *plans;
+    size_t plans_cap;
 };
 
 /* ---------------------------------------------------------------- events */
@@ -284,6 +298,9 @@ void wp_applier_destroy(wp_applier_t *a)
     wp_payload_free(&a->payload);
     free(a->params);
     free(a->absent);
+    for (size_t i = 0; i < a->plans_cap; i++)
+        free(a->plans[i].key);
+    free(a->plans);
     free(a);
 }
 
@@ -865,24 +882,91 @@ static int carry_absent(wp_applier_t *a, mentry_t *me, wp_event_t *ev, const cha
     return AP_OK;
 }
 
-/* Applies one event (careful mode: synchronously; otherwise pipelined where it can). */
-static int apply_one(wp_applier_t *a, wp_event_t *ev)
+/*
+ * The row image of an insert or update against the mirror's columns: vals[i]
+ * (NULL for SQL NULL) and absent[i] (left out: keeps the mirror's value), the
+ * old and new key values.  Returns false with ev failed when the event cannot
+ * be applied (no key values, a lost NaN).
+ */
+static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_event_t *ev, const char **vals,
+                      bool *absent, const char **oldkey, const char **newkey, bool *any_absent, bool *key_changed)
 {
-    ev_kind_t kind = kind_of(ev->type);
+    const wp_jobject_t *after = &a->payload.after, *before = &a->payload.before;
+    size_t hint = 0, bhint = 0;
+    *any_absent = *key_changed = false;
+    if (!after->present) {
+        ev_fail(ev, WP_FAIL_PARK, "%s payload has no \"after\"", ev->type);
+        return false;
+    }
+    if (kind == K_UPDATE && !key_values(m, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
+        return false;
+    for (size_t i = 0; i < m->ncols; i++) {
+        const wp_jfield_t *f = wp_jobject_get(after, m->cols[i].name, &hint);
+        if (f == NULL && kind == K_UPDATE && before->present) /* REPLICA IDENTITY FULL: the old row has it */
+            f = wp_jobject_get(before, m->cols[i].name, &bhint);
+        /* an insert lacks only columns its shape did not have yet: NULL; an update's are unchanged TOAST */
+        absent[i] = f == NULL && kind == K_UPDATE;
+        *any_absent |= absent[i];
+        vals[i] = f ? f->value : NULL;
+        if (f && f->value == NULL && lost_special(m, i, ev))
+            return false;
+    }
+    for (size_t k = 0; k < m->nkeys; k++) {
+        size_t i = m->keys[k];
+        if (absent[i]) { /* a TOASTed key column left out: unchanged */
+            absent[i] = false;
+            vals[i] = oldkey[k];
+        }
+        if (vals[i] == NULL) {
+            ev_fail(ev, WP_FAIL_PARK, "%s of \"%s\".\"%s\" has no value for key column \"%s\"", ev->type, m->schema,
+                    m->table, m->cols[i].name);
+            return false;
+        }
+        newkey[k] = vals[i];
+        if (kind == K_UPDATE)
+            *key_changed |= strcmp(newkey[k], oldkey[k]) != 0;
+    }
+    return true;
+}
+
+/* "v1\x1fv2...": a key as one string, to sort and group changes by. */
+static char *key_text(const wp_mirror_t *m, const char *const *key)
+{
+    wp_buf_t b = WP_BUF_INIT;
+    wp_buf_append(&b, "", 0);
+    for (size_t k = 0; k < m->nkeys; k++) {
+        if (k)
+            wp_buf_putc(&b, '\x1f');
+        wp_buf_puts(&b, key[k]);
+    }
+    return b.data;
+}
+
+/*
+ * Step 1 for an event: parse it, open its mirror (creating or altering it:
+ * the synchronous steps), and fill pl with what orders and groups it.
+ */
+static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
+{
     char err[512];
     int rc = AP_OK;
-    if (kind == K_OTHER)
+    pl->kind = kind_of(ev->type);
+    pl->mirror = 0;
+    free(pl->key);
+    pl->key = NULL;
+    pl->full = pl->deletes = pl->late = pl->skip = false;
+    if (pl->kind == K_OTHER)
         return AP_OK; /* messages are not rows */
     if (ev->schema == NULL || ev->table == NULL) {
         ev_fail(ev, WP_FAIL_PARK, "%s event has no schema_name/table_name", ev->type);
         return AP_OK;
     }
-    if (kind != K_TRUNCATE && wp_payload_parse(&a->payload, ev->payload, err, sizeof err) != 0) {
+    if (pl->kind != K_TRUNCATE && wp_payload_parse(&a->payload, ev->payload, err, sizeof err) != 0) {
         ev_fail(ev, WP_FAIL_PARK, "%s", err);
         return AP_OK;
     }
     shape_entry_t *se = NULL;
-    if ((kind == K_INSERT || kind == K_UPDATE) && ev->shape_text) {
+    if ((pl->kind == K_INSERT || pl->kind == K_UPDATE) && ev->shape_text) {
         se = get_shape(a, ev, &rc);
         if (se == NULL)
             return rc;
@@ -901,7 +985,7 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev)
         if ((rc = go_sync(a)) != AP_OK)
             return rc;
         /* an insert's shape lists every column; an update's may leave unchanged TOAST columns out */
-        if (wp_mirror_follow(a->conn, m, &se->shape, kind == K_INSERT, &changed, &fail, err, sizeof err) != 0) {
+        if (wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, &changed, &fail, err, sizeof err) != 0) {
             ev_fail(ev, fail, "%s", err);
             return sync_failure(a, ev, fail);
         }
@@ -912,16 +996,55 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev)
         se->followed_mirror = m->id;
         se->followed_gen = m->generation;
     }
+    pl->mirror = m->id;
+    if (pl->kind == K_TRUNCATE || m->nkeys > 64)
+        return AP_OK;
+    reserve_cols(a, m->ncols);
+    const char **vals = wp_calloc(m->ncols ? m->ncols : 1, sizeof *vals);
+    const char *oldkey[64], *newkey[64];
+    bool any_absent = false, key_changed = false;
+    wp_event_t probe = *ev; /* failures show up again, with their reason, when the event is applied */
+    if (pl->kind == K_DELETE) {
+        if (key_values(m, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe, "delete")) {
+            pl->key = key_text(m, oldkey);
+            pl->deletes = true;
+        }
+    } else if (row_image(a, m, pl->kind, &probe, vals, a->absent, oldkey, newkey, &any_absent, &key_changed)) {
+        pl->key = key_text(m, pl->kind == K_UPDATE ? oldkey : newkey);
+        pl->full = !key_changed && !any_absent;
+        pl->deletes = key_changed; /* of the old key */
+        pl->late = key_changed && any_absent;
+    }
+    free(vals);
+    return AP_OK;
+}
+
+/* Step 2 for a prepared event: its statements. */
+static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
+{
+    char err[512];
+    int rc = AP_OK;
+    if (pl->kind == K_OTHER || ev->fail != WP_FAIL_NONE)
+        return AP_OK;
+    if (pl->kind != K_TRUNCATE && wp_payload_parse(&a->payload, ev->payload, err, sizeof err) != 0) {
+        ev_fail(ev, WP_FAIL_PARK, "%s", err);
+        return AP_OK;
+    }
+    mentry_t *me = get_mirror(a, ev, NULL, &rc);
+    if (me == NULL)
+        return rc;
+    wp_mirror_t *m = me->m;
     reserve_cols(a, m->ncols);
     const char **vals = wp_calloc(m->ncols ? m->ncols : 1, sizeof *vals);
     bool *absent = a->absent;
     const char *oldkey[64], *newkey[64];
+    bool any_absent = false, key_changed = false;
     if (m->nkeys > 64) {
         ev_fail(ev, WP_FAIL_PARK, "mirror %s has more than 64 key columns", m->qmirror);
         goto out;
     }
 
-    switch (kind) {
+    switch (pl->kind) {
     case K_TRUNCATE: {
         wp_fail_t fail = WP_FAIL_NONE;
         if ((rc = go_sync(a)) != AP_OK)
@@ -932,64 +1055,13 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev)
         }
         break;
     }
-    case K_INSERT: {
-        size_t hint = 0;
-        if (!a->payload.after.present) {
-            ev_fail(ev, WP_FAIL_PARK, "%s payload has no \"after\"", ev->type);
-            break;
-        }
-        for (size_t i = 0; i < m->ncols; i++) {
-            const wp_jfield_t *f = wp_jobject_get(&a->payload.after, m->cols[i].name, &hint);
-            absent[i] = false;
-            vals[i] = f ? f->value : NULL; /* a column the change's shape did not have yet: NULL */
-            if (f && f->value == NULL && lost_special(m, i, ev))
-                goto out;
-        }
-        for (size_t k = 0; k < m->nkeys; k++) {
-            if (vals[m->keys[k]] == NULL) {
-                ev_fail(ev, WP_FAIL_PARK, "%s of \"%s\".\"%s\" has no value for key column \"%s\"", ev->type,
-                        m->schema, m->table, m->cols[m->keys[k]].name);
-                goto out;
-            }
-        }
-        rc = write_row(a, me, ev, vals, absent);
+    case K_INSERT:
+        if (row_image(a, m, K_INSERT, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
+            rc = write_row(a, me, ev, vals, absent);
         break;
-    }
-    case K_UPDATE: {
-        const wp_jobject_t *after = &a->payload.after, *before = &a->payload.before;
-        const wp_jobject_t *ident = a->payload.key.present ? &a->payload.key : before;
-        size_t hint = 0, bhint = 0;
-        bool key_changed = false, any_absent = false;
-        if (!after->present) {
-            ev_fail(ev, WP_FAIL_PARK, "update payload has no \"after\"");
+    case K_UPDATE:
+        if (!row_image(a, m, K_UPDATE, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
             break;
-        }
-        if (!key_values(m, ident, oldkey, ev, "update"))
-            break;
-        for (size_t i = 0; i < m->ncols; i++) {
-            const wp_jfield_t *f = wp_jobject_get(after, m->cols[i].name, &hint);
-            if (f == NULL && before->present) /* REPLICA IDENTITY FULL: the old row has the unchanged value */
-                f = wp_jobject_get(before, m->cols[i].name, &bhint);
-            absent[i] = f == NULL;
-            any_absent |= absent[i];
-            vals[i] = f ? f->value : NULL;
-            if (f && f->value == NULL && lost_special(m, i, ev))
-                goto out;
-        }
-        for (size_t k = 0; k < m->nkeys; k++) {
-            size_t i = m->keys[k];
-            if (absent[i]) { /* a TOASTed key column left out: unchanged */
-                absent[i] = false;
-                vals[i] = oldkey[k];
-            }
-            if (vals[i] == NULL) {
-                ev_fail(ev, WP_FAIL_PARK, "update of \"%s\".\"%s\" sets key column \"%s\" to null", m->schema,
-                        m->table, m->cols[i].name);
-                goto out;
-            }
-            newkey[k] = vals[i];
-            key_changed |= strcmp(newkey[k], oldkey[k]) != 0;
-        }
         if (key_changed) {
             /* the old key's row goes (as a delete at this version); the new key gets the row */
             if (any_absent && (rc = older_pending(a, me, ev, oldkey)) != AP_OK)
@@ -1005,13 +1077,10 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev)
         }
         rc = write_row(a, me, ev, vals, absent);
         break;
-    }
-    case K_DELETE: {
-        const wp_jobject_t *ident = a->payload.key.present ? &a->payload.key : &a->payload.before;
-        if (key_values(m, ident, oldkey, ev, "delete"))
+    case K_DELETE:
+        if (key_values(m, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev, "delete"))
             rc = delete_key(a, me, ev, oldkey);
         break;
-    }
     case K_OTHER:
         break;
     }
@@ -1031,24 +1100,111 @@ static int exec_simple(wp_applier_t *a, const char *sql)
     return rc;
 }
 
+static int version_cmp(const wp_event_t *x, const wp_event_t *y)
+{
+    if (x->lsn != y->lsn)
+        return x->lsn < y->lsn ? -1 : 1;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/*
+ * The order a claim is applied in, which any order allows (mirror.c): by
+ * mirror, TRUNCATE first, then by key and version.  Every worker takes row
+ * locks in this one order, so two claims that touch the same hot rows wait
+ * for each other instead of deadlocking.  Key changes that must carry TOAST
+ * values from the old key come last, in version order, after every older
+ * change of the claim.
+ */
+static int plan_cmp(const void *pa, const void *pb, void *events)
+{
+    const plan_t *x = pa, *y = pb;
+    const wp_event_t *ex = (const wp_event_t *)events + x->ev, *ey = (const wp_event_t *)events + y->ev;
+    if (x->late != y->late)
+        return x->late ? 1 : -1;
+    if (x->late)
+        return version_cmp(ex, ey);
+    if (x->mirror != y->mirror)
+        return x->mirror < y->mirror ? -1 : 1;
+    if ((x->key == NULL) != (y->key == NULL))
+        return x->key == NULL ? -1 : 1;
+    int c = x->key && y->key ? strcmp(x->key, y->key) : 0;
+    return c ? c : version_cmp(ex, ey);
+}
+
+/*
+ * Within one key, a change followed (in this claim) by a write of the whole
+ * row or by a delete of the key changes nothing the later one leaves: the
+ * max-merge would overwrite or remove it.  Skipping it saves the statements;
+ * a hot row updated 250 times in a claim is written once.
+ */
+static void coalesce(plan_t *plans, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && !plans[j].late && plans[j].key && plans[i].key && plans[j].mirror == plans[i].mirror &&
+               strcmp(plans[j].key, plans[i].key) == 0)
+            j++;
+        if (!plans[i].late && plans[i].key) {
+            size_t last = j;
+            for (size_t k = j; k-- > i;) {
+                if (plans[k].full || plans[k].deletes) {
+                    last = k;
+                    break;
+                }
+            }
+            for (size_t k = i; last < j && k < last; k++)
+                plans[k].skip = true;
+        }
+        i = j;
+    }
+}
+
+static void reserve_plans(wp_applier_t *a, size_t n)
+{
+    if (n <= a->plans_cap)
+        return;
+    a->plans = wp_realloc(a->plans, n * sizeof *a->plans);
+    memset(a->plans + a->plans_cap, 0, (n - a->plans_cap) * sizeof *a->plans);
+    a->plans_cap = n;
+}
+
 /* One pass over the events: pipelined (careful = false) or one savepoint per event. */
 static int apply_pass(wp_applier_t *a, wp_event_t *events, size_t n)
 {
     int rc = AP_OK;
     a->pipe_failed = false;
     a->pending = 0;
+    reserve_plans(a, n);
+    plan_t *plans = a->plans;
     for (size_t i = 0; i < n && rc == AP_OK; i++) {
-        wp_event_t *ev = &events[i];
-        ev->fail = WP_FAIL_NONE;
-        ev->error[0] = '\0';
+        events[i].fail = WP_FAIL_NONE;
+        events[i].error[0] = '\0';
+        plans[i].ev = i;
+        /* careful mode prepares each event inside its savepoint, below */
+        rc = a->careful ? AP_OK : prepare_one(a, &events[i], &plans[i]);
+        if (a->careful) {
+            plans[i].kind = kind_of(events[i].type);
+            plans[i].late = false;
+        }
+    }
+    if (rc == AP_OK && !a->careful) {
+        qsort_r(plans, n, sizeof *plans, plan_cmp, events);
+        coalesce(plans, n);
+    }
+    for (size_t p = 0; p < n && rc == AP_OK; p++) {
+        plan_t *pl = &plans[p];
+        wp_event_t *ev = &events[pl->ev];
         if (!a->careful) {
-            rc = apply_one(a, ev);
+            if (!pl->skip)
+                rc = apply_one(a, ev, pl);
             continue;
         }
         if ((rc = exec_simple(a, "SAVEPOINT wp_event")) != AP_OK)
             break;
         unsigned changes = a->changes;
-        rc = apply_one(a, ev);
+        rc = prepare_one(a, ev, pl);
+        if (rc == AP_OK)
+            rc = apply_one(a, ev, pl);
         if (rc == AP_SQL || (rc == AP_OK && ev->fail != WP_FAIL_NONE)) {
             /* this event failed: undo what it did (DDL included) and go on with the next */
             if (ev->fail == WP_FAIL_NONE)
@@ -1104,6 +1260,12 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
     if (rc != AP_OK)
         return -1;
     return exec_simple(a, "RELEASE SAVEPOINT wp_apply") == AP_OK ? 0 : -1;
+}
+
+const char *wp_applier_last_error(const wp_applier_t *a)
+{
+    return a->pipe_failed ? a->pipe_error : PQstatus(a->conn) != CONNECTION_OK ? "lost the staging connection"
+                                                                                 : PQerrorMessage(a->conn);
 }
 
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
@@ -1342,6 +1504,8 @@ static int claim_and_apply(worker_t *w)
     if (check_generations(w) != 0)
         goto rollback;
     int rc = wp_applier_apply(w->applier, w->events, count);
+    if (rc < 0)
+        wp_info("claim of %zu events rolled back, to be claimed again: %s", count, wp_applier_last_error(w->applier));
     if (rc == 1) {
         exec_simple(w->applier, "ROLLBACK");
         wp_applier_reset(w->applier);

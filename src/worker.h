@@ -77,6 +77,9 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n);
  */
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms);
 
+/* Why the last wp_applier_apply returned -1 (for the log). */
+const char *wp_applier_last_error(const wp_applier_t *a);
+
 /* Forgets cached mirrors and prepared statements (after a rollback that may have undone DDL). */
 void wp_applier_reset(wp_applier_t *a);
 
