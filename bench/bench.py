@@ -416,6 +416,8 @@ class Bench:
     def walpipe_for(self, stg_db, src_db, slot, name):
         cfg = wptest.write_config(self.work / f"{name}.conf", self.stg.conninfo(stg_db),
                                   {SOURCE_NAME: {"conninfo": self.src.conninfo(src_db), "slot": slot}})
+        with open(cfg, "a") as f:
+            f.write("\n[workers]\ncount = 0\n")  # staging only: transform workers would share the CPU
         wp = wptest.Walpipe(cfg, self.work / name, binary=self.walpipe_bin, name=name)
         r = wp.init()
         if r.returncode != 0:
