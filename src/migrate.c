@@ -32,6 +32,14 @@ int wp_migrate_latest_version(void)
     return latest;
 }
 
+static bool is_applied(const PGresult *applied, int version)
+{
+    for (int r = 0; r < PQntuples(applied); r++)
+        if (atoi(PQgetvalue(applied, r, 0)) == version)
+            return true;
+    return false;
+}
+
 int wp_migrate_staging_version(PGconn *conn)
 {
     int version = -1;
@@ -40,9 +48,13 @@ int wp_migrate_staging_version(PGconn *conn)
         version = 0;
     } else if (PQresultStatus(res) == PGRES_TUPLES_OK) {
         PQclear(res);
-        res = PQexec(conn, "SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations");
-        if (PQresultStatus(res) == PGRES_TUPLES_OK)
-            version = atoi(PQgetvalue(res, 0, 0));
+        res = PQexec(conn, "SELECT version FROM walpipe.schema_migrations");
+        if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+            /* the newest version up to which every migration this walpipe knows is applied */
+            version = 0;
+            for (size_t i = 0; i < wp_migrations_count && is_applied(res, wp_migrations[i].version); i++)
+                version = wp_migrations[i].version;
+        }
     }
     PQclear(res);
     return version;
@@ -59,25 +71,23 @@ static int exec_ok(PGconn *conn, const char *sql, const char *what)
     return rc;
 }
 
-static int applied_version(PGconn *conn, int *version)
+/* The versions recorded in walpipe.schema_migrations (caller clears), or NULL after logging why. */
+static PGresult *applied_versions(PGconn *conn)
 {
-    PGresult *res = PQexec(conn, "SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations");
-    int rc = -1;
+    PGresult *res = PQexec(conn, "SELECT version FROM walpipe.schema_migrations");
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         wp_error("staging: could not read walpipe.schema_migrations: %s", PQerrorMessage(conn));
-        goto out;
+        PQclear(res);
+        return NULL;
     }
-    *version = atoi(PQgetvalue(res, 0, 0));
-    rc = 0;
-out:
-    PQclear(res);
-    return rc;
+    return res;
 }
 
 int wp_migrate_apply(const wp_config_t *config)
 {
     int rc = -1;
     bool locked = false;
+    PGresult *applied = NULL;
     const char *keys[] = {"dbname", "application_name", NULL};
     const char *vals[] = {config->staging_conninfo, "walpipe_init", NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
@@ -96,12 +106,13 @@ int wp_migrate_apply(const wp_config_t *config)
                 "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
                 "create walpipe.schema_migrations") != 0)
         goto out;
-    int have = 0;
-    if (applied_version(conn, &have) != 0)
+    /* every migration not recorded yet, in order: a version merged below the newest one applied still runs */
+    applied = applied_versions(conn);
+    if (applied == NULL)
         goto out;
     for (size_t i = 0; i < wp_migrations_count; i++) {
         const wp_migration_t *m = &wp_migrations[i];
-        if (m->version <= have)
+        if (is_applied(applied, m->version))
             continue;
         if (exec_ok(conn, "BEGIN", "begin a migration") != 0)
             goto out;
@@ -136,6 +147,7 @@ int wp_migrate_apply(const wp_config_t *config)
     wp_info("staging schema is at version %d", wp_migrate_latest_version());
     rc = 0;
 out:
+    PQclear(applied);
     if (locked)
         PQclear(PQexec(conn, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")"));
     PQfinish(conn);

@@ -594,3 +594,23 @@ def test_initial_snapshot_under_write_load_mirrors_the_source(source_pg, staging
     assert_mirrored(source_pg, staging_pg, "Mixed", ["id"], schema="Other")
     assert dead_letters(staging_pg) == []
     assert w.stop() == 0
+
+
+def test_init_applies_a_migration_numbered_below_the_newest(staging_pg, walpipe_factory):
+    """003_workers.sql was merged after 004: a staging database at {1, 2, 4} must still get it."""
+    staging_pg.createdb("staging")
+    staging_pg.sql("CREATE SCHEMA walpipe; CREATE TABLE walpipe.schema_migrations (version INT PRIMARY KEY, "
+                   "name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())", dbname="staging")
+    sql_dir = wptest.repo_root() / "sql"
+    for v, f in [(1, "001_init.sql"), (2, "002_gaps.sql"), (4, "004_snapshot.sql")]:
+        staging_pg.sql((sql_dir / f).read_text(), dbname="staging")
+        staging_pg.sql("INSERT INTO walpipe.schema_migrations VALUES (%s, %s)", (v, f), dbname="staging")
+    w = walpipe_factory("[placeholder]\n")
+    wptest.write_config(w.config_path, staging_pg.conninfo("staging"), {"app": {"conninfo": "host=/nonexistent"}})
+    r = w.command("dlq", "list")
+    assert r.returncode == 1 and "staging schema is at version 2" in r.stderr, r.stderr
+    r = w.init()
+    assert r.returncode == 0 and "applied migration 003_workers.sql" in r.stderr, r.stderr
+    assert [v for (v,) in staging_pg.sql("SELECT version FROM walpipe.schema_migrations ORDER BY 1",
+                                         dbname="staging")] == [1, 2, 3, 4]
+    assert w.command("dlq", "list").returncode == 0
