@@ -1,26 +1,32 @@
 /*
  * decoder.c: wal2json format-version-2 messages -> wp_change_t, payloads and shapes.
  *
- * The decoder owns three things: the jansson tree of the last message that
- * parsed (decoder->root), per-message scratch arrays reused from call to call,
- * and a small per-table cache (column count of the table's rows, for the
- * "key" vs "before" heuristic, and the table's recent shapes with their ids).
+ * A message is read in one pass by yajl's event parser (no tree is built):
+ * the callbacks below keep the top-level fields and the "columns" /
+ * "identity" entries the decoder needs, as jval_t values whose text lives in
+ * decoder->text, and skip everything else.  parse_message() then validates
+ * what was kept, in a fixed order, so every message gets the same reason.
+ *
+ * The decoder owns: the kept values of the last message that parsed (their
+ * text in decoder->text), the column arrays reused from call to call, and a
+ * small per-table cache (column count of the table's rows, for the "key" vs
+ * "before" heuristic, and the table's recent shapes with their ids).
  *
  * Invariants:
- *  - After a successful wp_decoder_parse, root holds the message and every
- *    pointer in the returned wp_change_t and in decoder->cols/ident borrows
- *    from it until the next parse or wp_decoder_destroy.  After a failed
- *    parse the decoder holds no message (valid == false).
+ *  - After a successful wp_decoder_parse, every pointer in the returned
+ *    wp_change_t and in decoder->lists borrows from decoder->text until
+ *    the next parse or wp_decoder_destroy.  After a failed parse the decoder
+ *    holds no message (valid == false).
  *  - A message that parses has been validated completely, so
  *    wp_decoder_payload and wp_decoder_shape cannot fail on it and always
- *    write valid JSON that PostgreSQL accepts as jsonb.
- *  - No number is ever rounded.  jansson only sees integers it stores exactly
- *    (int64, other than "-0"): prepass() turns every other number token in a
- *    value position (but not where a string is required) into a JSON string
- *    holding the exact text wal2json printed.  The value rules then decide
- *    per column type whether that text goes out as a JSON number or as a
- *    JSON string.
- *  - Strings holding NUL (\u0000) are rejected: jsonb cannot store them.
+ *    write valid JSON that PostgreSQL accepts as jsonb: every string kept is
+ *    strictly valid UTF-8 (no overlong forms, no surrogates, nothing above
+ *    U+10FFFF; checked here, because yajl's own check is looser) and holds
+ *    no NUL (\u0000, which jsonb cannot store); \u escapes are paired
+ *    surrogates or none (yajl would turn a lone one into '?').
+ *  - No number is ever rounded: yajl hands over each number's text as
+ *    printed, and the value rules decide per column type whether that text
+ *    goes out as a JSON number or as a JSON string.
  *
  * A decoder is used by one thread at a time; it has no global state.
  */
@@ -28,13 +34,12 @@
 
 #include <inttypes.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <jansson.h>
+#include <yajl/yajl_parse.h>
 
 #include "decoder.h"
 #include "log.h"
@@ -43,11 +48,8 @@
 #define SHAPE_SLOTS 4
 /* The table cache is emptied when it reaches this many tables (it is only a cache). */
 #define MAX_TABLES 16384
-/* Bit stack of container kinds in prepass(); deeper containers are left alone. */
-#define PREPASS_MAX_DEPTH 64
 /* Largest integer a double holds exactly, as decimal text. */
 #define INT53_TEXT "9007199254740992"
-#define INT53 INT64_C(9007199254740992)
 
 #define FNV_OFFSET UINT64_C(14695981039346656037)
 #define FNV_PRIME UINT64_C(1099511628211)
@@ -63,16 +65,79 @@ typedef enum vclass {
     VC_BYTEA,   /* "\\x" + hex */
 } vclass_t;
 
-/* One entry of "columns" or "identity"; strings borrow from decoder->root. */
+/* What kind of JSON value a key held; JK_ABSENT when the key was not there. */
+typedef enum jkind {
+    JK_ABSENT = 0,
+    JK_NULL,
+    JK_FALSE,
+    JK_TRUE,
+    JK_NUMBER,
+    JK_STRING,
+    JK_ARRAY,
+    JK_OBJECT,
+} jkind_t;
+
+/* One kept value.  s is NUL-terminated text in decoder->text: a number's text as printed, or a decoded string. */
+typedef struct jval {
+    jkind_t kind;
+    const char *s; /* JK_NUMBER and JK_STRING only */
+    size_t len;
+} jval_t;
+
+/* The keys of a "columns"/"identity" entry the decoder reads. */
+typedef enum ckey {
+    CK_NONE = -1,
+    CK_NAME,
+    CK_TYPE,
+    CK_TYPEOID,
+    CK_VALUE,
+    CK_COUNT,
+} ckey_t;
+
+/* One entry of "columns" or "identity". */
 typedef struct col {
-    const char *name;
+    jval_t key[CK_COUNT]; /* name, type, typeoid, value as kept */
+    bool not_object;      /* the array element is no object */
+    const char *name;     /* the rest is set by parse_columns() */
     size_t name_len;
     const char *type;
     size_t type_len;
     int64_t typeoid; /* 0..UINT32_MAX, or -1 when "typeoid" is absent */
-    json_t *value;
+    const jval_t *value;
     vclass_t vclass;
 } col_t;
+
+/* The top-level keys the decoder reads. */
+typedef enum field {
+    F_NONE = -1,
+    F_ACTION,
+    F_XID,
+    F_TIMESTAMP,
+    F_LSN,
+    F_NEXTLSN,
+    F_SCHEMA,
+    F_TABLE,
+    F_COLUMNS,
+    F_IDENTITY,
+    F_TRANSACTIONAL,
+    F_PREFIX,
+    F_CONTENT,
+    F_COUNT,
+} field_t;
+
+/* A key the decoder reads, with its length (keys are compared for every key of every message). */
+typedef struct known_key {
+    const char *name;
+    size_t len;
+} known_key_t;
+
+#define KEY(s) {s, sizeof s - 1}
+static const known_key_t field_keys[F_COUNT] = {
+    KEY("action"), KEY("xid"),   KEY("timestamp"), KEY("lsn"),           KEY("nextlsn"), KEY("schema"),
+    KEY("table"),  KEY("columns"), KEY("identity"), KEY("transactional"), KEY("prefix"), KEY("content"),
+};
+static const known_key_t column_keys[CK_COUNT] = {KEY("name"), KEY("type"), KEY("typeoid"), KEY("value")};
+#undef KEY
 
 typedef struct shape {
     bool used;
@@ -93,44 +158,22 @@ typedef struct table_entry {
     unsigned next_slot; /* round-robin victim when no slot matches */
 } table_entry_t;
 
-/* A number token prepass() wrapped in quotes: offset and length in the original message. */
-typedef struct wrap {
-    size_t off;
-    size_t len;
-} wrap_t;
-
-/*
- * Per-message arena for jansson's allocations (see "arena" below): the tree of
- * one message is built by bumping a pointer and thrown away in one step when
- * the next message is parsed, instead of thousands of malloc/free pairs.
- */
-typedef struct arena_block {
-    struct arena_block *next;
-    size_t size, used;
-    max_align_t data[];
-} arena_block_t;
-
-typedef struct arena {
-    arena_block_t *head; /* newest block first */
-} arena_t;
+/* One column array ("columns" or "identity") as kept; entries reused from message to message. */
+typedef struct col_list {
+    col_t *cols;
+    size_t n;
+    size_t cap;
+} col_list_t;
 
 struct wp_decoder {
-    arena_t arena;     /* owns the nodes of root when root came from wp_decoder_parse */
-    json_t *root;      /* the last successful parse, or NULL */
-    bool valid;        /* root and last describe a message */
-    wp_change_t last;  /* what the last successful parse returned */
-    col_t *cols;       /* "columns" of the last I/U */
-    size_t cols_cap;
-    col_t *ident;      /* "identity" of the last U/D */
-    size_t ident_cap;
+    bool valid;         /* the fields below describe a message */
+    wp_change_t last;   /* what the last successful parse returned */
+    wp_buf_t text;      /* the kept values' text; sized once per message, so pointers into it hold */
+    jval_t fields[F_COUNT];
+    col_list_t lists[2]; /* [0] "columns" of the last I/U, [1] "identity" of the last U/D */
     bool has_ident;
-    bool ident_full;   /* identity is the whole old row: "before", not "key" */
+    bool ident_full;    /* identity is the whole old row: "before", not "key" */
     table_entry_t *table; /* cache entry of the last I/U/D */
-
-    wp_buf_t scratch;  /* prepass() output when it rewrote something */
-    wrap_t *wraps;
-    size_t nwraps;
-    size_t wraps_cap;
 
     table_entry_t **tables; /* open addressing, linear probing; cap is a power of two */
     size_t tables_cap;
@@ -220,8 +263,8 @@ static bool int_text_within(const char *s, size_t len, const char *limit)
     return memcmp(s, limit, len) <= 0;
 }
 
-/* jansson stores this integer literal exactly (fits int64 and is not "-0"). */
-static bool int_text_exact_in_jansson(const char *s, size_t len)
+/* The integer literal s[0..len) is an int64 other than "-0" (the integers the decoder reads as such). */
+static bool int_text_is_int64(const char *s, size_t len)
 {
     if (len == 2 && s[0] == '-' && s[1] == '0')
         return false;
@@ -256,7 +299,7 @@ static bool needs_escape(unsigned char c)
     return c < 0x20 || c == '"' || c == '\\';
 }
 
-/* Appends s[0..len) as a JSON string.  s is valid UTF-8 without NUL (jansson checked it). */
+/* Appends s[0..len) as a JSON string.  s is valid UTF-8 without NUL (the parse checked it). */
 static void put_string(wp_buf_t *out, const char *s, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
@@ -334,59 +377,45 @@ static bool number_fits_double(const char *s, size_t len)
 /* Appends one column value following the value rules in decoder.h. */
 static void put_value(wp_buf_t *out, const col_t *col)
 {
-    const json_t *v = col->value;
-    char num[24];
-    size_t n;
+    const jval_t *v = col->value;
+    bool is_int;
 
-    switch (json_typeof(v)) {
-    case JSON_TRUE:
+    switch (v->kind) {
+    case JK_TRUE:
         wp_buf_append(out, "true", 4);
         return;
-    case JSON_FALSE:
+    case JK_FALSE:
         wp_buf_append(out, "false", 5);
         return;
-    case JSON_INTEGER: {
-        json_int_t i = json_integer_value(v);
-        n = format_i64((int64_t)i, num);
-        if (col->vclass == VC_INT || col->vclass == VC_FLOAT ||
-            (col->vclass == VC_INT8 && i >= -INT53 && i <= INT53))
-            wp_buf_append(out, num, n);
-        else
-            put_string(out, num, n);
-        return;
-    }
-    case JSON_STRING: {
-        const char *s = json_string_value(v);
-        size_t len = json_string_length(v);
-        bool is_int;
+    case JK_NUMBER:
+    case JK_STRING:
         switch (col->vclass) {
         case VC_INT:
         case VC_FLOAT:
             /* NaN/Infinity (numeric-data-types-as-string) are not JSON numbers: keep the text. */
-            if (json_number_text(s, len, &is_int) && number_fits_double(s, len))
-                wp_buf_append(out, s, len);
+            if (json_number_text(v->s, v->len, &is_int) && number_fits_double(v->s, v->len))
+                wp_buf_append(out, v->s, v->len);
             else
-                put_string(out, s, len);
+                put_string(out, v->s, v->len);
             return;
         case VC_INT8:
-            if (json_number_text(s, len, &is_int) && is_int && int_text_within(s, len, INT53_TEXT))
-                wp_buf_append(out, s, len);
+            if (json_number_text(v->s, v->len, &is_int) && is_int && int_text_within(v->s, v->len, INT53_TEXT))
+                wp_buf_append(out, v->s, v->len);
             else
-                put_string(out, s, len);
+                put_string(out, v->s, v->len);
             return;
         case VC_BYTEA:
-            /* Validated as hex digits by the parse; PostgreSQL's input form is \x<hex>. */
-            wp_buf_reserve(out, len + 5);
+            /* A string of hex digits (checked by the parse); PostgreSQL's input form is \x<hex>. */
+            wp_buf_reserve(out, v->len + 5);
             wp_buf_append(out, "\"\\\\x", 4);
-            wp_buf_append(out, s, len);
+            wp_buf_append(out, v->s, v->len);
             wp_buf_putc(out, '"');
             return;
         default:
-            put_string(out, s, len);
+            put_string(out, v->s, v->len);
             return;
         }
-    }
-    default: /* JSON_NULL; the parse admits no other kind */
+    default: /* JK_NULL; the parse admits no other kind */
         wp_buf_append(out, "null", 4);
         return;
     }
@@ -419,167 +448,10 @@ static int fail(char *errbuf, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(errbuf, errlen, fmt, ap);
     va_end(ap);
-    /* jansson quotes the offending input in its messages, and vsnprintf may cut a
-     * character in two: the reason is stored as PostgreSQL text. */
+    /* Reasons quote the offending input, and vsnprintf may cut a character
+     * in two: the reason is stored as PostgreSQL text. */
     wp_log_sanitize(errbuf);
     return -1;
-}
-
-/* ---------------------------------------------------------------- prepass */
-
-static void add_wrap(wp_decoder_t *decoder, size_t off, size_t len)
-{
-    if (decoder->nwraps == decoder->wraps_cap) {
-        decoder->wraps_cap = decoder->wraps_cap ? decoder->wraps_cap * 2 : 16;
-        decoder->wraps = wp_realloc(decoder->wraps, decoder->wraps_cap * sizeof *decoder->wraps);
-    }
-    decoder->wraps[decoder->nwraps].off = off;
-    decoder->wraps[decoder->nwraps].len = len;
-    decoder->nwraps++;
-}
-
-/*
- * True for the raw text (quotes included) of a key whose value the decoder
- * reads as text.  A number there must reach jansson unwrapped, so that the
- * field check says "is not a string" instead of taking the number's text as,
- * say, a column name.  A key holding an escape may spell any of them.
- */
-static bool key_wants_string(const char *key, size_t len)
-{
-    static const char *const keys[] = {"\"action\"", "\"timestamp\"", "\"lsn\"",  "\"nextlsn\"", "\"schema\"",
-                                       "\"table\"",  "\"name\"",      "\"type\"", "\"prefix\"",  "\"content\""};
-    if (memchr(key, '\\', len) != NULL)
-        return true;
-    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
-        if (len == strlen(keys[k]) && memcmp(key, keys[k], len) == 0)
-            return true;
-    }
-    return false;
-}
-
-static bool is_number_char(unsigned char c)
-{
-    return is_digit(c) || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E';
-}
-
-/*
- * Lets jansson load data without losing any number.  Every number token in a
- * value position (after ':' inside an object, after '[' or ',' inside an
- * array) that jansson would reject ("too big integer"), round (reals) or
- * change ("-0") is wrapped in double quotes, so it arrives as a string holding
- * the exact text.  Only value positions are touched, so no malformed message
- * becomes well-formed; anything malformed is left for jansson to reject.
- * Nor is the value of a key the decoder reads as text (key_wants_string):
- * wrapped, "name": 1.5 would pass as the column name "1.5" (found by
- * tests/fuzz/fuzz_decoder.c).
- *
- * Sets *out to data itself when nothing needed wrapping (the common case: no
- * copy), else to decoder->scratch.  decoder->wraps records what was wrapped,
- * so error positions can be mapped back to the original bytes.
- */
-static void prepass(wp_decoder_t *decoder, const char *data, size_t len, const char **out, size_t *outlen)
-{
-    uint64_t objbits = 0; /* bit d-1 set: the container at depth d is an object */
-    size_t depth = 0;
-    char prev = 0; /* last structural byte outside strings ('0' after a number) */
-    size_t copied = 0;
-    size_t i = 0;
-    size_t str_off = 0; /* the last string, quotes included: the key when prev is ':' */
-    size_t str_len = 0;
-
-    decoder->nwraps = 0;
-    while (i < len) {
-        unsigned char c = (unsigned char)data[i];
-        if (c == '"') {
-            str_off = i;
-            for (i++; i < len; i++) {
-                if (data[i] == '\\')
-                    i++;
-                else if (data[i] == '"')
-                    break;
-            }
-            i++;
-            str_len = (i < len ? i : len) - str_off;
-            prev = '"';
-            continue;
-        }
-        if (c == '-' || is_digit(c)) {
-            size_t start = i;
-            while (i < len && is_number_char((unsigned char)data[i]))
-                i++;
-            bool tracked = depth >= 1 && depth <= PREPASS_MAX_DEPTH;
-            bool in_object = tracked && ((objbits >> (depth - 1)) & 1);
-            bool in_array = tracked && !in_object;
-            bool value_pos = (in_object && prev == ':' && !key_wants_string(data + str_off, str_len)) ||
-                             (in_array && (prev == '[' || prev == ','));
-            bool is_int;
-            if (value_pos && json_number_text(data + start, i - start, &is_int) &&
-                !(is_int && int_text_exact_in_jansson(data + start, i - start))) {
-                if (decoder->nwraps == 0)
-                    wp_buf_reset(&decoder->scratch);
-                wp_buf_reserve(&decoder->scratch, (start - copied) + (i - start) + 2);
-                wp_buf_append(&decoder->scratch, data + copied, start - copied);
-                wp_buf_putc(&decoder->scratch, '"');
-                wp_buf_append(&decoder->scratch, data + start, i - start);
-                wp_buf_putc(&decoder->scratch, '"');
-                copied = i;
-                add_wrap(decoder, start, i - start);
-            }
-            prev = '0';
-            continue;
-        }
-        switch (c) {
-        case '{':
-        case '[':
-            depth++;
-            if (depth <= PREPASS_MAX_DEPTH) {
-                uint64_t bit = UINT64_C(1) << (depth - 1);
-                objbits = c == '{' ? (objbits | bit) : (objbits & ~bit);
-            }
-            prev = (char)c;
-            break;
-        case '}':
-        case ']':
-            if (depth)
-                depth--;
-            prev = (char)c;
-            break;
-        case ' ':
-        case '\t':
-        case '\n':
-        case '\r':
-            break;
-        default:
-            prev = (char)c;
-            break;
-        }
-        i++;
-    }
-
-    if (decoder->nwraps == 0) {
-        *out = data;
-        *outlen = len;
-        return;
-    }
-    wp_buf_append(&decoder->scratch, data + copied, len - copied);
-    *out = decoder->scratch.data;
-    *outlen = decoder->scratch.len;
-}
-
-/* Maps a byte position in prepass() output back to the original message. */
-static size_t original_position(const wp_decoder_t *decoder, size_t pos)
-{
-    size_t shift = 0;
-    for (size_t k = 0; k < decoder->nwraps; k++) {
-        size_t open = decoder->wraps[k].off + 2 * k; /* where the inserted '"' sits */
-        if (pos <= open)
-            break;
-        if (pos >= open + decoder->wraps[k].len + 2)
-            shift += 2;
-        else
-            shift += 1;
-    }
-    return pos - shift;
 }
 
 /* ---------------------------------------------------------------- table cache */
@@ -678,6 +550,408 @@ static table_entry_t *table_get(wp_decoder_t *decoder, const char *schema, size_
     return t;
 }
 
+/* ---------------------------------------------------------------- the event parser */
+
+/*
+ * True when s[0..len) is valid UTF-8 as PostgreSQL accepts it: shortest
+ * forms only, no surrogates (U+D800..U+DFFF), nothing above U+10FFFF.
+ */
+static bool utf8_valid(const unsigned char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        uint64_t w;
+        if (len - i >= 8 && (memcpy(&w, s + i, 8), (w & UINT64_C(0x8080808080808080)) == 0)) {
+            i += 8; /* eight ASCII bytes */
+            continue;
+        }
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t more;
+        unsigned char lo = 0x80, hi = 0xBF; /* range of the first continuation byte */
+        if (c >= 0xC2 && c <= 0xDF) {
+            more = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            more = 2;
+            if (c == 0xE0)
+                lo = 0xA0; /* overlong */
+            else if (c == 0xED)
+                hi = 0x9F; /* surrogates */
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            more = 3;
+            if (c == 0xF0)
+                lo = 0x90; /* overlong */
+            else if (c == 0xF4)
+                hi = 0x8F; /* above U+10FFFF */
+        } else {
+            return false;
+        }
+        if (len - i - 1 < more || s[i + 1] < lo || s[i + 1] > hi)
+            return false;
+        for (size_t k = 2; k <= more; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return false;
+        }
+        i += more + 1;
+    }
+    return true;
+}
+
+/* The value of the hex escape digits p[0..4), or -1. */
+static long hex4(const char *p)
+{
+    long v = 0;
+    for (int k = 0; k < 4; k++) {
+        int h = hexval((unsigned char)p[k]);
+        if (h < 0)
+            return -1;
+        v = v * 16 + h;
+    }
+    return v;
+}
+
+/*
+ * True when every \u escape in the raw string text p[0..len) (between its
+ * quotes, escapes still in) that names a UTF-16 surrogate is a high one
+ * followed by a low one.
+ */
+static bool surrogates_paired(const char *p, size_t len)
+{
+    for (size_t i = 0; i + 1 < len; i++) {
+        if (p[i] != '\\')
+            continue;
+        if (p[i + 1] != 'u' || len - i < 6) {
+            i++; /* a two-character escape */
+            continue;
+        }
+        long u = hex4(p + i + 2);
+        if (u >= 0xDC00 && u <= 0xDFFF)
+            return false; /* a low one without a high one */
+        if (u >= 0xD800 && u <= 0xDBFF) {
+            long low = len - i >= 12 && p[i + 6] == '\\' && p[i + 7] == 'u' ? hex4(p + i + 8) : -1;
+            if (low < 0xDC00 || low > 0xDFFF)
+                return false;
+            i += 6;
+        }
+        i += 5;
+    }
+    return true;
+}
+
+/* What the yajl callbacks share while one message is read. */
+typedef struct sax {
+    wp_decoder_t *decoder;
+    yajl_handle yajl;
+    const char *in; /* the message */
+    size_t in_len;
+    jkind_t top;    /* kind of the message's top-level value */
+    int depth;      /* containers open: 1 the message, 2 a column array, 3 one of its entries */
+    int skip;       /* > 0 while inside a container nobody reads: its nesting depth */
+    field_t field;  /* depth 1: the key whose value comes next */
+    int list;       /* depth >= 2: 0 "columns", 1 "identity" */
+    col_t *entry;   /* depth 3: the entry being read */
+    ckey_t ckey;    /* depth 3: the key whose value comes next */
+    char *errbuf;
+    size_t errlen;
+} sax_t;
+
+/* Records why the message is rejected, at the current byte; returns 0 so yajl stops. */
+static int sax_fail(sax_t *sax, const char *what)
+{
+    fail(sax->errbuf, sax->errlen, "invalid JSON at byte %zu: %s", yajl_get_bytes_consumed(sax->yajl), what);
+    sax->errbuf = NULL; /* first reason wins */
+    return 0;
+}
+
+/*
+ * Checks a string (or key) yajl had to unescape: s lies outside the message
+ * then.  The raw text ends just before the current byte; its opening quote
+ * is the first '"' before that not escaped by an odd run of backslashes.
+ */
+static int check_escaped(sax_t *sax, const char *s, size_t len)
+{
+    if (s >= sax->in && s < sax->in + sax->in_len)
+        return 1; /* taken from the message as is: nothing was unescaped */
+    if (memchr(s, '\0', len) != NULL)
+        return sax_fail(sax, "string contains \\u0000, which jsonb cannot store");
+    size_t end = yajl_get_bytes_consumed(sax->yajl);
+    if (end == 0 || end > sax->in_len || sax->in[end - 1] != '"')
+        return 1;
+    size_t open = end - 1;
+    while (open > 0) {
+        open--;
+        if (sax->in[open] != '"')
+            continue;
+        size_t bs = 0;
+        while (bs < open && sax->in[open - 1 - bs] == '\\')
+            bs++;
+        if (bs % 2 == 0)
+            break;
+    }
+    if (!surrogates_paired(sax->in + open + 1, end - 1 - (open + 1)))
+        return sax_fail(sax, "a \\u escape is an unpaired UTF-16 surrogate");
+    return 1;
+}
+
+/* Keeps a scalar in *v, its text copied into decoder->text. */
+static int keep(sax_t *sax, jval_t *v, jkind_t kind, const char *s, size_t len)
+{
+    wp_buf_t *text = &sax->decoder->text;
+    v->kind = kind;
+    if (kind != JK_NUMBER && kind != JK_STRING)
+        return 1;
+    if (kind == JK_STRING && !utf8_valid((const unsigned char *)s, len))
+        return sax_fail(sax, "not valid UTF-8 (wal2json passes message content through unchecked)");
+    /* text was sized for the whole message up front: pointers into it must not move */
+    if (text->cap - text->len < len + 1)
+        return sax_fail(sax, "more text than the message holds (a yajl change?)");
+    char *p = text->data + text->len;
+    memcpy(p, s, len);
+    p[len] = '\0';
+    text->len += len + 1;
+    v->s = p;
+    v->len = len;
+    return 1;
+}
+
+/* A new entry at the end of the current column array. */
+static col_t *new_entry(sax_t *sax)
+{
+    col_list_t *l = &sax->decoder->lists[sax->list];
+    if (l->n == l->cap) {
+        l->cap = l->cap ? l->cap * 2 : 16;
+        l->cols = wp_realloc(l->cols, l->cap * sizeof *l->cols);
+    }
+    col_t *c = &l->cols[l->n++];
+    memset(c, 0, sizeof *c);
+    return c;
+}
+
+static int on_scalar(sax_t *sax, jkind_t kind, const char *s, size_t len)
+{
+    if (sax->skip)
+        return 1;
+    switch (sax->depth) {
+    case 0:
+        sax->top = kind; /* a message that is no object */
+        return 1;
+    case 1:
+        return sax->field == F_NONE ? 1 : keep(sax, &sax->decoder->fields[sax->field], kind, s, len);
+    case 2:
+        new_entry(sax)->not_object = true;
+        return 1;
+    default:
+        return sax->ckey == CK_NONE ? 1 : keep(sax, &sax->entry->key[sax->ckey], kind, s, len);
+    }
+}
+
+static int on_open(sax_t *sax, jkind_t kind)
+{
+    if (sax->skip) {
+        sax->skip++;
+        return 1;
+    }
+    switch (sax->depth) {
+    case 0:
+        sax->top = kind;
+        if (kind == JK_OBJECT)
+            sax->depth = 1;
+        else
+            sax->skip = 1;
+        return 1;
+    case 1:
+        if (sax->field != F_NONE)
+            sax->decoder->fields[sax->field].kind = kind;
+        if (kind == JK_ARRAY && (sax->field == F_COLUMNS || sax->field == F_IDENTITY)) {
+            sax->list = sax->field == F_COLUMNS ? 0 : 1;
+            sax->decoder->lists[sax->list].n = 0;
+            sax->depth = 2;
+        } else {
+            sax->skip = 1;
+        }
+        return 1;
+    case 2: {
+        col_t *c = new_entry(sax);
+        if (kind == JK_OBJECT) {
+            sax->entry = c;
+            sax->ckey = CK_NONE;
+            sax->depth = 3;
+        } else {
+            c->not_object = true;
+            sax->skip = 1;
+        }
+        return 1;
+    }
+    default:
+        if (sax->ckey != CK_NONE)
+            sax->entry->key[sax->ckey].kind = kind;
+        sax->skip = 1;
+        return 1;
+    }
+}
+
+static int on_close(void *ctx)
+{
+    sax_t *sax = ctx;
+    if (sax->skip) {
+        sax->skip--;
+        return 1;
+    }
+    sax->depth--;
+    sax->entry = NULL;
+    sax->field = F_NONE;
+    sax->ckey = CK_NONE;
+    return 1;
+}
+
+/* Index of key[0..len) in keys[0..n), or -1 (F_NONE, CK_NONE). */
+static int lookup_key(const known_key_t *keys, int n, const char *key, size_t len)
+{
+    for (int i = 0; i < n; i++) {
+        if (keys[i].len == len && memcmp(keys[i].name, key, len) == 0)
+            return i;
+    }
+    return -1;
+}
+
+static int on_key(void *ctx, const unsigned char *key, size_t len)
+{
+    sax_t *sax = ctx;
+    const char *k = (const char *)key;
+    if (!check_escaped(sax, k, len))
+        return 0;
+    if (sax->skip)
+        return 1;
+    if (sax->depth == 1) {
+        int f = lookup_key(field_keys, F_COUNT, k, len);
+        sax->field = (field_t)f;
+        if (f >= 0 && sax->decoder->fields[f].kind != JK_ABSENT)
+            return sax_fail(sax, "duplicate object key");
+    } else if (sax->depth == 3) {
+        int f = lookup_key(column_keys, CK_COUNT, k, len);
+        sax->ckey = (ckey_t)f;
+        if (f >= 0 && sax->entry->key[f].kind != JK_ABSENT)
+            return sax_fail(sax, "duplicate object key");
+    }
+    return 1;
+}
+
+static int on_null(void *ctx)
+{
+    return on_scalar(ctx, JK_NULL, NULL, 0);
+}
+
+static int on_boolean(void *ctx, int b)
+{
+    return on_scalar(ctx, b ? JK_TRUE : JK_FALSE, NULL, 0);
+}
+
+static int on_number(void *ctx, const char *s, size_t len)
+{
+    return on_scalar(ctx, JK_NUMBER, s, len);
+}
+
+static int on_string(void *ctx, const unsigned char *s, size_t len)
+{
+    if (!check_escaped(ctx, (const char *)s, len))
+        return 0;
+    return on_scalar(ctx, JK_STRING, (const char *)s, len);
+}
+
+static int on_start_map(void *ctx)
+{
+    return on_open(ctx, JK_OBJECT);
+}
+
+static int on_start_array(void *ctx)
+{
+    return on_open(ctx, JK_ARRAY);
+}
+
+/* yajl allocates through mem.h, so running out of memory aborts as everywhere else. */
+static void *yajl_malloc_fn(void *ctx, size_t n)
+{
+    (void)ctx;
+    return wp_malloc(n);
+}
+
+static void *yajl_realloc_fn(void *ctx, void *p, size_t n)
+{
+    (void)ctx;
+    return wp_realloc(p, n);
+}
+
+static void yajl_free_fn(void *ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+}
+
+static yajl_alloc_funcs yajl_mem = {yajl_malloc_fn, yajl_realloc_fn, yajl_free_fn, NULL};
+
+/* yajl_number takes every number as text, so yajl_integer and yajl_double are never called. */
+static const yajl_callbacks callbacks = {
+    .yajl_null = on_null,
+    .yajl_boolean = on_boolean,
+    .yajl_number = on_number,
+    .yajl_string = on_string,
+    .yajl_start_map = on_start_map,
+    .yajl_map_key = on_key,
+    .yajl_end_map = on_close,
+    .yajl_start_array = on_start_array,
+    .yajl_end_array = on_close,
+};
+
+/*
+ * Reads data[0..len) with yajl into the decoder's fields and column lists.
+ * Returns 0, or -1 with "invalid JSON at byte N: ..." in errbuf; N counts the
+ * bytes read when the problem showed (the end of the message for a cut one).
+ */
+static int read_message(wp_decoder_t *decoder, const char *data, size_t len, jkind_t *top, char *errbuf,
+                        size_t errlen)
+{
+    int rc = -1;
+    sax_t sax = {.decoder = decoder, .in = data, .in_len = len, .field = F_NONE, .ckey = CK_NONE,
+                 .errbuf = errbuf, .errlen = errlen};
+    yajl_status st;
+    size_t at;
+
+    wp_buf_reset(&decoder->text);
+    wp_buf_reserve(&decoder->text, len + 16);
+    memset(decoder->fields, 0, sizeof decoder->fields);
+    decoder->lists[0].n = 0;
+    decoder->lists[1].n = 0;
+
+    sax.yajl = yajl_alloc(&callbacks, &yajl_mem, &sax);
+    /* Checked strictly by keep(), and only where it matters: strings the decoder keeps. */
+    yajl_config(sax.yajl, yajl_dont_validate_strings, 1);
+    st = yajl_parse(sax.yajl, (const unsigned char *)data, len);
+    at = yajl_get_bytes_consumed(sax.yajl);
+    if (st == yajl_status_ok) {
+        st = yajl_complete_parse(sax.yajl);
+        at = len;
+    }
+    if (st == yajl_status_error) {
+        unsigned char *e = yajl_get_error(sax.yajl, 0, NULL, 0);
+        size_t n = strlen((char *)e);
+        while (n > 0 && (e[n - 1] == '\n' || e[n - 1] == '.' || e[n - 1] == ' '))
+            e[--n] = '\0';
+        fail(errbuf, errlen, "invalid JSON at byte %zu: %s", at, (char *)e);
+        yajl_free_error(sax.yajl, e);
+        goto out;
+    }
+    if (st != yajl_status_ok)
+        goto out; /* a callback stopped it and said why */
+    *top = sax.top;
+    rc = 0;
+out:
+    yajl_free(sax.yajl);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- validation */
 
 static bool key_is(const char *key, size_t klen, const char *lit)
@@ -686,6 +960,16 @@ static bool key_is(const char *key, size_t klen, const char *lit)
     return klen == n && memcmp(key, lit, n) == 0;
 }
 
+/* v is a JSON integer that fits int64 (not "-0"); sets *out. */
+static bool jval_int64(const jval_t *v, int64_t *out)
+{
+    bool is_int;
+    if (v->kind != JK_NUMBER || !json_number_text(v->s, v->len, &is_int) || !is_int ||
+        !int_text_is_int64(v->s, v->len))
+        return false;
+    *out = (int64_t)strtoll(v->s, NULL, 10);
+    return true;
+}
 /* Column type class from the type oid, or from the type name when the oid is absent. */
 static vclass_t classify(int64_t typeoid, const char *type, size_t tlen)
 {
@@ -726,95 +1010,71 @@ static vclass_t classify(int64_t typeoid, const char *type, size_t tlen)
 }
 
 /*
- * Validates the array under what ("columns" or "identity") into *cols
- * (grown as needed).  Entries are numbered from 1 in reasons, like attnums.
+ * Validates the column array list under what ("columns" or "identity"),
+ * whose kind is kind.  Entries are numbered from 1 in reasons, like attnums.
  */
-static int parse_columns(const char *what, const json_t *arr, col_t **cols, size_t *cap, size_t *ncols,
-                         char *errbuf, size_t errlen)
+static int parse_columns(const char *what, jkind_t kind, col_list_t *list, char *errbuf, size_t errlen)
 {
-    if (!json_is_array(arr))
+    if (kind != JK_ARRAY)
         return fail(errbuf, errlen, "\"%s\" is not an array", what);
-    size_t n = json_array_size(arr);
-    if (n > *cap) {
-        *cap = n < 16 ? 16 : n;
-        *cols = wp_realloc(*cols, *cap * sizeof **cols);
-    }
-    for (size_t i = 0; i < n; i++) {
-        const json_t *entry = json_array_get(arr, i);
-        const json_t *name = NULL;
-        const json_t *type = NULL;
-        const json_t *typeoid = NULL;
-        json_t *value = NULL;
-        col_t *col = &(*cols)[i];
+    for (size_t i = 0; i < list->n; i++) {
+        col_t *col = &list->cols[i];
+        const jval_t *name = &col->key[CK_NAME];
+        const jval_t *type = &col->key[CK_TYPE];
+        const jval_t *typeoid = &col->key[CK_TYPEOID];
+        const jval_t *value = &col->key[CK_VALUE];
 
-        if (!json_is_object(entry))
+        if (col->not_object)
             return fail(errbuf, errlen, "\"%s\" entry %zu is not an object", what, i + 1);
-        for (void *it = json_object_iter((json_t *)entry); it; it = json_object_iter_next((json_t *)entry, it)) {
-            const char *key = json_object_iter_key(it);
-            size_t klen = json_object_iter_key_len(it);
-            if (key_is(key, klen, "name"))
-                name = json_object_iter_value(it);
-            else if (key_is(key, klen, "type"))
-                type = json_object_iter_value(it);
-            else if (key_is(key, klen, "typeoid"))
-                typeoid = json_object_iter_value(it);
-            else if (key_is(key, klen, "value"))
-                value = json_object_iter_value(it);
-        }
-        if (name == NULL)
+        if (name->kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"%s\" entry %zu has no \"name\"", what, i + 1);
-        if (!json_is_string(name))
+        if (name->kind != JK_STRING)
             return fail(errbuf, errlen, "\"%s\" entry %zu: \"name\" is not a string", what, i + 1);
-        if (type == NULL)
+        if (type->kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"%s\" entry %zu has no \"type\"", what, i + 1);
-        if (!json_is_string(type))
+        if (type->kind != JK_STRING)
             return fail(errbuf, errlen, "\"%s\" entry %zu: \"type\" is not a string", what, i + 1);
-        col->name = json_string_value(name);
-        col->name_len = json_string_length(name);
-        col->type = json_string_value(type);
-        col->type_len = json_string_length(type);
+        col->name = name->s;
+        col->name_len = name->len;
+        col->type = type->s;
+        col->type_len = type->len;
         col->typeoid = -1;
-        if (typeoid) {
-            if (!json_is_integer(typeoid))
+        if (typeoid->kind != JK_ABSENT) {
+            int64_t oid;
+            if (!jval_int64(typeoid, &oid))
                 return fail(errbuf, errlen, "\"%s\" entry %zu: \"typeoid\" is not an integer", what, i + 1);
-            json_int_t oid = json_integer_value(typeoid);
             /* wal2json prints the unsigned OID with %d, so OIDs above 2^31 arrive negative. */
-            if (oid < INT32_MIN || oid > (json_int_t)UINT32_MAX)
+            if (oid < INT32_MIN || oid > (int64_t)UINT32_MAX)
                 return fail(errbuf, errlen, "\"%s\" entry %zu: \"typeoid\" %" PRId64 " is not an OID", what, i + 1,
-                            (int64_t)oid);
-            col->typeoid = oid < 0 ? (int64_t)oid + (INT64_C(1) << 32) : (int64_t)oid;
+                            oid);
+            col->typeoid = oid < 0 ? oid + (INT64_C(1) << 32) : oid;
         }
-        if (value == NULL)
+        switch (value->kind) {
+        case JK_ABSENT:
             return fail(errbuf, errlen, "\"%s\" entry %zu has no \"value\"", what, i + 1);
-        switch (json_typeof(value)) {
-        case JSON_NULL:
-        case JSON_TRUE:
-        case JSON_FALSE:
-        case JSON_INTEGER:
-        case JSON_STRING:
-            break;
-        default:
-            return fail(errbuf, errlen, "\"%s\" entry %zu: \"value\" is not a string, integer, boolean or null",
+        case JK_ARRAY:
+        case JK_OBJECT:
+            return fail(errbuf, errlen, "\"%s\" entry %zu: \"value\" is not a string, number, boolean or null",
                         what, i + 1);
+        default:
+            break;
         }
         col->value = value;
         col->vclass = classify(col->typeoid, col->type, col->type_len);
-        if (col->vclass == VC_BYTEA && !json_is_null(value)) {
+        if (col->vclass == VC_BYTEA && value->kind != JK_NULL) {
             /* Anything but hex means the walsender ran with bytea_output=escape: wal2json
              * mangles that form (issue #301), so the value cannot be trusted. */
-            const char *s = json_string_value(value);
-            size_t len = json_string_length(value);
-            bool hex = s != NULL && len % 2 == 0;
-            for (size_t k = 0; hex && k < len; k++)
-                hex = hexval((unsigned char)s[k]) >= 0;
+            bool hex = value->kind == JK_STRING && value->len % 2 == 0;
+            for (size_t k = 0; hex && k < value->len; k++)
+                hex = hexval((unsigned char)value->s[k]) >= 0;
             if (!hex)
                 return fail(errbuf, errlen, "\"%s\" entry %zu: bytea \"value\" is not hex (bytea_output=escape?)",
                             what, i + 1);
         }
     }
-    *ncols = n;
     return 0;
 }
+
 
 /* Looks name up among cols, starting at *hint (wal2json keeps attribute order). */
 static bool has_column(const col_t *cols, size_t n, const col_t *c, size_t *hint)
@@ -859,7 +1119,7 @@ static void decide_identity(wp_decoder_t *decoder, wp_op_t op, size_t ncols, siz
             return;
         size_t hint = 0;
         for (size_t i = 0; i < ncols; i++) {
-            if (!has_column(decoder->ident, nident, &decoder->cols[i], &hint))
+            if (!has_column(decoder->lists[1].cols, nident, &decoder->lists[0].cols[i], &hint))
                 return;
         }
         decoder->ident_full = true;
@@ -870,16 +1130,14 @@ static void decide_identity(wp_decoder_t *decoder, wp_op_t op, size_t ncols, siz
         decoder->ident_full = t->ncols >= 0 && (int64_t)nident == t->ncols;
 }
 
-static int parse_action(const json_t *action, wp_op_t *op, char *errbuf, size_t errlen)
+static int parse_action(const jval_t *action, wp_op_t *op, char *errbuf, size_t errlen)
 {
-    if (action == NULL)
+    if (action->kind == JK_ABSENT)
         return fail(errbuf, errlen, "\"action\" is missing");
-    if (!json_is_string(action))
+    if (action->kind != JK_STRING)
         return fail(errbuf, errlen, "\"action\" is not a string");
-    const char *s = json_string_value(action);
-    size_t len = json_string_length(action);
-    if (len == 1) {
-        switch (s[0]) {
+    if (action->len == 1) {
+        switch (action->s[0]) {
         case 'B':
             *op = WP_OP_BEGIN;
             return 0;
@@ -905,147 +1163,106 @@ static int parse_action(const json_t *action, wp_op_t *op, char *errbuf, size_t 
             break;
         }
     }
-    return fail(errbuf, errlen, "unknown action \"%.32s\"", s);
+    return fail(errbuf, errlen, "unknown action \"%.32s\"", action->s);
 }
 
-static int parse_lsn_field(const char *what, const json_t *v, wp_lsn_t *out, char *errbuf, size_t errlen)
+static int parse_lsn_field(const char *what, const jval_t *v, wp_lsn_t *out, char *errbuf, size_t errlen)
 {
-    if (!json_is_string(v))
+    if (v->kind != JK_STRING)
         return fail(errbuf, errlen, "\"%s\" is not a string", what);
-    if (!wp_lsn_parse(json_string_value(v), json_string_length(v), out))
-        return fail(errbuf, errlen, "\"%s\" is not an LSN: \"%.40s\"", what, json_string_value(v));
+    if (!wp_lsn_parse(v->s, v->len, out))
+        return fail(errbuf, errlen, "\"%s\" is not an LSN: \"%.40s\"", what, v->s);
     return 0;
 }
 
-/* The top-level fields the decoder reads; NULL when absent. */
-typedef struct fields {
-    const json_t *action, *xid, *timestamp, *lsn, *nextlsn, *schema, *table, *columns, *identity, *transactional,
-        *prefix, *content;
-} fields_t;
-
-static void collect_fields(json_t *root, fields_t *f)
+/* Validates the kept fields of a message whose top-level value is of kind top into *c. */
+static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, char *errbuf, size_t errlen)
 {
-    memset(f, 0, sizeof *f);
-    for (void *it = json_object_iter(root); it; it = json_object_iter_next(root, it)) {
-        const char *k = json_object_iter_key(it);
-        size_t n = json_object_iter_key_len(it);
-        const json_t *v = json_object_iter_value(it);
-        if (key_is(k, n, "action"))
-            f->action = v;
-        else if (key_is(k, n, "xid"))
-            f->xid = v;
-        else if (key_is(k, n, "timestamp"))
-            f->timestamp = v;
-        else if (key_is(k, n, "lsn"))
-            f->lsn = v;
-        else if (key_is(k, n, "nextlsn"))
-            f->nextlsn = v;
-        else if (key_is(k, n, "schema"))
-            f->schema = v;
-        else if (key_is(k, n, "table"))
-            f->table = v;
-        else if (key_is(k, n, "columns"))
-            f->columns = v;
-        else if (key_is(k, n, "identity"))
-            f->identity = v;
-        else if (key_is(k, n, "transactional"))
-            f->transactional = v;
-        else if (key_is(k, n, "prefix"))
-            f->prefix = v;
-        else if (key_is(k, n, "content"))
-            f->content = v;
-    }
-}
-
-/* Validates the fields of root into *c and the decoder's column arrays. */
-static int parse_message(wp_decoder_t *decoder, json_t *root, wp_change_t *c, char *errbuf, size_t errlen)
-{
-    fields_t f;
+    const jval_t *f = decoder->fields;
     size_t ncols = 0;
     size_t nident = 0;
 
-    if (!json_is_object(root))
+    if (top != JK_OBJECT)
         return fail(errbuf, errlen, "message is not a JSON object");
-    collect_fields(root, &f);
-    if (parse_action(f.action, &c->op, errbuf, errlen) < 0)
+    if (parse_action(&f[F_ACTION], &c->op, errbuf, errlen) < 0)
         return -1;
 
-    if (f.xid && !json_is_null(f.xid)) {
-        if (!json_is_integer(f.xid))
+    if (f[F_XID].kind != JK_ABSENT && f[F_XID].kind != JK_NULL) {
+        if (!jval_int64(&f[F_XID], &c->xid))
             return fail(errbuf, errlen, "\"xid\" is not an integer or null");
-        if (json_integer_value(f.xid) < 0)
+        if (c->xid < 0)
             return fail(errbuf, errlen, "\"xid\" is negative");
         c->has_xid = true;
-        c->xid = (int64_t)json_integer_value(f.xid);
     }
-    if (f.timestamp && !json_is_null(f.timestamp)) {
-        if (!json_is_string(f.timestamp))
+    if (f[F_TIMESTAMP].kind != JK_ABSENT && f[F_TIMESTAMP].kind != JK_NULL) {
+        if (f[F_TIMESTAMP].kind != JK_STRING)
             return fail(errbuf, errlen, "\"timestamp\" is not a string or null");
-        c->timestamp = json_string_value(f.timestamp);
+        c->timestamp = f[F_TIMESTAMP].s;
     }
-    if (f.lsn && parse_lsn_field("lsn", f.lsn, &c->lsn, errbuf, errlen) < 0)
+    if (f[F_LSN].kind != JK_ABSENT && parse_lsn_field("lsn", &f[F_LSN], &c->lsn, errbuf, errlen) < 0)
         return -1;
 
     switch (c->op) {
     case WP_OP_BEGIN:
     case WP_OP_COMMIT:
-        if (f.nextlsn == NULL)
+        if (f[F_NEXTLSN].kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"nextlsn\" is missing (include-lsn off?)");
-        return parse_lsn_field("nextlsn", f.nextlsn, &c->nextlsn, errbuf, errlen);
+        return parse_lsn_field("nextlsn", &f[F_NEXTLSN], &c->nextlsn, errbuf, errlen);
     case WP_OP_MESSAGE:
-        if (f.transactional == NULL)
+        if (f[F_TRANSACTIONAL].kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"transactional\" is missing");
-        if (!json_is_boolean(f.transactional))
+        if (f[F_TRANSACTIONAL].kind != JK_TRUE && f[F_TRANSACTIONAL].kind != JK_FALSE)
             return fail(errbuf, errlen, "\"transactional\" is not a boolean");
-        if (f.prefix == NULL)
+        if (f[F_PREFIX].kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"prefix\" is missing");
-        if (!json_is_string(f.prefix))
+        if (f[F_PREFIX].kind != JK_STRING)
             return fail(errbuf, errlen, "\"prefix\" is not a string");
-        if (f.content == NULL)
+        if (f[F_CONTENT].kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"content\" is missing");
-        if (!json_is_string(f.content))
+        if (f[F_CONTENT].kind != JK_STRING)
             return fail(errbuf, errlen, "\"content\" is not a string");
-        c->transactional = json_is_true(f.transactional);
-        c->prefix = json_string_value(f.prefix);
-        c->content = json_string_value(f.content);
-        c->content_len = json_string_length(f.content);
+        c->transactional = f[F_TRANSACTIONAL].kind == JK_TRUE;
+        c->prefix = f[F_PREFIX].s;
+        c->content = f[F_CONTENT].s;
+        c->content_len = f[F_CONTENT].len;
         return 0;
     default:
         break;
     }
 
     /* I, U, D, T */
-    if (f.table == NULL)
+    if (f[F_TABLE].kind == JK_ABSENT)
         return fail(errbuf, errlen, "\"table\" is missing");
-    if (!json_is_string(f.table))
+    if (f[F_TABLE].kind != JK_STRING)
         return fail(errbuf, errlen, "\"table\" is not a string");
-    if (f.schema && !json_is_string(f.schema))
+    if (f[F_SCHEMA].kind != JK_ABSENT && f[F_SCHEMA].kind != JK_STRING)
         return fail(errbuf, errlen, "\"schema\" is not a string");
-    c->table = json_string_value(f.table);
-    c->schema = f.schema ? json_string_value(f.schema) : NULL;
+    c->table = f[F_TABLE].s;
+    c->schema = f[F_SCHEMA].kind == JK_STRING ? f[F_SCHEMA].s : NULL;
     if (c->op == WP_OP_TRUNCATE)
         return 0;
 
     if (c->op != WP_OP_DELETE) {
-        if (f.columns == NULL)
+        if (f[F_COLUMNS].kind == JK_ABSENT)
             return fail(errbuf, errlen, "\"columns\" is missing");
-        if (parse_columns("columns", f.columns, &decoder->cols, &decoder->cols_cap, &ncols, errbuf, errlen) < 0)
+        if (parse_columns("columns", f[F_COLUMNS].kind, &decoder->lists[0], errbuf, errlen) < 0)
             return -1;
+        ncols = decoder->lists[0].n;
     }
     if (c->op != WP_OP_INSERT) {
-        if (f.identity == NULL && c->op == WP_OP_DELETE)
+        if (f[F_IDENTITY].kind == JK_ABSENT && c->op == WP_OP_DELETE)
             return fail(errbuf, errlen, "\"identity\" is missing");
-        if (f.identity) {
-            if (parse_columns("identity", f.identity, &decoder->ident, &decoder->ident_cap, &nident, errbuf,
-                              errlen) < 0)
+        if (f[F_IDENTITY].kind != JK_ABSENT) {
+            if (parse_columns("identity", f[F_IDENTITY].kind, &decoder->lists[1], errbuf, errlen) < 0)
                 return -1;
+            nident = decoder->lists[1].n;
             decoder->has_ident = true;
         }
     }
     c->ncolumns = ncols;
     c->nidentity = nident;
-    decoder->table = table_get(decoder, c->schema ? c->schema : "", f.schema ? json_string_length(f.schema) : 0,
-                               c->table, json_string_length(f.table));
+    decoder->table = table_get(decoder, c->schema ? c->schema : "", c->schema ? f[F_SCHEMA].len : 0, c->table,
+                               f[F_TABLE].len);
     decide_identity(decoder, c->op, ncols, nident);
     return 0;
 }
@@ -1073,147 +1290,36 @@ const char *wp_op_name(wp_op_t op)
     return "unknown";
 }
 
-/* ---- arena ------------------------------------------------------------------------------- */
-
-/*
- * jansson takes one process-wide pair of allocation functions.  They serve
- * from an arena only while a decoder has made it current for this thread
- * (tl_alloc: during json_loadb), and skip freeing pointers that lie in the
- * arena whose tree is being released (tl_owner).  Everything else goes to
- * malloc/free, so jansson trees built elsewhere are unaffected.
- */
-#define ARENA_BLOCK (64 * 1024)
-
-static __thread arena_t *tl_alloc;
-static __thread const arena_t *tl_owner;
-static pthread_once_t alloc_once = PTHREAD_ONCE_INIT;
-
-static void *arena_malloc(size_t n)
-{
-    arena_t *a = tl_alloc;
-    if (a == NULL)
-        return malloc(n);
-    n = (n + sizeof(max_align_t) - 1) & ~(sizeof(max_align_t) - 1);
-    arena_block_t *b = a->head;
-    if (b == NULL || b->used + n > b->size) {
-        size_t size = n > ARENA_BLOCK / 4 ? n : ARENA_BLOCK;
-        b = malloc(sizeof *b + size);
-        if (b == NULL)
-            return NULL;
-        b->size = size;
-        b->used = 0;
-        b->next = a->head;
-        a->head = b;
-    }
-    void *p = (char *)b->data + b->used;
-    b->used += n;
-    return p;
-}
-
-static bool arena_owns(const arena_t *a, const void *p)
-{
-    for (const arena_block_t *b = a->head; b; b = b->next)
-        if ((const char *)p >= (const char *)b->data && (const char *)p < (const char *)b->data + b->size)
-            return true;
-    return false;
-}
-
-static void arena_free(void *p)
-{
-    if (p == NULL || (tl_owner && arena_owns(tl_owner, p)))
-        return;
-    free(p);
-}
-
-/* Drops everything allocated; keeps one standard block for the next message. */
-static void arena_reset(arena_t *a)
-{
-    arena_block_t *keep = NULL;
-    for (arena_block_t *b = a->head, *n; b; b = n) {
-        n = b->next;
-        if (keep == NULL && b->size == ARENA_BLOCK) {
-            keep = b;
-            continue;
-        }
-        free(b);
-    }
-    if (keep) {
-        keep->used = 0;
-        keep->next = NULL;
-    }
-    a->head = keep;
-}
-
-static void set_alloc_funcs(void)
-{
-    json_set_alloc_funcs(arena_malloc, arena_free);
-}
-
-/* Releases the decoder's current tree and, with it, the arena's contents. */
-static void release_root(wp_decoder_t *decoder)
-{
-    tl_owner = &decoder->arena;
-    json_decref(decoder->root);
-    tl_owner = NULL;
-    decoder->root = NULL;
-    arena_reset(&decoder->arena);
-}
-
 wp_decoder_t *wp_decoder_create(void)
 {
-    pthread_once(&alloc_once, set_alloc_funcs);
-    wp_decoder_t *decoder = wp_calloc(1, sizeof *decoder);
-    return decoder;
+    return wp_calloc(1, sizeof(wp_decoder_t));
 }
 
 void wp_decoder_destroy(wp_decoder_t *decoder)
 {
     if (decoder == NULL)
         return;
-    release_root(decoder);
-    free(decoder->arena.head);
-    free(decoder->cols);
-    free(decoder->ident);
-    wp_buf_free(&decoder->scratch);
-    free(decoder->wraps);
+    wp_buf_free(&decoder->text);
+    free(decoder->lists[0].cols);
+    free(decoder->lists[1].cols);
     tables_clear(decoder);
     free(decoder->tables);
     free(decoder);
-}
-
-/* Validates root (ownership passes to the decoder) and makes it the current message. */
-static int adopt(wp_decoder_t *decoder, json_t *root, wp_change_t *change, char *errbuf, size_t errlen)
-{
-    wp_change_t c;
-    memset(&c, 0, sizeof c);
-    if (parse_message(decoder, root, &c, errbuf, errlen) < 0) {
-        json_decref(root);
-        decoder->has_ident = false;
-        decoder->table = NULL;
-        return -1;
-    }
-    decoder->root = root; /* c borrows from it from now on */
-    decoder->last = c;
-    decoder->valid = true;
-    *change = c;
-    return 0;
 }
 
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen)
 {
     int rc = -1;
-    json_t *root = NULL;
-    json_error_t jerr;
-    const char *text;
-    size_t textlen;
+    jkind_t top = JK_ABSENT;
+    wp_change_t c;
 
     memset(change, 0, sizeof *change);
+    memset(&c, 0, sizeof c);
     if (errbuf && errlen)
         errbuf[0] = '\0';
 
-    /* Whatever the outcome, the previous message is released now. */
-    release_root(decoder);
+    /* Whatever the outcome, the previous message is gone now. */
     decoder->valid = false;
     decoder->has_ident = false;
     decoder->ident_full = false;
@@ -1223,46 +1329,21 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
         fail(errbuf, errlen, "empty message");
         goto out;
     }
-    prepass(decoder, data, len, &text, &textlen);
-    tl_alloc = &decoder->arena;
-    tl_owner = &decoder->arena;
-    root = json_loadb(text, textlen, JSON_REJECT_DUPLICATES, &jerr);
-    tl_alloc = NULL;
-    if (root == NULL) {
-        size_t pos = jerr.position < 0 ? 0 : original_position(decoder, (size_t)jerr.position);
-        if (json_error_code(&jerr) == json_error_null_character ||
-            json_error_code(&jerr) == json_error_null_byte_in_key)
-            fail(errbuf, errlen, "invalid JSON at byte %zu: string contains \\u0000, which jsonb cannot store", pos);
-        else if (json_error_code(&jerr) == json_error_invalid_utf8)
-            fail(errbuf, errlen, "invalid JSON at byte %zu: not valid UTF-8 (wal2json passes message content "
-                                 "through unchecked): %s", pos, jerr.text);
-        else
-            fail(errbuf, errlen, "invalid JSON at byte %zu: %s", pos, jerr.text);
+    if (read_message(decoder, data, len, &top, errbuf, errlen) < 0)
+        goto out;
+    if (parse_message(decoder, top, &c, errbuf, errlen) < 0) {
+        decoder->has_ident = false;
+        decoder->table = NULL;
         goto out;
     }
-    rc = adopt(decoder, root, change, errbuf, errlen);
-    root = NULL;
+    decoder->last = c;
+    decoder->valid = true;
+    *change = c;
+    rc = 0;
 out:
-    json_decref(root);
-    tl_owner = NULL;
     return rc;
 }
 
-int wp_decoder_adopt(wp_decoder_t *decoder, json_t *root, wp_change_t *change, char *errbuf, size_t errlen)
-{
-    memset(change, 0, sizeof *change);
-    if (errbuf && errlen)
-        errbuf[0] = '\0';
-    release_root(decoder);
-    decoder->valid = false;
-    decoder->has_ident = false;
-    decoder->ident_full = false;
-    decoder->table = NULL;
-    /* root was built with malloc: nothing of it lives in the arena */
-    return adopt(decoder, root, change, errbuf, errlen);
-}
-
-/* The decoder's last change, if change is it; NULL otherwise. */
 static const wp_change_t *current(const wp_decoder_t *decoder, const wp_change_t *change)
 {
     if (!decoder->valid || change == NULL || change->op != decoder->last.op)
@@ -1280,21 +1361,21 @@ void wp_decoder_payload(wp_decoder_t *decoder, const wp_change_t *change, wp_buf
     switch (c->op) {
     case WP_OP_INSERT:
         wp_buf_append(out, "{\"after\":", 9);
-        put_row(out, decoder->cols, c->ncolumns);
+        put_row(out, decoder->lists[0].cols, c->ncolumns);
         wp_buf_putc(out, '}');
         return;
     case WP_OP_UPDATE:
         wp_buf_append(out, "{\"after\":", 9);
-        put_row(out, decoder->cols, c->ncolumns);
+        put_row(out, decoder->lists[0].cols, c->ncolumns);
         if (decoder->has_ident) {
             wp_buf_puts(out, decoder->ident_full ? ",\"before\":" : ",\"key\":");
-            put_row(out, decoder->ident, c->nidentity);
+            put_row(out, decoder->lists[1].cols, c->nidentity);
         }
         wp_buf_putc(out, '}');
         return;
     case WP_OP_DELETE:
         wp_buf_puts(out, decoder->ident_full ? "{\"before\":" : "{\"key\":");
-        put_row(out, decoder->ident, c->nidentity);
+        put_row(out, decoder->lists[1].cols, c->nidentity);
         wp_buf_putc(out, '}');
         return;
     case WP_OP_MESSAGE:
@@ -1369,7 +1450,7 @@ static void shape_build(shape_t *s, const wp_change_t *c, const col_t *cols, siz
     }
     wp_buf_putc(&s->json, ']');
 
-    /* Schema and table are NUL-free (jansson rejects \u0000), so NUL separates them. */
+    /* Schema and table are NUL-free (the parse rejects \u0000), so NUL separates them. */
     const char *schema = c->schema ? c->schema : "";
     uint64_t h = fnv1a(FNV_OFFSET, schema, strlen(schema));
     h = fnv1a(h, "", 1);
@@ -1391,11 +1472,11 @@ int64_t wp_decoder_shape(wp_decoder_t *decoder, const wp_change_t *change, wp_bu
     switch (c->op) {
     case WP_OP_INSERT:
     case WP_OP_UPDATE:
-        cols = decoder->cols;
+        cols = decoder->lists[0].cols;
         n = c->ncolumns;
         break;
     case WP_OP_DELETE:
-        cols = decoder->ident;
+        cols = decoder->lists[1].cols;
         n = c->nidentity;
         break;
     default:

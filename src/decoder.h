@@ -78,16 +78,6 @@ void wp_decoder_destroy(wp_decoder_t *decoder); /* NULL is a no-op */
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen);
 
-/*
- * As wp_decoder_parse, on a message already built as a jansson tree (for
- * rows that do not come from the stream, like the initial snapshot): root is
- * a wal2json v2 object and ownership passes to the decoder, also on failure.
- * Numbers that are not integers within int64 must be given as JSON strings
- * holding their exact text, as the parser's pre-pass would have.
- */
-typedef struct json_t json_t;
-int wp_decoder_adopt(wp_decoder_t *decoder, json_t *root, wp_change_t *change, char *errbuf, size_t errlen);
-
 /* Appends the payload JSON (see the top of this file) of the last parsed I/U/D/T/M change to out. */
 void wp_decoder_payload(wp_decoder_t *decoder, const wp_change_t *change, wp_buf_t *out);
 

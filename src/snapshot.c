@@ -16,9 +16,9 @@
  * another: the initial snapshot starts over (source.c deletes the unfinished
  * attempt's rows first), and every attempt is recorded in walpipe.snapshots.
  *
- * Rows are built as wal2json-shaped jansson objects and handed to the decoder
- * (wp_decoder_adopt), so their payloads follow exactly the value rules of
- * streamed changes.  The source connections pin the same session settings as
+ * Rows are built as wal2json-shaped jansson objects, printed, and read by the
+ * same decoder as the stream (wp_decoder_parse), so their payloads follow
+ * exactly the value rules of streamed changes.  The source connections pin the same session settings as
  * the walsender (DateStyle, TimeZone, ...) so values render the same way.
  *
  * Threading: the leader lists tables and chunks, then workers pull chunks
@@ -345,23 +345,27 @@ static int copy_chunk(worker_t *w, const chunk_t *chunk, uint64_t *rows_out)
     while ((res = PQgetResult(w->source)) != NULL) {
         ExecStatusType st = PQresultStatus(res);
         if (st == PGRES_SINGLE_TUPLE) {
+            /* the row as the wal2json text the stream would carry, read by the same decoder */
             json_t *root = row_message(t, res);
-            json_t *keep = json_incref(root);
+            char *text = json_dumps(root, JSON_COMPACT);
             wp_change_t change;
-            if (wp_decoder_adopt(w->decoder, root, &change, err, sizeof err) == 0) {
+            json_decref(root);
+            if (text == NULL) /* jansson could not allocate: the row goes to dead_letters below */
+                text = wp_strdup("{}");
+            if (wp_decoder_parse(w->decoder, text, strlen(text), &change, err, sizeof err) == 0) {
                 wp_encoder_add(w->encoder, segment, w->decoder, &change, "snapshot", job->lsn, 0);
             } else {
                 /* kept whole with the reason, never dropped */
-                char *raw = json_dumps(keep, JSON_COMPACT);
                 wp_dead_letter_t *dead = wp_calloc(1, sizeof *dead);
                 dead->lsn = job->lsn;
-                dead->raw = raw ? raw : wp_strdup("");
+                dead->raw = text;
+                text = NULL;
                 dead->raw_len = strlen(dead->raw);
                 dead->reason = wp_strdup(err);
                 dead->next = segment->dead;
                 segment->dead = dead;
             }
-            json_decref(keep);
+            free(text);
             rows++;
             if (segment->copy.len >= SEGMENT_BYTES || segment->dead) {
                 if (wp_stager_add_segment(w->stager, segment) != 0) {
