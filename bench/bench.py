@@ -28,14 +28,19 @@ Workloads: (a) oltp   pgbench, N transactions of one INSERT + one UPDATE on
                       contender moves its idle slot past that WAL
 Then walpipe alone: latency (commit on the source -> staged row visible) at a
 steady 50% of measured capacity, and the drain of a large backlog with its RSS
-sampled over time.
+sampled over time.  Last, the mirror apply rate (phase "mirror"): `walpipe run`
+(no workers) stages a backlog of inserts and updates of a 3-column table, then
+`walpipe work --workers N` drains it into the mirror table with 1, 2 and 4
+workers, each from a reset mirror, timed from process start to the commit of
+the last claim, and the mirror is compared with the source after each drain.
 
 The target LSN is exact: the workload ends with a marker transaction (one
 transactional logical message), and pg_walinspect gives the end of its commit
 record, which is what a consumer confirms after staging it.
 
 Outputs (--out, default bench/results/): results.json, results.csv,
-latency.csv, backlog.csv, table.md and the PNG plots (gnuplot).
+latency.csv, backlog.csv, table.md and the PNG plots (gnuplot): throughput,
+cpu, latency, backlog, mirror.
 """
 
 import argparse
@@ -68,7 +73,7 @@ SOURCE_PGOPTIONS = ("-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postg
                     "-c bytea_output=hex -c extra_float_digits=3")
 CONTENDERS = ("pg_recvlogical", "walpipe", "python")
 WORKLOADS = ("oltp", "bulk", "wide", "idle")
-PHASES = WORKLOADS + ("latency", "backlog")
+PHASES = WORKLOADS + ("latency", "backlog", "mirror")
 WORKLOAD_TITLES = {"oltp": "(a) OLTP", "bulk": "(b) bulk", "wide": "(c) wide rows",
                    "idle": "(d) idle source"}
 
@@ -80,9 +85,11 @@ SIZES = {
     "idle_busy_txns": 100_000,   # OLTP transactions in the busy database
     "backlog_changes": 5_000_000,  # 10 000 rows per transaction
     "latency_seconds": 30,
+    "mirror_changes": 200_000,   # staged, then applied by 1, 2 and 4 workers
 }
 MIN_SIZES = {"latency_seconds": 10, "wide_rows": 1000, "oltp_txns": 1000, "bulk_rows": 1000,
-             "idle_busy_txns": 1000, "backlog_changes": 10_000}
+             "idle_busy_txns": 1000, "backlog_changes": 10_000,
+             "mirror_changes": 10_000}
 
 SOURCE_SETTINGS = dict(fsync=True, autovacuum=False, max_wal_size="32GB", checkpoint_timeout="1h",
                        shared_buffers="512MB", max_replication_slots=20, max_wal_senders=20,
@@ -258,6 +265,153 @@ class Sampler(threading.Thread):
 
 
 # --------------------------------------------------------------------------
+# mirror apply: `walpipe work` draining a staged backlog into a mirror table.
+# The bench's "mirror" phase runs it with the shipped claim mode; bench/mirror_apply.py
+# (a thin wrapper) also compares claiming by staging batch and a backlog of small batches.
+
+MIRROR_WORKERS = (1, 2, 4)
+MIRROR_SOURCE = "mirror"            # walpipe's source name and the source database
+MIRROR_SLOT = "walpipe_mirror"
+MIRROR_CHECK = "SELECT count(*), sum(v), md5(string_agg(t, '' ORDER BY id)) FROM {}"
+
+
+def mirror_config(path, source, staging, stg_db, claim_size):
+    """walpipe's config for the mirror phase: no workers in `walpipe run` (staging only)."""
+    cfg = wptest.write_config(path, staging.conninfo(stg_db),
+                              {MIRROR_SOURCE: {"conninfo": source.conninfo(MIRROR_SOURCE), "slot": MIRROR_SLOT}},
+                              staging_extra={"batch_rows": 10000})
+    with open(cfg, "a") as f:
+        f.write(f"\n[workers]\ncount = 0\nclaim_size = {claim_size}\n")
+    return cfg
+
+
+def mirror_stage(source, staging, stg_db, workdir, backlog, changes, binary=None):
+    """Stages a backlog on table `bench` of the source database MIRROR_SOURCE (created if
+    missing) into staging database stg_db (emptied) with `walpipe run`, then stops it.
+    bulk: `changes` changes in two big transactions (half inserts, half updates of those
+    rows), staged in batches of hundreds of rows.  trickle: single-row transactions 0.5 ms
+    apart, which the stager commits one or a few at a time.  Returns the facts."""
+    if not source.scalar("SELECT count(*) FROM pg_database WHERE datname = %s", (MIRROR_SOURCE,)):
+        source.createdb(MIRROR_SOURCE)
+    db = MIRROR_SOURCE
+    source.sql("DROP TABLE IF EXISTS bench; CREATE TABLE bench (id int PRIMARY KEY, v int, t text)", dbname=db)
+    staging.sql("DROP SCHEMA IF EXISTS analytics CASCADE; DROP SCHEMA IF EXISTS walpipe CASCADE", dbname=stg_db)
+    if wptest.slot_info(source, MIRROR_SLOT):
+        wptest.drop_slot(source, db, MIRROR_SLOT)
+    wptest.create_slot(source, db, MIRROR_SLOT)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = mirror_config(workdir / f"stage-{backlog}.conf", source, staging, stg_db, 1000)
+    w = wptest.Walpipe(cfg, workdir / f"stage-{backlog}", binary=binary, name=f"stage-{backlog}")
+    try:
+        r = w.init()
+        if r.returncode != 0:
+            raise RuntimeError(f"walpipe init failed: {r.stdout}{r.stderr}")
+        w.start()
+        t0 = time.monotonic()
+        if backlog == "bulk":
+            half = changes // 2
+            source.sql(f"INSERT INTO bench SELECT g, g, md5(g::text) FROM generate_series(1, {half}) g", dbname=db)
+            source.sql(f"UPDATE bench SET v = v + 1, t = t || 'x' WHERE id <= {changes - half}", dbname=db)
+        else:
+            conn = source.connect(db)
+            with conn.cursor() as cur:
+                for g in range(1, changes + 1):
+                    cur.execute("INSERT INTO bench VALUES (%s, %s, md5(%s::text))", (g, g, g))
+                    time.sleep(0.0005)  # slower than a staging commit: batches of one or a few rows
+            conn.close()
+        target = source.scalar("SELECT pg_current_wal_lsn()::text", dbname=db)
+        wptest.wait_until(lambda: source.scalar(
+            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+            (target, MIRROR_SLOT), dbname=db), timeout=1800, what="the backlog staged", walpipe=w)
+        staged_s = time.monotonic() - t0
+        code = w.stop(timeout=120)
+        if code != 0:
+            raise RuntimeError(f"walpipe run exited {code} after staging; see {w.log_path}")
+    finally:
+        w.close()
+    wptest.drop_slot(source, db, MIRROR_SLOT)  # staged: the slot would only hold WAL from now on
+    batches = staging.scalar("SELECT count(DISTINCT batch_id) FROM walpipe.raw_events", dbname=stg_db)
+    return {"backlog": backlog, "changes": changes, "batches": batches, "stage_seconds": staged_s,
+            "config": cfg, "expect": source.sql(MIRROR_CHECK.format("bench"), dbname=db)[0]}
+
+
+def mirror_reset(staging, stg_db):
+    """Drops the mirror tables and marks every staged event unprocessed again."""
+    staging.sql("""
+        DO $$ DECLARE r record; BEGIN
+          FOR r IN SELECT tombstones FROM walpipe.mirrors LOOP
+            EXECUTE format('DROP TABLE walpipe.%I', r.tombstones);
+          END LOOP;
+        END $$;
+        DROP SCHEMA IF EXISTS analytics CASCADE;
+        TRUNCATE walpipe.mirrors, walpipe.dead_letters;
+        UPDATE walpipe.raw_events SET processed = false""", dbname=stg_db)
+    staging.sql("VACUUM ANALYZE walpipe.raw_events", dbname=stg_db)
+
+
+def mirror_drain(staging, stg_db, facts, workers, claim, workdir, binary=None):
+    """One timed drain: reset, `walpipe work --workers N` until nothing is unprocessed.
+    Time runs from process start to the commit of the last claim (the newest commit
+    timestamp on raw_events: staging needs track_commit_timestamp).  CPU is read from /proc
+    for walpipe and for its workers' staging backends (application_name walpipe_worker_N)."""
+    mirror_reset(staging, stg_db)
+    env = {"WALPIPE_BENCH_CLAIM": "batch"} if claim == "batch" else {}
+    work = wptest.Walpipe(facts["config"], Path(workdir) / f"work-{facts['backlog']}-{claim}-{workers}",
+                          binary=binary, name=f"work-{claim}-{workers}")
+    res = {"workers": workers, "claim": claim, "changes": facts["changes"]}
+    try:
+        t0 = time.time()
+        work.start(extra_env=env, subcommand="work", args=["--workers", workers])
+        # polled gently: a query every few ms would take CPU from the workers; the time
+        # itself comes from the commit timestamps, not from this loop
+        wptest.wait_until(lambda: not staging.scalar(
+            "SELECT EXISTS (SELECT 1 FROM walpipe.raw_events WHERE NOT processed)", dbname=stg_db),
+            timeout=1800, interval=0.1, what="the mirror drain", walpipe=work)
+        pids = [r[0] for r in staging.sql("SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
+                                          "application_name LIKE 'walpipe\\_worker\\_%%'", (stg_db,))]
+        res["cpu_proc_s"] = proc_cpu(work.pid)
+        res["cpu_staging_s"] = sum(proc_cpu(p) or 0 for p in pids) if pids else None
+        res["peak_rss_kb"] = proc_status_kb(work.pid, "VmHWM")
+        code = work.stop(timeout=120)
+        if code != 0:
+            raise RuntimeError(f"walpipe work exited {code}; see {work.log_path}")
+    finally:
+        work.close()
+    t_end = staging.scalar("SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin))) FROM walpipe.raw_events",
+                           dbname=stg_db)
+    res["seconds"] = float(t_end) - t0
+    res["changes_per_s"] = facts["changes"] / res["seconds"]
+    got = staging.sql(MIRROR_CHECK.format("analytics.public_bench"), dbname=stg_db)[0]
+    res["rows_ok"] = got == facts["expect"]
+    res["dead_letters"] = staging.scalar("SELECT count(*) FROM walpipe.dead_letters", dbname=stg_db)
+    return res
+
+
+def mirror_runs(source, staging, stg_db, facts, workers, claims, repeat, claim_size, workdir, binary=None,
+                before=None, report=None):
+    """Drains the staged backlog `repeat` times with each claim mode and worker count,
+    interleaved; returns every run.  before(): called before each run; report(run): after."""
+    if "batch" in claims:
+        staging.sql("CREATE INDEX IF NOT EXISTS raw_events_batch ON walpipe.raw_events (batch_id) "
+                    "WHERE NOT processed", dbname=stg_db)
+    runs = []
+    for k in range(repeat):
+        for claim in claims:
+            mirror_config(facts["config"], source, staging, stg_db,
+                          10000 if claim == "batch" else claim_size)
+            for n in workers:
+                if before:
+                    before()
+                r = mirror_drain(staging, stg_db, facts, n, claim, workdir, binary)
+                r["repetition"] = k + 1
+                runs.append(r)
+                if report:
+                    report(r)
+    return runs
+
+
+# --------------------------------------------------------------------------
 # the bench
 
 class Bench:
@@ -274,6 +428,7 @@ class Bench:
         self.workload_info = {}  # workload -> generation facts
         self.latency = None
         self.backlog = None
+        self.mirror = None       # the mirror phase: the staged backlog and one result per worker count
         self.src = self.stg = None
         self.walpipe_bin = wptest.walpipe_bin()
 
@@ -768,6 +923,46 @@ class Bench:
         res["rss_max_kb"] = max(rss) if rss else None
         log("  " + self.describe(res))
 
+    def run_mirror(self):
+        """Mirror apply rate: a backlog staged by `walpipe run` (no workers), then drained by
+        `walpipe work --workers N` for N in MIRROR_WORKERS, round robin over --repeat, the
+        mirror table checked against the source after each drain."""
+        n = self.sizes["mirror_changes"]
+        stg_db = self.new_staging("mirror")
+        log(f"mirror apply: staging {n:,} changes (bulk), then `walpipe work` with "
+            f"{', '.join(map(str, MIRROR_WORKERS))} workers")
+        self.checkpoint()
+        facts = mirror_stage(self.src, self.stg, stg_db, self.work / "mirror", "bulk", n, self.walpipe_bin)
+        log(f"  {n:,} changes staged in {facts['batches']} batches in {facts['stage_seconds']:.1f}s")
+
+        def before():
+            self.checkpoint()
+            self.wait_quiet()
+
+        def report(r):
+            log(f"  {r['workers']} worker(s): {r['seconds']:.2f}s, {r['changes_per_s']:,.0f} changes/s, "
+                f"mirror {'= source' if r['rows_ok'] else 'DIFFERS from the source'}")
+        runs = mirror_runs(self.src, self.stg, stg_db, facts, MIRROR_WORKERS, ["rows"], self.args.repeat, 1000,
+                           self.work / "mirror", self.walpipe_bin, before, report)
+        self.stg.sql(f'DROP DATABASE "{stg_db}"')
+        self.src.sql("DROP TABLE bench", dbname=MIRROR_SOURCE)
+        results = []
+        for k in MIRROR_WORKERS:
+            every = sorted((r for r in runs if r["workers"] == k), key=lambda r: r["seconds"])
+            med = dict(every[(len(every) - 1) // 2])  # the median run by time, as for the workloads
+            med.update(workload="mirror", contender="walpipe work", all_seconds=[r["seconds"] for r in every],
+                       batches=facts["batches"])
+            self.finish_result(med, n)
+            if len(every) > 1:
+                med["runs"] = every
+            results.append(med)
+        self.mirror = {"changes": n, "batches": facts["batches"], "stage_seconds": facts["stage_seconds"],
+                       "claim_size": 1000, "results": results}
+
+    def mirror_rate(self, workers):
+        r = next((r for r in (self.mirror or {}).get("results", []) if r["workers"] == workers), None)
+        return r["changes_per_s"] if r else None
+
     # -- output
 
     def machine(self):
@@ -825,8 +1020,8 @@ class Bench:
         bl = self.backlog
         add("walpipe peak RSS draining the backlog", "<= 64 MB",
             bl["peak_rss_kb"] / 1024 if bl else None, lambda v: v <= 64, "{:.1f} MB")
-        out.append({"target": "mirror apply, 2 workers", "goal": ">= 30 000 changes/s",
-                    "measured": "not available yet (needs issue #4)", "met": None})
+        add("mirror apply, 2 workers", ">= 30 000 changes/s", self.mirror_rate(2), lambda v: v >= 30_000,
+            "{:,.0f}/s")
         return out
 
     def table_md(self, machine, targets):
@@ -908,8 +1103,30 @@ class Bench:
                      f"{b['seconds']:.1f}s = {b['changes_per_s']:,.0f} changes/s; walpipe RSS between "
                      f"{b['rss_min_kb'] / 1024:.1f} and {b['rss_max_kb'] / 1024:.1f} MB while sampled, "
                      f"peak (VmHWM) {b['peak_rss_kb'] / 1024:.1f} MB.")
-        L.append("")
-        L.append("Mirror apply rate (1, 2, 4 workers): not available yet (needs issue #4).")
+        if self.mirror:
+            m = self.mirror
+            one = self.mirror_rate(1)
+            L.append("")
+            L.append(f"Mirror apply: `walpipe work --workers N` draining {m['changes']:,} staged changes "
+                     f"(inserts, then updates of those rows, of a 3-column table; {m['batches']} staging "
+                     f"batches) into its mirror table, `claim_size` {m['claim_size']}, from process start "
+                     f"to the last claim's commit:")
+            L.append("")
+            L.append("| workers | seconds | changes/s | × 1 worker | CPU s/100k: walpipe work | staging backends | "
+                     "peak RSS MB | mirror |")
+            L.append("|---:|---:|---:|---:|---:|---:|---:|---|")
+            for r in m["results"]:
+                L.append(f"| {r['workers']} | {r['seconds']:.2f} | {r['changes_per_s']:,.0f} | "
+                         f"{fmt(r['changes_per_s'] / one if one else None, '{:.2f}')} | "
+                         f"{fmt(r.get('cpu_proc_per_100k'), '{:.2f}')} | "
+                         f"{fmt(r.get('cpu_staging_per_100k'), '{:.2f}')} | "
+                         f"{fmt(r['peak_rss_kb'] / 1024 if r.get('peak_rss_kb') else None, '{:.1f}')} | "
+                         f"{'= source' if r['rows_ok'] else '**DIFFERS**'} |")
+            two = self.mirror_rate(2)
+            L.append("")
+            L.append(f"Mirror apply rate with 1, 2 and 4 workers: "
+                     f"{', '.join(fmt(self.mirror_rate(k), '{:,.0f}') for k in MIRROR_WORKERS)} changes/s; "
+                     f"2 workers / 1 worker: {fmt(two / one if one and two else None, '{:.2f}×')}.")
         L.append("")
         L.append("| target | goal | measured | met |")
         L.append("|---|---|---|---|")
@@ -922,12 +1139,13 @@ class Bench:
         machine = self.machine()
         targets = self.targets()
         doc = {"machine": machine, "workloads": self.workload_info, "results": self.results,
-               "latency": self.latency, "backlog": self.backlog, "targets": targets}
+               "latency": self.latency, "backlog": self.backlog, "mirror": self.mirror, "targets": targets}
         (self.out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        keys = ["workload", "contender", "changes", "seconds", "changes_per_s", "cpu_proc_s",
+        keys = ["workload", "contender", "workers", "changes", "seconds", "changes_per_s", "cpu_proc_s",
                 "cpu_walsender_s", "cpu_staging_s", "cpu_proc_per_100k", "cpu_walsender_per_100k",
                 "cpu_staging_per_100k", "peak_rss_kb", "wal_bytes", "staged_rows", "rows_ok"]
-        rows = list(self.results) + ([self.backlog] if self.backlog else [])
+        rows = list(self.results) + ([self.backlog] if self.backlog else []) + \
+            (self.mirror["results"] if self.mirror else [])
         with open(self.out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
@@ -937,7 +1155,7 @@ class Bench:
         (self.out / "table.md").write_text(table)
         print()
         print(table)
-        plots(self.out, self.results, self.latency is not None, self.backlog is not None)
+        plots(self.out, self.results, self.latency is not None, self.backlog is not None, self.mirror)
 
 
 def pct(sorted_vals, p):
@@ -975,7 +1193,7 @@ def gnuplot(out, name, script):
 TERM = "set terminal pngcairo size 1000,560 font 'DejaVu Sans,11' noenhanced\n"
 
 
-def plots(out, results, have_latency, have_backlog):
+def plots(out, results, have_latency, have_backlog, mirror=None):
     wl = [w for w in ("oltp", "bulk", "wide") if any(r["workload"] == w for r in results)]
     if wl:
         with open(out / "throughput.dat", "w") as f:
@@ -1065,6 +1283,25 @@ set key bottom right
 plot 'backlog.csv' every ::1 using 1:2 with lines lw 2 title 'walpipe RSS (MB)', \\
      '' every ::1 using 1:3 axes x1y2 with lines lw 2 dt 2 title 'drained (% of WAL)'
 """)
+    if mirror:
+        with open(out / "mirror.dat", "w") as f:
+            f.write("# workers changes_per_s\n")
+            for r in mirror["results"]:
+                f.write(f"\"{r['workers']}\" {r['changes_per_s']:.0f}\n")
+        gnuplot(out, "mirror", TERM.replace("1000,560", "700,480") + f"XMAX = {len(mirror['results']) - 0.5}\n" + f"""set output 'mirror.png'
+set title 'Mirror apply: walpipe work draining {mirror["changes"]:,} staged changes (higher is better)'
+set style data histogram
+set style fill solid 0.8 border -1
+set boxwidth 0.6
+set xlabel 'workers'
+set ylabel 'changes/s'
+set yrange [0:*]
+set grid ytics
+set format y '%.0f'
+set xrange [-0.5:XMAX]
+unset key
+plot 'mirror.dat' using 2:xtic(1) lc rgb '#1f77b4', '' using 0:2:(sprintf('%.0f', $2)) with labels offset 0,0.7 font ',10'
+""")
 
 
 # --------------------------------------------------------------------------
@@ -1075,6 +1312,7 @@ def main():
                     help="size factor for every workload (0.1 for a quick run; default 1 = the issue's sizes)")
     ap.add_argument("--only", default=",".join(PHASES),
                     help=f"comma-separated phases to run, from {','.join(PHASES)}")
+    ap.add_argument("--skip", default="", help="comma-separated phases not to run (applied after --only)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"comma-separated, from {','.join(CONTENDERS)}")
     ap.add_argument("--repeat", type=int, default=1,
@@ -1095,10 +1333,13 @@ def main():
     ap.add_argument("--keep-work", action="store_true", help="keep the walpipe logs and configs in OUT/work")
     args = ap.parse_args()
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    args.skip = [p.strip() for p in args.skip.split(",") if p.strip()]
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    bad = [p for p in args.only if p not in PHASES] + [c for c in args.contenders if c not in CONTENDERS]
+    bad = [p for p in args.only + args.skip if p not in PHASES] + \
+        [c for c in args.contenders if c not in CONTENDERS]
     if bad:
         ap.error(f"unknown phase or contender: {', '.join(bad)}")
+    args.only = [p for p in args.only if p not in args.skip]
     b = wptest.walpipe_bin()
     if not (b.is_file() and os.access(b, os.X_OK)):
         ap.error(f"walpipe binary not found at {b}; build it (bench/run does) or set WALPIPE_BIN")
@@ -1119,6 +1360,8 @@ def main():
             bench.run_latency()
         if "backlog" in args.only:
             bench.run_backlog()
+        if "mirror" in args.only:
+            bench.run_mirror()
         bench.write_outputs()
         if args.publish:
             pub = Path(args.publish)
