@@ -69,19 +69,19 @@ def inclusive(data):
 def walpipe_breakdown(inc):
     g = lambda s: inc.get(s, (0.0, 0.0))[0]  # noqa: E731
     parse = g("wp_decoder_parse")
-    loadb = g("json_loadb")
-    delete = g("json_delete")
-    prepass = g("prepass")
+    yajl = g("yajl_parse") + g("yajl_complete_parse")
+    keep = g("keep")          # the decoder's callbacks: strict UTF-8 check + copy of kept values
+    handle = g("yajl_alloc") + g("yajl_free")
     payload = g("wp_decoder_payload")
     shape = g("wp_decoder_shape")
     add_row = g("add_row") or g("wp_encoder_add")   # the row encoder moved to encoder.c
     esc = g("copy_escape") or g("wp_copy_escape")
     recv = g("PQconsumeInput") + g("PQgetCopyData")
     rows = [
-        ("jansson: json_loadb (tokenize + build the DOM, its mallocs)", loadb),
-        ("jansson: json_delete (free the previous message's DOM)", delete),
-        ("decoder: prepass (number tokens to exact strings)", prepass),
-        ("decoder: validation and walk (rest of wp_decoder_parse)", max(0.0, parse - loadb - delete - prepass)),
+        ("yajl: tokenize the message, call the decoder back (UTF-8 check and copy of kept values: %.1f%%)"
+         % keep, yajl),
+        ("yajl: parser handle per message (yajl_alloc, yajl_free)", handle),
+        ("decoder: validation (rest of wp_decoder_parse)", max(0.0, parse - yajl - handle)),
         ("payload encode (wp_decoder_payload)", payload),
         ("table shape lookup (wp_decoder_shape)", shape),
         ("COPY row framing (row encoder without payload/shape; COPY escaping alone: %.1f%%)" % esc,

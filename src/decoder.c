@@ -48,6 +48,8 @@
 #define SHAPE_SLOTS 4
 /* The table cache is emptied when it reaches this many tables (it is only a cache). */
 #define MAX_TABLES 16384
+/* decoder->text is released when it grew past this for a huge message and the next one is small. */
+#define TEXT_KEEP (1024 * 1024)
 /* Largest integer a double holds exactly, as decimal text. */
 #define INT53_TEXT "9007199254740992"
 
@@ -919,6 +921,8 @@ static int read_message(wp_decoder_t *decoder, const char *data, size_t len, jki
     yajl_status st;
     size_t at;
 
+    if (decoder->text.cap > TEXT_KEEP && len < TEXT_KEEP / 2)
+        wp_buf_free(&decoder->text); /* a huge message is over: give its memory back */
     wp_buf_reset(&decoder->text);
     wp_buf_reserve(&decoder->text, len + 16);
     memset(decoder->fields, 0, sizeof decoder->fields);
