@@ -275,24 +275,6 @@ static bool int_text_is_int64(const char *s, size_t len)
     return int_text_within(s, len, "9223372036854775807");
 }
 
-/* Writes v in decimal into buf (at least 21 bytes); returns the length. */
-static size_t format_i64(int64_t v, char *buf)
-{
-    char tmp[24];
-    size_t n = 0;
-    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    size_t len = 0;
-    if (v < 0)
-        buf[len++] = '-';
-    while (n)
-        buf[len++] = tmp[--n];
-    return len;
-}
-
 /* ---------------------------------------------------------------- JSON output */
 
 /* Bytes that need escaping inside a JSON string: control characters, '"' and '\\'. */
@@ -622,23 +604,27 @@ static long hex4(const char *p)
  */
 static bool surrogates_paired(const char *p, size_t len)
 {
-    for (size_t i = 0; i + 1 < len; i++) {
-        if (p[i] != '\\')
-            continue;
-        if (p[i + 1] != 'u' || len - i < 6) {
-            i++; /* a two-character escape */
+    const char *end = p + len;
+    const char *q = p;
+    while ((q = memchr(q, '\\', (size_t)(end - q))) != NULL) {
+        if (end - q < 6 || q[1] != 'u') {
+            q += 2; /* a two-character escape (or the end) */
+            if (q >= end)
+                break;
             continue;
         }
-        long u = hex4(p + i + 2);
+        long u = hex4(q + 2);
         if (u >= 0xDC00 && u <= 0xDFFF)
             return false; /* a low one without a high one */
         if (u >= 0xD800 && u <= 0xDBFF) {
-            long low = len - i >= 12 && p[i + 6] == '\\' && p[i + 7] == 'u' ? hex4(p + i + 8) : -1;
+            long low = end - q >= 12 && q[6] == '\\' && q[7] == 'u' ? hex4(q + 8) : -1;
             if (low < 0xDC00 || low > 0xDFFF)
                 return false;
-            i += 6;
+            q += 6;
         }
-        i += 5;
+        q += 6;
+        if (q >= end)
+            break;
     }
     return true;
 }
@@ -682,18 +668,19 @@ static int check_escaped(sax_t *sax, const char *s, size_t len)
     size_t end = yajl_get_bytes_consumed(sax->yajl);
     if (end == 0 || end > sax->in_len || sax->in[end - 1] != '"')
         return 1;
-    size_t open = end - 1;
-    while (open > 0) {
-        open--;
-        if (sax->in[open] != '"')
-            continue;
+    const char *close = sax->in + end - 1;
+    const char *open = close;
+    for (;;) {
+        open = memrchr(sax->in, '"', (size_t)(open - sax->in));
+        if (open == NULL)
+            return 1;
         size_t bs = 0;
-        while (bs < open && sax->in[open - 1 - bs] == '\\')
+        while (open - bs > sax->in && open[-1 - (ptrdiff_t)bs] == '\\')
             bs++;
         if (bs % 2 == 0)
             break;
     }
-    if (!surrogates_paired(sax->in + open + 1, end - 1 - (open + 1)))
+    if (!surrogates_paired(open + 1, (size_t)(close - open - 1)))
         return sax_fail(sax, "a \\u escape is an unpaired UTF-16 surrogate");
     return 1;
 }
@@ -813,7 +800,7 @@ static int on_close(void *ctx)
 static int lookup_key(const known_key_t *keys, int n, const char *key, size_t len)
 {
     for (int i = 0; i < n; i++) {
-        if (keys[i].len == len && memcmp(keys[i].name, key, len) == 0)
+        if (keys[i].len == len && keys[i].name[0] == key[0] && memcmp(keys[i].name, key, len) == 0)
             return i;
     }
     return -1;
@@ -1420,8 +1407,6 @@ static bool shape_matches(const shape_t *s, const col_t *cols, size_t n)
 /* Fills slot s with the shape of cols: signature, JSON and id. */
 static void shape_build(shape_t *s, const wp_change_t *c, const col_t *cols, size_t n)
 {
-    char num[24];
-
     s->used = true;
     s->ncols = n;
     wp_buf_reset(&s->sig);
@@ -1447,7 +1432,7 @@ static void shape_build(shape_t *s, const wp_change_t *c, const col_t *cols, siz
         put_string(&s->json, col->type, col->type_len);
         wp_buf_append(&s->json, ",\"typeoid\":", 11);
         if (col->typeoid >= 0)
-            wp_buf_append(&s->json, num, format_i64(col->typeoid, num));
+            wp_buf_put_i64(&s->json, col->typeoid);
         else
             wp_buf_append(&s->json, "null", 4);
         wp_buf_putc(&s->json, '}');

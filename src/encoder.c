@@ -132,20 +132,26 @@ void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *
     wp_buf_puts(out, event_type ? event_type : wp_op_name(change->op));
     wp_buf_putc(out, '\t');
     wp_copy_escape(out, encoder->payload.data, encoder->payload.len);
-    wp_buf_printf(out, "\t%s\t", wp_lsn_format(lsn, lsntext));
+    wp_buf_putc(out, '\t');
+    wp_buf_puts(out, wp_lsn_format(lsn, lsntext));
+    wp_buf_putc(out, '\t');
     if (change->has_xid)
-        wp_buf_printf(out, "%lld", (long long)change->xid);
+        wp_buf_put_i64(out, change->xid);
     else
         wp_buf_puts(out, "\\N");
     wp_buf_putc(out, '\t');
     copy_text_or_null(out, change->timestamp);
-    wp_buf_printf(out, "\t%d\t", seq);
+    wp_buf_putc(out, '\t');
+    wp_buf_put_i64(out, seq);
+    wp_buf_putc(out, '\t');
     copy_text_or_null(out, change->schema);
     wp_buf_putc(out, '\t');
     copy_text_or_null(out, change->table);
-    if (shape_id)
-        wp_buf_printf(out, "\t%lld\n", (long long)shape_id);
-    else
+    if (shape_id) {
+        wp_buf_putc(out, '\t');
+        wp_buf_put_i64(out, shape_id);
+        wp_buf_putc(out, '\n');
+    } else
         wp_buf_puts(out, "\t\\N\n");
     segment->rows++;
 }

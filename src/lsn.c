@@ -67,6 +67,19 @@ bool wp_lsn_parse(const char *s, size_t len, wp_lsn_t *out)
 
 char *wp_lsn_format(wp_lsn_t lsn, char buf[WP_LSN_STRLEN])
 {
-    snprintf(buf, WP_LSN_STRLEN, "%X/%X", (unsigned)(lsn >> 32), (unsigned)(lsn & 0xFFFFFFFFu));
+    /* "%X/%X" by hand: this runs for every staged row */
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = 0;
+    for (int half = 1; half >= 0; half--) {
+        uint32_t v = (uint32_t)(lsn >> (32 * half));
+        int shift = 28;
+        while (shift > 0 && ((v >> shift) & 0xF) == 0)
+            shift -= 4;
+        for (; shift >= 0; shift -= 4)
+            buf[n++] = hex[(v >> shift) & 0xF];
+        if (half)
+            buf[n++] = '/';
+    }
+    buf[n] = '\0';
     return buf;
 }

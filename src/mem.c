@@ -118,6 +118,20 @@ void wp_buf_reset(wp_buf_t *b)
         b->data[0] = '\0';
 }
 
+void wp_buf_put_i64(wp_buf_t *b, int64_t v)
+{
+    char tmp[24];
+    size_t n = sizeof tmp;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[--n] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        tmp[--n] = '-';
+    wp_buf_append(b, tmp + n, sizeof tmp - n);
+}
+
 void wp_buf_free(wp_buf_t *b)
 {
     free(b->data);

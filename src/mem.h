@@ -36,6 +36,7 @@ void wp_buf_append(wp_buf_t *b, const void *p, size_t n);
 void wp_buf_puts(wp_buf_t *b, const char *s);
 void wp_buf_putc(wp_buf_t *b, char c);
 void wp_buf_printf(wp_buf_t *b, const char *fmt, ...) WP_PRINTF(2, 3);
+void wp_buf_put_i64(wp_buf_t *b, int64_t v); /* decimal; the hot paths avoid printf */
 void wp_buf_reset(wp_buf_t *b);
 void wp_buf_free(wp_buf_t *b);
 

@@ -777,6 +777,9 @@ static void test_escaping(void **state)
              &c);
     assert_int_equal(c.content_len, 15);
     check_payload(d, &c, "{\"prefix\":\"p\\\"x\",\"content\":\"line1\\nline2 \\\"q\\\"\",\"transactional\":false}");
+    /* an escaped backslash before "ud800" is no \u escape; a surrogate pair is one character */
+    parse_ok(d, "{\"action\":\"T\",\"table\":\"\\\\ud800 \\\"x\\\\\\ud83d\\ude00\"}", &c);
+    assert_string_equal(c.table, "\\ud800 \"x\\\xf0\x9f\x98\x80");
     wp_decoder_destroy(d);
 }
 
