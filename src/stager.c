@@ -111,6 +111,20 @@ static int exec_expect(wp_stager_t *stager, const char *sql, ExecStatusType stat
     return rc;
 }
 
+/* Runs one parameterized command (text parameters unless formats says otherwise); logs and returns -1 on failure. */
+static int exec_params(wp_stager_t *stager, const char *sql, int n, const char *const *params, const int *lengths,
+                       const int *formats, const char *what)
+{
+    PGresult *res = PQexecParams(stager->conn, sql, n, NULL, params, lengths, formats, 0);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        wp_error("staging: could not %s: %s", what, PQerrorMessage(stager->conn));
+        rc = -1;
+    }
+    PQclear(res);
+    return rc;
+}
+
 static int ensure_partitions(wp_stager_t *stager)
 {
     char sql[128];
@@ -419,16 +433,12 @@ static int stage_shapes(wp_stager_t *stager, const wp_shape_t *shape)
         snprintf(id, sizeof id, "%lld", (long long)shape->id);
         wp_lsn_format(shape->first_lsn, lsn);
         const char *params[] = {stager->source->name, id, shape->schema, shape->table, shape->columns, lsn};
-        PGresult *res = PQexecParams(stager->conn,
-                                     "INSERT INTO walpipe.table_schemas (source, shape_id, schema_name, table_name, "
-                                     "columns, first_lsn) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                                     6, NULL, params, NULL, NULL, 0);
-        bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-        if (!ok)
-            wp_error("staging: could not record the shape of table \"%s\".\"%s\": %s", shape->schema, shape->table,
-                     PQerrorMessage(stager->conn));
-        PQclear(res);
-        if (!ok)
+        char what[256];
+        snprintf(what, sizeof what, "record the shape of table \"%s\".\"%s\"", shape->schema, shape->table);
+        if (exec_params(stager,
+                        "INSERT INTO walpipe.table_schemas (source, shape_id, schema_name, table_name, columns, "
+                        "first_lsn) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                        6, params, NULL, NULL, what) != 0)
             return -1;
     }
     return 0;
@@ -443,15 +453,9 @@ static int stage_dead_letters(wp_stager_t *stager, const wp_dead_letter_t *dead)
         const char *params[] = {stager->source->name, lsn, seq, dead->raw, dead->reason};
         int lengths[] = {0, 0, 0, (int)dead->raw_len, 0};
         int formats[] = {0, 0, 0, 1, 0};
-        PGresult *res = PQexecParams(stager->conn,
-                                     "INSERT INTO walpipe.dead_letters (source, lsn, seq, raw, reason) "
-                                     "VALUES ($1, $2, $3, $4, $5)",
-                                     5, NULL, params, lengths, formats, 0);
-        bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-        if (!ok)
-            wp_error("staging: could not record a dead letter: %s", PQerrorMessage(stager->conn));
-        PQclear(res);
-        if (!ok)
+        if (exec_params(stager,
+                        "INSERT INTO walpipe.dead_letters (source, lsn, seq, raw, reason) VALUES ($1, $2, $3, $4, $5)",
+                        5, params, lengths, formats, "record a dead letter") != 0)
             return -1;
         wp_warn("dead letter at %s seq %d: %s", lsn, dead->seq, dead->reason);
         stager->total_dead++;
@@ -526,15 +530,11 @@ int wp_stager_commit_chunk(wp_stager_t *stager, int64_t snapshot_id, const char 
     snprintf(ch, sizeof ch, "%d", chunk);
     snprintf(n, sizeof n, "%llu", (unsigned long long)rows);
     const char *params[] = {id, schema, table, ch, n};
-    PGresult *res = PQexecParams(stager->conn,
-                                 "INSERT INTO walpipe.snapshot_chunks (snapshot_id, schema_name, table_name, chunk, rows) "
-                                 "VALUES ($1, $2, $3, $4, $5)",
-                                 5, NULL, params, NULL, NULL, 0);
-    bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-    if (!ok)
-        wp_error("staging: could not record a snapshot chunk: %s", PQerrorMessage(stager->conn));
-    PQclear(res);
-    if (!ok || exec_expect(stager, "COMMIT", PGRES_COMMAND_OK, "commit a snapshot chunk") != 0)
+    if (exec_params(stager,
+                    "INSERT INTO walpipe.snapshot_chunks (snapshot_id, schema_name, table_name, chunk, rows) "
+                    "VALUES ($1, $2, $3, $4, $5)",
+                    5, params, NULL, NULL, "record a snapshot chunk") != 0 ||
+        exec_expect(stager, "COMMIT", PGRES_COMMAND_OK, "commit a snapshot chunk") != 0)
         goto out;
     stager->in_txn = false;
     rc = 0;

@@ -50,14 +50,10 @@ def _staged_image(obj, types):
     return {k: _norm(v, types.get(k, "text")) for k, v in obj.items()}
 
 
-def read_truth(cluster, dbname, slot):
-    """Consumes slot; returns the expected events in stream order (dicts)."""
-    rows = cluster.sql(
-        "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL, 'format-version', '2', "
-        "'include-xids', '1', 'include-timestamp', '1', 'include-lsn', '1')", (slot,), dbname=dbname)
-    events = []
+def _truth_events(datas):
+    """Yields the expected events (dicts, stream order) of wal2json v2 messages, B/C folded in."""
     txn_end, seq = None, 0
-    for (data,) in rows:
+    for data in datas:
         c = _loads(data)
         a = c["action"]
         if a == "B":
@@ -72,17 +68,26 @@ def read_truth(cluster, dbname, slot):
         else:
             seq += 1
             ev.update(lsn=txn_end, seq=seq)
+        types = {}
         if a in "IU":
             ev["after"] = _image(c["columns"])
-            ev["types"] = {col["name"]: col["type"] for col in c["columns"]}
+            types.update({col["name"]: col["type"] for col in c["columns"]})
         if a in "UD" and "identity" in c:
             ev["identity"] = _image(c["identity"])
-            ev.setdefault("types", {}).update({col["name"]: col["type"] for col in c["identity"]})
+            types.update({col["name"]: col["type"] for col in c["identity"]})
+        ev["types"] = types
         if a == "M":
             ev["message"] = {"prefix": c["prefix"], "content": c["content"],
                              "transactional": c["transactional"]}
-        events.append(ev)
-    return events
+        yield ev
+
+
+def read_truth(cluster, dbname, slot):
+    """Consumes slot; returns the expected events in stream order (dicts)."""
+    rows = cluster.sql(
+        "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL, 'format-version', '2', "
+        "'include-xids', '1', 'include-timestamp', '1', 'include-lsn', '1')", (slot,), dbname=dbname)
+    return list(_truth_events(data for (data,) in rows))
 
 
 def read_staged(cluster, dbname, source=None):
@@ -203,34 +208,7 @@ def _iter_truth(cluster, dbname, slot, itersize=20000):
         cur = conn.cursor(name="truth_stream")
         cur.itersize = itersize
         cur.execute(_TRUTH_SQL, (slot,))
-        txn_end, seq = None, 0
-        for (data,) in cur:
-            c = _loads(data)
-            a = c["action"]
-            if a == "B":
-                txn_end, seq = lsn_int(c["nextlsn"]), 0
-                continue
-            if a == "C":
-                txn_end = None
-                continue
-            ev = {"type": OPS[a], "schema": c.get("schema"), "table": c.get("table")}
-            if a == "M" and not c["transactional"]:
-                ev.update(lsn=lsn_int(c["lsn"]), seq=0)
-            else:
-                seq += 1
-                ev.update(lsn=txn_end, seq=seq)
-            types = {}
-            if a in "IU":
-                ev["after"] = _image(c["columns"])
-                types.update({col["name"]: col["type"] for col in c["columns"]})
-            if a in "UD" and "identity" in c:
-                ev["identity"] = _image(c["identity"])
-                types.update({col["name"]: col["type"] for col in c["identity"]})
-            ev["types"] = types
-            if a == "M":
-                ev["message"] = {"prefix": c["prefix"], "content": c["content"],
-                                 "transactional": c["transactional"]}
-            yield ev
+        yield from _truth_events(data for (data,) in cur)
         cur.close()
         conn.commit()
     finally:
