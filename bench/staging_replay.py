@@ -13,8 +13,9 @@ Usage (after bench/run has built build-bench/walpipe, or with WALPIPE_BIN set):
                                                  index, defaults, CHECK, partition routing,
                                                  jsonb), best of --repeat (3) runs each,
                                                  interleaved, at --per (300) rows per commit
-  bench/staging_replay.py --levers --perf DIR    also perf-records the staging backend
-                                                 (cpu-clock) during one baseline replay
+  bench/staging_replay.py --levers --perf DIR [--perf-levers baseline,...]
+                                                 also perf-records the staging backend
+                                                 (cpu-clock, -g) during one replay of each
 """
 
 import argparse
@@ -64,6 +65,10 @@ LEVERS = {
     "no_both_brins": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn"],
                       None),
     "no_secondary_indexes": ([f"DROP INDEX walpipe.{i}" for i in SECONDARY_INDEXES], None),
+    # one BRIN over the three columns instead of two BRINs: a multi-column minmax BRIN answers a condition on
+    # any of its columns, and costs one revmap lookup per row instead of two
+    "one_brin": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn",
+                  "CREATE INDEX raw_events_brin ON walpipe.raw_events USING brin (received_at, source, lsn)"], None),
     "received_at_now": (["ALTER TABLE walpipe.raw_events ALTER received_at SET DEFAULT now()"], None),
     "no_batch_id_default": (["ALTER TABLE walpipe.raw_events ALTER batch_id DROP DEFAULT"], None),
     "no_check": (["ALTER TABLE walpipe.raw_events DROP CONSTRAINT raw_events_event_type_check"], None),
@@ -153,7 +158,7 @@ class Replay:
         return per100k
 
 
-def levers(r, per, repeat, names, perf_dir):
+def levers(r, per, repeat, names, perf_dir, perf_levers):
     results = {name: [] for name in names}
     for rnd in range(repeat):
         # a different order each round, so that drift on the shared machine does not favour one lever
@@ -161,9 +166,10 @@ def levers(r, per, repeat, names, perf_dir):
         for name in order:
             prep, target = LEVERS[name]
             results[name].append(r.trial(name, per, prep, target))
-    if perf_dir:
+    for name in perf_levers:
         perf_dir.mkdir(parents=True, exist_ok=True)
-        r.trial("baseline (perf)", per, perf_out=perf_dir / "perf.data")
+        prep, target = LEVERS[name]
+        r.trial(f"{name} (perf)", per, prep, target, perf_out=perf_dir / f"{name}.perf.data")
     base = min(results["baseline"])
     print(f"\nbest of {repeat}, {per} rows per commit, {len(r.lines)} rows (CPU s per 100k rows of the staging "
           "backend; saving = baseline - variant)\n")
@@ -183,7 +189,8 @@ def main():
     ap.add_argument("--only", help="comma-separated levers (baseline is always included)")
     ap.add_argument("--per", type=int, default=300, help="rows per commit for --levers (walpipe commits ~300 on (a))")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--perf", type=Path, help="directory for perf.data of one profiled baseline replay")
+    ap.add_argument("--perf", type=Path, help="directory for LEVER.perf.data of one profiled replay per --perf-levers")
+    ap.add_argument("--perf-levers", default="baseline", help="comma-separated levers to profile (default baseline)")
     args = ap.parse_args()
     r = Replay(args.rows)
     try:
@@ -195,7 +202,11 @@ def main():
                 for x in names:
                     if x not in LEVERS:
                         sys.exit(f"unknown lever \"{x}\"; known: {', '.join(LEVERS)}")
-            levers(r, args.per, args.repeat, names, args.perf)
+            perf_levers = args.perf_levers.split(",") if args.perf else []
+            for x in perf_levers:
+                if x not in LEVERS:
+                    sys.exit(f"unknown lever \"{x}\"; known: {', '.join(LEVERS)}")
+            levers(r, args.per, args.repeat, names, args.perf, perf_levers)
         else:
             r.trial("schema_as_is", 150)
             r.trial("schema_as_is", 2000)
