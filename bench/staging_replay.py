@@ -72,6 +72,19 @@ LEVERS = {
     "one_brin": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn",
                   "CREATE INDEX raw_events_brin ON walpipe.raw_events USING brin (received_at, source, lsn)"], None),
     "received_at_now": (["ALTER TABLE walpipe.raw_events ALTER received_at SET DEFAULT now()"], None),
+    # clock_timestamp() is volatile, and a volatile column default makes COPY insert row by row
+    # (CopyFrom: CIM_SINGLE); the same C function declared STABLE keeps the per-row time and lets
+    # COPY use heap_multi_insert (LANGUAGE internal: needs a superuser)
+    "received_at_stable_clock": (["CREATE FUNCTION walpipe.row_clock() RETURNS timestamptz LANGUAGE internal STABLE "
+                                  "PARALLEL SAFE AS 'clock_timestamp'",
+                                  "ALTER TABLE walpipe.raw_events ALTER received_at SET DEFAULT walpipe.row_clock()"],
+                                 None),
+    # the same as a SQL function (any role may create it): not inlined (STABLE body calling a volatile
+    # function), so it runs through the SQL function executor for every row
+    "received_at_sql_stable": (["CREATE FUNCTION walpipe.row_clock() RETURNS timestamptz LANGUAGE sql STABLE "
+                                "PARALLEL SAFE AS 'SELECT clock_timestamp()'",
+                                "ALTER TABLE walpipe.raw_events ALTER received_at SET DEFAULT walpipe.row_clock()"],
+                               None),
     "no_batch_id_default": (["ALTER TABLE walpipe.raw_events ALTER batch_id DROP DEFAULT"], None),
     "no_check": (["ALTER TABLE walpipe.raw_events DROP CONSTRAINT raw_events_event_type_check"], None),
     "copy_into_partition": ([], "partition"),
