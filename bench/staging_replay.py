@@ -21,6 +21,7 @@ Usage (after bench/run has built build-bench/walpipe, or with WALPIPE_BIN set):
 import argparse
 import io
 import os
+import shutil
 import signal
 import statistics
 import struct
@@ -274,6 +275,7 @@ def main():
                                                  "USING gin (payload jsonb_path_ops)"])
     finally:
         wptest.cleanup_all()
+        shutil.rmtree(r.work, ignore_errors=True)
 
 
 if __name__ == "__main__":
