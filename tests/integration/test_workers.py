@@ -611,6 +611,8 @@ def test_init_applies_a_migration_numbered_below_the_newest(staging_pg, walpipe_
     assert r.returncode == 1 and "staging schema is at version 2" in r.stderr, r.stderr
     r = w.init()
     assert r.returncode == 0 and "applied migration 003_workers.sql" in r.stderr, r.stderr
+    every = sorted(int(f.name.split("_", 1)[0]) for f in sql_dir.glob("[0-9]*_*.sql"))
+    assert every[:4] == [1, 2, 3, 4], every
     assert [v for (v,) in staging_pg.sql("SELECT version FROM walpipe.schema_migrations ORDER BY 1",
-                                         dbname="staging")] == [1, 2, 3, 4]
+                                         dbname="staging")] == every
     assert w.command("dlq", "list").returncode == 0
