@@ -80,9 +80,6 @@ LEVERS = {
                                   "PARALLEL SAFE AS 'clock_timestamp'",
                                   "ALTER TABLE walpipe.raw_events ALTER received_at SET DEFAULT walpipe.row_clock()"],
                                  None),
-    # the default before migration 005 (the baseline when walpipe's schema predates it)
-    "received_at_volatile_clock": (["ALTER TABLE walpipe.raw_events ALTER received_at SET DEFAULT clock_timestamp()"],
-                                   None),
     # the same as a SQL function (any role may create it): not inlined (STABLE body calling a volatile
     # function), so it runs through the SQL function executor for every row
     "received_at_sql_stable": (["CREATE FUNCTION walpipe.row_clock() RETURNS timestamptz LANGUAGE sql STABLE "

@@ -83,18 +83,6 @@ static PGresult *applied_versions(PGconn *conn)
     return res;
 }
 
-/* A migration's WARNING (e.g. 005 without a superuser) goes to walpipe's log, not libpq's stderr line. */
-static void notice_receiver(void *arg, const PGresult *res)
-{
-    (void)arg;
-    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    const char *hint = PQresultErrorField(res, PG_DIAG_MESSAGE_HINT);
-    if (hint)
-        wp_warn("staging says: %s; hint: %s", msg ? msg : "", hint);
-    else
-        wp_warn("staging says: %s", msg ? msg : "");
-}
-
 int wp_migrate_apply(const wp_config_t *config)
 {
     int rc = -1;
@@ -107,7 +95,6 @@ int wp_migrate_apply(const wp_config_t *config)
         wp_error("could not connect to staging: %s", PQerrorMessage(conn));
         goto out;
     }
-    PQsetNoticeReceiver(conn, notice_receiver, NULL);
     if (exec_ok(conn, "SET client_min_messages = warning", "set client_min_messages") != 0)
         goto out;
     if (exec_ok(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "take the migration lock") != 0)

@@ -275,19 +275,13 @@ def test_two_sources_and_quiet_slot_advances(source_pg, staging_pg, walpipe_fact
     assert truth.lsn_int(ck) >= truth.lsn_int(after)
 
 
-RECEIVED_AT_DEFAULT = ("SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a "
-                       "ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum) "
-                       "WHERE d.adrelid = 'walpipe.raw_events'::regclass AND a.attname = 'received_at'")
-
 
 def test_received_at_is_each_rows_clock(source_pg, staging_pg, walpipe_factory):
-    """005_row_clock: received_at's default is clock_timestamp() declared STABLE, so that COPY may
-    batch its inserts; it must still be each row's own time, in id order, not one time per batch.
-    Without a superuser, init keeps clock_timestamp() and says why."""
+    """received_at defaults to clock_timestamp(): each row's own time, in id order, not one time per
+    batch.  (A cheaper default that keeps this was measured and not adopted; README "Where the time goes".)"""
     setup_source(source_pg, schema="CREATE TABLE r (id int PRIMARY KEY, v text)")
     w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}},
                       staging_extra={"batch_rows": 20000})
-    assert staging_pg.scalar(RECEIVED_AT_DEFAULT, dbname="staging") == "walpipe.row_clock()"
     source_pg.sql("INSERT INTO r SELECT g, md5(g::text) FROM generate_series(1, 20000) g", dbname="app")
     wait_until(lambda: staged_count(staging_pg) >= 20000, timeout=120, what="20 000 rows staged", walpipe=w)
     assert w.stop() == 0
@@ -301,18 +295,3 @@ def test_received_at_is_each_rows_clock(source_pg, staging_pg, walpipe_factory):
     for rows, times in batches:
         assert times > rows // 10, f"a batch of {rows} rows has only {times} distinct received_at values"
     print(f"staging batches (rows, distinct received_at): {batches}")
-
-    # a staging role that is not a superuser cannot create a LANGUAGE internal function
-    staging_pg.sql("CREATE ROLE wp_plain LOGIN NOSUPERUSER")
-    staging_pg.sql("CREATE DATABASE plain OWNER wp_plain")
-    w2 = walpipe_factory("[placeholder]\n", name="plain")
-    wptest.write_config(w2.config_path, staging_pg.conninfo("plain", user="wp_plain"),
-                        {"app": {"conninfo": source_pg.conninfo("app")}})
-    r = w2.init()
-    assert r.returncode == 0, r.stderr
-    assert "staging says: raw_events.received_at keeps DEFAULT clock_timestamp()" in r.stderr, r.stderr
-    assert "hint: as a superuser, run the statements of sql/005_row_clock.sql" in r.stderr, r.stderr
-    assert staging_pg.scalar(RECEIVED_AT_DEFAULT, dbname="plain") == "clock_timestamp()"
-    assert staging_pg.scalar("SELECT max(version) FROM walpipe.schema_migrations", dbname="plain") == 5
-    r = w2.init()
-    assert r.returncode == 0 and "staging says" not in r.stderr, r.stderr
