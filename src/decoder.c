@@ -945,6 +945,93 @@ out:
 
 /* ---------------------------------------------------------------- validation */
 
+/* Reads exactly n digits at *p (below end) into *v. */
+static bool read_digits(const char **p, const char *end, int n, int64_t *v)
+{
+    *v = 0;
+    for (int i = 0; i < n; i++, (*p)++) {
+        if (*p >= end || !is_digit((unsigned char)**p))
+            return false;
+        *v = *v * 10 + (**p - '0');
+    }
+    return true;
+}
+
+static bool read_char(const char **p, const char *end, char c)
+{
+    if (*p >= end || **p != c)
+        return false;
+    (*p)++;
+    return true;
+}
+
+/* Days from 1970-01-01 to y-m-d of the proleptic Gregorian calendar (H. Hinnant's days_from_civil). */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/*
+ * Microseconds since 2000-01-01 00:00 UTC (timestamptz's binary form) of an
+ * ISO timestamp as PostgreSQL prints a timestamptz under DateStyle ISO:
+ * "YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM[:SS]]" (or -HH...), years of 4 to 6 digits.
+ */
+static bool parse_timestamp(const char *s, size_t len, int64_t *out)
+{
+    static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    const char *p = s, *end = s + len;
+    int64_t y = 0, mo, d, h, mi, sec, frac = 0, oh, om = 0, os = 0, v;
+    int ydigits = 0;
+
+    while (p < end && is_digit((unsigned char)*p) && ydigits < 6) {
+        y = y * 10 + (*p++ - '0');
+        ydigits++;
+    }
+    if (ydigits < 4 || !read_char(&p, end, '-') || !read_digits(&p, end, 2, &mo) || !read_char(&p, end, '-') ||
+        !read_digits(&p, end, 2, &d) || !read_char(&p, end, ' ') || !read_digits(&p, end, 2, &h) ||
+        !read_char(&p, end, ':') || !read_digits(&p, end, 2, &mi) || !read_char(&p, end, ':') ||
+        !read_digits(&p, end, 2, &sec))
+        return false;
+    if (p < end && *p == '.') {
+        int n = 0;
+        p++;
+        while (p < end && is_digit((unsigned char)*p) && n < 6) {
+            frac = frac * 10 + (*p++ - '0');
+            n++;
+        }
+        if (n == 0)
+            return false;
+        for (; n < 6; n++)
+            frac *= 10;
+    }
+    if (p >= end || (*p != '+' && *p != '-'))
+        return false;
+    int sign = *p++ == '-' ? -1 : 1;
+    if (!read_digits(&p, end, 2, &oh))
+        return false;
+    if (read_char(&p, end, ':')) {
+        if (!read_digits(&p, end, 2, &om))
+            return false;
+        if (read_char(&p, end, ':') && !read_digits(&p, end, 2, &os))
+            return false;
+    }
+    if (p != end)
+        return false;
+    bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || sec > 59 ||
+        oh > 15 || om > 59 || os > 59)
+        return false;
+    v = days_from_civil(y, mo, d) - days_from_civil(2000, 1, 1);
+    v = ((v * 24 + h) * 60 + mi) * 60 + sec - sign * (oh * 3600 + om * 60 + os);
+    *out = v * 1000000 + frac;
+    return true;
+}
+
 static bool key_is(const char *key, size_t klen, const char *lit)
 {
     size_t n = strlen(lit);
@@ -1188,6 +1275,9 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
     if (f[F_TIMESTAMP].kind != JK_ABSENT && f[F_TIMESTAMP].kind != JK_NULL) {
         if (f[F_TIMESTAMP].kind != JK_STRING)
             return fail(errbuf, errlen, "\"timestamp\" is not a string or null");
+        if (!parse_timestamp(f[F_TIMESTAMP].s, f[F_TIMESTAMP].len, &c->commit_time))
+            return fail(errbuf, errlen, "\"timestamp\" is not an ISO timestamp with a UTC offset: \"%.40s\" "
+                        "(the walsender's DateStyle must be ISO)", f[F_TIMESTAMP].s);
         c->timestamp = f[F_TIMESTAMP].s;
     }
     if (f[F_LSN].kind != JK_ABSENT && parse_lsn_field("lsn", &f[F_LSN], &c->lsn, errbuf, errlen) < 0)

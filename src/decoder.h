@@ -51,6 +51,7 @@ typedef struct wp_change {
     bool has_xid;           /* false when absent or null (non-transactional message) */
     int64_t xid;
     const char *timestamp;  /* commit timestamp text as wal2json printed it, or NULL */
+    int64_t commit_time;    /* the same in microseconds since 2000-01-01 00:00 UTC (timestamptz), when timestamp */
     wp_lsn_t lsn;           /* "lsn": change record start; B/C: commit start; M: message end */
     wp_lsn_t nextlsn;       /* B/C only: end of the commit record (what to acknowledge) */
     const char *schema;     /* I/U/D/T; NULL otherwise */
@@ -73,7 +74,8 @@ void wp_decoder_destroy(wp_decoder_t *decoder); /* NULL is a no-op */
  * Returns 0 and fills *change, or -1 with a one-line reason in errbuf (for
  * example "invalid JSON at byte 17: ...", "\"columns\" entry 2 has no \"name\"",
  * "unknown action \"X\"").  Numbers of any size or precision are accepted
- * and kept exactly as printed.
+ * and kept exactly as printed.  A "timestamp" must be ISO with a UTC offset,
+ * as the walsender prints it under DateStyle ISO (the reader pins it).
  */
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen);

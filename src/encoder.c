@@ -1,8 +1,15 @@
 /*
- * encoder.c: one decoded change -> one raw_events row in COPY text format.
+ * encoder.c: one decoded change -> one raw_events row in binary COPY format.
  *
  * Column order is the stager's COPY column list: source, event_type, payload,
- * lsn, xid, commit_ts, seq, schema_name, table_name, shape_id.
+ * lsn, xid, commit_ts, seq, schema_name, table_name, shape_id.  Binary COPY
+ * (each field a big-endian length and the type's binary form) spares the
+ * staging backend the text format's line splitting, unescaping and input
+ * functions, and walpipe the escaping: bench/staging_replay.py measured the
+ * same rows 13-14 % cheaper for the staging backend.  The binary forms used
+ * are: text and jsonb (version byte 1, then the JSON text) as bytes, pg_lsn,
+ * int8 and timestamptz (microseconds since 2000-01-01 UTC) as 8 bytes, int4
+ * as 4 bytes; a NULL is length -1.
  *
  * Invariant: every row that references a shape_id either follows a segment
  * that carried that shape, or carries it itself; shapes are recorded with
@@ -16,8 +23,8 @@
 #include "encoder.h"
 
 struct wp_encoder {
-    char *source_copy; /* the source name, COPY-escaped */
-    wp_buf_t payload;
+    char *source; /* the source name */
+    size_t source_len;
     wp_buf_t shape;
     int64_t *shape_ids; /* open addressing set of shape ids sent; 0 = empty */
     size_t shapes_cap, shapes_count;
@@ -26,9 +33,8 @@ struct wp_encoder {
 wp_encoder_t *wp_encoder_create(const char *source_name)
 {
     wp_encoder_t *encoder = wp_calloc(1, sizeof *encoder);
-    wp_buf_t name = WP_BUF_INIT;
-    wp_copy_escape(&name, source_name, strlen(source_name));
-    encoder->source_copy = name.data;
+    encoder->source = wp_strdup(source_name);
+    encoder->source_len = strlen(source_name);
     return encoder;
 }
 
@@ -36,40 +42,43 @@ void wp_encoder_destroy(wp_encoder_t *encoder)
 {
     if (encoder == NULL)
         return;
-    free(encoder->source_copy);
-    wp_buf_free(&encoder->payload);
+    free(encoder->source);
     wp_buf_free(&encoder->shape);
     free(encoder->shape_ids);
     free(encoder);
 }
 
-void wp_copy_escape(wp_buf_t *out, const char *s, size_t len)
+static void put_be(wp_buf_t *out, uint64_t v, int bytes)
 {
-    wp_buf_reserve(out, len + len / 8 + 8);
-    size_t start = 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = s[i], e;
-        switch (c) {
-        case '\\': e = '\\'; break;
-        case '\t': e = 't'; break;
-        case '\n': e = 'n'; break;
-        case '\r': e = 'r'; break;
-        default: continue;
-        }
-        wp_buf_append(out, s + start, i - start);
-        wp_buf_putc(out, '\\');
-        wp_buf_putc(out, e);
-        start = i + 1;
-    }
-    wp_buf_append(out, s + start, len - start);
+    char b[8];
+    for (int i = bytes - 1; i >= 0; i--, v >>= 8)
+        b[i] = (char)(v & 0xFF);
+    wp_buf_append(out, b, (size_t)bytes);
 }
 
-static void copy_text_or_null(wp_buf_t *out, const char *s)
+static void field_null(wp_buf_t *out)
+{
+    put_be(out, UINT32_MAX, 4); /* length -1 */
+}
+
+static void field_text(wp_buf_t *out, const char *s, size_t len)
+{
+    put_be(out, len, 4);
+    wp_buf_append(out, s, len);
+}
+
+static void field_text_or_null(wp_buf_t *out, const char *s)
 {
     if (s)
-        wp_copy_escape(out, s, strlen(s));
+        field_text(out, s, strlen(s));
     else
-        wp_buf_puts(out, "\\N");
+        field_null(out);
+}
+
+static void field_int8(wp_buf_t *out, int64_t v)
+{
+    put_be(out, 8, 4);
+    put_be(out, (uint64_t)v, 8);
 }
 
 /* Adds id to the set; returns true if it was not there yet. */
@@ -107,7 +116,6 @@ void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *
                     const char *event_type, wp_lsn_t lsn, int seq)
 {
     wp_buf_t *out = &segment->copy;
-    char lsntext[WP_LSN_STRLEN];
     int64_t shape_id = 0;
 
     if (change->op == WP_OP_INSERT || change->op == WP_OP_UPDATE || change->op == WP_OP_DELETE) {
@@ -124,34 +132,34 @@ void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *
             segment->shapes = shape;
         }
     }
-    wp_buf_reset(&encoder->payload);
-    wp_decoder_payload(decoder, change, &encoder->payload);
-
-    wp_buf_puts(out, encoder->source_copy);
-    wp_buf_putc(out, '\t');
-    wp_buf_puts(out, event_type ? event_type : wp_op_name(change->op));
-    wp_buf_putc(out, '\t');
-    wp_copy_escape(out, encoder->payload.data, encoder->payload.len);
-    wp_buf_putc(out, '\t');
-    wp_buf_puts(out, wp_lsn_format(lsn, lsntext));
-    wp_buf_putc(out, '\t');
+    const char *type = event_type ? event_type : wp_op_name(change->op);
+    put_be(out, 10, 2); /* fields */
+    field_text(out, encoder->source, encoder->source_len);
+    field_text(out, type, strlen(type));
+    /* payload: written in place, its length filled in after */
+    size_t at = out->len;
+    put_be(out, 0, 4);
+    wp_buf_putc(out, 1); /* jsonb binary format version */
+    wp_decoder_payload(decoder, change, out);
+    uint64_t plen = out->len - at - 4;
+    for (int i = 3; i >= 0; i--, plen >>= 8)
+        out->data[at + (size_t)i] = (char)(plen & 0xFF);
+    field_int8(out, (int64_t)lsn); /* pg_lsn: 8 bytes, as int8 */
     if (change->has_xid)
-        wp_buf_put_i64(out, change->xid);
+        field_int8(out, change->xid);
     else
-        wp_buf_puts(out, "\\N");
-    wp_buf_putc(out, '\t');
-    copy_text_or_null(out, change->timestamp);
-    wp_buf_putc(out, '\t');
-    wp_buf_put_i64(out, seq);
-    wp_buf_putc(out, '\t');
-    copy_text_or_null(out, change->schema);
-    wp_buf_putc(out, '\t');
-    copy_text_or_null(out, change->table);
-    if (shape_id) {
-        wp_buf_putc(out, '\t');
-        wp_buf_put_i64(out, shape_id);
-        wp_buf_putc(out, '\n');
-    } else
-        wp_buf_puts(out, "\t\\N\n");
+        field_null(out);
+    if (change->timestamp)
+        field_int8(out, change->commit_time); /* timestamptz: 8 bytes */
+    else
+        field_null(out);
+    put_be(out, 4, 4);
+    put_be(out, (uint32_t)seq, 4);
+    field_text_or_null(out, change->schema);
+    field_text_or_null(out, change->table);
+    if (shape_id)
+        field_int8(out, shape_id);
+    else
+        field_null(out);
     segment->rows++;
 }

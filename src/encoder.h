@@ -1,5 +1,5 @@
 /*
- * encoder.h: decoded changes -> raw_events rows in COPY text format.
+ * encoder.h: decoded changes -> raw_events rows in binary COPY format.
  *
  * Shared by the reader (streamed changes) and the snapshot (copied rows), so
  * a row lands in raw_events the same way whichever path brought it.
@@ -27,7 +27,5 @@ void wp_encoder_destroy(wp_encoder_t *encoder); /* NULL is a no-op */
 void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *decoder, const wp_change_t *change,
                     const char *event_type, wp_lsn_t lsn, int seq);
 
-/* Appends s in COPY text format (backslash, tab, newline, CR escaped). */
-void wp_copy_escape(wp_buf_t *out, const char *s, size_t len);
 
 #endif /* WP_ENCODER_H */

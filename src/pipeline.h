@@ -48,7 +48,7 @@ typedef struct wp_shape {
 } wp_shape_t;
 
 typedef struct wp_segment {
-    wp_buf_t copy; /* raw_events rows in COPY text format */
+    wp_buf_t copy; /* raw_events rows in binary COPY format (encoder.c) */
     size_t rows;
     wp_dead_letter_t *dead; /* in stream order */
     wp_shape_t *shapes;     /* table shapes first seen in this segment */

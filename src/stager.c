@@ -390,13 +390,22 @@ static int batch_begin(wp_stager_t *stager)
     return 0;
 }
 
+/* The binary COPY stream around the encoder's rows (encoder.c): header, and the trailer (field count -1). */
+static const char copy_header[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', '\377', '\r', '\n', '\0', /* signature */
+                                     0,   0,   0,   0,                                             /* flags */
+                                     0,   0,   0,   0};                                            /* no extension */
+static const char copy_trailer[2] = {'\377', '\377'};
+
 static int copy_begin(wp_stager_t *stager)
 {
     PGresult *res = PQexec(stager->conn, "COPY walpipe.raw_events (source, event_type, payload, lsn, xid, commit_ts, "
-                                         "seq, schema_name, table_name, shape_id) FROM STDIN");
+                                         "seq, schema_name, table_name, shape_id) FROM STDIN (FORMAT binary)");
     int rc = 0;
     if (PQresultStatus(res) != PGRES_COPY_IN) {
         wp_error("staging: could not start COPY into raw_events: %s", PQerrorMessage(stager->conn));
+        rc = -1;
+    } else if (PQputCopyData(stager->conn, copy_header, sizeof copy_header) != 1) {
+        wp_error("staging: could not send COPY data: %s", PQerrorMessage(stager->conn));
         rc = -1;
     } else {
         stager->in_copy = true;
@@ -411,7 +420,8 @@ static int copy_end(wp_stager_t *stager)
     if (!stager->in_copy)
         return 0;
     stager->in_copy = false;
-    if (PQputCopyEnd(stager->conn, NULL) != 1) {
+    if (PQputCopyData(stager->conn, copy_trailer, sizeof copy_trailer) != 1 ||
+        PQputCopyEnd(stager->conn, NULL) != 1) {
         wp_error("staging: could not end COPY: %s", PQerrorMessage(stager->conn));
         return -1;
     }

@@ -5,6 +5,7 @@ created by the test and copied (same position) into a truth slot that is read
 through SQL afterwards (see truth.py).
 """
 
+import json
 import os
 import random
 import signal
@@ -101,6 +102,24 @@ def test_changes_land_once_with_correct_payloads(source_pg, staging_pg, walpipe_
         source_pg.sql(stmt, dbname="app")
     wait_caught_up(source_pg, w)
     assert w.stop() == 0
+
+    # xid and commit_ts are the source transaction's as wal2json printed them (walpipe sends them
+    # in binary COPY: commit_ts as microseconds it computed from the text)
+    begins = [json.loads(d) for (d,) in source_pg.sql(
+        "SELECT data FROM pg_logical_slot_peek_changes('truth', NULL, NULL, 'format-version', '2', "
+        "'include-xids', '1', 'include-timestamp', '1', 'include-lsn', '1')", dbname="app")]
+    begins = [b for b in begins if b["action"] == "B"]
+    checked = 0
+    for b in begins:
+        rows, same = staging_pg.sql(
+            "SELECT count(*), count(*) FILTER (WHERE xid = %s AND commit_ts = %s::timestamptz) "
+            "FROM walpipe.raw_events WHERE lsn = %s::pg_lsn", (b["xid"], b["timestamp"], b["nextlsn"]),
+            dbname="staging")[0]
+        assert rows == same, f"transaction {b}: {rows - same} of {rows} staged rows differ in xid or commit_ts"
+        checked += rows
+    # every change but the non-transactional message (seq 0, no transaction) belongs to one
+    in_txn = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE seq > 0", dbname="staging")
+    assert checked == in_txn == 18, f"{checked} of {in_txn} transactional staged rows matched a source transaction"
 
     expected = truth.read_truth(source_pg, "app", "truth")
     staged = truth.read_staged(staging_pg, "staging")

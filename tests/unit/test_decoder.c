@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 #include <jansson.h>
@@ -865,6 +866,56 @@ static void test_ignored_fields(void **state)
     wp_decoder_destroy(d);
 }
 
+/* Commit timestamps become microseconds since 2000-01-01 UTC; libc's timegm is the independent reference. */
+static void test_commit_time(void **state)
+{
+    static const struct {
+        const char *text;
+        int y, mo, d, h, mi, s;
+        long us;
+        int offset_s; /* east of UTC */
+    } cases[] = {
+        {"2026-11-26 16:32:11.740428+00", 2026, 11, 26, 16, 32, 11, 740428, 0},
+        {"2000-01-01 00:00:00+00", 2000, 1, 1, 0, 0, 0, 0, 0},
+        {"1999-12-31 23:59:59.999999+00", 1999, 12, 31, 23, 59, 59, 999999, 0},
+        {"2024-02-29 12:00:00.5+00", 2024, 2, 29, 12, 0, 0, 500000, 0},
+        {"2100-03-01 00:00:00.000001+00", 2100, 3, 1, 0, 0, 0, 1, 0},
+        {"1970-01-01 00:00:00+00", 1970, 1, 1, 0, 0, 0, 0, 0},
+        {"2026-06-01 10:00:00.25+05:30", 2026, 6, 1, 10, 0, 0, 250000, 5 * 3600 + 30 * 60},
+        {"2026-06-01 10:00:00-08", 2026, 6, 1, 10, 0, 0, 0, -8 * 3600},
+        {"1900-01-01 00:00:00+00:09:21", 1900, 1, 1, 0, 0, 0, 0, 9 * 60 + 21},
+        {"12026-01-01 00:00:00+00", 12026, 1, 1, 0, 0, 0, 0, 0},
+    };
+    (void)state;
+    wp_decoder_t *d = wp_decoder_create();
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char msg[256];
+        wp_change_t c;
+        struct tm tm = {.tm_year = cases[i].y - 1900, .tm_mon = cases[i].mo - 1, .tm_mday = cases[i].d,
+                        .tm_hour = cases[i].h, .tm_min = cases[i].mi, .tm_sec = cases[i].s};
+        int64_t want = ((int64_t)timegm(&tm) - 946684800 - cases[i].offset_s) * 1000000 + cases[i].us;
+        snprintf(msg, sizeof msg, "{\"action\":\"T\",\"table\":\"t\",\"timestamp\":\"%s\"}", cases[i].text);
+        parse_ok(d, msg, &c);
+        if (c.commit_time != want)
+            fail_msg("%s: %lld us, expected %lld", cases[i].text, (long long)c.commit_time, (long long)want);
+        assert_string_equal(c.timestamp, cases[i].text);
+    }
+    wp_decoder_destroy(d);
+    /* anything else is no timestamp the walsender prints under DateStyle ISO */
+    static const char *const bad[] = {
+        "2026-11-26 16:32:11",         "2026-11-26T16:32:11+00",    "Thu Nov 26 16:32:11 2026 UTC",
+        "11/26/2026 16:32:11+00",      "2026-11-26 16:32:11.+00",   "2026-11-26 16:32:11.1234567+00",
+        "2026-02-29 00:00:00+00",      "2026-13-01 00:00:00+00",    "2026-11-26 24:00:00+00",
+        "2026-11-26 16:32:11+00 BC",   "2026-11-26 16:32:11+0",     "2026-11-26 16:32:11+00:",
+        "infinity",                    "",                          "226-11-26 16:32:11+00",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "{\"action\":\"T\",\"table\":\"t\",\"timestamp\":\"%s\"}", bad[i]);
+        check_bad(msg, "\"timestamp\" is not an ISO timestamp with a UTC offset");
+    }
+}
+
 static void test_other_fixtures(void **state)
 {
     (void)state;
@@ -1176,6 +1227,7 @@ int main(void)
         cmocka_unit_test(test_numbers_anywhere),
         cmocka_unit_test(test_error_position),
         cmocka_unit_test(test_ignored_fields),
+        cmocka_unit_test(test_commit_time),
         cmocka_unit_test(test_other_fixtures),
         cmocka_unit_test(test_w2j25_session),
         cmocka_unit_test(test_bad_input),
