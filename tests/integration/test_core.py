@@ -314,3 +314,26 @@ def test_received_at_is_each_rows_clock(source_pg, staging_pg, walpipe_factory):
     for rows, times in batches:
         assert times > rows // 10, f"a batch of {rows} rows has only {times} distinct received_at values"
     print(f"staging batches (rows, distinct received_at): {batches}")
+
+
+def test_large_payloads_are_compressed_with_lz4(source_pg, staging_pg, walpipe_factory):
+    """005_payload_lz4: payloads big enough to be compressed use lz4, in every partition of
+    raw_events, including those walpipe creates after init (Debian's PostgreSQL has lz4)."""
+    setup_source(source_pg, schema="CREATE TABLE big (id int PRIMARY KEY, v text)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    source_pg.sql("INSERT INTO big SELECT g, repeat('walpipe ' || g, 2000) FROM generate_series(1, 3) g",
+                  dbname="app")
+    wait_until(lambda: staged_count(staging_pg) >= 3, timeout=60, what="3 rows staged", walpipe=w)
+    assert w.stop() == 0
+    methods = staging_pg.sql("SELECT DISTINCT pg_column_compression(payload) FROM walpipe.raw_events",
+                             dbname="staging")
+    assert methods == [("lz4",)], methods
+    parts = staging_pg.sql(
+        "SELECT c.relname, a.attcompression FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'payload' "
+        "WHERE i.inhparent = 'walpipe.raw_events'::regclass", dbname="staging")
+    assert len(parts) >= 3 and all(m == "l" for _, m in parts), parts
+    # the payload reads back whole
+    v = staging_pg.scalar("SELECT payload->'after'->>'v' FROM walpipe.raw_events WHERE payload->'after'->>'id' = '2'",
+                          dbname="staging")
+    assert v == "walpipe 2" * 2000
