@@ -93,7 +93,6 @@ def walpipe_breakdown(inc, dsos):
     payload = g("wp_decoder_payload")
     shape = g("wp_decoder_shape")
     add_row = g("add_row") or g("wp_encoder_add")   # the row encoder moved to encoder.c
-    esc = g("copy_escape") or g("wp_copy_escape")
     recv = g("PQconsumeInput") + g("PQgetCopyData")
     rows = [
         ("yajl: tokenizing and unescaping (self time in libyajl)", yajl),
@@ -103,8 +102,7 @@ def walpipe_breakdown(inc, dsos):
          max(0.0, parse - yajl - callbacks)),
         ("payload encode (wp_decoder_payload)", payload),
         ("table shape lookup (wp_decoder_shape)", shape),
-        ("COPY row framing (row encoder without payload/shape; COPY escaping alone: %.1f%%)" % esc,
-         max(0.0, add_row - payload - shape)),
+        ("binary COPY row framing (row encoder without payload/shape)", max(0.0, add_row - payload - shape)),
         ("libpq receive (PQconsumeInput, PQgetCopyData)", recv),
     ]
     rest = 100.0 - sum(v for _, v in rows)
