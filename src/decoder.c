@@ -642,6 +642,7 @@ typedef struct sax {
     int list;       /* depth >= 2: 0 "columns", 1 "identity" */
     col_t *entry;   /* depth 3: the entry being read */
     ckey_t ckey;    /* depth 3: the key whose value comes next */
+    size_t mark;    /* where the previous token ended (bytes consumed after its callback) */
     char *errbuf;
     size_t errlen;
 } sax_t;
@@ -656,8 +657,9 @@ static int sax_fail(sax_t *sax, const char *what)
 
 /*
  * Checks a string (or key) yajl had to unescape: s lies outside the message
- * then.  The raw text ends just before the current byte; its opening quote
- * is the first '"' before that not escaped by an odd run of backslashes.
+ * then.  Its raw text ends just before the current byte and starts at the
+ * first '"' after the end of the previous token (sax->mark): only
+ * whitespace, ':' and ',' can lie between two tokens.
  */
 static int check_escaped(sax_t *sax, const char *s, size_t len)
 {
@@ -666,21 +668,10 @@ static int check_escaped(sax_t *sax, const char *s, size_t len)
     if (memchr(s, '\0', len) != NULL)
         return sax_fail(sax, "string contains \\u0000, which jsonb cannot store");
     size_t end = yajl_get_bytes_consumed(sax->yajl);
-    if (end == 0 || end > sax->in_len || sax->in[end - 1] != '"')
+    if (end == 0 || end > sax->in_len || sax->mark >= end || sax->in[end - 1] != '"')
         return 1;
-    const char *close = sax->in + end - 1;
-    const char *open = close;
-    for (;;) {
-        open = memrchr(sax->in, '"', (size_t)(open - sax->in));
-        if (open == NULL)
-            return 1;
-        size_t bs = 0;
-        while (open - bs > sax->in && open[-1 - (ptrdiff_t)bs] == '\\')
-            bs++;
-        if (bs % 2 == 0)
-            break;
-    }
-    if (!surrogates_paired(open + 1, (size_t)(close - open - 1)))
+    const char *open = memchr(sax->in + sax->mark, '"', end - 1 - sax->mark);
+    if (open != NULL && !surrogates_paired(open + 1, (size_t)(sax->in + end - 1 - (open + 1))))
         return sax_fail(sax, "a \\u escape is an unpaired UTF-16 surrogate");
     return 1;
 }
@@ -717,6 +708,13 @@ static col_t *new_entry(sax_t *sax)
     col_t *c = &l->cols[l->n++];
     memset(c, 0, sizeof *c);
     return c;
+}
+
+/* Every callback ends here: remembers where its token ended, for check_escaped(). */
+static int marked(sax_t *sax, int rc)
+{
+    sax->mark = yajl_get_bytes_consumed(sax->yajl);
+    return rc;
 }
 
 static int on_scalar(sax_t *sax, jkind_t kind, const char *s, size_t len)
@@ -813,7 +811,7 @@ static int on_key(void *ctx, const unsigned char *key, size_t len)
     if (!check_escaped(sax, k, len))
         return 0;
     if (sax->skip)
-        return 1;
+        return marked(sax, 1);
     if (sax->depth == 1) {
         int f = lookup_key(field_keys, F_COUNT, k, len);
         sax->field = (field_t)f;
@@ -825,39 +823,44 @@ static int on_key(void *ctx, const unsigned char *key, size_t len)
         if (f >= 0 && sax->entry->key[f].kind != JK_ABSENT)
             return sax_fail(sax, "duplicate object key");
     }
-    return 1;
+    return marked(sax, 1);
 }
 
 static int on_null(void *ctx)
 {
-    return on_scalar(ctx, JK_NULL, NULL, 0);
+    return marked(ctx, on_scalar(ctx, JK_NULL, NULL, 0));
 }
 
 static int on_boolean(void *ctx, int b)
 {
-    return on_scalar(ctx, b ? JK_TRUE : JK_FALSE, NULL, 0);
+    return marked(ctx, on_scalar(ctx, b ? JK_TRUE : JK_FALSE, NULL, 0));
 }
 
 static int on_number(void *ctx, const char *s, size_t len)
 {
-    return on_scalar(ctx, JK_NUMBER, s, len);
+    return marked(ctx, on_scalar(ctx, JK_NUMBER, s, len));
 }
 
 static int on_string(void *ctx, const unsigned char *s, size_t len)
 {
     if (!check_escaped(ctx, (const char *)s, len))
         return 0;
-    return on_scalar(ctx, JK_STRING, (const char *)s, len);
+    return marked(ctx, on_scalar(ctx, JK_STRING, (const char *)s, len));
 }
 
 static int on_start_map(void *ctx)
 {
-    return on_open(ctx, JK_OBJECT);
+    return marked(ctx, on_open(ctx, JK_OBJECT));
 }
 
 static int on_start_array(void *ctx)
 {
-    return on_open(ctx, JK_ARRAY);
+    return marked(ctx, on_open(ctx, JK_ARRAY));
+}
+
+static int on_end(void *ctx)
+{
+    return marked(ctx, on_close(ctx));
 }
 
 /* yajl allocates through mem.h, so running out of memory aborts as everywhere else. */
@@ -889,9 +892,9 @@ static const yajl_callbacks callbacks = {
     .yajl_string = on_string,
     .yajl_start_map = on_start_map,
     .yajl_map_key = on_key,
-    .yajl_end_map = on_close,
+    .yajl_end_map = on_end,
     .yajl_start_array = on_start_array,
-    .yajl_end_array = on_close,
+    .yajl_end_array = on_end,
 };
 
 /*
