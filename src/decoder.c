@@ -199,17 +199,6 @@ static bool is_digit(unsigned char c)
     return c >= '0' && c <= '9';
 }
 
-static int hexval(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /*
  * True when s[0..len) is exactly one JSON number (RFC 8259 grammar).
  * *is_int is set when it has neither fraction nor exponent.
@@ -589,7 +578,7 @@ static long hex4(const char *p)
 {
     long v = 0;
     for (int k = 0; k < 4; k++) {
-        int h = hexval((unsigned char)p[k]);
+        int h = wp_hexval((unsigned char)p[k]);
         if (h < 0)
             return -1;
         v = v * 16 + h;
@@ -1147,7 +1136,7 @@ static int parse_columns(const char *what, jkind_t kind, col_list_t *list, char 
              * mangles that form (issue #301), so the value cannot be trusted. */
             bool hex = value->kind == JK_STRING && value->len % 2 == 0;
             for (size_t k = 0; hex && k < value->len; k++)
-                hex = hexval((unsigned char)value->s[k]) >= 0;
+                hex = wp_hexval((unsigned char)value->s[k]) >= 0;
             if (!hex)
                 return fail(errbuf, errlen, "\"%s\" entry %zu: bytea \"value\" is not hex (bytea_output=escape?)",
                             what, i + 1);

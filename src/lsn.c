@@ -7,20 +7,7 @@
  */
 #include "wp_setup.h"
 
-#include <stdio.h>
-
 #include <walpipe/lsn.h>
-
-static int hex_value(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
 /*
  * Reads 1-8 hex digits from s[*pos..len) into *out and advances *pos past
@@ -32,10 +19,10 @@ static bool parse_half(const char *s, size_t len, size_t *pos, uint32_t *out)
     size_t start = *pos;
     size_t i = start;
 
-    while (i < len && hex_value(s[i]) >= 0) {
+    while (i < len && wp_hexval((unsigned char)s[i]) >= 0) {
         if (i - start == 8)
             return false;
-        v = (v << 4) | (uint32_t)hex_value(s[i]);
+        v = (v << 4) | (uint32_t)wp_hexval((unsigned char)s[i]);
         i++;
     }
     if (i == start)

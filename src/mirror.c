@@ -108,22 +108,11 @@ static void jspace(jparser_t *j)
         j->pos++;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static bool read_hex4(jparser_t *j, unsigned *out)
 {
     unsigned v = 0;
     for (int i = 0; i < 4; i++) {
-        int h = hexval(j->s[j->pos + (size_t)i]);
+        int h = wp_hexval((unsigned char)j->s[j->pos + (size_t)i]);
         if (h < 0)
             return false;
         v = v * 16 + (unsigned)h;
