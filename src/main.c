@@ -6,7 +6,7 @@
  *   walpipe work --config FILE   transform workers only, against the same staging database
  *   walpipe dlq list|retry|drop [--id N]... [--all] --config FILE
  *
- * Signal handlers only set wp_stop_requested; each source notices it within
+ * Signal handlers only call wp_stop_request(); each source notices it within
  * one poll interval, commits the batch in hand, acknowledges it and exits.
  */
 #include "wp_setup.h"
@@ -56,7 +56,7 @@ static void usage(FILE *out)
 static void on_stop_signal(int sig)
 {
     (void)sig;
-    wp_stop_requested = 1;
+    wp_stop_request();
 }
 
 static void install_signals(void)

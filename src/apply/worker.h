@@ -91,7 +91,7 @@ typedef struct wp_workers wp_workers_t;
  * Starts count worker threads, plus a monitor thread that logs progress and
  * the dead-letter queue's size every 10 s and, when discover is set (`walpipe
  * run`), records the sources' table keys (wp_mirror_discover) at start, on
- * request and every 5 minutes.  Threads stop when wp_stop_requested is set or
+ * request and every 5 minutes.  Threads stop when wp_stop_requested() is true or
  * wp_workers_stop is called.
  */
 wp_workers_t *wp_workers_start(const wp_config_t *config, int count, bool discover);

@@ -226,7 +226,7 @@ out:
 
 static void sleep_ms_interruptible(int ms)
 {
-    while (ms > 0 && !wp_stop_requested) {
+    while (ms > 0 && !wp_stop_requested()) {
         int step = ms < 100 ? ms : 100;
         struct timespec ts = {step / 1000, (long)(step % 1000) * 1000000L};
         nanosleep(&ts, NULL);
@@ -244,17 +244,17 @@ static void *source_main(void *p)
     wp_reader_t *reader = wp_reader_create(s->config, s->source);
     int backoff = BACKOFF_MIN_MS;
 
-    while (!wp_stop_requested) {
+    while (!wp_stop_requested()) {
         bool fatal = false;
         int64_t streamed_ms = 0;
-        if (run_session(s, stager, reader, &fatal, &streamed_ms) == 0 && wp_stop_requested)
+        if (run_session(s, stager, reader, &fatal, &streamed_ms) == 0 && wp_stop_requested())
             break;
         if (fatal) {
             wp_error("source \"%s\" stopped: the error above needs a fix before walpipe can go on", s->source->name);
             s->fatal = true;
             break;
         }
-        if (wp_stop_requested)
+        if (wp_stop_requested())
             break;
         if (streamed_ms > 60000)
             backoff = BACKOFF_MIN_MS;

@@ -48,7 +48,7 @@
 #include "dlq.h"
 #include "log.h"
 #include "migrate.h"
-#include "pipeline.h"
+#include "runtime.h"
 #include "worker.h"
 
 #define PIPE_CHUNK 256
@@ -1279,7 +1279,7 @@ void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
             wp_info("waiting for `walpipe run` to record the key of table \"%.*s\".\"%s\" of source \"%.*s\"",
                     (int)(t2 - t1 - 1), t1 + 1, t2 + 1, (int)(t1 - key), key);
     }
-    while (a->nneed > 0 && wp_now_ms() < deadline && !wp_stop_requested) {
+    while (a->nneed > 0 && wp_now_ms() < deadline && !wp_stop_requested()) {
         size_t left = 0;
         for (size_t i = 0; i < a->nneed; i++) {
             char *key = a->need_keys[i];
@@ -1348,7 +1348,7 @@ struct wp_workers {
 
 static bool stopping(const struct wp_workers *p)
 {
-    return wp_stop_requested || atomic_load(&p->stop);
+    return wp_stop_requested() || atomic_load(&p->stop);
 }
 
 static void sleep_ms(const struct wp_workers *p, int ms)

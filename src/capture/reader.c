@@ -634,7 +634,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
         goto fail;
 
     for (;;) {
-        if (wp_stop_requested) {
+        if (wp_stop_requested()) {
             rc = finish_stream(reader, queue);
             if (rc != 0)
                 goto fail;

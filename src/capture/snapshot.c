@@ -434,7 +434,7 @@ static void *worker_main(void *p)
                 PQfinish(w->source);
                 w->source = NULL;
             }
-            if (fatal || ++tries >= CHUNK_RETRIES || wp_stop_requested) {
+            if (fatal || ++tries >= CHUNK_RETRIES || wp_stop_requested()) {
                 wp_error("snapshot: giving up on %s after %d attempts", chunk->table->qualified, tries);
                 pthread_mutex_lock(&state->mu);
                 state->failed = true;

@@ -21,6 +21,7 @@
 #include <walpipe/lsn.h>
 
 #include "mem.h"
+#include "runtime.h"
 
 /* How far into a source's stream staging holds everything (the checkpoint). */
 typedef struct wp_position {
@@ -92,10 +93,5 @@ void wp_queue_set_durable(wp_queue_t *queue, const wp_position_t *pos, size_t ro
 wp_position_t wp_queue_durable(wp_queue_t *queue);
 size_t wp_queue_length(wp_queue_t *queue);
 
-/* Monotonic clock in milliseconds. */
-int64_t wp_now_ms(void);
-
-/* Set by the SIGTERM/SIGINT handler: finish the batch in hand, commit, acknowledge, exit. */
-extern volatile int wp_stop_requested;
 
 #endif /* WP_PIPELINE_H */

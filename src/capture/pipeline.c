@@ -13,15 +13,6 @@
 
 #include "pipeline.h"
 
-volatile int wp_stop_requested = 0;
-
-int64_t wp_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 wp_segment_t *wp_segment_create(void)
 {
     wp_segment_t *segment = wp_calloc(1, sizeof *segment);
