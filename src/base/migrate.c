@@ -20,6 +20,7 @@
 
 #include "log.h"
 #include "migrate.h"
+#include "pg.h"
 
 #define MIGRATE_LOCK_KEY "7745637465"
 
@@ -62,13 +63,7 @@ int wp_migrate_staging_version(PGconn *conn)
 
 static int exec_ok(PGconn *conn, const char *sql, const char *what)
 {
-    PGresult *res = PQexec(conn, sql);
-    ExecStatusType st = PQresultStatus(res);
-    int rc = (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) ? 0 : -1;
-    if (rc != 0)
-        wp_error("staging: could not %s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return rc;
+    return wp_pg_exec(conn, "staging", sql, what);
 }
 
 /* The versions recorded in walpipe.schema_migrations (caller clears), or NULL after logging why. */
@@ -88,13 +83,9 @@ int wp_migrate_apply(const wp_config_t *config)
     int rc = -1;
     bool locked = false;
     PGresult *applied = NULL;
-    const char *keys[] = {"dbname", "application_name", NULL};
-    const char *vals[] = {config->staging_conninfo, "walpipe_init", NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        wp_error("could not connect to staging: %s", PQerrorMessage(conn));
+    PGconn *conn = wp_pg_connect(config->staging_conninfo, "walpipe_init", NULL, "staging");
+    if (conn == NULL)
         goto out;
-    }
     if (exec_ok(conn, "SET client_min_messages = warning", "set client_min_messages") != 0)
         goto out;
     if (exec_ok(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "take the migration lock") != 0)
