@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 static volatile int log_level = WP_LOG_INFO;
 static __thread char component[64] = "main";
@@ -64,42 +65,5 @@ void wp_log(wp_log_level_t level, const char *fmt, ...)
 
 void wp_log_sanitize(char *msg)
 {
-    unsigned char *p = (unsigned char *)msg;
-    while (*p) {
-        unsigned char c = *p;
-        size_t n = 0;
-        uint32_t cp = 0;
-        if (c < 0x80) {
-            if (c < 0x20 || c == 0x7f)
-                *p = ' ';
-            p++;
-            continue;
-        }
-        if (c >= 0xc2 && c <= 0xdf) {
-            n = 1;
-            cp = c & 0x1f;
-        } else if (c >= 0xe0 && c <= 0xef) {
-            n = 2;
-            cp = c & 0x0f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            n = 3;
-            cp = c & 0x07;
-        }
-        size_t k = 0;
-        if (n) {
-            for (k = 1; k <= n; k++) {
-                if ((p[k] & 0xc0) != 0x80)
-                    break;
-                cp = (cp << 6) | (p[k] & 0x3f);
-            }
-        }
-        bool ok = n && k == n + 1 && !(n == 2 && cp < 0x800) && !(n == 3 && (cp < 0x10000 || cp > 0x10ffff)) &&
-                  !(cp >= 0xd800 && cp <= 0xdfff);
-        if (ok) {
-            p += n + 1;
-        } else {
-            *p = '?';
-            p++;
-        }
-    }
+    wp_utf8_scrub(msg, true);
 }

@@ -43,6 +43,7 @@
 
 #include "decoder.h"
 #include "log.h"
+#include "utf8.h"
 
 /* Shapes remembered per table: I, U without TOAST columns, D identity, one spare. */
 #define SHAPE_SLOTS 4
@@ -525,54 +526,6 @@ static table_entry_t *table_get(wp_decoder_t *decoder, const char *schema, size_
 
 /* ---------------------------------------------------------------- the event parser */
 
-/*
- * True when s[0..len) is valid UTF-8 as PostgreSQL accepts it: shortest
- * forms only, no surrogates (U+D800..U+DFFF), nothing above U+10FFFF.
- */
-static bool utf8_valid(const unsigned char *s, size_t len)
-{
-    size_t i = 0;
-    while (i < len) {
-        uint64_t w;
-        if (len - i >= 8 && (memcpy(&w, s + i, 8), (w & UINT64_C(0x8080808080808080)) == 0)) {
-            i += 8; /* eight ASCII bytes */
-            continue;
-        }
-        unsigned char c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t more;
-        unsigned char lo = 0x80, hi = 0xBF; /* range of the first continuation byte */
-        if (c >= 0xC2 && c <= 0xDF) {
-            more = 1;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            more = 2;
-            if (c == 0xE0)
-                lo = 0xA0; /* overlong */
-            else if (c == 0xED)
-                hi = 0x9F; /* surrogates */
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            more = 3;
-            if (c == 0xF0)
-                lo = 0x90; /* overlong */
-            else if (c == 0xF4)
-                hi = 0x8F; /* above U+10FFFF */
-        } else {
-            return false;
-        }
-        if (len - i - 1 < more || s[i + 1] < lo || s[i + 1] > hi)
-            return false;
-        for (size_t k = 2; k <= more; k++) {
-            if ((s[i + k] & 0xC0) != 0x80)
-                return false;
-        }
-        i += more + 1;
-    }
-    return true;
-}
-
 /* The value of the hex escape digits p[0..4), or -1. */
 static long hex4(const char *p)
 {
@@ -672,7 +625,7 @@ static int keep(sax_t *sax, jval_t *v, jkind_t kind, const char *s, size_t len)
     v->kind = kind;
     if (kind != JK_NUMBER && kind != JK_STRING)
         return 1;
-    if (kind == JK_STRING && !utf8_valid((const unsigned char *)s, len))
+    if (kind == JK_STRING && !wp_utf8_valid((const unsigned char *)s, len))
         return sax_fail(sax, "not valid UTF-8 (wal2json passes message content through unchecked)");
     /* text was sized for the whole message up front: pointers into it must not move */
     if (text->cap - text->len < len + 1)
