@@ -49,6 +49,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "runtime.h"
+#include "utf8.h"
 #include "worker.h"
 
 #define PIPE_CHUNK 256
@@ -198,13 +199,32 @@ static ev_kind_t kind_of(const char *type)
 
 static void ev_fail(wp_event_t *ev, wp_fail_t fail, const char *fmt, ...) WP_PRINTF(3, 4);
 
+/*
+ * Sets ev's failure and its reason, which goes into walpipe.dead_letters: the
+ * text is made valid UTF-8 and then cut on a character boundary, never inside
+ * one (PostgreSQL's DETAIL quotes row values, so a cut at a byte count could
+ * split a character, and staging would refuse the dead letter).
+ */
 static void ev_fail(wp_event_t *ev, wp_fail_t fail, const char *fmt, ...)
 {
     va_list ap;
     ev->fail = fail;
     va_start(ap, fmt);
-    vsnprintf(ev->error, sizeof ev->error, fmt, ap);
+    int len = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
+    if (len < 0) {
+        snprintf(ev->error, sizeof ev->error, "(the reason could not be formatted)");
+        return;
+    }
+    char *text = wp_malloc((size_t)len + 1);
+    va_start(ap, fmt);
+    vsnprintf(text, (size_t)len + 1, fmt, ap);
+    va_end(ap);
+    wp_utf8_scrub(text, false);
+    size_t n = wp_utf8_clip(text, (size_t)len, sizeof ev->error - 1);
+    memcpy(ev->error, text, n);
+    ev->error[n] = '\0';
+    free(text);
 }
 
 /* ---------------------------------------------------------------- applier state */
@@ -512,10 +532,8 @@ static int run_stmt(wp_applier_t *a, mentry_t *me, stmt_t *st, const char *const
         wp_fail_t fail = wp_mirror_classify(res, a->conn);
         const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
         const char *detail = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
-        ev_fail(ev, fail, "%s%s%s", msg ? msg : PQerrorMessage(a->conn), detail ? " (" : "",
-                detail ? detail : "");
-        if (detail && strlen(ev->error) + 2 < sizeof ev->error)
-            strcat(ev->error, ")");
+        ev_fail(ev, fail, "%s%s%s%s", msg ? msg : PQerrorMessage(a->conn), detail ? " (" : "", detail ? detail : "",
+                detail ? ")" : "");
         PQclear(res);
         return sync_failure(a, ev, fail);
     }
@@ -929,14 +947,19 @@ static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_
     return true;
 }
 
-/* "v1\x1fv2...": a key as one string, to sort and group changes by. */
+/*
+ * "<len>:v1<len>:v2...": a key as one string, to sort and group changes by.
+ * Each value is prefixed with its length, so two keys give the same string
+ * only when they are equal value by value: a separator byte would let
+ * ('a<sep>b','c') and ('a','b<sep>c') collapse into one key, and coalesce
+ * would then skip a change of a different row.
+ */
 static char *key_text(const wp_mirror_t *m, const char *const *key)
 {
     wp_buf_t b = WP_BUF_INIT;
     wp_buf_append(&b, "", 0);
     for (size_t k = 0; k < m->nkeys; k++) {
-        if (k)
-            wp_buf_putc(&b, '\x1f');
+        wp_buf_printf(&b, "%zu:", strlen(key[k]));
         wp_buf_puts(&b, key[k]);
     }
     return b.data;
