@@ -31,7 +31,7 @@
 
 #include "dlq.h"
 #include "log.h"
-#include "migrate.h"
+#include "pg.h"
 
 #define RETRY_CHUNK 100
 #define MAX_BACKOFF_MS "86400000"
@@ -74,23 +74,15 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
     return rc;
 }
 
-static int exec_ok(PGconn *conn, const char *sql)
+/* A text[] literal of column col of every row of res (cast by the query to the column's type). */
+static void column_array(const PGresult *res, int col, wp_buf_t *out)
 {
-    PGresult *res = PQexec(conn, sql);
-    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
-    if (rc != 0)
-        wp_warn("staging: %s failed: %s", sql, PQerrorMessage(conn));
-    PQclear(res);
-    return rc;
-}
-
-/* A "{1,2,3}" literal of the first n ids of res's column col. */
-static void id_array(const PGresult *res, int col, wp_buf_t *out)
-{
-    wp_buf_putc(out, '{');
-    for (int r = 0; r < PQntuples(res); r++)
-        wp_buf_printf(out, "%s\"%s\"", r ? "," : "", PQgetvalue(res, r, col));
-    wp_buf_putc(out, '}');
+    int n = PQntuples(res);
+    const char **items = wp_calloc((size_t)n + 1, sizeof *items);
+    for (int r = 0; r < n; r++)
+        items[r] = PQgetvalue(res, r, col);
+    wp_pg_text_array(out, items, (size_t)n);
+    free(items);
 }
 
 /*
@@ -107,8 +99,8 @@ static int retry_rows(wp_applier_t *a, PGconn *conn, const wp_config_t *config, 
     wp_buf_t ids = WP_BUF_INIT, ats = WP_BUF_INIT;
     int rc = -1, applied = 0;
     wp_event_t *events = wp_calloc((size_t)PQntuples(dl) + 1, sizeof *events);
-    id_array(dl, 1, &ids);
-    id_array(dl, 2, &ats);
+    column_array(dl, 1, &ids);
+    column_array(dl, 2, &ats);
     const char *params[] = {ids.data, ats.data};
     PGresult *res = PQexecParams(conn,
                                  "SELECT " WP_EVENT_COLUMNS " FROM walpipe.raw_events "
@@ -179,7 +171,7 @@ out:
 int wp_dlq_retry_due(wp_applier_t *a, PGconn *conn, const wp_config_t *config)
 {
     int rc = -1, failing = 0;
-    if (exec_ok(conn, "BEGIN") != 0)
+    if (wp_pg_exec(conn, "staging", "BEGIN", "begin a retry") != 0)
         return -1;
     PGresult *dl = PQexec(conn, "SELECT id, event_id, event_received_at::text FROM walpipe.dead_letters "
                                 "WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT 100 "
@@ -205,7 +197,7 @@ int wp_dlq_retry_due(wp_applier_t *a, PGconn *conn, const wp_config_t *config)
     rc = PQntuples(dl);
 out:
     PQclear(dl);
-    if (rc < 0 || exec_ok(conn, "COMMIT") != 0) {
+    if (rc < 0 || wp_pg_exec(conn, "staging", "COMMIT", "commit a retry") != 0) {
         if (PQstatus(conn) == CONNECTION_OK)
             PQclear(PQexec(conn, "ROLLBACK"));
         wp_applier_reset(a);
@@ -234,39 +226,14 @@ int wp_dlq_counts(PGconn *conn, long long *waiting, long long *parked, long long
 
 static PGconn *command_connect(const wp_config_t *config)
 {
-    const char *keys[] = {"dbname", "application_name", NULL};
-    const char *vals[] = {config->staging_conninfo, "walpipe_dlq", NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        wp_error("could not connect to staging: %s", PQerrorMessage(conn));
-        PQfinish(conn);
+    PGconn *conn = NULL;
+    if (wp_pg_connect_staging(config, "walpipe_dlq", NULL, true, &conn) != WP_STAGING_OK)
         return NULL;
-    }
-    int version = wp_migrate_staging_version(conn);
-    if (version < 0) {
-        wp_error("staging: could not read the schema version: %s", PQerrorMessage(conn));
-        PQfinish(conn);
-        return NULL;
-    }
-    if (version < wp_migrate_latest_version()) {
-        wp_error("staging schema is at version %d but this walpipe needs %d; hint: run `walpipe init --config %s`",
-                 version, wp_migrate_latest_version(), config->path ? config->path : "FILE");
-        PQfinish(conn);
-        return NULL;
-    }
     if (wp_applier_session(conn) != 0) {
         PQfinish(conn);
         return NULL;
     }
     return conn;
-}
-
-static void ids_literal(const int64_t *ids, size_t nids, wp_buf_t *out)
-{
-    wp_buf_putc(out, '{');
-    for (size_t i = 0; i < nids; i++)
-        wp_buf_printf(out, "%s%lld", i ? "," : "", (long long)ids[i]);
-    wp_buf_putc(out, '}');
 }
 
 /* Reports the ids given with --id that match no dead letter; returns how many. */
@@ -346,7 +313,7 @@ static int cmd_retry(const wp_config_t *config, PGconn *conn, const char *idlit)
         snprintf(lastbuf, sizeof lastbuf, "%lld", last);
         params[0] = idlit;
         params[1] = lastbuf;
-        if (exec_ok(conn, "BEGIN") != 0)
+        if (wp_pg_exec(conn, "staging", "BEGIN", "begin a retry") != 0)
             goto out;
         PGresult *dl = PQexecParams(conn,
                                     "SELECT id, event_id, event_received_at::text FROM walpipe.dead_letters "
@@ -360,7 +327,7 @@ static int cmd_retry(const wp_config_t *config, PGconn *conn, const char *idlit)
         }
         if (PQntuples(dl) == 0) {
             PQclear(dl);
-            exec_ok(conn, "COMMIT");
+            wp_pg_exec(conn, "staging", "COMMIT", "commit a retry");
             break;
         }
         long long chunk_last = atoll(PQgetvalue(dl, PQntuples(dl) - 1, 0));
@@ -381,7 +348,7 @@ static int cmd_retry(const wp_config_t *config, PGconn *conn, const char *idlit)
             goto out;
         }
         PQclear(dl);
-        if (exec_ok(conn, "COMMIT") != 0)
+        if (wp_pg_exec(conn, "staging", "COMMIT", "commit a retry") != 0)
             goto out;
         /* report after the commit, so that what is printed is what happened */
         total_applied += r;
@@ -438,7 +405,7 @@ int wp_dlq_command(const wp_config_t *config, const char *action, const int64_t 
     if (conn == NULL)
         goto out;
     if (nids > 0)
-        ids_literal(ids, nids, &idlit);
+        wp_pg_int8_array(&idlit, ids, nids);
     int unknown = nids > 0 ? report_unknown(conn, idlit.data) : 0;
     if (strcmp(action, "list") == 0)
         rc = cmd_list(conn, nids ? idlit.data : NULL);

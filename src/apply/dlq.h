@@ -14,7 +14,7 @@
 #include <libpq-fe.h>
 
 #include "config.h"
-#include "worker.h"
+#include "applier.h"
 
 /*
  * Records the failure of ev (fail and error set) in the caller's open

@@ -1,87 +1,14 @@
 /*
- * worker.h: transform workers: claim unprocessed raw_events, apply them to
- * the mirror, mark them processed, all in one staging transaction.
- *
- * The apply engine (wp_applier_*) is also what `walpipe dlq retry` uses, so
- * a retried event goes through exactly the code a worker runs.
+ * worker.h: the worker pool: threads that claim unprocessed raw_events,
+ * apply them (applier.h), dead-letter what fails (dlq.h) and mark them
+ * processed, all in one staging transaction.
  */
 #ifndef WP_WORKER_H
 #define WP_WORKER_H
 
 #include "wp_setup.h"
 
-#include <libpq-fe.h>
-
-#include <walpipe/lsn.h>
-
 #include "config.h"
-#include "mirror.h"
-
-/* One staged event.  The strings borrow from the PGresult it was read from. */
-typedef struct wp_event {
-    int64_t id;
-    const char *received_at; /* timestamptz text (UTC): with id, raw_events' primary key */
-    const char *source;
-    const char *type; /* raw_events.event_type */
-    const char *payload;
-    const char *lsn_text;
-    wp_lsn_t lsn;
-    const char *seq_text;
-    int seq;
-    const char *schema; /* NULL for messages */
-    const char *table;
-    const char *shape_text; /* shape_id as text, NULL when none */
-    /* outcome of wp_applier_apply */
-    wp_fail_t fail;
-    char error[400];
-} wp_event_t;
-
-/*
- * The columns raw_events must be selected as (in this order) for
- * wp_events_from_result.
- */
-#define WP_EVENT_COLUMNS                                                                                            \
-    "id, received_at::text, source, event_type, payload::text, lsn::text, seq, schema_name, table_name, "          \
-    "shape_id::text"
-
-/* Fills events[0..PQntuples) from res, sorted by id (stream order).  Returns the count. */
-size_t wp_events_from_result(const PGresult *res, wp_event_t *events);
-
-typedef struct wp_applier wp_applier_t;
-
-/* The applier talks to staging over conn, which it borrows (the caller connects and closes). */
-wp_applier_t *wp_applier_create(const wp_config_t *config, PGconn *conn);
-void wp_applier_destroy(wp_applier_t *a); /* NULL is a no-op */
-
-/*
- * Sets the session up for applying (time zone, styles, search_path, lock
- * timeout).  Returns 0 or -1 (logged).
- */
-int wp_applier_session(PGconn *conn);
-
-/*
- * Applies events[0..n) inside the caller's open transaction.  Each event
- * ends applied (fail = WP_FAIL_NONE) or with fail and error set for the
- * dead-letter queue; the transaction stays usable either way.
- * Returns 0; 1 when a table's key is not discovered yet and the caller should
- * roll back, let `walpipe run` discover it (wp_applier_wait_keys) and claim
- * again; -1 on a transient error (the caller rolls back and retries later).
- */
-int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n);
-
-/*
- * After wp_applier_apply returned 1 and the caller rolled back: asks `walpipe
- * run` (NOTIFY walpipe_discover) for the missing keys and waits up to
- * wait_ms for them.  Tables still missing after that are dead-lettered on the
- * next attempt instead of waited for again.
- */
-void wp_applier_wait_keys(wp_applier_t *a, int wait_ms);
-
-/* Why the last wp_applier_apply returned -1 (for the log). */
-const char *wp_applier_last_error(const wp_applier_t *a);
-
-/* Forgets cached mirrors and prepared statements (after a rollback that may have undone DDL). */
-void wp_applier_reset(wp_applier_t *a);
 
 /* ---------------------------------------------------------------- worker pool */
 
