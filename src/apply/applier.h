@@ -16,6 +16,7 @@
 
 #include "config.h"
 #include "mirror.h"
+#include "payload.h"
 
 /* One staged event.  The strings borrow from the PGresult it was read from. */
 typedef struct wp_event {

@@ -2,11 +2,10 @@
  * mirror.h: the mirror transform: one table in the mirror schema per captured
  * source table, kept equal to the source by applying staged events.
  *
- * This module owns the SQL: parsing an event's payload, the mirror registry
- * (walpipe.mirrors), creating and altering mirror tables, the statements that
- * apply one change, and key discovery from the source's catalog.  worker.c
- * decides when to run them; see mirror.c for why applying them in any order,
- * any number of times, converges to the source's state.
+ * This module owns the SQL: the mirror registry (walpipe.mirrors), creating
+ * and altering mirror tables and the statements that apply one change.
+ * applier.c decides when to run them; see mirror.c for why applying them in
+ * any order, any number of times, converges to the source's state.
  */
 #ifndef WP_MIRROR_H
 #define WP_MIRROR_H
@@ -19,64 +18,7 @@
 
 #include "config.h"
 #include "mem.h"
-
-/* ---------------------------------------------------------------- payloads */
-
-/* One "name": value of a payload object.  value is the text form, NULL for JSON null. */
-typedef struct wp_jfield {
-    const char *name;
-    const char *value;
-} wp_jfield_t;
-
-typedef struct wp_jobject {
-    bool present;
-    wp_jfield_t *fields;
-    size_t n;
-} wp_jobject_t;
-
-/*
- * A raw_events payload: {"after": {...}, "key": {...}, "before": {...}},
- * any of them absent.  Values keep their exact text: strings unescaped,
- * numbers as written (jsonb prints them exactly), true/false as such.
- * Other top-level members (a message's "prefix", ...) are skipped.  Owns
- * every string it points to; reusable across parses.
- */
-typedef struct wp_payload {
-    wp_jobject_t after, key, before;
-    wp_buf_t arena;
-    wp_jfield_t *fields;
-    size_t fields_cap;
-} wp_payload_t;
-
-/* Returns 0, or -1 with a reason in err. */
-int wp_payload_parse(wp_payload_t *p, const char *text, char *err, size_t errlen);
-void wp_payload_free(wp_payload_t *p);
-
-/*
- * The field named name in o, or NULL.  *hint is where to start looking (the
- * index after the previous hit), so looking up columns in the order the
- * payload lists them is linear; start it at 0.
- */
-const wp_jfield_t *wp_jobject_get(const wp_jobject_t *o, const char *name, size_t *hint);
-
-/* ---------------------------------------------------------------- shapes */
-
-/* One column of a recorded table shape (walpipe.table_schemas.columns). */
-typedef struct wp_tshape_col {
-    char *name;
-    char *type;      /* format_type() text on the source */
-    int64_t typeoid; /* -1 when not recorded */
-} wp_tshape_col_t;
-
-typedef struct wp_tshape {
-    wp_tshape_col_t *cols;
-    size_t ncols;
-    wp_lsn_t first_lsn; /* where staging first saw this shape: orders shapes of one table */
-} wp_tshape_t;
-
-/* Parses a columns JSON array into *out.  Returns 0, or -1 with a reason. */
-int wp_tshape_parse(const char *json, wp_tshape_t *out, char *err, size_t errlen);
-void wp_tshape_clear(wp_tshape_t *shape);
+#include "shape.h"
 
 /* ---------------------------------------------------------------- mirrors */
 
@@ -172,17 +114,5 @@ void wp_mirror_sql_pending(const wp_mirror_t *m, wp_buf_t *sql);
 
 /* Sorts err into a wp_fail_t by SQLSTATE (40001, 40P01, 55P03, connection → TRANSIENT; else RETRY). */
 wp_fail_t wp_mirror_classify(const PGresult *res, PGconn *conn);
-
-/* ---------------------------------------------------------------- key discovery */
-
-/*
- * Reads the key of every captured table of source from the source's catalog
- * (a plain connection, not replication) and records it in
- * walpipe.source_tables on staging.  Logs each table that cannot be mirrored
- * and why the first time it sees it (named is a per-process set of
- * "source\tschema\ttable" already named, owned by the caller).  Returns 0, or
- * -1 after logging why.
- */
-int wp_mirror_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named);
 
 #endif /* WP_MIRROR_H */

@@ -39,6 +39,7 @@
 
 #include "applier.h"
 #include "dlq.h"
+#include "keys.h"
 #include "log.h"
 #include "migrate.h"
 #include "pg.h"
@@ -329,7 +330,7 @@ static void discover(struct wp_workers *p, PGconn *conn, const char *only, wp_bu
 {
     for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
         if (only == NULL || only[0] == '\0' || strcmp(only, p->config->sources[i].name) == 0)
-            wp_mirror_discover(&p->config->sources[i], conn, named);
+            wp_keys_discover(&p->config->sources[i], conn, named);
     }
 }
 

@@ -17,7 +17,7 @@ typedef struct wp_workers wp_workers_t;
 /*
  * Starts count worker threads, plus a monitor thread that logs progress and
  * the dead-letter queue's size every 10 s and, when discover is set (`walpipe
- * run`), records the sources' table keys (wp_mirror_discover) at start, on
+ * run`), records the sources' table keys (wp_keys_discover) at start, on
  * request and every 5 minutes.  Threads stop when wp_stop_requested() is true or
  * wp_workers_stop is called.
  */

@@ -1,5 +1,6 @@
 /*
- * test_mirror.c: the payload parser and the table-shape parser of mirror.c.
+ * test_mirror.c: the payload reader (payload.c) and the table-shape parser
+ * (shape.c) the mirror is fed by.
  *
  * Payloads come from jsonb's text output, so the parser must return every
  * value's exact text: strings unescaped (surrogate pairs included), numbers
@@ -15,7 +16,8 @@
 
 #include <cmocka.h>
 
-#include "mirror.h"
+#include "payload.h"
+#include "shape.h"
 
 static const char *value_of(const wp_jobject_t *o, const char *name, bool *is_null)
 {
@@ -86,6 +88,9 @@ static void test_other_members_are_skipped(void **state)
                                       err, sizeof err),
                      0);
     assert_false(p.after.present);
+    /* an escaped backslash before "u..." is no \u escape */
+    assert_int_equal(wp_payload_parse(&p, "{\"key\": {\"k\": \"\\\\ud83d\"}}", err, sizeof err), 0);
+    assert_string_equal(p.key.fields[0].value, "\\ud83d");
     assert_int_equal(wp_payload_parse(&p, " { \"after\" : { } } ", err, sizeof err), 0);
     assert_true(p.after.present);
     assert_int_equal(p.after.n, 0);
@@ -106,22 +111,26 @@ static void expect_bad(const char *text, const char *needle)
 static void test_bad_payloads_are_rejected(void **state)
 {
     (void)state;
-    expect_bad("", "expected an object");
+    expect_bad("", "at byte 0: parse error: premature EOF");
     expect_bad("[]", "expected an object");
-    expect_bad("{\"after\": {\"a\": 1}", "expected ',' or '}'");
-    expect_bad("{\"after\": {\"a\": \"x}}", "unterminated string");
-    expect_bad("{\"after\": {\"a\": \"\\x\"}}", "unknown escape");
-    expect_bad("{\"after\": {\"a\": \"\\u00zz\"}}", "bad \\u escape");
+    expect_bad("{\"after\": {\"a\": 1}", "at byte 18: parse error: premature EOF");
+    expect_bad("{\"after\": {\"a\": \"x}}", "premature EOF");
+    expect_bad("{\"after\": {\"a\": \"\\x\"}}", "inside a string, '\\' occurs before a character");
+    expect_bad("{\"after\": {\"a\": \"\\u00zz\"}}", "non-hex");
     expect_bad("{\"after\": {\"a\": \"\\u0000\"}}", "\\u0000");
     expect_bad("{\"after\": {\"a\": \"\\ud83d\"}}", "unpaired surrogate");
     expect_bad("{\"after\": {\"a\": \"\\ude00\"}}", "unpaired surrogate");
+    expect_bad("{\"after\": {\"a\": \"\\ud83d\\u0041\"}}", "at byte 17: a \\u escape is an unpaired");
+    expect_bad("[]", "at byte 1: expected an object");
+    expect_bad("\"x\"", "expected an object");
+    expect_bad("{\"after\": {\"a\": \"\xff\"}}", "invalid bytes in UTF8 string");
     expect_bad("{\"after\": {\"a\": {\"b\": 1}}}", "expected a scalar value");
     expect_bad("{\"after\": {\"a\": [1]}}", "expected a scalar value");
     expect_bad("{\"after\": {}, \"after\": {}}", "duplicate member");
     expect_bad("{\"after\": 5}", "expected an object of column values");
-    expect_bad("{\"after\": {\"a\": 1}} x", "trailing characters");
-    expect_bad("{\"after\": {\"a\": 1 \"b\": 2}}", "expected ',' or '}'");
-    expect_bad("{\"after\": {\"a\" 1}}", "expected ':'");
+    expect_bad("{\"after\": {\"a\": 1}} x", "trailing garbage");
+    expect_bad("{\"after\": {\"a\": 1 \"b\": 2}}", "I expect ',' or '}'");
+    expect_bad("{\"after\": {\"a\" 1}}", "separated by a colon");
 }
 
 static void test_shapes(void **state)

@@ -1,0 +1,164 @@
+/*
+ * keys.c: key discovery: which columns identify each captured table's rows,
+ * read from the source's catalog and recorded in walpipe.source_tables.
+ *
+ * Job: run by `walpipe run`'s monitor (worker.c) at start, on request
+ * (NOTIFY walpipe_discover, sent by an applier that met a table without a
+ * recorded key) and every few minutes.  It opens a plain connection to the
+ * source (not replication) and writes staging in one transaction.
+ *
+ * Invariant: every captured table gets a row, with a key or with the
+ * problem that keeps it from being mirrored; each problem is logged once
+ * per process (the caller's named set).
+ */
+#include "wp_setup.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keys.h"
+#include "log.h"
+#include "pg.h"
+
+/*
+ * The mirror keys each table on the columns that identify its rows in the
+ * change stream: the replica identity index (REPLICA IDENTITY USING INDEX),
+ * else the primary key; a REPLICA IDENTITY FULL table without a primary key
+ * may use a unique index over NOT NULL columns.  Only valid, immediate,
+ * non-partial unique indexes on plain NOT NULL columns qualify, as for
+ * PostgreSQL's own replica identity.
+ */
+static const char DISCOVER_SQL[] =
+    "WITH t AS ("
+    "  SELECT c.oid, n.nspname, c.relname, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = "
+    "c.relnamespace"
+    "  WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    "    AND n.nspname !~ '^pg_(toast|temp_)'"
+    "    AND ($1::text[] IS NULL OR (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[])))), "
+    "idx AS ("
+    "  SELECT DISTINCT ON (t.oid) t.oid, i.indexrelid FROM t JOIN pg_index i ON i.indrelid = t.oid"
+    "  WHERE i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL"
+    "    AND NOT EXISTS (SELECT FROM unnest(i.indkey) k(attnum) JOIN pg_attribute a ON a.attrelid = t.oid AND "
+    "a.attnum = k.attnum WHERE NOT a.attnotnull)"
+    "    AND CASE t.relreplident WHEN 'i' THEN i.indisreplident WHEN 'f' THEN true ELSE i.indisprimary END"
+    "  ORDER BY t.oid, i.indisreplident DESC, i.indisprimary DESC, i.indexrelid) "
+    "SELECT t.nspname, t.relname,"
+    "  CASE t.relreplident WHEN 'd' THEN 'default' WHEN 'i' THEN 'index' WHEN 'f' THEN 'full' ELSE 'nothing' END,"
+    "  (SELECT json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod), "
+    "'typeoid', a.atttypid::int8) ORDER BY k.o)::text"
+    "     FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o), pg_attribute a"
+    "    WHERE i.indexrelid = idx.indexrelid AND a.attrelid = t.oid AND a.attnum = k.attnum),"
+    "  (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a"
+    "    WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull)::text "
+    "FROM t LEFT JOIN idx ON idx.oid = t.oid ORDER BY 1, 2";
+
+static const char *key_problem(const char *identity, bool has_key)
+{
+    if (strcmp(identity, "nothing") == 0)
+        return "it has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs carry no key; its changes go to "
+               "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY DEFAULT and give it a primary key";
+    if (has_key)
+        return NULL;
+    if (strcmp(identity, "full") == 0)
+        return "it has REPLICA IDENTITY FULL but no primary key or unique index on NOT NULL columns: the mirror "
+               "applies changes by key (in any order, any number of times), and rows that are exact duplicates "
+               "cannot be told apart; its changes go to walpipe.dead_letters; hint: add a primary key";
+    if (strcmp(identity, "index") == 0)
+        return "its replica identity index is not usable (dropped, invalid or deferrable); its changes go to "
+               "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY USING INDEX on a valid unique index";
+    return "it has no usable primary key (none, or DEFERRABLE) and REPLICA IDENTITY DEFAULT, so wal2json drops its "
+           "UPDATEs and DELETEs; its changes go to walpipe.dead_letters; hint: add a primary key";
+}
+
+/* Builds the {schema,...} and {table,...} array literals of the configured tables; false if all tables. */
+static bool table_filter(const wp_source_config_t *source, wp_buf_t *schemas, wp_buf_t *tables)
+{
+    if (source->tables == NULL)
+        return false;
+    const char **items = wp_calloc(source->ntables + 1, sizeof *items);
+    for (size_t i = 0; i < source->ntables; i++)
+        items[i] = source->tables[i].schema;
+    wp_pg_text_array(schemas, items, source->ntables);
+    for (size_t i = 0; i < source->ntables; i++)
+        items[i] = source->tables[i].table;
+    wp_pg_text_array(tables, items, source->ntables);
+    free(items);
+    return true;
+}
+
+int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named)
+{
+    int rc = -1;
+    PGresult *res = NULL, *ins = NULL;
+    wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;
+    const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
+    const char *vals[] = {source->conninfo, "walpipe_discover", "10", NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    bool in_txn = false;
+
+    if (PQstatus(conn) != CONNECTION_OK) {
+        wp_warn("could not connect to source \"%s\" to read its tables' keys: %s", source->name,
+                PQerrorMessage(conn));
+        goto out;
+    }
+    bool filtered = table_filter(source, &schemas, &tables);
+    const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL};
+    res = PQexecParams(conn, DISCOVER_SQL, 2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
+        goto out;
+    }
+    if (wp_pg_exec(staging, "staging", "BEGIN", "begin recording table keys") != 0)
+        goto out;
+    in_txn = true;
+    for (int r = 0; r < PQntuples(res); r++) {
+        const char *identity = PQgetvalue(res, r, 2);
+        bool has_key = !PQgetisnull(res, r, 3);
+        const char *problem = key_problem(identity, has_key);
+        const char *p[] = {source->name,
+                           PQgetvalue(res, r, 0),
+                           PQgetvalue(res, r, 1),
+                           identity,
+                           has_key ? PQgetvalue(res, r, 3) : NULL,
+                           PQgetisnull(res, r, 4) ? NULL : PQgetvalue(res, r, 4),
+                           problem};
+        ins = PQexecParams(staging,
+                           "INSERT INTO walpipe.source_tables AS s (source, schema_name, table_name, replica_identity, "
+                           "key_columns, not_null_columns, problem) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
+                           "ON CONFLICT (source, schema_name, table_name) DO UPDATE SET replica_identity = "
+                           "excluded.replica_identity, key_columns = excluded.key_columns, not_null_columns = "
+                           "excluded.not_null_columns, problem = excluded.problem, discovered_at = now()",
+                           7, NULL, p, NULL, NULL, 0);
+        if (PQresultStatus(ins) != PGRES_COMMAND_OK) {
+            wp_warn("staging: could not record the key of \"%s\".\"%s\": %s", p[1], p[2], PQerrorMessage(staging));
+            goto out;
+        }
+        PQclear(ins);
+        ins = NULL;
+        if (problem) {
+            wp_buf_reset(&tag);
+            wp_buf_printf(&tag, "\n%s\t%s\t%s\n", source->name, p[1], p[2]);
+            if (named->data == NULL || strstr(named->data, tag.data) == NULL) {
+                wp_warn("table \"%s\".\"%s\" of source \"%s\" cannot be mirrored: %s", p[1], p[2], source->name,
+                        problem);
+                wp_buf_puts(named, tag.data + (named->len && named->data[named->len - 1] == '\n' ? 1 : 0));
+            }
+        }
+    }
+    in_txn = false;
+    if (wp_pg_exec(staging, "staging", "COMMIT", "commit the table keys") != 0)
+        goto out;
+    wp_debug("recorded the keys of %d table(s) of source \"%s\"", PQntuples(res), source->name);
+    rc = 0;
+out:
+    if (in_txn)
+        PQclear(PQexec(staging, "ROLLBACK"));
+    PQclear(ins);
+    PQclear(res);
+    PQfinish(conn);
+    wp_buf_free(&schemas);
+    wp_buf_free(&tables);
+    wp_buf_free(&tag);
+    return rc;
+}
