@@ -8,6 +8,9 @@ import hashlib
 import truth
 import wptest
 from test_core import setup_source, start_walpipe, wait_caught_up
+from test_mirror import assert_mirror_equals
+from test_workers import dead_letters, unprocessed
+from wptest import wait_until
 
 AWKWARD = '''
 CREATE SCHEMA "My Schema";
@@ -29,12 +32,23 @@ def test_awkward_identifiers_and_table_filter(source_pg, staging_pg, walpipe_fac
     source_pg.sql('''INSERT INTO public."Weird, Table.name" VALUES (1, 'w')''', dbname="app")
     source_pg.sql("INSERT INTO public.excluded VALUES (1)", dbname="app")
     source_pg.sql('INSERT INTO public."UPPER" VALUES (1)', dbname="app")
+    source_pg.sql('INSERT INTO public."Weird, Table.name" VALUES (2, \'x\'); '
+                  'DELETE FROM public."Weird, Table.name" WHERE id = 1', dbname="app")
     wait_caught_up(source_pg, w)
+    # the workers mirror every awkward name exactly, and nothing of the excluded table
+    wait_until(lambda: unprocessed(staging_pg) == 0, timeout=120, what="every raw event processed", walpipe=w)
+    assert dead_letters(staging_pg) == []
+    assert assert_mirror_equals(source_pg, staging_pg, "My Schema", "select", ["Id"])[0] == 1
+    assert assert_mirror_equals(source_pg, staging_pg, "public", "Weird, Table.name", ["id"])[0] == 1
+    assert assert_mirror_equals(source_pg, staging_pg, "public", "UPPER", ["id"])[0] == 1
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.mirrors WHERE table_name = 'excluded'",
+                             dbname="staging") == 0
     assert w.stop() == 0
     staged = truth.read_staged(staging_pg, "staging")
     got = [(s["schema"], s["table"], s["type"]) for s in staged]
     assert got == [("My Schema", "select", "insert"), ("My Schema", "select", "update"),
-                   ("public", "Weird, Table.name", "insert"), ("public", "UPPER", "insert")]
+                   ("public", "Weird, Table.name", "insert"), ("public", "UPPER", "insert"),
+                   ("public", "Weird, Table.name", "insert"), ("public", "Weird, Table.name", "delete")]
     after = staged[0]["payload"]["after"]
     assert after == {"Id": 1, 'col "quoted"': 'q"uote', "ünïcödé": "ü", "order": 2, "Mixed Case": "MiXeD",
                      "a.b,c": "dots"}
