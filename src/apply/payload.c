@@ -21,6 +21,7 @@
 
 #include "payload.h"
 #include "utf8.h"
+#include "yajl_mem.h"
 
 #define MAX_DEPTH 64
 
@@ -172,27 +173,6 @@ static int on_key(void *ctx, const unsigned char *s, size_t len)
     return 1;
 }
 
-/* yajl allocates through mem.h, so running out of memory aborts as everywhere else. */
-static void *yajl_malloc_fn(void *ctx, size_t n)
-{
-    (void)ctx;
-    return wp_malloc(n);
-}
-
-static void *yajl_realloc_fn(void *ctx, void *ptr, size_t n)
-{
-    (void)ctx;
-    return wp_realloc(ptr, n);
-}
-
-static void yajl_free_fn(void *ctx, void *ptr)
-{
-    (void)ctx;
-    free(ptr);
-}
-
-static yajl_alloc_funcs yajl_mem = {yajl_malloc_fn, yajl_realloc_fn, yajl_free_fn, NULL};
-
 /* yajl_number takes every number as text, so yajl_integer and yajl_double are never called. */
 static const yajl_callbacks callbacks = {
     .yajl_null = on_null,
@@ -261,7 +241,7 @@ int wp_payload_parse(wp_payload_t *p, const char *text, char *err, size_t errlen
         snprintf(err, errlen, "invalid payload JSON at byte %td: a \\u escape is an unpaired surrogate", bad);
         return -1;
     }
-    r.yajl = yajl_alloc(&callbacks, &yajl_mem, &r);
+    r.yajl = yajl_alloc(&callbacks, wp_yajl_mem(), &r);
     yajl_status st = yajl_parse(r.yajl, (const unsigned char *)text, len);
     size_t at = yajl_get_bytes_consumed(r.yajl);
     if (st == yajl_status_ok) {
