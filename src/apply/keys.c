@@ -9,7 +9,9 @@
  *
  * Invariant: every captured table gets a row, with a key or with the
  * problem that keeps it from being mirrored; each problem is logged once
- * per process (the caller's named set).
+ * per process (the caller's named set).  Names are read with
+ * client_encoding UTF8, whatever the source database's encoding, so what is
+ * written to staging is UTF-8.
  */
 #include "wp_setup.h"
 
@@ -92,8 +94,9 @@ int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;
-    const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
-    const char *vals[] = {source->conninfo, "walpipe_discover", "10", NULL};
+    /* UTF8: the source's server converts names from its database's encoding, so staging gets UTF-8 */
+    const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
+    const char *vals[] = {source->conninfo, "walpipe_discover", "10", "UTF8", NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     bool in_txn = false;
 

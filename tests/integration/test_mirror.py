@@ -3,6 +3,7 @@ types, apply errors whose text is cut.  Each test compares mirror and source by 
 checksum of test_workers.py, or says exactly what must be in walpipe.dead_letters.
 """
 
+import wptest
 from test_core import setup_source, wait_caught_up
 from test_workers import (assert_mirrored, columns, dead_letters, ident, stage_only, start, start_work, unprocessed,
                           wait_applied, wait_dead)
@@ -194,4 +195,21 @@ def test_user_defined_types_mirror_as_text(source_pg, staging_pg, walpipe_factor
                                 (mschema, mtable), dbname="staging"))
     assert [types[c] for c in ("k", "n", "st", "p", "moods", "pairs")] == ["text"] * 6, types
     assert types["id"] == "integer"
+    assert w.stop() == 0
+
+
+# --------------------------------------------------------------------------
+# key discovery from a source whose database is not UTF-8
+
+def test_keys_of_a_latin1_source_are_recorded_as_utf8(source_pg, staging_pg, walpipe_factory):
+    """Names read from a LATIN1 source's catalog reach walpipe.source_tables as UTF-8 (staging
+    refuses anything else, and then no key of that source would ever be recorded)."""
+    source_pg.sql("CREATE DATABASE app ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    source_pg.sql('CREATE TABLE "t\u00ebst" ("k\u00e9y" int PRIMARY KEY, v text)', dbname="app")
+    wptest.create_slot(source_pg, "app", "walpipe_app")
+    w = start(walpipe_factory, staging_pg, source_pg, workers=0)
+    wait_until(lambda: staging_pg.sql("SELECT table_name, key_columns->0->>'name' FROM walpipe.source_tables",
+                                      dbname="staging") == [("t\u00ebst", "k\u00e9y")],
+               timeout=60, what="the LATIN1 table's key recorded", walpipe=w)
+    assert "could not record the key" not in w.log()
     assert w.stop() == 0
