@@ -2,8 +2,8 @@
  * applier.h: apply a set of staged events to their mirrors (see applier.c).
  *
  * The worker pool (worker.c) and the dead-letter queue (dlq.c) use it; it
- * uses only the mirror (mirror.h).  Dependencies run one way:
- * mirror <- applier <- dlq <- worker.
+ * uses only the mirror and what feeds it (mirror.h, payload.h, shape.h).
+ * Dependencies run one way: mirror <- applier <- dlq <- worker.
  */
 #ifndef WP_APPLIER_H
 #define WP_APPLIER_H

@@ -10,8 +10,6 @@
 
 #include "config.h"
 
-/* ---------------------------------------------------------------- worker pool */
-
 typedef struct wp_workers wp_workers_t;
 
 /*
