@@ -5,8 +5,8 @@ checksum of test_workers.py, or says exactly what must be in walpipe.dead_letter
 
 import wptest
 from test_core import setup_source, wait_caught_up
-from test_workers import (assert_mirrored, columns, dead_letters, ident, stage_only, start, start_work, unprocessed,
-                          wait_applied, wait_dead)
+from test_workers import (assert_mirrored, checksum, columns, dead_letters, ident, stage_only, start, start_work,
+                          unprocessed, wait_applied, wait_dead)
 from wptest import wait_until
 
 
@@ -19,34 +19,17 @@ def mirror_table(staging_pg, schema, table):
     return rows[0]
 
 
-def text_checksum(cluster, dbname, table_sql, cols, keys):
-    """test_workers.checksum, ordered by the keys' text (byte order): an enum key sorts by its
-    declaration on the source and by its text in the mirror, where it is text."""
-    sel = ", ".join(ident(c) for c in cols)
-    order = ", ".join(f'{ident(k)}::text COLLATE "C"' for k in keys)
-    q = (f"SELECT count(*), md5(coalesce(string_agg(wpt_row::text, E'\\n' ORDER BY {order}), '')) "
-         f"FROM (SELECT {sel} FROM {table_sql}) wpt_row")
-    conn = cluster.connect(dbname, options="-c TimeZone=UTC -c extra_float_digits=1 -c DateStyle=ISO,MDY "
-                                           "-c IntervalStyle=postgres -c bytea_output=hex")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(q)
-            return cur.fetchone()
-    finally:
-        conn.close()
-
-
 def assert_mirror_equals(source_pg, staging_pg, schema, table, keys):
     """Like test_workers.assert_mirrored, for any table name: the mirror is found through
     walpipe.mirrors, not by the default naming pattern.  Returns (row count, md5)."""
     mschema, mtable = mirror_table(staging_pg, schema, table)
     cols = columns(source_pg, "app", schema, table)
-    src = text_checksum(source_pg, "app", f"{ident(schema)}.{ident(table)}", cols, keys)
-    mir = text_checksum(staging_pg, "staging", f"{ident(mschema)}.{ident(mtable)}", cols, keys)
+    src = checksum(source_pg, "app", f"{ident(schema)}.{ident(table)}", cols, keys, text_order=True)
+    mir = checksum(staging_pg, "staging", f"{ident(mschema)}.{ident(mtable)}", cols, keys, text_order=True)
     if src != mir:
         a = source_pg.sql(f"SELECT t::text FROM {ident(schema)}.{ident(table)} t", dbname="app")
-        b = staging_pg.sql(f"SELECT ({', '.join(ident(c) for c in cols)})::text FROM {ident(mschema)}.{ident(mtable)}",
-                           dbname="staging")
+        sel = ", ".join(ident(c) for c in cols)
+        b = staging_pg.sql(f"SELECT ({sel})::text FROM {ident(mschema)}.{ident(mtable)}", dbname="staging")
         raise AssertionError(f"mirror {mschema}.{mtable} of {schema}.{table} differs: source {src}, mirror {mir}\n"
                              f"source: {sorted(r[0] for r in a)[:5]}\nmirror: {sorted(r[0] for r in b)[:5]}")
     return src
@@ -57,7 +40,8 @@ def assert_mirror_equals(source_pg, staging_pg, schema, table, keys):
 
 def test_composite_keys_that_join_alike_stay_apart(source_pg, staging_pg, walpipe_factory):
     """Keys ('a<US>b','c') and ('a','b<US>c') in one claim are two rows, not one (US = byte 0x1F)."""
-    w = stage_only(source_pg, staging_pg, walpipe_factory, "CREATE TABLE pairs (a text, b text, v int, PRIMARY KEY (a, b))",
+    w = stage_only(source_pg, staging_pg, walpipe_factory,
+                   "CREATE TABLE pairs (a text, b text, v int, PRIMARY KEY (a, b))",
                    ["INSERT INTO pairs VALUES (E'a\\x1fb', 'c', 1)",
                     "INSERT INTO pairs VALUES ('a', E'b\\x1fc', 2)",
                     # and ones that a separator other than 0x1F would confuse

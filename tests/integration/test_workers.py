@@ -74,10 +74,12 @@ def columns(cluster, dbname, schema, table):
         "AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (schema, table), dbname=dbname)]
 
 
-def checksum(cluster, dbname, table_sql, cols, keys):
-    """(row count, md5 of the rows' text in key order): the same query text on both sides."""
+def checksum(cluster, dbname, table_sql, cols, keys, text_order=False):
+    """(row count, md5 of the rows' text in key order): the same query text on both sides.
+    text_order orders by the keys' text in byte order, for keys whose type the mirror has as
+    text (an enum sorts by its declaration on the source)."""
     sel = ", ".join(ident(c) for c in cols)
-    order = ", ".join(ident(k) for k in keys)
+    order = ", ".join(f'{ident(k)}::text COLLATE "C"' if text_order else ident(k) for k in keys)
     # the alias is not a column name of any test table (a column named like it would shadow the row)
     q = (f"SELECT count(*), md5(coalesce(string_agg(wpt_row::text, E'\\n' ORDER BY {order}), '')) "
          f"FROM (SELECT {sel} FROM {table_sql}) wpt_row")
