@@ -76,7 +76,7 @@ def dso_self(data):
     return out
 
 
-# The decoder's yajl callbacks and what they call (src/decoder.c), by self time: unwinding through
+# The decoder's yajl callbacks and what they call (src/capture/decoder.c), by self time: unwinding through
 # libyajl, which Debian ships without symbols, does not name its frames, so yajl's share is its
 # library's self time and the callbacks are counted by their own names.
 CALLBACKS = ("keep", "on_key", "on_string", "on_scalar", "on_open", "on_close", "on_number", "on_null",
