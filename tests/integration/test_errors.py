@@ -207,7 +207,7 @@ def test_different_cluster_is_refused(source_pg, pg_factory, staging_pg, walpipe
     source_pg.sql("INSERT INTO t VALUES (1)", dbname="app")
     wait_caught_up(source_pg, w)
     assert w.stop() == 0
-    other = pg_factory("other")
+    other = pg_factory("other", fresh=True)   # its own system identifier
     setup_source(other, schema="CREATE TABLE t (id int PRIMARY KEY)")
     wptest.write_config(w.config_path, staging_pg.conninfo("staging"), {"app": {"conninfo": other.conninfo("app")}})
     w.start()
