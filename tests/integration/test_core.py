@@ -276,7 +276,7 @@ def test_two_sources_and_quiet_slot_advances(source_pg, staging_pg, walpipe_fact
         mid = source_pg.scalar("SELECT pg_current_wal_lsn()::text")
         # the quiet database writes nothing, yet its slot must follow the WAL the busy one produces
         wait_until(lambda: truth.lsn_int(wptest.slot_info(source_pg, "walpipe_quiet")["confirmed_flush_lsn"])
-                   >= truth.lsn_int(mid), timeout=30, interval=0.2,
+                   >= truth.lsn_int(mid), timeout=120, interval=0.2,
                    what="quiet slot's confirmed_flush_lsn to advance past the busy database's WAL", walpipe=w)
     finally:
         stop.set()

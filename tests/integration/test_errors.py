@@ -141,11 +141,11 @@ def test_walsender_terminated_mid_stream(source_pg, staging_pg, walpipe_factory)
     try:
         for _ in range(3):
             base = staged_count(staging_pg)
-            wait_until(lambda: staged_count(staging_pg) > base + 1000, timeout=60, what="progress", walpipe=w)
+            wait_until(lambda: staged_count(staging_pg) > base + 1000, timeout=120, what="progress", walpipe=w)
             # rows staged after a terminate may predate the reconnect: wait for a walsender to kill
             wait_until(lambda: source_pg.scalar("SELECT active_pid FROM pg_replication_slots "
                                                 "WHERE slot_name = 'walpipe_app'"),
-                       timeout=60, what="walpipe streaming again", walpipe=w)
+                       timeout=120, what="walpipe streaming again", walpipe=w)
             n = source_pg.scalar("SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots "
                                  "WHERE slot_name = 'walpipe_app' AND active_pid IS NOT NULL")
             assert n == 1
@@ -166,7 +166,7 @@ def test_staging_unreachable_stops_acknowledging(source_pg, staging_pg, walpipe_
     acked = wptest.slot_info(source_pg, "walpipe_app")["confirmed_flush_lsn"]
     staging_pg.stop("immediate")
     source_pg.sql("INSERT INTO t SELECT g, 'b' FROM generate_series(1001, 3000) g", dbname="app")
-    wait_until(lambda: "retrying in" in w.log(since_start=True), timeout=30, what="a staging retry", walpipe=w)
+    wait_until(lambda: "retrying in" in w.log(since_start=True), timeout=90, what="a staging retry", walpipe=w)
     time.sleep(3)
     # nothing new is committed in staging, so nothing new may be acknowledged
     assert wptest.slot_info(source_pg, "walpipe_app")["confirmed_flush_lsn"] == acked

@@ -389,13 +389,13 @@ def stager_gone(stg, source="app"):
 SEGMENT_MAX_ROWS = 2000
 
 
-def kill_inside_big_txn(x, w, src, stg, lo, n, batch_rows):
-    """SIGKILLs walpipe while the checkpoint is inside a big transaction, by condition: the
-    checkpoints table is locked (no batch can commit), the checkpoint read, and walpipe killed only
-    if it lies so far inside the transaction that the one batch already in flight cannot finish
-    it.  Returns the seq the kill landed at.  A big transaction staged past that window between two
-    polls is followed by another one (a few tries)."""
-    low = x.p["bulk_rows"] + 100        # past any transaction of the load: the big one
+def fault_inside_big_txn(x, w, src, stg, lo, n, batch_rows, fault, low=None):
+    """Calls fault() while the checkpoint is inside a big transaction, by condition: the
+    checkpoints table is locked (no batch can commit), the checkpoint read, and fault() called
+    only if it lies so far inside the transaction that the one batch already in flight cannot
+    finish it.  Returns the checkpoint row the fault met.  A big transaction staged past that
+    window between two polls is followed by another one (a few tries)."""
+    low = low or x.p["bulk_rows"] + 100  # past any transaction of the load: the big one
     high = n - batch_rows - SEGMENT_MAX_ROWS
     for attempt in range(4):
         insert_big(src, lo + attempt * n, n)
@@ -418,8 +418,8 @@ def kill_inside_big_txn(x, w, src, stg, lo, n, batch_rows):
                 cur.execute("SELECT txn_end::text, txn_seq FROM walpipe.checkpoints WHERE source = 'app'")
                 txn_end, seq = cur.fetchone()
                 if txn_end is not None and low < seq < high:
-                    x.kill(w)
-                    return seq
+                    fault()
+                    return (None, txn_end, seq)
         finally:
             conn.rollback()
             conn.close()
@@ -442,7 +442,7 @@ def scenario_sigkill(x):
     big = 30000
     for i in range(x.p["kills"]):
         if i == 1:      # by condition: inside a big transaction
-            seq = kill_inside_big_txn(x, w, src, stg, 0, big, batch_rows)
+            seq = fault_inside_big_txn(x, w, src, stg, 0, big, batch_rows, lambda: x.kill(w))[2]
             x.row.notes.append(f"kill {i + 1} with the checkpoint at seq {seq} of a {big}-row transaction")
         else:
             time.sleep(x.rnd.uniform(0.2, 3.0))
@@ -518,20 +518,20 @@ def scenario_walsender(x):
     hits = 0
     for i in range(x.p["walsender_cycles"]):
         streams = w.log().count("streaming from slot")
-        lo = i * n
-        insert_big(src, lo, n)
-        # at a random point of the big transaction (past anything the load writes)
-        ck = wait_partial(x, w, stg, x.rnd.randrange(x.p["bulk_rows"] + 100, n * 3 // 4), n)
-        pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
-        x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
-        after = x.checkpoint(stg)
-        if after[1] == ck[1]:
-            hits += 1
-        x.row.notes.append(f"terminated at seq {ck[2]}..{after[2]} of {n}")
+        lo = i * n * 4
+
+        def terminate():
+            pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
+            x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
+
+        # at a random point of the big transaction (past anything the load writes), with the checkpoint
+        # held still (fault_inside_big_txn) so that the termination cannot come after the transaction
+        ck = fault_inside_big_txn(x, w, src, stg, lo, n, 1000, terminate,
+                                  low=x.rnd.randrange(x.p["bulk_rows"] + 100, n // 2))
+        hits += 1   # fault_inside_big_txn raises unless the termination met the checkpoint inside the transaction
+        x.row.notes.append(f"terminated at seq {ck[2]} of {n}")
         x.wait_log(w, "streaming from slot", streams + 1)
-        wait_until(lambda: stg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE table_name = 't_big'",
-                                      dbname="staging") >= lo + n, timeout=300, interval=0.5,
-                   what="the big transaction staged", walpipe=w)
+        x.caught_up(src, w)
     time.sleep(x.p["settle_s"])
     load.stop()
     x.caught_up(src, w)
