@@ -17,7 +17,7 @@ staged exactly once, with the right row image.
     walsender     the walsender terminated while a large transaction is half staged
     staging-down  staging restarted, then unreachable for 10 s (60 s with --full)
     staging-slow  raw_events locked for 12 s, longer than wal_sender_timeout (5 s)
-    big-txn       walpipe SIGKILLed in the middle of a 300 000-row transaction
+    big-txn       walpipe SIGKILLed in the middle of a 150 000-row transaction
                   (2 000 000 with --full); peak RSS must stay <= 64 MB
     source-down   two sources, one of them down the whole run; the other keeps
                   its throughput
@@ -118,7 +118,7 @@ COMMIT;
 # Knobs of the short (default suite) and the full form.
 PARAMS = {
     "short": dict(rate=100, clients=2, bulk_rows=3000, kills=5, crash_cycles=1, walsender_cycles=1,
-                  walsender_txn=100000, outage_s=10, lock_cycles=1, lock_s=12, big_txn=300000,
+                  walsender_txn=100000, outage_s=10, lock_cycles=1, lock_s=12, big_txn=150000,
                   down_txn=100000, settle_s=2),
     "full": dict(rate=150, clients=2, bulk_rows=3000, kills=20, crash_cycles=3, walsender_cycles=3,
                  walsender_txn=300000, outage_s=60, lock_cycles=3, lock_s=12, big_txn=2000000,
