@@ -120,25 +120,33 @@ static const char *classify_error(const char *sqlstate, bool *needs_fix)
         bool needs_fix;
         const char *hint;
     } source_errors[] = {
+        /* invalid_catalog_name */
         {"3D000", true, "check dbname in the source's conninfo (a database being restored or recreated: see README, "
-                        "\"Errors\")"},                                               /* invalid_catalog_name */
-        {"28P01", true, "check the user and password in the source's conninfo"}, /* invalid_password */
-        {"28000", true, "check the user in the source's conninfo and allow the connection in the source's "
-                        "pg_hba.conf"},                                /* invalid_authorization_specification */
-        {"42501", true, "grant the role replication: ALTER ROLE <user> WITH REPLICATION, and CONNECT on the "
-                        "database"},                                   /* insufficient_privilege */
-        {"55000", true, "set wal_level = logical in the source's postgresql.conf and restart it (logical decoding "
-                        "needs a primary; an invalidated slot must be dropped, created anew and re-snapshotted)"},
-        /* 55000 is object_not_in_prerequisite_state; also "not currently accepting connections" */
+                        "\"Errors\")"},
+        /* invalid_password */
+        {"28P01", true, "check the user and password in the source's conninfo"},
+        /* invalid_authorization_specification: no such role, pg_hba.conf */
+        {"28000", true, "check the user in the source's conninfo and allow the connection in the source's pg_hba.conf"},
+        /* insufficient_privilege: no REPLICATION, no CONNECT */
+        {"42501", true, "grant the role replication: ALTER ROLE <user> WITH REPLICATION, and CONNECT on the database"},
+        /* object_not_in_prerequisite_state */
+        {"55000", true, "set wal_level = logical in the source's postgresql.conf and restart it, if that is what the "
+                        "message names; a standby, a database closed to connections or an invalidated slot give "
+                        "this error too"},
+        /* undefined_file: the output plugin's library */
         {"58P01", true, "install the wal2json output plugin on the source "
-                        "(Debian: apt-get install postgresql-15-wal2json)"}, /* undefined_file */
+                        "(Debian: apt-get install postgresql-15-wal2json)"},
+        /* invalid_parameter_value: an option wal2json does not know */
         {"22023", true, "the installed wal2json does not support an option walpipe needs (wal2json >= 2.5)"},
+        /* configuration_limit_exceeded: all replication slots are in use */
         {"53400", true, "raise max_replication_slots on the source (and restart it), or drop a slot nobody uses"},
-        {"55006", false, "another consumer holds the slot (or its previous walsender has not exited yet); "
-                         "retrying"}, /* object_in_use */
-        {"57P03", false, "the source is starting up, shutting down or recovering; retrying"}, /* cannot_connect_now */
-        {"53300", false, "the source has no connection or WAL sender slot free (max_connections, max_wal_senders); "
-                         "retrying"}, /* too_many_connections */
+        /* object_in_use: the slot is active for another PID */
+        {"55006", false, "another consumer holds the slot (or its previous walsender has not exited yet); retrying"},
+        /* cannot_connect_now */
+        {"57P03", false, "the source is starting up, shutting down or recovering; retrying"},
+        /* too_many_connections: also max_wal_senders */
+        {"53300", false, "the source has no connection or WAL sender free (max_connections, max_wal_senders); "
+                         "retrying"},
     };
     *needs_fix = false;
     if (sqlstate == NULL)
