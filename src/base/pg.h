@@ -4,7 +4,8 @@
  * literals, connect to staging and check its schema version.
  *
  * Invariant: every function here logs a failure once, itself, with what it
- * was doing; callers only decide what happens next.  Nothing here logs a
+ * was doing; callers only decide what happens next.  The one exception is
+ * wp_pg_connect_params, which hands its error to the caller to classify.  Nothing here logs a
  * conninfo string or a password (libpq's own messages name host, port and
  * database at most).
  */
@@ -25,6 +26,26 @@
  * after logging why.  The caller owns the connection (PQfinish).
  */
 PGconn *wp_pg_connect(const char *conninfo, const char *appname, const char *options, const char *what);
+
+/* Why a connection attempt failed (wp_pg_connect_params). */
+typedef struct wp_pg_conn_error {
+    char sqlstate[6];    /* the SQLSTATE the server answered with, or "" (no server, refused, timeout, ...) */
+    bool needs_password; /* the server asked for a password and the conninfo gave none */
+    char message[512];   /* libpq's message on one line, without the SQLSTATE and LOCATION it adds */
+} wp_pg_conn_error_t;
+
+/*
+ * Connects like PQconnectdbParams(keys, vals, 1), but also tells why it
+ * failed: libpq (15) keeps the fields of a server's error during connection
+ * startup to itself (PQresultErrorField needs a PGresult, and a failed
+ * connection has none), so this asks libpq for its verbose message format and
+ * reads the SQLSTATE out of that fixed layout ("SEVERITY:  SQLSTATE: text")
+ * rather than out of the (possibly translated) English text.  connect_timeout,
+ * when set, bounds the whole attempt; a stop request (wp_stop_requested) ends
+ * it early.  Returns the connection (the caller owns it), or NULL with *err
+ * filled; logs nothing.
+ */
+PGconn *wp_pg_connect_params(const char *const *keys, const char *const *vals, wp_pg_conn_error_t *err);
 
 /*
  * Runs sql (no parameters) and checks that it returned commands or tuples.

@@ -40,6 +40,7 @@
 #include "decoder.h"
 #include "encoder.h"
 #include "log.h"
+#include "pg.h"
 #include "reader.h"
 
 #define SEGMENT_MAX_BYTES (256 * 1024)
@@ -102,56 +103,88 @@ static void put_u64(char *p, uint64_t v)
 }
 
 /*
- * Classifies a server or connection error.  Returns a hint naming the fix
- * and sets *fatal for errors that reconnecting cannot cure; NULL if none.
+ * Classifies an error from the source by its SQLSTATE (the server's, or the
+ * one wp_pg_connect_params read from a failed connection).  Returns a hint
+ * naming the fix, or NULL, and sets *needs_fix for errors that only a change
+ * on the source or in the configuration cures: wrong names or credentials,
+ * missing privilege, wal_level, a missing plugin.  Whether such an error
+ * stops walpipe or is retried is the caller's decision (source.c: a source
+ * being restored or recreated comes back by itself).  Everything else, and
+ * every failure without a SQLSTATE (no server, connection refused or lost),
+ * is worth retrying as it is.
  */
-static const char *classify_error(const char *msg, bool *fatal)
+static const char *classify_error(const char *sqlstate, bool *needs_fix)
 {
     static const struct {
-        const char *needle;
+        const char *sqlstate;
+        bool needs_fix;
         const char *hint;
-    } fatal_errors[] = {
-        {"wal_level", "set wal_level = logical in the source's postgresql.conf and restart it"},
-        {"could not access file \"wal2json\"", "install the wal2json output plugin on the source "
-                                               "(Debian: apt-get install postgresql-15-wal2json)"},
-        {"replication role", "grant the role replication: ALTER ROLE <user> WITH REPLICATION"},
-        {"permission denied to start WAL sender", "grant the role replication: ALTER ROLE <user> WITH REPLICATION"},
-        {"must be superuser or have REPLICATION", "grant the role replication: ALTER ROLE <user> WITH REPLICATION"},
-        {"password authentication failed", "check the user and password in the source's conninfo"},
-        {"does not exist", "check the names in the source's conninfo and configuration"},
-        {"no pg_hba.conf entry", "allow the connection in the source's pg_hba.conf"},
-        {"has been invalidated", "the slot lost WAL it needed: drop it, create a new one and re-snapshot"},
-        {"cannot read from logical replication slot", "the slot lost WAL it needed: drop it, create a new one and "
-                                                      "re-snapshot"},
-        {"is unknown", "the installed wal2json does not support an option walpipe needs (wal2json >= 2.5)"},
+    } source_errors[] = {
+        /* invalid_catalog_name */
+        {"3D000", true, "check dbname in the source's conninfo (a database being restored or recreated: see README, "
+                        "\"Errors\")"},
+        /* invalid_password */
+        {"28P01", true, "check the user and password in the source's conninfo"},
+        /* invalid_authorization_specification: no such role, pg_hba.conf */
+        {"28000", true, "check the user in the source's conninfo and allow the connection in the source's pg_hba.conf"},
+        /* insufficient_privilege: no REPLICATION, no CONNECT */
+        {"42501", true, "grant the role replication: ALTER ROLE <user> WITH REPLICATION, and CONNECT on the database"},
+        /* object_not_in_prerequisite_state */
+        {"55000", true, "set wal_level = logical in the source's postgresql.conf and restart it, if that is what the "
+                        "message names; a standby, a database closed to connections or an invalidated slot give "
+                        "this error too"},
+        /* undefined_file: the output plugin's library */
+        {"58P01", true, "install the wal2json output plugin on the source "
+                        "(Debian: apt-get install postgresql-15-wal2json)"},
+        /* invalid_parameter_value: an option wal2json does not know */
+        {"22023", true, "the installed wal2json does not support an option walpipe needs (wal2json >= 2.5)"},
+        /* configuration_limit_exceeded: all replication slots are in use */
+        {"53400", true, "raise max_replication_slots on the source (and restart it), or drop a slot nobody uses"},
+        /* object_in_use: the slot is active for another PID */
+        {"55006", false, "another consumer holds the slot (or its previous walsender has not exited yet); retrying"},
+        /* cannot_connect_now */
+        {"57P03", false, "the source is starting up, shutting down or recovering; retrying"},
+        /* too_many_connections: also max_wal_senders */
+        {"53300", false, "the source has no connection or WAL sender free (max_connections, max_wal_senders); "
+                         "retrying"},
     };
-    *fatal = false;
-    if (msg == NULL)
+    *needs_fix = false;
+    if (sqlstate == NULL)
         return NULL;
-    if (strstr(msg, "is active for PID"))
-        return "another consumer holds the slot (or its previous walsender has not exited yet); retrying";
-    for (size_t i = 0; i < sizeof fatal_errors / sizeof fatal_errors[0]; i++) {
-        if (strstr(msg, fatal_errors[i].needle)) {
-            *fatal = true;
-            return fatal_errors[i].hint;
+    for (size_t i = 0; i < sizeof source_errors / sizeof source_errors[0]; i++) {
+        if (strcmp(sqlstate, source_errors[i].sqlstate) == 0) {
+            *needs_fix = source_errors[i].needs_fix;
+            return source_errors[i].hint;
         }
     }
     return NULL;
 }
 
-static void log_source_error(const char *what, const char *msg, bool *fatal)
+/*
+ * Logs an error from the source on one line, with the hint of its SQLSTATE
+ * (NULL or "" when it has none), and sets *needs_fix (classify_error).
+ */
+static void log_source_error(const char *what, const char *msg, const char *sqlstate, bool *needs_fix)
 {
-    const char *hint = classify_error(msg, fatal);
+    const char *hint = classify_error(sqlstate && *sqlstate ? sqlstate : NULL, needs_fix);
     char line[1024];
     snprintf(line, sizeof line, "%s", msg ? msg : "unknown error");
     /* keep it to one line: libpq messages end in newlines and may carry DETAIL lines */
     for (char *p = line; *p; p++)
-        if (*p == '\n')
+        if (*p == '\n' || *p == '\t')
             *p = ' ';
+    for (size_t n = strlen(line); n > 0 && line[n - 1] == ' '; n--)
+        line[n - 1] = '\0';
     if (hint)
         wp_error("%s: %s; hint: %s", what, line, hint);
     else
         wp_error("%s: %s", what, line);
+}
+
+/* log_source_error for a failed command: the SQLSTATE of res (NULL when libpq had none to give). */
+static void log_result_error(const char *what, PGconn *conn, const PGresult *res, bool *needs_fix)
+{
+    log_source_error(what, PQerrorMessage(conn), res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL, needs_fix);
 }
 
 static void notice_processor(void *arg, const char *message)
@@ -217,16 +250,23 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
                           "10",
                           "3",
                           NULL};
-    reader->conn = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(reader->conn) != CONNECTION_OK) {
-        log_source_error("could not connect to source", PQerrorMessage(reader->conn), fatal);
+    wp_pg_conn_error_t cerr;
+    reader->conn = wp_pg_connect_params(keys, vals, &cerr);
+    if (reader->conn == NULL) {
+        if (cerr.needs_password) {
+            wp_error("could not connect to source: %s; hint: give the password in the source's conninfo "
+                     "(password=${VARIABLE}) or in ~/.pgpass", cerr.message);
+            *fatal = true;
+        } else {
+            log_source_error("could not connect to source", cerr.message, cerr.sqlstate, fatal);
+        }
         goto out;
     }
     PQsetNoticeProcessor(reader->conn, notice_processor, NULL);
 
     res = PQexec(reader->conn, "IDENTIFY_SYSTEM");
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQnfields(res) < 4) {
-        log_source_error("could not identify the source system", PQerrorMessage(reader->conn), fatal);
+        log_result_error("could not identify the source system", reader->conn, res, fatal);
         goto out;
     }
     if (PQgetisnull(res, 0, 3)) {
@@ -244,7 +284,7 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
                   slot_lit);
     res = PQexec(reader->conn, sql.data);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        log_source_error("could not look up the replication slot", PQerrorMessage(reader->conn), fatal);
+        log_result_error("could not look up the replication slot", reader->conn, res, fatal);
         goto out;
     }
     if (PQntuples(res) == 1) {
@@ -290,7 +330,7 @@ int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_ls
              spec && spec->temporary ? " TEMPORARY" : "", export_snapshot ? "export" : "nothing");
     PGresult *res = PQexec(reader->conn, sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        log_source_error("could not create the replication slot", PQerrorMessage(reader->conn), fatal);
+        log_result_error("could not create the replication slot", reader->conn, res, fatal);
         goto out;
     }
     const char *cp = PQgetvalue(res, 0, 1);
@@ -320,7 +360,7 @@ int wp_reader_drop_slot(wp_reader_t *reader)
     int rc = 0;
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         bool fatal;
-        log_source_error("could not drop the replication slot", PQerrorMessage(reader->conn), &fatal);
+        log_result_error("could not drop the replication slot", reader->conn, res, &fatal);
         rc = -1;
     } else {
         wp_info("dropped slot \"%s\"", reader->source->slot);
@@ -562,7 +602,7 @@ static int start_replication(wp_reader_t *reader, bool *fatal)
     wp_buf_putc(&sql, ')');
     PGresult *res = PQexec(reader->conn, sql.data);
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {
-        log_source_error("could not start replication", PQerrorMessage(reader->conn), fatal);
+        log_result_error("could not start replication", reader->conn, res, fatal);
         goto out;
     }
     wp_info("streaming from slot \"%s\" at %s", reader->source->slot, lsn);
@@ -672,7 +712,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
             if (wait_socket(reader->conn, wait) != 0)
                 goto fail;
             if (!PQconsumeInput(reader->conn)) {
-                log_source_error("lost the source connection", PQerrorMessage(reader->conn), fatal);
+                log_result_error("lost the source connection", reader->conn, NULL, fatal);
                 goto fail;
             }
             continue;
@@ -680,14 +720,15 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
         if (n == -1) {
             PGresult *res = PQgetResult(reader->conn);
             if (PQresultStatus(res) != PGRES_COMMAND_OK)
-                log_source_error("replication stream ended", PQresultErrorMessage(res), fatal);
+                log_source_error("replication stream ended", PQresultErrorMessage(res),
+                                 PQresultErrorField(res, PG_DIAG_SQLSTATE), fatal);
             else
                 wp_error("source ended the replication stream");
             PQclear(res);
             goto fail;
         }
         if (n == -2) {
-            log_source_error("could not read from the source", PQerrorMessage(reader->conn), fatal);
+            log_result_error("could not read from the source", reader->conn, NULL, fatal);
             goto fail;
         }
 

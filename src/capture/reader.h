@@ -26,8 +26,10 @@ void wp_reader_destroy(wp_reader_t *reader); /* NULL is a no-op */
 
 /*
  * Opens the replication connection, runs IDENTIFY_SYSTEM and looks the slot
- * up.  Returns 0, or -1 after logging why, with *fatal set when retrying
- * cannot help (wal_level, missing privilege, unknown database, ...).
+ * up.  Returns 0, or -1 after logging why, with *fatal set when the error
+ * needs a fix on the source or in the configuration (wal_level, missing
+ * privilege, unknown database, ...: decided by SQLSTATE).  The caller decides
+ * whether that stops walpipe or is retried (source.c).
  */
 int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal);
 

@@ -11,6 +11,16 @@
  * same cluster (systemid), same slot, and a slot that has not confirmed
  * anything past the checkpoint.  Otherwise changes would be missing from
  * staging without anyone knowing, so walpipe refuses and says why.
+ *
+ * Which errors stop the source (README, "Errors"): a refusal above, or a
+ * staging schema older than the binary, always.  An error that needs a fix on
+ * the source (reader.c decides by SQLSTATE: unknown database, credentials,
+ * privilege, wal_level, plugin) only on the first attempt at a source that
+ * has no checkpoint yet: that is a mistake in the configuration.  Once the
+ * source has been staged from, or after a first attempt that failed for a
+ * passing reason (server down), the same error means the source is being
+ * restored, recreated or restarted: it is logged as an error and retried with
+ * backoff.  Everything else is retried.
  */
 #include "wp_setup.h"
 
@@ -36,6 +46,8 @@ struct wp_source {
     pthread_t thread;
     bool accept_gap;
     bool fatal;
+    bool tried;        /* a session was attempted before */
+    bool staged_before; /* staging holds a checkpoint of this source */
 };
 
 typedef struct stager_arg {
@@ -109,8 +121,13 @@ static check_result_t check_checkpoint(const wp_source_config_t *src, const wp_c
     return CHECK_OK;
 }
 
-/* One session.  Returns 0 on a requested stop, -1 on error (*fatal when retrying cannot help). */
-static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader, bool *fatal, int64_t *streamed_ms)
+/*
+ * One session.  Returns 0 on a requested stop, -1 on error: *fatal when
+ * walpipe refuses to go on, *needs_fix when the source needs a fix (the
+ * caller decides between stopping and retrying).
+ */
+static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader, bool *fatal, bool *needs_fix,
+                       int64_t *streamed_ms)
 {
     int rc = -1;
     wp_checkpoint_t ckpt;
@@ -118,6 +135,7 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
     wp_queue_t queue;
     bool queue_ready = false;
     *fatal = false;
+    *needs_fix = false;
     *streamed_ms = 0;
 
     if (wp_stager_open(stager, fatal) != 0)
@@ -125,7 +143,9 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
     int found = wp_stager_checkpoint_read(stager, &ckpt);
     if (found < 0)
         goto out;
-    if (wp_reader_open(reader, &slot, fatal) != 0)
+    if (found)
+        s->staged_before = true;
+    if (wp_reader_open(reader, &slot, needs_fix) != 0)
         goto out;
     if (found && strcmp(ckpt.snapshot_state, "in_progress") == 0) {
         /* the previous run died while copying: its exported snapshot died with it */
@@ -152,7 +172,7 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
         }
         if (check == CHECK_GAP_DROPPED) {
             wp_lsn_t created;
-            if (wp_reader_create_slot(reader, NULL, &created, NULL, fatal) != 0 ||
+            if (wp_reader_create_slot(reader, NULL, &created, NULL, needs_fix) != 0 ||
                 wp_stager_accept_gap(stager, ckpt.pos.lsn, created, "slot was missing; created anew") != 0)
                 goto out;
             ckpt.pos = (wp_position_t){.lsn = created};
@@ -182,14 +202,14 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
             if (wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn, "none") != 0)
                 goto out;
         } else if (!s->source->snapshot_initial) {
-            if (wp_reader_create_slot(reader, NULL, &ckpt.pos.lsn, NULL, fatal) != 0 ||
+            if (wp_reader_create_slot(reader, NULL, &ckpt.pos.lsn, NULL, needs_fix) != 0 ||
                 wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn, "none") != 0)
                 goto out;
         } else {
             char snapshot_name[WP_SNAPSHOT_NAME_LEN];
             wp_slot_spec_t spec = {.export_snapshot = true};
             uint64_t rows;
-            if (wp_reader_create_slot(reader, &spec, &ckpt.pos.lsn, snapshot_name, fatal) != 0 ||
+            if (wp_reader_create_slot(reader, &spec, &ckpt.pos.lsn, snapshot_name, needs_fix) != 0 ||
                 wp_stager_checkpoint_init(stager, slot.systemid, ckpt.pos.lsn, "in_progress") != 0)
                 goto out;
             /* the replication connection stays idle until the copy is done: its next command ends the snapshot */
@@ -212,7 +232,7 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
         goto out;
     }
     int64_t started = wp_now_ms();
-    int rrc = wp_reader_stream(reader, &ckpt.pos, &queue, fatal);
+    int rrc = wp_reader_stream(reader, &ckpt.pos, &queue, needs_fix);
     pthread_join(thread, NULL);
     *streamed_ms = wp_now_ms() - started;
     rc = (rrc == 0 && arg.rc == 0) ? 0 : -1;
@@ -245,11 +265,13 @@ static void *source_main(void *p)
     int backoff = BACKOFF_MIN_MS;
 
     while (!wp_stop_requested()) {
-        bool fatal = false;
+        bool fatal = false, needs_fix = false;
         int64_t streamed_ms = 0;
-        if (run_session(s, stager, reader, &fatal, &streamed_ms) == 0 && wp_stop_requested())
+        bool first = !s->tried;
+        s->tried = true;
+        if (run_session(s, stager, reader, &fatal, &needs_fix, &streamed_ms) == 0 && wp_stop_requested())
             break;
-        if (fatal) {
+        if (fatal || (needs_fix && first && !s->staged_before)) {
             wp_error("source \"%s\" stopped: the error above needs a fix before walpipe can go on", s->source->name);
             s->fatal = true;
             break;
@@ -258,7 +280,12 @@ static void *source_main(void *p)
             break;
         if (streamed_ms > 60000)
             backoff = BACKOFF_MIN_MS;
-        wp_info("retrying in %d ms", backoff);
+        if (needs_fix)
+            wp_warn("retrying in %d ms: the error above needs a fix on the source, which walpipe %s, so it waits "
+                    "for the source (restored, recreated or restarted) instead of stopping",
+                    backoff, s->staged_before ? "has staged from before" : "could not reach at its first attempt");
+        else
+            wp_info("retrying in %d ms", backoff);
         sleep_ms_interruptible(backoff);
         backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
     }

@@ -72,19 +72,63 @@ def test_bad_config_exits_2_with_file_and_line(tmp_path, walpipe_bin):
 
 
 def test_source_unreachable_then_back(pg_factory, staging_pg, walpipe_factory):
+    """The source server is down at first, then comes up before its database exists (the order of
+    the race the issue reproduced, forced here): walpipe retries, loudly, until the database is
+    there, because its first attempt failed for a passing reason (README, "Errors")."""
     source = pg_factory("source", start=False)
     w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source.conninfo("app")}})
-    wait_until(lambda: "retrying in" in w.log(since_start=True), timeout=30, what="a retry", walpipe=w)
+    wait_until(lambda: "retrying in" in w.log(since_start=True), timeout=60, what="a retry", walpipe=w)
     assert "could not connect to source" in w.log(since_start=True)
-    assert w.running
     source.start()
+    missing = 'database "app" does not exist'
+    wait_until(lambda: w.log(since_start=True).count(missing) >= 2, timeout=120,
+               what="two attempts that found no database app", walpipe=w)
+    assert w.running
     setup_source(source, schema="CREATE TABLE t (id int PRIMARY KEY)")
-    wait_until(lambda: "streaming from slot" in w.log(since_start=True), timeout=60,
-               what="streaming after the source came up", walpipe=w)
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), timeout=120,
+               what="streaming after the database was created", walpipe=w)
     source.sql("INSERT INTO t SELECT generate_series(1, 100)", dbname="app")
     wait_caught_up(source, w)
     assert w.stop() == 0
     truth.assert_exactly_once(truth.read_truth(source, "app", "truth"), truth.read_staged(staging_pg, "staging"))
+
+
+def test_unknown_database_on_first_start_is_fatal(source_pg, staging_pg, walpipe_factory):
+    """A source never staged from, reachable, without its database: a typo in the configuration."""
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("nosuch")}})
+    expect_fatal(w, 'database "nosuch" does not exist', "hint: check dbname")
+
+
+def test_source_database_away_under_a_running_walpipe_is_retried(source_pg, staging_pg, walpipe_factory):
+    """The source database goes away under a running walpipe (closed to connections, then renamed,
+    as during a restore) and comes back: walpipe retries loudly and resumes, losing nothing."""
+    setup_source(source_pg, schema="CREATE TABLE t (id int PRIMARY KEY)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    source_pg.sql("INSERT INTO t SELECT generate_series(1, 10)", dbname="app")
+    wait_caught_up(source_pg, w)
+    # no new connection can reach app from here on; then every existing one goes
+    source_pg.sql("ALTER DATABASE app ALLOW_CONNECTIONS false")
+    source_pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'app'")
+    wait_until(lambda: source_pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app'") == 0,
+               timeout=60, what="no session left in database app", walpipe=w)
+    closed = 'database "app" is not currently accepting connections'
+    wait_until(lambda: closed in w.log(since_start=True), timeout=120,
+               what="an attempt refused by the closed database", walpipe=w)
+    source_pg.sql("ALTER DATABASE app RENAME TO app_away")
+    missing = 'database "app" does not exist'
+    wait_until(lambda: w.log(since_start=True).count(missing) >= 2, timeout=120,
+               what="two attempts that found no database app", walpipe=w)
+    assert w.running
+    errors = [l for l in error_lines(w) if missing in l]
+    assert all("hint: check dbname" in l for l in errors), errors
+    source_pg.sql("ALTER DATABASE app_away RENAME TO app")
+    source_pg.sql("ALTER DATABASE app ALLOW_CONNECTIONS true")
+    source_pg.sql("INSERT INTO t SELECT generate_series(11, 20)", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    assert "has staged from before" in w.log(since_start=True)
+    truth.assert_exactly_once(truth.read_truth(source_pg, "app", "truth"), truth.read_staged(staging_pg, "staging"))
+    assert staged_count(staging_pg) == 20
 
 
 def test_walsender_terminated_mid_stream(source_pg, staging_pg, walpipe_factory):
@@ -97,11 +141,11 @@ def test_walsender_terminated_mid_stream(source_pg, staging_pg, walpipe_factory)
     try:
         for _ in range(3):
             base = staged_count(staging_pg)
-            wait_until(lambda: staged_count(staging_pg) > base + 1000, timeout=60, what="progress", walpipe=w)
+            wait_until(lambda: staged_count(staging_pg) > base + 1000, timeout=120, what="progress", walpipe=w)
             # rows staged after a terminate may predate the reconnect: wait for a walsender to kill
             wait_until(lambda: source_pg.scalar("SELECT active_pid FROM pg_replication_slots "
                                                 "WHERE slot_name = 'walpipe_app'"),
-                       timeout=60, what="walpipe streaming again", walpipe=w)
+                       timeout=120, what="walpipe streaming again", walpipe=w)
             n = source_pg.scalar("SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots "
                                  "WHERE slot_name = 'walpipe_app' AND active_pid IS NOT NULL")
             assert n == 1
@@ -122,7 +166,7 @@ def test_staging_unreachable_stops_acknowledging(source_pg, staging_pg, walpipe_
     acked = wptest.slot_info(source_pg, "walpipe_app")["confirmed_flush_lsn"]
     staging_pg.stop("immediate")
     source_pg.sql("INSERT INTO t SELECT g, 'b' FROM generate_series(1001, 3000) g", dbname="app")
-    wait_until(lambda: "retrying in" in w.log(since_start=True), timeout=30, what="a staging retry", walpipe=w)
+    wait_until(lambda: "retrying in" in w.log(since_start=True), timeout=90, what="a staging retry", walpipe=w)
     time.sleep(3)
     # nothing new is committed in staging, so nothing new may be acknowledged
     assert wptest.slot_info(source_pg, "walpipe_app")["confirmed_flush_lsn"] == acked
@@ -163,7 +207,7 @@ def test_different_cluster_is_refused(source_pg, pg_factory, staging_pg, walpipe
     source_pg.sql("INSERT INTO t VALUES (1)", dbname="app")
     wait_caught_up(source_pg, w)
     assert w.stop() == 0
-    other = pg_factory("other")
+    other = pg_factory("other", fresh=True)   # its own system identifier
     setup_source(other, schema="CREATE TABLE t (id int PRIMARY KEY)")
     wptest.write_config(w.config_path, staging_pg.conninfo("staging"), {"app": {"conninfo": other.conninfo("app")}})
     w.start()

@@ -335,7 +335,7 @@ def test_apply_failure_dead_letter_and_retry(source_pg, staging_pg, walpipe_fact
     mirror = dict(staging_pg.sql("SELECT id, note FROM analytics.public_orders", dbname="staging"))
     assert 11 not in mirror and mirror[12] == "fine" and mirror[2] == "newer"
     # the queue's size shows in the log ...
-    wait_until(lambda: "2 parked" in w.log(), timeout=30, what="the dead-letter count in the progress log",
+    wait_until(lambda: "2 parked" in w.log(), timeout=90, what="the dead-letter count in the progress log",
                walpipe=w)
     assert "dead-letter queue grew" in w.log()
 
@@ -405,7 +405,7 @@ def test_unmirrorable_tables_are_named_and_parked(source_pg, staging_pg, walpipe
     setup_source(source_pg, schema=UNMIRRORABLE_SCHEMA)
     w = start(walpipe_factory, staging_pg, source_pg, workers=1)
     # named at start, with the reason and the fix
-    wait_until(lambda: w.log().count("cannot be mirrored") >= 3, timeout=30, what="unmirrorable tables named",
+    wait_until(lambda: w.log().count("cannot be mirrored") >= 3, timeout=90, what="unmirrorable tables named",
                walpipe=w)
     log = w.log()
     assert re.search(r'table "public"\."nokey" of source "app" cannot be mirrored: it has no usable primary key.*'

@@ -10,12 +10,14 @@ slot at the same position (truth.stream_compare): every source change must be
 staged exactly once, with the right row image.
 
     scenario      fault
-    sigkill       walpipe SIGKILLed at random moments (5 times; 20 with --full)
+    sigkill       walpipe SIGKILLed at random moments (5 times; 20 with --full), one of
+                  them inside a big transaction by condition; at least one must land
+                  inside a transaction (read from the checkpoint after the kill)
     source-crash  source stopped with pg_ctl -m immediate and restarted mid-stream
     walsender     the walsender terminated while a large transaction is half staged
     staging-down  staging restarted, then unreachable for 10 s (60 s with --full)
     staging-slow  raw_events locked for 12 s, longer than wal_sender_timeout (5 s)
-    big-txn       walpipe SIGKILLed in the middle of a 300 000-row transaction
+    big-txn       walpipe SIGKILLed in the middle of a 150 000-row transaction
                   (2 000 000 with --full); peak RSS must stay <= 64 MB
     source-down   two sources, one of them down the whole run; the other keeps
                   its throughput
@@ -116,7 +118,7 @@ COMMIT;
 # Knobs of the short (default suite) and the full form.
 PARAMS = {
     "short": dict(rate=100, clients=2, bulk_rows=3000, kills=5, crash_cycles=1, walsender_cycles=1,
-                  walsender_txn=100000, outage_s=10, lock_cycles=1, lock_s=12, big_txn=300000,
+                  walsender_txn=100000, outage_s=10, lock_cycles=1, lock_s=12, big_txn=150000,
                   down_txn=100000, settle_s=2),
     "full": dict(rate=150, clients=2, bulk_rows=3000, kills=20, crash_cycles=3, walsender_cycles=3,
                  walsender_txn=300000, outage_s=60, lock_cycles=3, lock_s=12, big_txn=2000000,
@@ -375,34 +377,95 @@ def wait_partial(x, w, stg, at_seq, n, timeout=300):
                       walpipe=w)
 
 
+def stager_gone(stg, source="app"):
+    """Waits until the staging session of a killed walpipe has ended: from then on the checkpoint
+    is where the kill left it (a batch whose COMMIT had been sent may still commit before that)."""
+    wait_until(lambda: stg.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                  (f"walpipe_stager_{source}",), dbname="staging") == 0,
+               timeout=120, interval=0.05, what="the killed walpipe's staging session to end")
+
+
+# A staging batch holds at most batch_rows - 1 rows plus one reader segment (SEGMENT_MAX_ROWS, reader.c).
+SEGMENT_MAX_ROWS = 2000
+
+
+def fault_inside_big_txn(x, w, src, stg, lo, n, batch_rows, fault, low=None):
+    """Calls fault() while the checkpoint is inside a big transaction, by condition: the
+    checkpoints table is locked (no batch can commit), the checkpoint read, and fault() called
+    only if it lies so far inside the transaction that the one batch already in flight cannot
+    finish it.  Returns the checkpoint row the fault met.  A big transaction staged past that
+    window between two polls is followed by another one (a few tries)."""
+    low = low or x.p["bulk_rows"] + 100  # past any transaction of the load: the big one
+    high = n - batch_rows - SEGMENT_MAX_ROWS
+    for attempt in range(4):
+        insert_big(src, lo + attempt * n, n)
+        after = truth.lsn_int(src.scalar("SELECT pg_current_wal_insert_lsn()::text"))
+
+        def inside_or_past():
+            ck = x.checkpoint(stg)
+            if ck[1] is not None and low < ck[2] < high:
+                return ("inside", ck)
+            return ("past", ck) if truth.lsn_int(ck[0]) >= after else None
+
+        state, _ = wait_until(inside_or_past, timeout=300, interval=0.01,
+                              what="the checkpoint inside the big transaction", walpipe=w)
+        if state != "inside":
+            continue
+        conn = stg.connect("staging", autocommit=False)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("LOCK TABLE walpipe.checkpoints IN EXCLUSIVE MODE")
+                cur.execute("SELECT txn_end::text, txn_seq FROM walpipe.checkpoints WHERE source = 'app'")
+                txn_end, seq = cur.fetchone()
+                if txn_end is not None and low < seq < high:
+                    fault()
+                    return (None, txn_end, seq)
+        finally:
+            conn.rollback()
+            conn.close()
+    raise Failed(f"{attempt + 1} transactions of {n} rows were each staged past seq {high} between two polls")
+
+
 def scenario_sigkill(x):
     """walpipe SIGKILLed at random moments under load; small batches so that
-    many checkpoints fall inside transactions."""
+    many checkpoints fall inside transactions.  Where each kill landed is read
+    from the checkpoint once the killed walpipe's staging session is gone; one
+    kill is made to land inside a big transaction by condition, and the run
+    must have at least one kill inside a transaction."""
     src, stg = x.cluster("source"), x.cluster("staging")
     x.setup_source(src)
-    w = x.walpipe(stg, {"app": {"conninfo": src.conninfo("app")}}, {"batch_rows": 700})
+    batch_rows = 700
+    w = x.walpipe(stg, {"app": {"conninfo": src.conninfo("app")}}, {"batch_rows": batch_rows})
     load = x.load(src)
     x.wait_progress(w, stg, 2000)
     mid_txn = 0
+    big = 30000
     for i in range(x.p["kills"]):
-        time.sleep(x.rnd.uniform(0.2, 3.0))
-        ck = None
-        if i % 2 == 1:  # every other kill waits for a checkpoint inside a transaction (the load's bulk ones)
-            try:
-                ck = wait_partial(x, w, stg, 0, 1 << 30, timeout=15)
-            except AssertionError:
-                if not w.running:
-                    raise
-        ck = ck or x.checkpoint(stg)
-        x.kill(w)
-        if ck and ck[1] is not None:
+        if i == 1:      # by condition: inside a big transaction
+            seq = fault_inside_big_txn(x, w, src, stg, 0, big, batch_rows, lambda: x.kill(w))[2]
+            x.row.notes.append(f"kill {i + 1} with the checkpoint at seq {seq} of a {big}-row transaction")
+        else:
+            time.sleep(x.rnd.uniform(0.2, 3.0))
+            if i % 2 == 1:  # every other kill waits for a checkpoint inside a transaction (the load's bulk ones)
+                try:
+                    wait_partial(x, w, stg, 0, 1 << 30, timeout=15)
+                except AssertionError:
+                    if not w.running:
+                        raise
+            x.kill(w)
+        stager_gone(stg)
+        landed = x.checkpoint(stg)
+        if landed[1] is not None:
             mid_txn += 1
+        elif i == 1:
+            x.check(False, f"the kill inside the big transaction left the checkpoint at {landed}")
         w.start()
     x.wait_progress(w, stg, 1000)
     load.stop()
     x.caught_up(src, w)
     x.stop(w)
     x.row.faults = f"{x.p['kills']} SIGKILL ({mid_txn} inside a txn)"
+    x.check(mid_txn >= 1, "no kill landed inside a transaction")
     x.verify(src, stg)
     x.check(w.log().count("streaming from slot") >= x.p["kills"] // 2,
             "walpipe hardly ever got to stream between the kills")
@@ -455,20 +518,20 @@ def scenario_walsender(x):
     hits = 0
     for i in range(x.p["walsender_cycles"]):
         streams = w.log().count("streaming from slot")
-        lo = i * n
-        insert_big(src, lo, n)
-        # at a random point of the big transaction (past anything the load writes)
-        ck = wait_partial(x, w, stg, x.rnd.randrange(x.p["bulk_rows"] + 100, n * 3 // 4), n)
-        pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
-        x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
-        after = x.checkpoint(stg)
-        if after[1] == ck[1]:
-            hits += 1
-        x.row.notes.append(f"terminated at seq {ck[2]}..{after[2]} of {n}")
+        lo = i * n * 4
+
+        def terminate():
+            pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
+            x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
+
+        # at a random point of the big transaction (past anything the load writes), with the checkpoint
+        # held still (fault_inside_big_txn) so that the termination cannot come after the transaction
+        ck = fault_inside_big_txn(x, w, src, stg, lo, n, 1000, terminate,
+                                  low=x.rnd.randrange(x.p["bulk_rows"] + 100, n // 2))
+        hits += 1   # fault_inside_big_txn raises unless the termination met the checkpoint inside the transaction
+        x.row.notes.append(f"terminated at seq {ck[2]} of {n}")
         x.wait_log(w, "streaming from slot", streams + 1)
-        wait_until(lambda: stg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE table_name = 't_big'",
-                                      dbname="staging") >= lo + n, timeout=300, interval=0.5,
-                   what="the big transaction staged", walpipe=w)
+        x.caught_up(src, w)
     time.sleep(x.p["settle_s"])
     load.stop()
     x.caught_up(src, w)
@@ -552,11 +615,12 @@ def scenario_staging_slow(x):
         try:
             with conn.cursor() as cur:
                 cur.execute("LOCK TABLE walpipe.raw_events IN ACCESS EXCLUSIVE MODE")
-                time.sleep(1)
-                waiting = stg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = 'staging' "
-                                     "AND wait_event_type = 'Lock'")
-                x.check(waiting >= 1, "walpipe's stager was not waiting for the lock")
-                time.sleep(x.p["lock_s"] - 1)
+                locked = time.monotonic()
+                wait_until(lambda: stg.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                              "'walpipe_stager_app' AND wait_event_type = 'Lock'"),
+                           timeout=120, interval=0.1, what="walpipe's stager waiting for the lock", walpipe=w)
+                # the fault: the lock held longer than wal_sender_timeout, counted from when it was taken
+                time.sleep(max(0.0, x.p["lock_s"] - (time.monotonic() - locked)))
             conn.rollback()
         finally:
             conn.close()

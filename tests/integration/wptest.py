@@ -223,12 +223,19 @@ class PgError(RuntimeError):
 class PgCluster:
     """A throwaway PostgreSQL 15 cluster.
 
-    PgCluster(name, **settings) runs initdb at once (not started yet);
-    settings override DEFAULT_SETTINGS in postgresql.conf.  As a context
-    manager it starts on enter and is destroyed on exit.
+    PgCluster(name, **settings) makes its data directory at once (not
+    started yet); settings override DEFAULT_SETTINGS in postgresql.conf.  As
+    a context manager it starts on enter and is destroyed on exit.
+
+    The data directory is a copy of one initdb'd template (per PostgreSQL
+    version, shared by every test process): initdb takes 2-7 s on a loaded
+    2-core machine and the suite makes about a hundred clusters per pass.
+    Copies share the template's system identifier; fresh=True runs initdb
+    instead, for a test that needs a cluster of its own identity (another
+    cluster than its source, for walpipe).
     """
 
-    def __init__(self, name="pg", **settings):
+    def __init__(self, name="pg", fresh=False, **settings):
         global _STALE_SWEPT
         if not _STALE_SWEPT:
             _STALE_SWEPT = True
@@ -251,7 +258,7 @@ class PgCluster:
             if _IS_ROOT:
                 uid, gid = _postgres_ids()
                 os.chown(self.base_dir, uid, gid)
-            self._initdb()
+            self._initdb(fresh)
         except BaseException:
             self.destroy()
             raise
@@ -278,10 +285,11 @@ class PgCluster:
                 f"server log tail:\n{self.server_log_tail()}")
         return r
 
-    def _initdb(self):
-        locale = "C.UTF-8" if _have_c_utf8() else "C"
-        self._run([str(PG_BIN / "initdb"), "-D", str(self.data_dir), "-U", PG_DB_USER,
-                   "-A", "trust", "-E", "UTF8", f"--locale={locale}", "-N"])
+    def _initdb(self, fresh):
+        if fresh:
+            _run_initdb(self.data_dir, self._run)
+        else:
+            self._run(["cp", "-a", str(_template_data_dir()), str(self.data_dir)])
         conf = dict(self.settings)
         conf["port"] = self.port
         conf["unix_socket_directories"] = str(self.socket_dir)
@@ -403,6 +411,56 @@ class PgCluster:
 
 
 _C_UTF8 = None
+_TEMPLATE = None
+
+
+def _initdb_cmd(data_dir):
+    locale = "C.UTF-8" if _have_c_utf8() else "C"
+    return [str(PG_BIN / "initdb"), "-D", str(data_dir), "-U", PG_DB_USER,
+            "-A", "trust", "-E", "UTF8", f"--locale={locale}", "-N"]
+
+
+def _run_initdb(data_dir, run):
+    run(_initdb_cmd(data_dir))
+
+
+def _template_data_dir():
+    """The initdb'd template's data directory, made once (by whichever test process comes first;
+    built aside and renamed into place, so a concurrent process never sees half of it)."""
+    global _TEMPLATE
+    if _TEMPLATE is not None and _TEMPLATE.exists():
+        return _TEMPLATE
+    version = subprocess.run([str(PG_BIN / "initdb"), "--version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    key = re.sub(r"[^A-Za-z0-9]+", "_", f"{version} {_initdb_cmd('')[3:]} {os.geteuid()}")
+    final = _tmp_root() / f"wptemplate-{key}"
+    if not (final / "data" / "PG_VERSION").exists():
+        build = Path(tempfile.mkdtemp(prefix="wptemplate-build-", dir=_tmp_root()))
+        try:
+            os.chmod(build, 0o755)
+            if _IS_ROOT:
+                uid, gid = _postgres_ids()
+                os.chown(build, uid, gid)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+            env["LC_ALL"] = "C"
+
+            def run(cmd):
+                r = subprocess.run(_as_pg_user(cmd), cwd=build, env=env, stdin=subprocess.DEVNULL,
+                                   capture_output=True, text=True, timeout=300)
+                if r.returncode != 0:
+                    raise PgError(f"template initdb failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+
+            _run_initdb(build / "data", run)
+            try:
+                os.rename(build, final)
+                build = None
+            except OSError:
+                pass  # another process was first: use its template
+        finally:
+            if build is not None:
+                shutil.rmtree(build, ignore_errors=True)
+    _TEMPLATE = final / "data"
+    return _TEMPLATE
 
 
 def _have_c_utf8():
@@ -512,7 +570,7 @@ class Walpipe:
         if self.running:
             self.proc.send_signal(sig)
 
-    def stop(self, timeout=30):
+    def stop(self, timeout=60):
         """SIGTERM and wait; returns the exit code.  Kills it and raises
         AssertionError if it does not exit within timeout."""
         if self.proc is None:
@@ -614,14 +672,16 @@ def write_config(path, staging_conninfo, sources, staging_extra=None, walpipe_ex
     return path
 
 
-def wait_until(predicate, timeout=30, interval=0.05, what="condition", walpipe=None,
+def wait_until(predicate, timeout=90, interval=0.05, what="condition", walpipe=None,
                ignore=()):
     """Poll predicate() until it returns something truthy; returns that.
 
     On timeout raises AssertionError naming `what`, with the walpipe log
     tail (of `walpipe`, or of every live Walpipe when None).  If `walpipe`
     is given and its process has exited, fails at once instead of waiting.
-    Exceptions of the types in `ignore` count as "not yet".
+    Exceptions of the types in `ignore` count as "not yet".  The default
+    deadline is generous on purpose: it only matters when the condition never
+    comes, and a loaded 2-core machine running an ASan build is slow.
     """
     deadline = time.monotonic() + timeout
     last_exc = None
