@@ -94,13 +94,48 @@ def test_snapshot_interrupted_starts_over_cleanly(source_pg, staging_pg, walpipe
     source_pg.createdb("app")
     source_pg.sql(SCHEMA, dbname="app")
     fill_big(source_pg, 600000)
-    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
-                                                            "snapshot_workers": 1}})
-    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks", dbname="staging") >= 1,
-               timeout=120, interval=0.02, what="a first chunk committed", walpipe=w)
-    w.kill()
+    sources = {"app": {"conninfo": source_pg.conninfo("app"), "snapshot_workers": 1}}
+    w = walpipe_factory("[placeholder]\n")
+    wptest.write_config(w.config_path, staging_pg.conninfo("staging"), sources)
+    staging_pg.createdb("staging")
+    r = w.init()
+    assert r.returncode == 0, r.stderr
+    # The kill must land after the first chunk committed and before the last: a trigger makes
+    # every chunk after the first wait for an advisory lock this test holds, so the copy is
+    # stopped in the middle by a condition, not by the test being quicker than the copy.
+    staging_pg.sql("""
+        CREATE FUNCTION public.hold_second_chunk() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF (SELECT count(*) FROM walpipe.snapshot_chunks) > 1 THEN
+            PERFORM pg_advisory_xact_lock(7745);
+          END IF;
+          RETURN NULL;
+        END $$;
+        CREATE TRIGGER hold_second_chunk AFTER INSERT ON walpipe.snapshot_chunks
+          FOR EACH ROW EXECUTE FUNCTION public.hold_second_chunk();""", dbname="staging")
+    holder = staging_pg.connect("staging")
+    holder.autocommit = True
+    holder.cursor().execute("SELECT pg_advisory_lock(7745)")
+    try:
+        w.start()
+        wait_until(lambda: staging_pg.scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7745 AND NOT granted",
+            dbname="staging") == 1, timeout=300, interval=0.05, what="the second chunk waiting", walpipe=w)
+        assert staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks", dbname="staging") == 1
+        w.kill()
+        # the killed walpipe's waiting chunk must not commit when the lock goes: end its session
+        staging_pg.sql("SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' "
+                       "AND l.objid = 7745 AND NOT l.granted", dbname="staging")
+        wait_until(lambda: staging_pg.scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7745 AND NOT granted",
+            dbname="staging") == 0, what="the waiting chunk's session gone")
+    finally:
+        holder.cursor().execute("SELECT pg_advisory_unlock(7745)")
+        holder.close()
+    staging_pg.sql("DROP TRIGGER hold_second_chunk ON walpipe.snapshot_chunks; "
+                   "DROP FUNCTION public.hold_second_chunk()", dbname="staging")
     partial = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
-    assert 0 < partial < 600000 + 3
+    assert 0 < partial < 600000
     source_pg.sql("UPDATE big SET n = -1 WHERE id <= 10", dbname="app")
     w.start()
     wait_until(lambda: "initial snapshot done" in w.log(since_start=True), timeout=300, what="snapshot done",
