@@ -1061,8 +1061,12 @@ char *wp_config_conninfo_redacted(const char *conninfo)
             if (out.len > 0)
                 wp_buf_putc(&out, ' ');
             wp_buf_printf(&out, "%s=", opt->keyword);
-            /* A value holding '=' may be a whole conninfo pasted as dbname, password included. */
-            if (strchr(opt->val, '=') != NULL)
+            /*
+             * libpq expands a dbname holding '=' or starting with a URI
+             * prefix as a whole conninfo, password included: never shown.
+             */
+            if (strchr(opt->val, '=') != NULL || strncmp(opt->val, "postgresql://", 13) == 0 ||
+                strncmp(opt->val, "postgres://", 11) == 0)
                 wp_buf_puts(&out, "(hidden)");
             else
                 put_conninfo_value(&out, opt->val);

@@ -3,7 +3,11 @@
  *
  * Each line is formatted into a local buffer and written with one write(2)
  * call, so lines from different source threads never interleave.
- * wp_log_sanitize cleans messages that quote untrusted input.
+ *
+ * Invariant: a call writes exactly one line of valid UTF-8.  The message
+ * part is scrubbed here (wp_log_sanitize), whatever the caller passed: table
+ * names, server messages and other text from a source may hold newlines or
+ * bytes that are not UTF-8, and must not be able to forge a line.
  */
 #include "wp_setup.h"
 
@@ -57,8 +61,11 @@ void wp_log(wp_log_level_t level, const char *fmt, ...)
     if (len > sizeof line - 2)
         len = sizeof line - 2;
     /* strip trailing newlines that came from libpq error texts */
-    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+    while (len > (size_t)n && (line[len - 1] == '\n' || line[len - 1] == '\r'))
         len--;
+    /* the rest becomes one line: inner newlines and other controls turn into spaces, bad bytes into '?' */
+    line[len] = '\0';
+    wp_log_sanitize(line + n);
     line[len++] = '\n';
     ssize_t w WP_UNUSED = write(STDERR_FILENO, line, len);
 }

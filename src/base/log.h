@@ -21,6 +21,9 @@ void wp_log_set_component(const char *name);
 void wp_log(wp_log_level_t level, const char *fmt, ...) WP_PRINTF(2, 3);
 
 /*
+ * wp_log applies wp_log_sanitize to every message, so a caller never needs
+ * to for logging; it stays public for text that is stored, not logged.
+ *
  * Makes msg (NUL-terminated, changed in place) safe to print as one line and
  * to store as PostgreSQL text when it quotes input: bytes that are not part
  * of valid UTF-8 become '?', control characters become ' '.  A character

@@ -54,6 +54,21 @@
 /* Largest integer a double holds exactly, as decimal text. */
 #define INT53_TEXT "9007199254740992"
 
+/*
+ * jsonb stores a string's length, and the size of each object's contents, in
+ * 28 bits (JENTRY_OFFLENMASK): staging refuses a payload beyond that.
+ */
+#define JSONB_MAX_BYTES ((size_t)0x0FFFFFFF)
+/*
+ * Bytes a scalar may take in jsonb beyond its text: alignment (3), varlena
+ * header (4) and numeric header (4); a numeric's digits take fewer bytes
+ * than their text.  The 2 a bytea's "\x" adds are counted on top.
+ */
+#define JSONB_SCALAR_EXTRA 16
+/* A container's alignment (3) and header (4); each member adds a JEntry (4), two for an object's pair. */
+#define JSONB_CONTAINER_EXTRA 7
+#define JSONB_PAIR_EXTRA 8
+
 #define FNV_OFFSET UINT64_C(14695981039346656037)
 #define FNV_PRIME UINT64_C(1099511628211)
 
@@ -177,6 +192,8 @@ struct wp_decoder {
     bool has_ident;
     bool ident_full;    /* identity is the whole old row: "before", not "key" */
     table_entry_t *table; /* cache entry of the last I/U/D */
+    const char *rejected_schema; /* after a failed parse: its table when known (in text), else NULL */
+    const char *rejected_table;
 
     table_entry_t **tables; /* open addressing, linear probing; cap is a power of two */
     size_t tables_cap;
@@ -407,6 +424,24 @@ static void put_row(wp_buf_t *out, const col_t *cols, size_t n)
         put_value(out, &cols[i]);
     }
     wp_buf_putc(out, '}');
+}
+
+/*
+ * An upper bound of the bytes a row object {"name":value,...} of cols takes
+ * in jsonb, whose limits count decoded strings, not JSON text.  Also returns
+ * the largest value in *widest.
+ */
+static size_t jsonb_row_bound(const col_t *cols, size_t n, const col_t **widest)
+{
+    size_t total = JSONB_CONTAINER_EXTRA;
+    for (size_t i = 0; i < n; i++) {
+        const jval_t *v = cols[i].value;
+        bool sized = v->kind == JK_NUMBER || v->kind == JK_STRING;
+        total += JSONB_PAIR_EXTRA + cols[i].name_len + (sized ? v->len + 2 + JSONB_SCALAR_EXTRA : 0);
+        if (sized && (*widest == NULL || v->len > (*widest)->value->len))
+            *widest = &cols[i];
+    }
+    return total;
 }
 
 /* ---------------------------------------------------------------- errors */
@@ -1251,6 +1286,11 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
         c->prefix = f[F_PREFIX].s;
         c->content = f[F_CONTENT].s;
         c->content_len = f[F_CONTENT].len;
+        if (JSONB_CONTAINER_EXTRA + 3 * JSONB_PAIR_EXTRA + 26 + f[F_PREFIX].len + f[F_CONTENT].len +
+                2 * JSONB_SCALAR_EXTRA >
+            JSONB_MAX_BYTES)
+            return fail(errbuf, errlen, "the message's content of %zu bytes is over jsonb's limit of %zu bytes",
+                        f[F_CONTENT].len, JSONB_MAX_BYTES);
         return 0;
     default:
         break;
@@ -1287,6 +1327,18 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
     }
     c->ncolumns = ncols;
     c->nidentity = nident;
+    /* the payload: {"after": row} and/or {"key"|"before": row}, each row an object of its own */
+    const col_t *widest = NULL;
+    size_t bound = JSONB_CONTAINER_EXTRA + 2 * (JSONB_PAIR_EXTRA + 6);
+    if (c->op != WP_OP_DELETE)
+        bound += jsonb_row_bound(decoder->lists[0].cols, ncols, &widest);
+    if (decoder->has_ident)
+        bound += jsonb_row_bound(decoder->lists[1].cols, nident, &widest);
+    if (bound > JSONB_MAX_BYTES)
+        return fail(errbuf, errlen,
+                    "the change's payload would take up to %zu bytes as jsonb, over jsonb's limit of %zu bytes "
+                    "(largest value: column \"%.64s\", %zu bytes)",
+                    bound, JSONB_MAX_BYTES, widest ? widest->name : "", widest ? widest->value->len : 0);
     decoder->table = table_get(decoder, c->schema ? c->schema : "", c->schema ? f[F_SCHEMA].len : 0, c->table,
                                f[F_TABLE].len);
     decide_identity(decoder, c->op, ncols, nident);
@@ -1350,6 +1402,7 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     decoder->has_ident = false;
     decoder->ident_full = false;
     decoder->table = NULL;
+    decoder->rejected_schema = decoder->rejected_table = NULL;
 
     if (len == 0) {
         fail(errbuf, errlen, "empty message");
@@ -1360,6 +1413,9 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     if (parse_message(decoder, top, &c, errbuf, errlen) < 0) {
         decoder->has_ident = false;
         decoder->table = NULL;
+        /* the table, when the message got that far, for the dead letter */
+        decoder->rejected_schema = c.schema;
+        decoder->rejected_table = c.table;
         goto out;
     }
     decoder->last = c;
@@ -1368,6 +1424,12 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     rc = 0;
 out:
     return rc;
+}
+
+void wp_decoder_rejected_table(const wp_decoder_t *decoder, const char **schema, const char **table)
+{
+    *schema = decoder->rejected_schema;
+    *table = decoder->rejected_table;
 }
 
 static const wp_change_t *current(const wp_decoder_t *decoder, const wp_change_t *change)

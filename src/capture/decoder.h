@@ -73,12 +73,20 @@ void wp_decoder_destroy(wp_decoder_t *decoder); /* NULL is a no-op */
  * Parses one wal2json v2 message of len bytes (need not be NUL-terminated).
  * Returns 0 and fills *change, or -1 with a one-line reason in errbuf (for
  * example "invalid JSON at byte 17: ...", "\"columns\" entry 2 has no \"name\"",
- * "unknown action \"X\"").  Numbers of any size or precision are accepted
+ * "unknown action \"X\"", or a payload too large for jsonb: a string, or an
+ * object's contents, over 2^28 - 1 bytes).  Numbers of any size or precision are accepted
  * and kept exactly as printed.  A "timestamp" must be ISO with a UTC offset,
  * as the walsender prints it under DateStyle ISO (the reader pins it).
  */
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen);
+
+/*
+ * After a failed wp_decoder_parse: the schema and table the message names,
+ * when it got that far (else NULL each), for its dead letter.  They borrow
+ * from the decoder until the next parse.
+ */
+void wp_decoder_rejected_table(const wp_decoder_t *decoder, const char **schema, const char **table);
 
 /* Appends the payload JSON (see the top of this file) of the last parsed I/U/D/T/M change to out. */
 void wp_decoder_payload(wp_decoder_t *decoder, const wp_change_t *change, wp_buf_t *out);
@@ -87,7 +95,9 @@ void wp_decoder_payload(wp_decoder_t *decoder, const wp_change_t *change, wp_buf
  * Describes the column set of the last parsed I/U/D change (the new row's
  * columns for I/U, the identity columns for D): appends
  * [{"name":..,"type":..,"typeoid":N},...] to out and returns a stable
- * 63-bit id of (schema, table, that JSON).  Returns 0 for T and M.
+ * 63-bit id of (schema, table, that JSON).  Returns 0 for T and M.  The id
+ * is a proposal (FNV-1a, which anyone can aim at): the stager records the
+ * shape by content and may use another id (sql/006_shape_ids.sql).
  */
 int64_t wp_decoder_shape(wp_decoder_t *decoder, const wp_change_t *change, wp_buf_t *out);
 

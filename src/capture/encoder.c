@@ -11,9 +11,11 @@
  * int8 and timestamptz (microseconds since 2000-01-01 UTC) as 8 bytes, int4
  * as 4 bytes; a NULL is length -1.
  *
- * Invariant: every row that references a shape_id either follows a segment
- * that carried that shape, or carries it itself; shapes are recorded with
- * ON CONFLICT DO NOTHING, so a shape sent twice (after a restart) is harmless.
+ * Invariant: every row that references a shape carries it in its own
+ * segment's shapes, with the offset of its shape_id field, so the stager can
+ * record the shape in the same transaction whatever was rolled back before,
+ * and rewrite the id when staging holds another shape under it (see
+ * sql/006_shape_ids.sql).
  */
 #include "wp_setup.h"
 
@@ -26,8 +28,6 @@ struct wp_encoder {
     char *source; /* the source name */
     size_t source_len;
     wp_buf_t shape;
-    int64_t *shape_ids; /* open addressing set of shape ids sent; 0 = empty */
-    size_t shapes_cap, shapes_count;
 };
 
 wp_encoder_t *wp_encoder_create(const char *source_name)
@@ -44,7 +44,6 @@ void wp_encoder_destroy(wp_encoder_t *encoder)
         return;
     free(encoder->source);
     wp_buf_free(&encoder->shape);
-    free(encoder->shape_ids);
     free(encoder);
 }
 
@@ -81,56 +80,19 @@ static void field_int8(wp_buf_t *out, int64_t v)
     put_be(out, (uint64_t)v, 8);
 }
 
-/* Adds id to the set; returns true if it was not there yet. */
-static bool shape_first_seen(wp_encoder_t *encoder, int64_t id)
-{
-    if (id == 0)
-        return false;
-    if ((encoder->shapes_count + 1) * 2 > encoder->shapes_cap) {
-        size_t cap = encoder->shapes_cap ? encoder->shapes_cap * 2 : 64;
-        int64_t *ids = wp_calloc(cap, sizeof *ids);
-        for (size_t i = 0; i < encoder->shapes_cap; i++) {
-            if (encoder->shape_ids[i] == 0)
-                continue;
-            size_t j = (size_t)encoder->shape_ids[i] & (cap - 1);
-            while (ids[j])
-                j = (j + 1) & (cap - 1);
-            ids[j] = encoder->shape_ids[i];
-        }
-        free(encoder->shape_ids);
-        encoder->shape_ids = ids;
-        encoder->shapes_cap = cap;
-    }
-    size_t j = (size_t)id & (encoder->shapes_cap - 1);
-    while (encoder->shape_ids[j]) {
-        if (encoder->shape_ids[j] == id)
-            return false;
-        j = (j + 1) & (encoder->shapes_cap - 1);
-    }
-    encoder->shape_ids[j] = id;
-    encoder->shapes_count++;
-    return true;
-}
-
 void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *decoder, const wp_change_t *change,
                     const char *event_type, wp_lsn_t lsn, int seq)
 {
     wp_buf_t *out = &segment->copy;
     int64_t shape_id = 0;
+    wp_shape_t *shape = NULL;
 
     if (change->op == WP_OP_INSERT || change->op == WP_OP_UPDATE || change->op == WP_OP_DELETE) {
         wp_buf_reset(&encoder->shape);
         shape_id = wp_decoder_shape(decoder, change, &encoder->shape);
-        if (shape_first_seen(encoder, shape_id)) {
-            wp_shape_t *shape = wp_calloc(1, sizeof *shape);
-            shape->id = shape_id;
-            shape->schema = wp_strdup(change->schema ? change->schema : "");
-            shape->table = wp_strdup(change->table);
-            shape->columns = wp_strndup(encoder->shape.data, encoder->shape.len);
-            shape->first_lsn = lsn;
-            shape->next = segment->shapes;
-            segment->shapes = shape;
-        }
+        if (shape_id != 0)
+            shape = wp_segment_shape(segment, shape_id, change->schema ? change->schema : "", change->table,
+                                     encoder->shape.data, encoder->shape.len, lsn);
     }
     const char *type = event_type ? event_type : wp_op_name(change->op);
     put_be(out, 10, 2); /* fields */
@@ -157,9 +119,24 @@ void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *
     put_be(out, (uint32_t)seq, 4);
     field_text_or_null(out, change->schema);
     field_text_or_null(out, change->table);
-    if (shape_id)
+    if (shape) {
         field_int8(out, shape_id);
-    else
+        if (shape->nrefs == shape->refs_cap) {
+            shape->refs_cap = shape->refs_cap ? shape->refs_cap * 2 : 16;
+            shape->refs = wp_realloc(shape->refs, shape->refs_cap * sizeof *shape->refs);
+        }
+        shape->refs[shape->nrefs++] = out->len - 8;
+    } else {
         field_null(out);
+    }
     segment->rows++;
+}
+
+void wp_encoder_set_shape_id(wp_segment_t *segment, const wp_shape_t *shape, int64_t id)
+{
+    for (size_t i = 0; i < shape->nrefs; i++) {
+        uint64_t v = (uint64_t)id;
+        for (int k = 7; k >= 0; k--, v >>= 8)
+            segment->copy.data[shape->refs[i] + (size_t)k] = (char)(v & 0xFF);
+    }
 }

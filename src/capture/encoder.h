@@ -20,12 +20,15 @@ void wp_encoder_destroy(wp_encoder_t *encoder); /* NULL is a no-op */
 
 /*
  * Appends the raw_events row of change (the decoder's last parsed change) to
- * segment: event_type (NULL = the change's own op name), lsn, seq.  A table
- * shape this encoder has not seen yet is added to segment->shapes, so that the
- * stager records it in the same transaction as the row.
+ * segment: event_type (NULL = the change's own op name), lsn, seq.  The
+ * row's table shape is in segment->shapes (once per segment) with the offset
+ * of the row's shape_id field, so that the stager records the shape in the
+ * same transaction as the row and can correct the id (pipeline.h).
  */
 void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *decoder, const wp_change_t *change,
                     const char *event_type, wp_lsn_t lsn, int seq);
 
+/* Rewrites the shape_id of every row of segment that uses shape (shape->refs) to id. */
+void wp_encoder_set_shape_id(wp_segment_t *segment, const wp_shape_t *shape, int64_t id);
 
 #endif /* WP_ENCODER_H */

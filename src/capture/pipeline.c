@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "pipeline.h"
@@ -26,6 +27,8 @@ void wp_segment_destroy(wp_segment_t *segment)
     wp_buf_free(&segment->copy);
     for (wp_dead_letter_t *d = segment->dead, *n; d; d = n) {
         n = d->next;
+        free(d->schema);
+        free(d->table);
         free(d->raw);
         free(d->reason);
         free(d);
@@ -35,9 +38,63 @@ void wp_segment_destroy(wp_segment_t *segment)
         free(s->schema);
         free(s->table);
         free(s->columns);
+        free(s->refs);
         free(s);
     }
     free(segment);
+}
+
+void wp_segment_add_dead(wp_segment_t *segment, wp_lsn_t lsn, int seq, const char *schema, const char *table,
+                         const char *raw, size_t raw_len, const char *reason)
+{
+    wp_dead_letter_t *dead = wp_calloc(1, sizeof *dead);
+    size_t keep = raw_len < WP_DEAD_RAW_MAX ? raw_len : WP_DEAD_RAW_MAX;
+    dead->lsn = lsn;
+    dead->seq = seq;
+    dead->schema = schema ? wp_strdup(schema) : NULL;
+    dead->table = table ? wp_strdup(table) : NULL;
+    dead->raw = wp_malloc(keep ? keep : 1);
+    memcpy(dead->raw, raw, keep);
+    dead->raw_len = keep;
+    if (keep < raw_len) {
+        wp_buf_t r = WP_BUF_INIT;
+        wp_buf_printf(&r, "%s (raw holds the first %zu of %zu bytes)", reason, keep, raw_len);
+        dead->reason = r.data;
+    } else {
+        dead->reason = wp_strdup(reason);
+    }
+    wp_dead_letter_t **tail = &segment->dead;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = dead;
+}
+
+bool wp_shape_is(const wp_shape_t *shape, const char *schema, const char *table, const char *columns,
+                 size_t columns_len)
+{
+    return shape->columns_len == columns_len && memcmp(shape->columns, columns, columns_len) == 0 &&
+           strcmp(shape->table, table) == 0 && strcmp(shape->schema, schema) == 0;
+}
+
+wp_shape_t *wp_segment_shape(wp_segment_t *segment, int64_t id, const char *schema, const char *table,
+                             const char *columns, size_t columns_len, wp_lsn_t first_lsn)
+{
+    /* a segment's rows use few shapes (a segment holds at most a few thousand rows) */
+    wp_shape_t **tail = &segment->shapes;
+    for (wp_shape_t *s = segment->shapes; s; s = s->next) {
+        if (s->id == id && wp_shape_is(s, schema, table, columns, columns_len))
+            return s;
+        tail = &s->next;
+    }
+    wp_shape_t *shape = wp_calloc(1, sizeof *shape);
+    shape->id = id;
+    shape->schema = wp_strdup(schema);
+    shape->table = wp_strdup(table);
+    shape->columns = wp_strndup(columns, columns_len);
+    shape->columns_len = columns_len;
+    shape->first_lsn = first_lsn;
+    *tail = shape;
+    return shape;
 }
 
 bool wp_segment_empty(const wp_segment_t *segment)

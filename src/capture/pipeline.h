@@ -30,21 +30,40 @@ typedef struct wp_position {
     int txn_seq;      /* ... whose changes with seq <= txn_seq are staged */
 } wp_position_t;
 
+/*
+ * The most of a message a dead letter keeps: walpipe.dead_letters.raw is a
+ * bytea (at most 1 GB, and its Bind message too), so a larger message keeps
+ * its first WP_DEAD_RAW_MAX bytes and says so in the reason.
+ */
+#define WP_DEAD_RAW_MAX ((size_t)1000 * 1024 * 1024)
+
 typedef struct wp_dead_letter {
     wp_lsn_t lsn; /* commit end LSN of the enclosing transaction, else the message's own LSN */
     int seq;
-    char *raw; /* owned: the message exactly as received */
+    char *schema; /* owned, or NULL when the message does not say (unreadable) */
+    char *table;  /* owned, or NULL */
+    char *raw; /* owned: the message exactly as received, cut at WP_DEAD_RAW_MAX */
     size_t raw_len;
     char *reason; /* owned */
     struct wp_dead_letter *next;
 } wp_dead_letter_t;
 
+/*
+ * A table shape used by rows of a segment.  id is the decoder's proposal (a
+ * hash of the content); staging may hold another shape under it, so the
+ * stager resolves the id staging really uses for this content and, when it
+ * differs, rewrites the shape_id field of every row of this shape: refs are
+ * the offsets of those 8-byte fields in the segment's copy buffer.
+ */
 typedef struct wp_shape {
     int64_t id;
     char *schema; /* owned */
     char *table;  /* owned */
     char *columns; /* owned: JSON array */
+    size_t columns_len;
     wp_lsn_t first_lsn;
+    size_t *refs; /* owned */
+    size_t nrefs, refs_cap;
     struct wp_shape *next;
 } wp_shape_t;
 
@@ -52,12 +71,31 @@ typedef struct wp_segment {
     wp_buf_t copy; /* raw_events rows in binary COPY format (encoder.c) */
     size_t rows;
     wp_dead_letter_t *dead; /* in stream order */
-    wp_shape_t *shapes;     /* table shapes first seen in this segment */
+    wp_shape_t *shapes;     /* every table shape the segment's rows use, each once */
     wp_position_t pos;      /* position once this segment is committed */
     bool final;             /* the reader stops after this segment */
     bool more_coming;       /* pushed because it was full: the reader is behind, more follows at once */
     struct wp_segment *next;
 } wp_segment_t;
+
+/*
+ * Appends a dead letter to segment: copies of schema and table (each may be
+ * NULL), of raw[0..raw_len) (cut at WP_DEAD_RAW_MAX) and of reason.
+ */
+void wp_segment_add_dead(wp_segment_t *segment, wp_lsn_t lsn, int seq, const char *schema, const char *table,
+                         const char *raw, size_t raw_len, const char *reason);
+
+/*
+ * The segment's shape of (id, schema, table, columns[0..columns_len)),
+ * added (copied, first_lsn recorded) if the segment has none yet.  Two
+ * shapes with one id but different content stay two shapes.
+ */
+wp_shape_t *wp_segment_shape(wp_segment_t *segment, int64_t id, const char *schema, const char *table,
+                             const char *columns, size_t columns_len, wp_lsn_t first_lsn);
+
+/* True when shape describes (schema, table, columns[0..columns_len)). */
+bool wp_shape_is(const wp_shape_t *shape, const char *schema, const char *table, const char *columns,
+                 size_t columns_len);
 
 wp_segment_t *wp_segment_create(void);
 void wp_segment_destroy(wp_segment_t *segment); /* NULL is a no-op */

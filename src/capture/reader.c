@@ -274,10 +274,21 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
         *fatal = true;
         goto out;
     }
-    snprintf(info->systemid, sizeof info->systemid, "%s", PQgetvalue(res, 0, 0));
+    /* a decimal uint64; staging gets it as a parameter, but nothing else is a system identifier */
+    const char *systemid = PQgetvalue(res, 0, 0);
+    size_t idlen = strlen(systemid);
+    if (idlen == 0 || idlen >= sizeof info->systemid || strspn(systemid, "0123456789") != idlen) {
+        wp_error("the source's IDENTIFY_SYSTEM returned a system identifier of an unknown form");
+        goto out;
+    }
+    memcpy(info->systemid, systemid, idlen + 1);
     PQclear(res);
 
     slot_lit = PQescapeLiteral(reader->conn, reader->source->slot, strlen(reader->source->slot));
+    if (slot_lit == NULL) {
+        wp_error("could not quote the slot name: %s", PQerrorMessage(reader->conn));
+        goto out;
+    }
     wp_buf_printf(&sql,
                   "SELECT plugin, slot_type, coalesce(wal_status, ''), confirmed_flush_lsn, "
                   "database = current_database() FROM pg_replication_slots WHERE slot_name = %s",
@@ -315,6 +326,14 @@ out:
     return rc;
 }
 
+bool wp_reader_snapshot_name_valid(const char *name)
+{
+    /* PostgreSQL exports "%08X-%08X-%d": hex digits and dashes, never anything that needs quoting */
+    size_t len = strlen(name);
+    return len > 0 && len < WP_SNAPSHOT_NAME_LEN && strspn(name, "0123456789ABCDEFabcdef-") == len &&
+           name[0] != '-';
+}
+
 int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_lsn_t *consistent_point,
                           char snapshot_name[WP_SNAPSHOT_NAME_LEN], bool *fatal)
 {
@@ -339,8 +358,8 @@ int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_ls
         goto out;
     }
     if (export_snapshot) {
-        if (PQgetisnull(res, 0, 2) || strlen(PQgetvalue(res, 0, 2)) >= WP_SNAPSHOT_NAME_LEN) {
-            wp_error("CREATE_REPLICATION_SLOT exported no usable snapshot");
+        if (PQgetisnull(res, 0, 2) || !wp_reader_snapshot_name_valid(PQgetvalue(res, 0, 2))) {
+            wp_error("CREATE_REPLICATION_SLOT exported no usable snapshot (missing, or a name of an unknown form)");
             goto out;
         }
         snprintf(snapshot_name, WP_SNAPSHOT_NAME_LEN, "%s", PQgetvalue(res, 0, 2));
@@ -451,21 +470,11 @@ static bool position_advanced(const wp_reader_t *reader)
            reader->pos.txn_seq != reader->pushed.txn_seq;
 }
 
+/* schema and table name the message's table when known, else NULL. */
 static void add_dead_letter(wp_reader_t *reader, const char *data, size_t len, wp_lsn_t lsn, int seq,
-                            const char *reason)
+                            const char *schema, const char *table, const char *reason)
 {
-    wp_segment_t *segment = current_segment(reader);
-    wp_dead_letter_t *dead = wp_calloc(1, sizeof *dead);
-    dead->lsn = lsn;
-    dead->seq = seq;
-    dead->raw = wp_malloc(len ? len : 1);
-    memcpy(dead->raw, data, len);
-    dead->raw_len = len;
-    dead->reason = wp_strdup(reason);
-    wp_dead_letter_t **tail = &segment->dead;
-    while (*tail)
-        tail = &(*tail)->next;
-    *tail = dead;
+    wp_segment_add_dead(current_segment(reader), lsn, seq, schema, table, data, len, reason);
 }
 
 /* ---- message dispatch ---------------------------------------------------------------------- */
@@ -486,15 +495,17 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
     char err[WP_ERRLEN];
 
     if (wp_decoder_parse(reader->decoder, data, len, &change, err, sizeof err) != 0) {
+        const char *schema, *table;
+        wp_decoder_rejected_table(reader->decoder, &schema, &table);
         if (reader->in_txn) {
             reader->seq++;
             if (!reader->skipping && reader->seq > reader->skip_seq) {
-                add_dead_letter(reader, data, len, reader->txn_end, reader->seq, err);
+                add_dead_letter(reader, data, len, reader->txn_end, reader->seq, schema, table, err);
                 reader->pos.txn_end = reader->txn_end;
                 reader->pos.txn_seq = reader->seq;
             }
         } else if (header_lsn > reader->start.lsn) {
-            add_dead_letter(reader, data, len, header_lsn, 0, err);
+            add_dead_letter(reader, data, len, header_lsn, 0, schema, table, err);
         }
         return;
     }
@@ -540,7 +551,8 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
     case WP_OP_TRUNCATE:
         if (!reader->in_txn) {
             if (header_lsn > reader->start.lsn)
-                add_dead_letter(reader, data, len, header_lsn, 0, "change outside a transaction");
+                add_dead_letter(reader, data, len, header_lsn, 0, change.schema, change.table,
+                                "change outside a transaction");
             break;
         }
         reader->seq++;
@@ -650,8 +662,9 @@ static int finish_stream(wp_reader_t *reader, wp_queue_t *queue)
         return -1;
     char lsn[WP_LSN_STRLEN];
     wp_info("stopped; acknowledged %s", wp_lsn_format(reader->acked, lsn));
-    PQputCopyEnd(reader->conn, NULL);
-    PQflush(reader->conn);
+    /* everything staged is acknowledged already; a failed goodbye only costs the walsender a timeout */
+    if (PQputCopyEnd(reader->conn, NULL) != 1 || PQflush(reader->conn) != 0)
+        wp_warn("could not end the replication stream cleanly: %s", PQerrorMessage(reader->conn));
     return 0;
 }
 

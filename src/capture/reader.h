@@ -35,6 +35,9 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal);
 
 #define WP_SNAPSHOT_NAME_LEN 64
 
+/* True when name has the form of an exported snapshot's name (hex digits and dashes, shorter than the limit). */
+bool wp_reader_snapshot_name_valid(const char *name);
+
 typedef struct wp_slot_spec {
     const char *name;     /* NULL: the source's configured slot */
     bool temporary;       /* dropped when the connection ends */

@@ -40,6 +40,7 @@
 #include "decoder.h"
 #include "encoder.h"
 #include "log.h"
+#include "pg.h"
 #include "pipeline.h"
 #include "reader.h"
 #include "snapshot.h"
@@ -102,39 +103,56 @@ static void free_tables(table_t *tables, size_t n)
     free(tables);
 }
 
-/* Opens a source connection whose transaction sees exactly the exported snapshot. */
+/*
+ * Opens a source connection whose transaction sees exactly the exported
+ * snapshot.  SET TRANSACTION SNAPSHOT takes no parameter, so the name (text
+ * from the source server) must have the exported-snapshot form and is quoted.
+ */
 static PGconn *open_snapshot_conn(const wp_snapshot_job_t *job)
 {
-    char appname[96], sql[160];
+    char appname[96];
+    char *lit = NULL;
+    wp_buf_t sql = WP_BUF_INIT;
+    bool ok = false;
     snprintf(appname, sizeof appname, "walpipe_snapshot_%s", job->source->name);
-    const char *keys[] = {"dbname", "application_name", "options", NULL};
-    const char *vals[] = {job->source->conninfo, appname, SOURCE_OPTIONS, NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        wp_error("snapshot: could not connect to source: %s", PQerrorMessage(conn));
-        goto fail;
+    if (!wp_reader_snapshot_name_valid(job->snapshot_name)) {
+        wp_error("snapshot: the source exported a snapshot name of an unknown form; refusing to import it");
+        return NULL;
     }
-    snprintf(sql, sizeof sql, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '%s'",
-             job->snapshot_name);
-    PGresult *res = PQexec(conn, sql);
-    bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-    if (!ok)
-        wp_error("snapshot: could not import snapshot %s: %s", job->snapshot_name, PQerrorMessage(conn));
-    PQclear(res);
-    if (ok)
-        return conn;
-fail:
-    PQfinish(conn);
-    return NULL;
-}
-
-/* Appends "'a', 'b'" style quoted literals to sql. */
-static void append_literal(PGconn *conn, wp_buf_t *sql, const char *s)
-{
-    char *lit = PQescapeLiteral(conn, s, strlen(s));
-    wp_buf_puts(sql, lit ? lit : "NULL");
+    PGconn *conn = wp_pg_connect(job->source->conninfo, appname, SOURCE_OPTIONS, "source");
+    if (conn == NULL)
+        return NULL;
+    lit = PQescapeLiteral(conn, job->snapshot_name, strlen(job->snapshot_name));
+    if (lit == NULL) {
+        wp_error("snapshot: could not quote the snapshot name: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    wp_buf_printf(&sql, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT %s", lit);
+    char what[WP_SNAPSHOT_NAME_LEN + 32];
+    snprintf(what, sizeof what, "import snapshot %s", job->snapshot_name);
+    ok = wp_pg_exec(conn, "snapshot", sql.data, what) == 0;
+out:
     if (lit)
         PQfreemem(lit);
+    wp_buf_free(&sql);
+    if (!ok) {
+        PQfinish(conn);
+        conn = NULL;
+    }
+    return conn;
+}
+
+/* Appends s as a quoted literal to sql.  Returns 0, or -1 (logged) when libpq cannot quote it. */
+static int append_literal(PGconn *conn, wp_buf_t *sql, const char *s)
+{
+    char *lit = PQescapeLiteral(conn, s, strlen(s));
+    if (lit == NULL) {
+        wp_error("snapshot: could not quote a table name: %s", PQerrorMessage(conn));
+        return -1;
+    }
+    wp_buf_puts(sql, lit);
+    PQfreemem(lit);
+    return 0;
 }
 
 /*
@@ -159,9 +177,11 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
         wp_buf_puts(&sql, "AND EXISTS (SELECT 1 FROM (VALUES ");
         for (size_t i = 0; i < nrefs; i++) {
             wp_buf_puts(&sql, i ? ", (" : "(");
-            append_literal(conn, &sql, refs[i].schema);
+            if (append_literal(conn, &sql, refs[i].schema) != 0)
+                goto out;
             wp_buf_puts(&sql, ", ");
-            append_literal(conn, &sql, refs[i].table);
+            if (append_literal(conn, &sql, refs[i].table) != 0)
+                goto out;
             wp_buf_puts(&sql, ")");
         }
         /* a named partitioned table stands for its leaf partitions */
@@ -190,8 +210,16 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
         tables[i].pages = strtoll(PQgetvalue(res, (int)i, 3), NULL, 10);
         char *qs = PQescapeIdentifier(conn, tables[i].schema, strlen(tables[i].schema));
         char *qt = PQescapeIdentifier(conn, tables[i].name, strlen(tables[i].name));
+        if (qs == NULL || qt == NULL) {
+            wp_error("snapshot: could not quote the name of table \"%s\".\"%s\": %s", tables[i].schema,
+                     tables[i].name, PQerrorMessage(conn));
+            PQfreemem(qs);
+            PQfreemem(qt);
+            *nout = i + 1;
+            goto out;
+        }
         wp_buf_t q = WP_BUF_INIT;
-        wp_buf_printf(&q, "%s.%s", qs ? qs : "", qt ? qt : "");
+        wp_buf_printf(&q, "%s.%s", qs, qt);
         tables[i].qualified = q.data;
         PQfreemem(qs);
         PQfreemem(qt);
@@ -356,14 +384,7 @@ static int copy_chunk(worker_t *w, const chunk_t *chunk, uint64_t *rows_out)
                 wp_encoder_add(w->encoder, segment, w->decoder, &change, "snapshot", job->lsn, 0);
             } else {
                 /* kept whole with the reason, never dropped */
-                wp_dead_letter_t *dead = wp_calloc(1, sizeof *dead);
-                dead->lsn = job->lsn;
-                dead->raw = text;
-                text = NULL;
-                dead->raw_len = strlen(dead->raw);
-                dead->reason = wp_strdup(err);
-                dead->next = segment->dead;
-                segment->dead = dead;
+                wp_segment_add_dead(segment, job->lsn, 0, t->schema, t->name, text, strlen(text), err);
             }
             free(text);
             rows++;
@@ -539,18 +560,16 @@ int wp_snapshot_copy(const wp_snapshot_job_t *job, uint64_t *rows)
         ok = ok && workers[i].rc == 0;
 
     /* the tables copied, as a text[] literal: {"s.t",...} */
-    wp_buf_putc(&names, '{');
+    char **qualified = wp_calloc(state.ntables ? state.ntables : 1, sizeof *qualified);
     for (size_t i = 0; i < state.ntables; i++) {
-        wp_buf_puts(&names, i ? ",\"" : "\"");
-        for (const char *parts[] = {state.tables[i].schema, ".", state.tables[i].name}, **q = parts; q < parts + 3; q++)
-            for (const char *c = *q; *c; c++) {
-                if (*c == '"' || *c == '\\')
-                    wp_buf_putc(&names, '\\');
-                wp_buf_putc(&names, *c);
-            }
-        wp_buf_putc(&names, '"');
+        wp_buf_t q = WP_BUF_INIT;
+        wp_buf_printf(&q, "%s.%s", state.tables[i].schema, state.tables[i].name);
+        qualified[i] = q.data;
     }
-    wp_buf_putc(&names, '}');
+    wp_pg_text_array(&names, (const char *const *)qualified, state.ntables);
+    for (size_t i = 0; i < state.ntables; i++)
+        free(qualified[i]);
+    free(qualified);
     if (wp_stager_open(leader, &fatal) != 0 ||
         wp_stager_snapshot_finish(leader, state.snapshot_id, ok ? "done" : "failed", names.data, state.rows) != 0)
         ok = false;

@@ -18,31 +18,38 @@
  * staging error rolls the batch back and fails the session; the source then
  * reconnects and resumes from the last committed checkpoint.
  *
+ * Every value travels as a statement parameter, text from the source server
+ * (its systemid, table names) included; only constants are spliced into SQL.
+ *
  * Threading: runs in its own thread; touches only its connection and the queue.
  */
 #include "wp_setup.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include <libpq-fe.h>
 
+#include "encoder.h"
 #include "log.h"
-#include "migrate.h"
+#include "pg.h"
+#include "shapes.h"
 #include "stager.h"
 
 #define STAGER_IDLE_WAIT_MS 200
 #define PROGRESS_LOG_MS 10000
 #define PARTITION_CHECK_MS (3600 * 1000)
+#define COPY_PIECE (1024 * 1024)
 
 struct wp_stager {
     const wp_config_t *config;
     const wp_source_config_t *source;
     PGconn *conn;
-    char *source_lit; /* source name as a quoted SQL literal */
-    char *slot_lit;
     char systemid[32];
+    wp_shapes_t *shapes; /* shapes staging holds, and under which id */
     /* batch in progress */
     bool in_txn;
     bool in_copy;
@@ -64,6 +71,7 @@ wp_stager_t *wp_stager_create(const wp_config_t *config, const wp_source_config_
     wp_stager_t *stager = wp_calloc(1, sizeof *stager);
     stager->config = config;
     stager->source = source;
+    stager->shapes = wp_shapes_create();
     return stager;
 }
 
@@ -72,11 +80,8 @@ void wp_stager_close(wp_stager_t *stager)
     if (stager->conn)
         PQfinish(stager->conn);
     stager->conn = NULL;
-    if (stager->source_lit)
-        PQfreemem(stager->source_lit);
-    if (stager->slot_lit)
-        PQfreemem(stager->slot_lit);
-    stager->source_lit = stager->slot_lit = NULL;
+    /* whatever the open transaction recorded is gone with the connection */
+    wp_shapes_rollback(stager->shapes);
     stager->in_txn = stager->in_copy = false;
 }
 
@@ -95,41 +100,50 @@ void wp_stager_destroy(wp_stager_t *stager)
     if (stager == NULL)
         return;
     wp_stager_close(stager);
+    wp_shapes_destroy(stager->shapes);
     free(stager);
 }
 
-/* Runs sql expecting status; logs and returns -1 otherwise.  Frees the result. */
-static int exec_expect(wp_stager_t *stager, const char *sql, ExecStatusType status, const char *what)
+/* Runs constant sql (no values in it); logs and returns -1 on failure. */
+static int exec_sql(wp_stager_t *stager, const char *sql, const char *what)
 {
-    PGresult *res = PQexec(stager->conn, sql);
-    int rc = 0;
-    if (PQresultStatus(res) != status) {
-        wp_error("staging: could not %s: %s", what, PQerrorMessage(stager->conn));
-        rc = -1;
-    }
-    PQclear(res);
-    return rc;
+    return wp_pg_exec(stager->conn, "staging", sql, what);
 }
 
-/* Runs one parameterized command (text parameters unless formats says otherwise); logs and returns -1 on failure. */
+/*
+ * Runs one parameterized statement (text parameters unless formats says
+ * otherwise).  Returns its result when it returned commands or tuples (the
+ * caller clears it), else NULL after logging why.
+ */
+static PGresult *query_params(wp_stager_t *stager, const char *sql, int n, const char *const *params,
+                              const int *lengths, const int *formats, const char *what)
+{
+    PGresult *res = PQexecParams(stager->conn, sql, n, NULL, params, lengths, formats, 0);
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        wp_error("staging: could not %s: %s", what, PQerrorMessage(stager->conn));
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* query_params for a statement whose result is not needed: returns 0, or -1 (logged). */
 static int exec_params(wp_stager_t *stager, const char *sql, int n, const char *const *params, const int *lengths,
                        const int *formats, const char *what)
 {
-    PGresult *res = PQexecParams(stager->conn, sql, n, NULL, params, lengths, formats, 0);
-    int rc = 0;
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        wp_error("staging: could not %s: %s", what, PQerrorMessage(stager->conn));
-        rc = -1;
-    }
+    PGresult *res = query_params(stager, sql, n, params, lengths, formats, what);
     PQclear(res);
-    return rc;
+    return res ? 0 : -1;
 }
 
 static int ensure_partitions(wp_stager_t *stager)
 {
-    char sql[128];
-    snprintf(sql, sizeof sql, "SELECT walpipe.ensure_partitions(%d)", stager->config->partitions_ahead);
-    int rc = exec_expect(stager, sql, PGRES_TUPLES_OK, "create raw_events partitions");
+    char ahead[16];
+    snprintf(ahead, sizeof ahead, "%d", stager->config->partitions_ahead);
+    const char *params[] = {ahead};
+    int rc = exec_params(stager, "SELECT walpipe.ensure_partitions($1)", 1, params, NULL, NULL,
+                         "create raw_events partitions");
     if (rc == 0)
         stager->last_partition_ms = wp_now_ms();
     return rc;
@@ -137,57 +151,22 @@ static int ensure_partitions(wp_stager_t *stager)
 
 int wp_stager_open(wp_stager_t *stager, bool *fatal)
 {
-    int rc = -1;
-    PGresult *res = NULL;
     char appname[96];
     *fatal = false;
     wp_stager_close(stager);
 
     snprintf(appname, sizeof appname, "walpipe_stager_%s", stager->source->name);
-    const char *keys[] = {"dbname", "application_name", "options", NULL};
-    const char *vals[] = {stager->config->staging_conninfo, appname, "-c synchronous_commit=on", NULL};
-    stager->conn = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(stager->conn) != CONNECTION_OK) {
-        wp_error("could not connect to staging: %s", PQerrorMessage(stager->conn));
-        goto out;
+    wp_staging_check_t check =
+        wp_pg_connect_staging(stager->config, appname, "-c synchronous_commit=on", true, &stager->conn);
+    if (check != WP_STAGING_OK) {
+        *fatal = check == WP_STAGING_OLD_SCHEMA;
+        return -1;
     }
-    stager->source_lit = PQescapeLiteral(stager->conn, stager->source->name, strlen(stager->source->name));
-    stager->slot_lit = PQescapeLiteral(stager->conn, stager->source->slot, strlen(stager->source->slot));
-    if (!stager->source_lit || !stager->slot_lit) {
-        wp_error("staging: could not quote names: %s", PQerrorMessage(stager->conn));
-        goto out;
+    if (ensure_partitions(stager) != 0) {
+        wp_stager_close(stager);
+        return -1;
     }
-    res = PQexec(stager->conn, "SELECT to_regclass('walpipe.schema_migrations') IS NOT NULL");
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        wp_error("staging: could not check the walpipe schema: %s", PQerrorMessage(stager->conn));
-        goto out;
-    }
-    int version = 0;
-    if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
-        PQclear(res);
-        res = PQexec(stager->conn, "SELECT coalesce(max(version), 0) FROM walpipe.schema_migrations");
-        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-            wp_error("staging: could not read the schema version: %s", PQerrorMessage(stager->conn));
-            goto out;
-        }
-        version = atoi(PQgetvalue(res, 0, 0));
-    }
-    if (version < wp_migrate_latest_version()) {
-        wp_error("staging schema is at version %d but this walpipe needs %d; hint: run `walpipe init --config %s`",
-                 version, wp_migrate_latest_version(), stager->config->path ? stager->config->path : "FILE");
-        *fatal = true;
-        goto out;
-    }
-    if (ensure_partitions(stager) != 0)
-        goto out;
-    rc = 0;
-out:
-    PQclear(res);
-    if (rc != 0 && stager->conn) {
-        PQfinish(stager->conn);
-        stager->conn = NULL;
-    }
-    return rc;
+    return 0;
 }
 
 static bool parse_lsn_value(const char *s, wp_lsn_t *out)
@@ -198,16 +177,13 @@ static bool parse_lsn_value(const char *s, wp_lsn_t *out)
 int wp_stager_checkpoint_read(wp_stager_t *stager, wp_checkpoint_t *out)
 {
     int rc = -1;
-    wp_buf_t sql = WP_BUF_INIT;
-    wp_buf_printf(&sql,
-                  "SELECT slot, systemid, lsn, txn_end, coalesce(txn_seq, 0), snapshot_state FROM walpipe.checkpoints "
-                  "WHERE source = %s",
-                  stager->source_lit);
-    PGresult *res = PQexec(stager->conn, sql.data);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        wp_error("staging: could not read checkpoint: %s", PQerrorMessage(stager->conn));
+    const char *params[] = {stager->source->name};
+    PGresult *res = query_params(stager,
+                                 "SELECT slot, systemid, lsn, txn_end, coalesce(txn_seq, 0), snapshot_state "
+                                 "FROM walpipe.checkpoints WHERE source = $1",
+                                 1, params, NULL, NULL, "read checkpoint");
+    if (res == NULL)
         goto out;
-    }
     if (PQntuples(res) == 0) {
         rc = 0;
         goto out;
@@ -226,124 +202,123 @@ int wp_stager_checkpoint_read(wp_stager_t *stager, wp_checkpoint_t *out)
     rc = 1;
 out:
     PQclear(res);
-    wp_buf_free(&sql);
     return rc;
 }
 
-/* Appends the upsert of the checkpoint row at pos. */
-static void append_checkpoint_sql(wp_stager_t *stager, wp_buf_t *sql, const wp_position_t *pos)
+/*
+ * Upserts the source's checkpoint row at pos.  With snapshot_state, also sets
+ * the snapshot state (and snapshot_lsn = pos->lsn unless the state is "none").
+ */
+static int write_checkpoint(wp_stager_t *stager, const wp_position_t *pos, const char *snapshot_state,
+                            const char *what)
 {
-    char lsn[WP_LSN_STRLEN], end[WP_LSN_STRLEN];
-    wp_lsn_format(pos->lsn, lsn);
-    wp_buf_printf(sql,
-                  "INSERT INTO walpipe.checkpoints AS c (source, slot, systemid, lsn, txn_end, txn_seq, updated_at) "
-                  "VALUES (%s, %s, '%s', '%s', ",
-                  stager->source_lit, stager->slot_lit, stager->systemid, lsn);
-    if (pos->txn_end != WP_LSN_INVALID)
-        wp_buf_printf(sql, "'%s', %d", wp_lsn_format(pos->txn_end, end), pos->txn_seq);
-    else
-        wp_buf_puts(sql, "NULL, NULL");
-    wp_buf_puts(sql, ", now()) ON CONFLICT (source) DO UPDATE SET slot = excluded.slot, systemid = excluded.systemid, "
-                     "lsn = excluded.lsn, txn_end = excluded.txn_end, txn_seq = excluded.txn_seq, "
-                     "updated_at = excluded.updated_at");
+    char lsn[WP_LSN_STRLEN], end[WP_LSN_STRLEN], seq[16];
+    bool partial = pos->txn_end != WP_LSN_INVALID;
+    snprintf(seq, sizeof seq, "%d", pos->txn_seq);
+    const char *params[] = {stager->source->name,
+                            stager->source->slot,
+                            stager->systemid,
+                            wp_lsn_format(pos->lsn, lsn),
+                            partial ? wp_lsn_format(pos->txn_end, end) : NULL,
+                            partial ? seq : NULL,
+                            snapshot_state};
+    if (snapshot_state == NULL)
+        return exec_params(stager,
+                           "INSERT INTO walpipe.checkpoints (source, slot, systemid, lsn, txn_end, txn_seq, updated_at) "
+                           "VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (source) DO UPDATE SET "
+                           "slot = excluded.slot, systemid = excluded.systemid, lsn = excluded.lsn, "
+                           "txn_end = excluded.txn_end, txn_seq = excluded.txn_seq, updated_at = excluded.updated_at",
+                           6, params, NULL, NULL, what);
+    return exec_params(stager,
+                       "INSERT INTO walpipe.checkpoints (source, slot, systemid, lsn, txn_end, txn_seq, snapshot_state, "
+                       "snapshot_lsn, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, "
+                       "CASE WHEN $7 = 'none' THEN NULL ELSE $4::pg_lsn END, now()) ON CONFLICT (source) DO UPDATE SET "
+                       "slot = excluded.slot, systemid = excluded.systemid, lsn = excluded.lsn, "
+                       "txn_end = excluded.txn_end, txn_seq = excluded.txn_seq, snapshot_state = excluded.snapshot_state, "
+                       "snapshot_lsn = excluded.snapshot_lsn, updated_at = excluded.updated_at",
+                       7, params, NULL, NULL, what);
 }
 
 int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_t lsn, const char *snapshot_state)
 {
-    wp_buf_t sql = WP_BUF_INIT;
     wp_position_t pos = {.lsn = lsn};
-    char l[WP_LSN_STRLEN];
     snprintf(stager->systemid, sizeof stager->systemid, "%s", systemid);
-    append_checkpoint_sql(stager, &sql, &pos);
-    wp_buf_printf(&sql, "; UPDATE walpipe.checkpoints SET snapshot_state = '%s', snapshot_lsn = %s%s%s WHERE source = %s",
-                  snapshot_state, strcmp(snapshot_state, "none") == 0 ? "NULL" : "'",
-                  strcmp(snapshot_state, "none") == 0 ? "" : wp_lsn_format(lsn, l),
-                  strcmp(snapshot_state, "none") == 0 ? "" : "'", stager->source_lit);
-    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "write the first checkpoint");
-    wp_buf_free(&sql);
-    return rc;
+    return write_checkpoint(stager, &pos, snapshot_state, "write the first checkpoint");
 }
 
 int wp_stager_snapshot_done(wp_stager_t *stager)
 {
-    wp_buf_t sql = WP_BUF_INIT;
-    wp_buf_printf(&sql, "UPDATE walpipe.checkpoints SET snapshot_state = 'done', updated_at = now() WHERE source = %s",
-                  stager->source_lit);
-    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "mark the initial snapshot done");
-    wp_buf_free(&sql);
-    return rc;
+    const char *params[] = {stager->source->name};
+    return exec_params(stager,
+                       "UPDATE walpipe.checkpoints SET snapshot_state = 'done', updated_at = now() WHERE source = $1", 1,
+                       params, NULL, NULL, "mark the initial snapshot done");
 }
 
 int wp_stager_snapshot_discard(wp_stager_t *stager)
 {
-    wp_buf_t sql = WP_BUF_INIT;
-    wp_buf_printf(&sql,
-                  "BEGIN; DELETE FROM walpipe.raw_events WHERE source = %s AND event_type = 'snapshot' AND lsn IN "
-                  "(SELECT lsn FROM walpipe.snapshots WHERE source = %s AND kind = 'initial' AND state <> 'done'); "
-                  "UPDATE walpipe.snapshots SET state = 'superseded', finished_at = now() WHERE source = %s "
-                  "AND kind = 'initial' AND state <> 'done'; COMMIT",
-                  stager->source_lit, stager->source_lit, stager->source_lit);
-    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "discard the unfinished snapshot");
+    const char *params[] = {stager->source->name};
+    int rc = -1;
+    if (exec_sql(stager, "BEGIN", "begin discarding the unfinished snapshot") != 0)
+        return -1;
+    if (exec_params(stager,
+                    "DELETE FROM walpipe.raw_events WHERE source = $1 AND event_type = 'snapshot' AND lsn IN "
+                    "(SELECT lsn FROM walpipe.snapshots WHERE source = $1 AND kind = 'initial' AND state <> 'done')",
+                    1, params, NULL, NULL, "discard the unfinished snapshot's rows") != 0 ||
+        exec_params(stager,
+                    "UPDATE walpipe.snapshots SET state = 'superseded', finished_at = now() WHERE source = $1 "
+                    "AND kind = 'initial' AND state <> 'done'",
+                    1, params, NULL, NULL, "mark the unfinished snapshot superseded") != 0 ||
+        exec_sql(stager, "COMMIT", "commit discarding the unfinished snapshot") != 0)
+        goto out;
+    rc = 0;
+out:
     if (rc != 0)
         PQclear(PQexec(stager->conn, "ROLLBACK"));
-    wp_buf_free(&sql);
     return rc;
 }
 
 int wp_stager_snapshot_begin(wp_stager_t *stager, const char *kind, wp_lsn_t lsn, int64_t *id)
 {
-    int rc = -1;
-    wp_buf_t sql = WP_BUF_INIT;
     char l[WP_LSN_STRLEN];
-    wp_buf_printf(&sql, "INSERT INTO walpipe.snapshots (source, kind, lsn) VALUES (%s, '%s', '%s') RETURNING id",
-                  stager->source_lit, kind, wp_lsn_format(lsn, l));
-    PGresult *res = PQexec(stager->conn, sql.data);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        wp_error("staging: could not record a snapshot: %s", PQerrorMessage(stager->conn));
-        goto out;
-    }
+    const char *params[] = {stager->source->name, kind, wp_lsn_format(lsn, l)};
+    PGresult *res = query_params(stager, "INSERT INTO walpipe.snapshots (source, kind, lsn) VALUES ($1, $2, $3) "
+                                         "RETURNING id",
+                                 3, params, NULL, NULL, "record a snapshot");
+    if (res == NULL)
+        return -1;
     *id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    rc = 0;
-out:
     PQclear(res);
-    wp_buf_free(&sql);
-    return rc;
+    return 0;
 }
 
 int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state, const char *tables_literal,
                               uint64_t rows)
 {
-    wp_buf_t sql = WP_BUF_INIT;
-    char *tables = PQescapeLiteral(stager->conn, tables_literal, strlen(tables_literal));
-    wp_buf_printf(&sql,
-                  "UPDATE walpipe.snapshots SET state = '%s', rows = %llu, tables = %s::text[], finished_at = now() "
-                  "WHERE id = %lld",
-                  state, (unsigned long long)rows, tables ? tables : "'{}'", (long long)id);
-    if (tables)
-        PQfreemem(tables);
-    int rc = exec_expect(stager, sql.data, PGRES_COMMAND_OK, "record the end of a snapshot");
-    wp_buf_free(&sql);
-    return rc;
+    char n[32], i[32];
+    snprintf(n, sizeof n, "%llu", (unsigned long long)rows);
+    snprintf(i, sizeof i, "%lld", (long long)id);
+    const char *params[] = {state, n, tables_literal, i};
+    return exec_params(stager,
+                       "UPDATE walpipe.snapshots SET state = $1, rows = $2, tables = $3::text[], finished_at = now() "
+                       "WHERE id = $4",
+                       4, params, NULL, NULL, "record the end of a snapshot");
 }
 
 int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const char *reason)
 {
     int rc = -1;
-    wp_buf_t sql = WP_BUF_INIT;
     wp_position_t pos = {.lsn = to};
     char a[WP_LSN_STRLEN], b[WP_LSN_STRLEN];
-    char *reason_lit = PQescapeLiteral(stager->conn, reason, strlen(reason));
-    if (reason_lit == NULL) {
-        wp_error("staging: could not quote a gap reason: %s", PQerrorMessage(stager->conn));
-        goto out;
-    }
-    wp_buf_printf(&sql,
-                  "BEGIN; INSERT INTO walpipe.accepted_gaps (source, slot, from_lsn, to_lsn, reason) "
-                  "VALUES (%s, %s, '%s', '%s', %s); ",
-                  stager->source_lit, stager->slot_lit, wp_lsn_format(from, a), wp_lsn_format(to, b), reason_lit);
-    append_checkpoint_sql(stager, &sql, &pos);
-    wp_buf_puts(&sql, "; COMMIT");
-    if (exec_expect(stager, sql.data, PGRES_COMMAND_OK, "record the accepted gap") != 0) {
+    const char *params[] = {stager->source->name, stager->source->slot, wp_lsn_format(from, a), wp_lsn_format(to, b),
+                            reason};
+    if (exec_sql(stager, "BEGIN", "begin recording the accepted gap") != 0)
+        return -1;
+    if (exec_params(stager,
+                    "INSERT INTO walpipe.accepted_gaps (source, slot, from_lsn, to_lsn, reason) "
+                    "VALUES ($1, $2, $3, $4, $5)",
+                    5, params, NULL, NULL, "record the accepted gap") != 0 ||
+        write_checkpoint(stager, &pos, NULL, "move the checkpoint over the accepted gap") != 0 ||
+        exec_sql(stager, "COMMIT", "commit the accepted gap") != 0) {
         PQclear(PQexec(stager->conn, "ROLLBACK"));
         goto out;
     }
@@ -352,36 +327,43 @@ int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const 
             a, b, reason);
     rc = 0;
 out:
-    if (reason_lit)
-        PQfreemem(reason_lit);
-    wp_buf_free(&sql);
     return rc;
 }
 
-/* Generates a random (version 4) UUID for batch_id. */
-static void make_uuid(char out[37])
+/* Generates a random (version 4) UUID for batch_id from getrandom(2).  Returns 0, or -1 (logged). */
+static int make_uuid(char out[37])
 {
     unsigned char b[16];
-    FILE *f = fopen("/dev/urandom", "rb");
-    size_t got = f ? fread(b, 1, sizeof b, f) : 0;
-    if (f)
-        fclose(f);
-    if (got != sizeof b) {
-        for (size_t i = 0; i < sizeof b; i++)
-            b[i] = (unsigned char)(rand() & 0xff);
+    size_t got = 0;
+    while (got < sizeof b) {
+        ssize_t n = getrandom(b + got, sizeof b - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            wp_error("could not get random bytes for a batch id: %m");
+            return -1;
+        }
+        got += (size_t)n;
     }
     b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
     b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
     snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2], b[3],
              b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    return 0;
 }
 
 static int batch_begin(wp_stager_t *stager)
 {
     char uuid[37], sql[128];
-    make_uuid(uuid);
-    snprintf(sql, sizeof sql, "BEGIN; SET LOCAL walpipe.batch_id = '%s'", uuid);
-    if (exec_expect(stager, sql, PGRES_COMMAND_OK, "begin a staging transaction") != 0)
+    if (make_uuid(uuid) != 0)
+        return -1;
+    /*
+     * The uuid is walpipe's own hex text, so it may stand in the SQL.  READ
+     * COMMITTED whatever the database's default: recording a shape relies on
+     * each statement seeing what other transactions committed.
+     */
+    snprintf(sql, sizeof sql, "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL walpipe.batch_id = '%s'", uuid);
+    if (exec_sql(stager, sql, "begin a staging transaction") != 0)
         return -1;
     stager->in_txn = true;
     stager->batch_rows = stager->batch_bytes = 0;
@@ -396,6 +378,24 @@ static const char copy_header[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', '\377',
                                      0,   0,   0,   0};                                            /* no extension */
 static const char copy_trailer[2] = {'\377', '\377'};
 
+/*
+ * Sends len bytes of COPY data, in pieces: PQputCopyData takes an int length,
+ * and a piece at a time keeps libpq's output buffer small when a row is huge.
+ */
+static int put_copy_data(wp_stager_t *stager, const char *data, size_t len)
+{
+    while (len > 0) {
+        size_t n = len < COPY_PIECE ? len : COPY_PIECE;
+        if (PQputCopyData(stager->conn, data, (int)n) != 1) {
+            wp_error("staging: could not send COPY data: %s", PQerrorMessage(stager->conn));
+            return -1;
+        }
+        data += n;
+        len -= n;
+    }
+    return 0;
+}
+
 static int copy_begin(wp_stager_t *stager)
 {
     PGresult *res = PQexec(stager->conn, "COPY walpipe.raw_events (source, event_type, payload, lsn, xid, commit_ts, "
@@ -404,8 +404,7 @@ static int copy_begin(wp_stager_t *stager)
     if (PQresultStatus(res) != PGRES_COPY_IN) {
         wp_error("staging: could not start COPY into raw_events: %s", PQerrorMessage(stager->conn));
         rc = -1;
-    } else if (PQputCopyData(stager->conn, copy_header, sizeof copy_header) != 1) {
-        wp_error("staging: could not send COPY data: %s", PQerrorMessage(stager->conn));
+    } else if (put_copy_data(stager, copy_header, sizeof copy_header) != 0) {
         rc = -1;
     } else {
         stager->in_copy = true;
@@ -420,8 +419,9 @@ static int copy_end(wp_stager_t *stager)
     if (!stager->in_copy)
         return 0;
     stager->in_copy = false;
-    if (PQputCopyData(stager->conn, copy_trailer, sizeof copy_trailer) != 1 ||
-        PQputCopyEnd(stager->conn, NULL) != 1) {
+    if (put_copy_data(stager, copy_trailer, sizeof copy_trailer) != 0)
+        return -1;
+    if (PQputCopyEnd(stager->conn, NULL) != 1) {
         wp_error("staging: could not end COPY: %s", PQerrorMessage(stager->conn));
         return -1;
     }
@@ -436,20 +436,43 @@ static int copy_end(wp_stager_t *stager)
     return rc;
 }
 
-static int stage_shapes(wp_stager_t *stager, const wp_shape_t *shape)
+/* Records shape in staging (walpipe.record_shape, sql/006_shape_ids.sql); *id is the id it holds it under. */
+static int record_shape(wp_stager_t *stager, const wp_shape_t *shape, int64_t *id)
 {
-    for (; shape; shape = shape->next) {
-        char id[32], lsn[WP_LSN_STRLEN];
-        snprintf(id, sizeof id, "%lld", (long long)shape->id);
-        wp_lsn_format(shape->first_lsn, lsn);
-        const char *params[] = {stager->source->name, id, shape->schema, shape->table, shape->columns, lsn};
-        char what[256];
-        snprintf(what, sizeof what, "record the shape of table \"%s\".\"%s\"", shape->schema, shape->table);
-        if (exec_params(stager,
-                        "INSERT INTO walpipe.table_schemas (source, shape_id, schema_name, table_name, columns, "
-                        "first_lsn) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                        6, params, NULL, NULL, what) != 0)
-            return -1;
+    char proposed[32], lsn[WP_LSN_STRLEN], what[256];
+    snprintf(proposed, sizeof proposed, "%lld", (long long)shape->id);
+    wp_lsn_format(shape->first_lsn, lsn);
+    snprintf(what, sizeof what, "record the shape of table \"%s\".\"%s\"", shape->schema, shape->table);
+    const char *params[] = {stager->source->name, proposed, shape->schema, shape->table, shape->columns, lsn};
+    PGresult *res = query_params(stager, "SELECT walpipe.record_shape($1, $2, $3, $4, $5, $6)", 6, params, NULL, NULL,
+                                 what);
+    if (res == NULL)
+        return -1;
+    *id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    if (*id != shape->id)
+        wp_warn("the shape of table \"%s\".\"%s\" hashes to id %s, which staging holds for another shape (a "
+                "collision, perhaps crafted by whoever named the tables); recorded it as %lld instead",
+                shape->schema, shape->table, proposed, (long long)*id);
+    return 0;
+}
+
+/*
+ * Resolves the id of each shape the segment's rows use: known to this
+ * stager, or recorded now (outside the COPY).  Rows of a shape that staging
+ * holds under another id than the proposed one are rewritten to it.
+ */
+static int stage_shapes(wp_stager_t *stager, wp_segment_t *segment)
+{
+    for (wp_shape_t *shape = segment->shapes; shape; shape = shape->next) {
+        int64_t id = wp_shapes_lookup(stager->shapes, shape);
+        if (id == 0) {
+            if (copy_end(stager) != 0 || record_shape(stager, shape, &id) != 0)
+                return -1;
+            wp_shapes_add_pending(stager->shapes, shape, id);
+        }
+        if (id != shape->id)
+            wp_encoder_set_shape_id(segment, shape, id);
     }
     return 0;
 }
@@ -460,14 +483,20 @@ static int stage_dead_letters(wp_stager_t *stager, const wp_dead_letter_t *dead)
         char lsn[WP_LSN_STRLEN], seq[16];
         wp_lsn_format(dead->lsn, lsn);
         snprintf(seq, sizeof seq, "%d", dead->seq);
-        const char *params[] = {stager->source->name, lsn, seq, dead->raw, dead->reason};
-        int lengths[] = {0, 0, 0, (int)dead->raw_len, 0};
-        int formats[] = {0, 0, 0, 1, 0};
+        /* raw_len <= WP_DEAD_RAW_MAX (wp_segment_add_dead), so the int length holds it */
+        const char *params[] = {stager->source->name, lsn, seq, dead->schema, dead->table, dead->raw, dead->reason};
+        int lengths[] = {0, 0, 0, 0, 0, (int)dead->raw_len, 0};
+        int formats[] = {0, 0, 0, 0, 0, 1, 0};
         if (exec_params(stager,
-                        "INSERT INTO walpipe.dead_letters (source, lsn, seq, raw, reason) VALUES ($1, $2, $3, $4, $5)",
-                        5, params, lengths, formats, "record a dead letter") != 0)
+                        "INSERT INTO walpipe.dead_letters (kind, source, lsn, seq, schema_name, table_name, raw, reason) "
+                        "VALUES ('decode', $1, $2, $3, $4, $5, $6, $7)",
+                        7, params, lengths, formats, "record a dead letter") != 0)
             return -1;
-        wp_warn("dead letter at %s seq %d: %s", lsn, dead->seq, dead->reason);
+        if (dead->table)
+            wp_warn("dead letter at %s seq %d (table \"%s\".\"%s\"): %s", lsn, dead->seq,
+                    dead->schema ? dead->schema : "", dead->table, dead->reason);
+        else
+            wp_warn("dead letter at %s seq %d: %s", lsn, dead->seq, dead->reason);
         stager->total_dead++;
     }
     return 0;
@@ -475,27 +504,19 @@ static int stage_dead_letters(wp_stager_t *stager, const wp_dead_letter_t *dead)
 
 static int batch_commit(wp_stager_t *stager, wp_queue_t *queue)
 {
-    wp_buf_t sql = WP_BUF_INIT;
-    int rc = -1;
     if (copy_end(stager) != 0)
-        goto out;
-    if (stager->batch_has_pos)
-        append_checkpoint_sql(stager, &sql, &stager->batch_pos);
-    if (sql.len)
-        wp_buf_puts(&sql, "; ");
-    if (stager->batch_rows)
-        wp_buf_puts(&sql, "NOTIFY walpipe_raw_events; "); /* wakes idle transform workers at commit */
-    wp_buf_puts(&sql, "COMMIT");
-    if (exec_expect(stager, sql.data, PGRES_COMMAND_OK, "commit a batch") != 0)
-        goto out;
+        return -1;
+    if (stager->batch_has_pos && write_checkpoint(stager, &stager->batch_pos, NULL, "write the checkpoint") != 0)
+        return -1;
+    /* NOTIFY wakes idle transform workers at commit */
+    if (exec_sql(stager, stager->batch_rows ? "NOTIFY walpipe_raw_events; COMMIT" : "COMMIT", "commit a batch") != 0)
+        return -1;
     stager->in_txn = false;
+    wp_shapes_commit(stager->shapes);
     stager->total_rows += stager->batch_rows;
     if (stager->batch_has_pos)
         wp_queue_set_durable(queue, &stager->batch_pos, stager->batch_rows);
-    rc = 0;
-out:
-    wp_buf_free(&sql);
-    return rc;
+    return 0;
 }
 
 /* Adds one segment to the open batch. */
@@ -503,17 +524,15 @@ static int stage_segment(wp_stager_t *stager, wp_segment_t *segment)
 {
     if (!stager->in_txn && batch_begin(stager) != 0)
         return -1;
-    if ((segment->shapes || segment->dead) && copy_end(stager) != 0)
+    if (stage_shapes(stager, segment) != 0)
         return -1;
-    if (stage_shapes(stager, segment->shapes) != 0 || stage_dead_letters(stager, segment->dead) != 0)
+    if (segment->dead && (copy_end(stager) != 0 || stage_dead_letters(stager, segment->dead) != 0))
         return -1;
     if (segment->rows) {
         if (!stager->in_copy && copy_begin(stager) != 0)
             return -1;
-        if (PQputCopyData(stager->conn, segment->copy.data, (int)segment->copy.len) != 1) {
-            wp_error("staging: could not send COPY data: %s", PQerrorMessage(stager->conn));
+        if (put_copy_data(stager, segment->copy.data, segment->copy.len) != 0)
             return -1;
-        }
     }
     stager->batch_rows += segment->rows;
     stager->batch_bytes += segment->copy.len;
@@ -544,9 +563,10 @@ int wp_stager_commit_chunk(wp_stager_t *stager, int64_t snapshot_id, const char 
                     "INSERT INTO walpipe.snapshot_chunks (snapshot_id, schema_name, table_name, chunk, rows) "
                     "VALUES ($1, $2, $3, $4, $5)",
                     5, params, NULL, NULL, "record a snapshot chunk") != 0 ||
-        exec_expect(stager, "COMMIT", PGRES_COMMAND_OK, "commit a snapshot chunk") != 0)
+        exec_sql(stager, "COMMIT", "commit a snapshot chunk") != 0)
         goto out;
     stager->in_txn = false;
+    wp_shapes_commit(stager->shapes);
     rc = 0;
 out:
     if (rc != 0)

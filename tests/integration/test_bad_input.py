@@ -80,6 +80,36 @@ def test_hundred_megabyte_value_lands_intact(source_pg, staging_pg, walpipe_fact
     assert staging_pg.scalar("SELECT count(*) FROM walpipe.dead_letters", dbname="staging") == 0
 
 
+JSONB_MAX = (1 << 28) - 1  # jsonb's limit on one string and on one object's contents
+
+
+def test_value_over_jsonb_limit_goes_to_dead_letters(source_pg, staging_pg, walpipe_factory):
+    """A value one byte over jsonb's limit cannot be staged; it must not stop the source.
+
+    Its change goes to dead_letters with its identity and reason, and raw holds the message
+    whole; the next change of the same transaction, and the next transaction, are staged."""
+    setup_source(source_pg, schema="CREATE TABLE big (id int PRIMARY KEY, v text)")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
+    before = source_pg.scalar("SELECT pg_current_wal_insert_lsn()::text", dbname="app")
+    source_pg.sql(f"INSERT INTO big VALUES (1, repeat('x', {JSONB_MAX + 1})), (3, 'same transaction')",
+                  dbname="app")
+    after = source_pg.scalar("SELECT pg_current_wal_insert_lsn()::text", dbname="app")
+    source_pg.sql("INSERT INTO big VALUES (2, 'next transaction')", dbname="app")
+    wait_caught_up(source_pg, w, timeout=600)
+    assert w.stop() == 0
+    dead = staging_pg.sql("SELECT kind, lsn > %s::pg_lsn AND lsn <= %s::pg_lsn, seq, schema_name, table_name, "
+                          "length(raw), reason FROM walpipe.dead_letters", (before, after), dbname="staging")
+    assert len(dead) == 1, dead
+    kind, lsn_in_txn, seq, schema, table, raw_len, reason = dead[0]
+    assert (kind, lsn_in_txn, seq, schema, table) == ("decode", True, 1, "public", "big")
+    assert raw_len > JSONB_MAX + 1 and "jsonb" in reason and '"v"' in reason, reason
+    rows = staging_pg.sql("SELECT event_type, seq, payload->'after' FROM walpipe.raw_events ORDER BY id",
+                          dbname="staging")
+    assert rows == [("insert", 2, {"id": 3, "v": "same transaction"}),
+                    ("insert", 1, {"id": 2, "v": "next transaction"})]
+    assert "string too long" not in w.log(since_start=True)
+
+
 def test_invalid_utf8_non_transactional_message(source_pg, staging_pg, walpipe_factory):
     setup_source(source_pg, schema="CREATE TABLE t (id int PRIMARY KEY)")
     w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app")}})
