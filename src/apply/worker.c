@@ -265,7 +265,12 @@ static void *worker_main(void *arg)
                 backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
                 continue;
             }
-            PQclear(PQexec(w->conn, "LISTEN walpipe_raw_events"));
+            if (wp_pg_exec(w->conn, "staging", "LISTEN walpipe_raw_events", "listen for new events") != 0) {
+                worker_close(w);
+                sleep_ms(p, backoff);
+                backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
+                continue;
+            }
             w->applier = wp_applier_create(p->config, w->conn);
             told_old = false;
         }
@@ -356,8 +361,13 @@ static void *monitor_main(void *arg)
                 sleep_ms(p, 5000);
                 continue;
             }
-            if (p->discover)
-                PQclear(PQexec(conn, "LISTEN walpipe_discover"));
+            if (p->discover &&
+                wp_pg_exec(conn, "staging", "LISTEN walpipe_discover", "listen for key discovery requests") != 0) {
+                PQfinish(conn);
+                conn = NULL;
+                sleep_ms(p, 5000);
+                continue;
+            }
             long long waiting = 0, parked = 0, undecodable = 0;
             if (last_dead < 0 && wp_dlq_counts(conn, &waiting, &parked, &undecodable) == 0) {
                 last_dead = waiting + parked; /* the baseline a rise is measured from */

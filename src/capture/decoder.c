@@ -44,6 +44,7 @@
 #include "decoder.h"
 #include "log.h"
 #include "utf8.h"
+#include "yajl_mem.h"
 
 /* Shapes remembered per table: I, U without TOAST columns, D identity, one spare. */
 #define SHAPE_SLOTS 4
@@ -840,27 +841,6 @@ static int on_end(void *ctx)
     return marked(ctx, on_close(ctx));
 }
 
-/* yajl allocates through mem.h, so running out of memory aborts as everywhere else. */
-static void *yajl_malloc_fn(void *ctx, size_t n)
-{
-    (void)ctx;
-    return wp_malloc(n);
-}
-
-static void *yajl_realloc_fn(void *ctx, void *p, size_t n)
-{
-    (void)ctx;
-    return wp_realloc(p, n);
-}
-
-static void yajl_free_fn(void *ctx, void *p)
-{
-    (void)ctx;
-    free(p);
-}
-
-static yajl_alloc_funcs yajl_mem = {yajl_malloc_fn, yajl_realloc_fn, yajl_free_fn, NULL};
-
 /* yajl_number takes every number as text, so yajl_integer and yajl_double are never called. */
 static const yajl_callbacks callbacks = {
     .yajl_null = on_null,
@@ -896,7 +876,7 @@ static int read_message(wp_decoder_t *decoder, const char *data, size_t len, jki
     decoder->lists[0].n = 0;
     decoder->lists[1].n = 0;
 
-    sax.yajl = yajl_alloc(&callbacks, &yajl_mem, &sax);
+    sax.yajl = yajl_alloc(&callbacks, wp_yajl_mem(), &sax);
     /* Checked strictly by keep(), and only where it matters: strings the decoder keeps. */
     yajl_config(sax.yajl, yajl_dont_validate_strings, 1);
     st = yajl_parse(sax.yajl, (const unsigned char *)data, len);
