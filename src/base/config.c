@@ -53,6 +53,7 @@ typedef enum key_type {
     TYPE_SLOT,
     TYPE_TABLES,
     TYPE_SNAPSHOT,
+    TYPE_RESYNC,  /* auto | off */
     TYPE_NAME,    /* an SQL identifier, taken as written (quoted when used) */
     TYPE_PATTERN, /* mirror table name pattern: {source}, {schema}, {table} */
 } key_type_t;
@@ -85,6 +86,7 @@ static const key_spec_t key_specs[] = {
     {SECTION_WORKERS, "mirror_table", TYPE_PATTERN, offsetof(wp_config_t, mirror_table), 0, 0},
     {SECTION_WORKERS, "max_attempts", TYPE_INT, offsetof(wp_config_t, max_attempts), 1, 1000},
     {SECTION_WORKERS, "retry_backoff_ms", TYPE_INT, offsetof(wp_config_t, retry_backoff_ms), 10, 3600000},
+    {SECTION_WORKERS, "resync", TYPE_RESYNC, offsetof(wp_config_t, resync_auto), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 
@@ -234,6 +236,7 @@ static wp_config_t *config_new(const char *path)
     config->mirror_table = wp_strdup("{schema}_{table}");
     config->max_attempts = 5;
     config->retry_backoff_ms = 1000;
+    config->resync_auto = true;
     return config;
 }
 
@@ -794,6 +797,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
             return false;
         }
         *(bool *)field = strcmp(value, "initial") == 0;
+        return true;
+
+    case TYPE_RESYNC:
+        if (strcmp(value, "auto") != 0 && strcmp(value, "off") != 0) {
+            fail(p, p->lineno, "resync in %s must be auto or off (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(bool *)field = strcmp(value, "auto") == 0;
         return true;
 
     case TYPE_NAME:

@@ -5,7 +5,7 @@
  *   [staging]            conninfo, batch_rows, batch_bytes, batch_ms, payload_gin_index, partitions_ahead
  *   [source NAME]        conninfo, slot, tables, status_interval_ms, snapshot, snapshot_workers
  *                        (any number of sections)
- *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms
+ *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms, resync
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
@@ -64,6 +64,7 @@ typedef struct wp_config {
     char *mirror_table;           /* mirror table name pattern; default "{schema}_{table}" */
     int max_attempts;             /* automatic apply attempts before a dead letter is parked; default 5 */
     int retry_backoff_ms;         /* delay before the first retry, doubled per attempt; default 1000 */
+    bool resync_auto;             /* resync = auto (default): `run` re-snapshots a diverged mirror's table | off */
     wp_source_config_t *sources;
     size_t nsources;
 } wp_config_t;

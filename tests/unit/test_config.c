@@ -559,10 +559,12 @@ static void test_workers(void **state)
     assert_string_equal(c->mirror_table, "{schema}_{table}");
     assert_int_equal(c->max_attempts, 5);
     assert_int_equal(c->retry_backoff_ms, 1000);
+    assert_true(c->resync_auto);
     wp_config_destroy(c);
 
     c = parse(STAGING SOURCE "[workers]\ncount = 0\nclaim_size = 50\nmirror_schema = My Mirror\n"
-                             "mirror_table = {source}__{schema}.{table}\nmax_attempts = 9\nretry_backoff_ms = 250\n",
+                             "mirror_table = {source}__{schema}.{table}\nmax_attempts = 9\nretry_backoff_ms = 250\n"
+                             "resync = off\n",
               err, sizeof err);
     if (c == NULL)
         fail_msg("%s", err);
@@ -572,6 +574,7 @@ static void test_workers(void **state)
     assert_string_equal(c->mirror_table, "{source}__{schema}.{table}");
     assert_int_equal(c->max_attempts, 9);
     assert_int_equal(c->retry_backoff_ms, 250);
+    assert_false(c->resync_auto);
     wp_config_destroy(c);
 
     /* the section may come first, and {table} alone is enough */
@@ -587,7 +590,8 @@ static void test_workers(void **state)
     expect_error(STAGING SOURCE "[workers]\nretry_backoff_ms = 5\n", 6, "retry_backoff_ms in [workers] must be");
     expect_error(STAGING SOURCE "[workers]\nworkers = 2\n", 6,
                  "unknown key \"workers\" in [workers]; valid keys are: count, claim_size, mirror_schema, mirror_table, "
-                 "max_attempts, retry_backoff_ms");
+                 "max_attempts, retry_backoff_ms, resync");
+    expect_error(STAGING SOURCE "[workers]\nresync = sometimes\n", 6, "resync in [workers] must be auto or off");
     expect_error(STAGING SOURCE "[workers]\nmirror_schema = "
                                 "a234567890123456789012345678901234567890123456789012345678901234\n",
                  6, "mirror_schema in [workers] must be a name of 1 to 63 bytes");
