@@ -24,6 +24,7 @@
 #include "mem.h"
 #include "migrate.h"
 #include "pipeline.h"
+#include "resync.h"
 #include "snapshot.h"
 #include "source.h"
 #include "worker.h"
@@ -94,10 +95,14 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
             rc = WP_EXIT_FATAL;
     }
     wp_workers_t *workers = wp_workers_start(config, config->workers, true);
+    /* beside the sources' readers and stagers: a resync never holds up streaming */
+    wp_resyncer_t *resyncer = wp_resyncer_start(config);
     for (size_t i = 0; i < config->nsources; i++) {
         if (sources[i] && wp_source_join(sources[i]) != 0)
             rc = WP_EXIT_FATAL;
     }
+    wp_stop_request(); /* a source that ended on a fatal error ends the resyncer too */
+    wp_resyncer_stop(resyncer);
     wp_workers_stop(workers);
     free(sources);
     wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");

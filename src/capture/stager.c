@@ -305,6 +305,43 @@ int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state
                        4, params, NULL, NULL, "record the end of a snapshot");
 }
 
+int wp_stager_resync_finish(wp_stager_t *stager, int64_t id, bool done, const char *tables_literal, uint64_t rows,
+                            const char *const *schemas, const char *const *tables, const bool *truncated, size_t n,
+                            wp_lsn_t cp)
+{
+    int rc = -1;
+    char at[WP_LSN_STRLEN];
+    wp_buf_t by = WP_BUF_INIT, why = WP_BUF_INIT;
+    wp_lsn_format(cp, at);
+    wp_buf_printf(&by, "resync snapshot %lld at %s", (long long)id, at);
+    wp_buf_printf(&why,
+                  "resync snapshot %lld failed after it staged a truncate of the table at %s: the mirror misses rows "
+                  "until a resync of the table completes",
+                  (long long)id, at);
+    if (exec_sql(stager, "BEGIN", "begin recording the end of a resync") != 0)
+        goto out;
+    if (wp_stager_snapshot_finish(stager, id, done ? "done" : "failed", tables_literal, rows) != 0)
+        goto fail;
+    for (size_t i = 0; i < n; i++) {
+        if (done && wp_diverge_resolve(stager->conn, stager->source->name, schemas[i], tables[i], cp, by.data) < 0)
+            goto fail;
+        if (!done && truncated[i] &&
+            wp_diverge_record(stager->conn, stager->source->name, schemas[i], tables[i], WP_DIVERGE_MANUAL, cp,
+                              why.data) < 0)
+            goto fail;
+    }
+    if (exec_sql(stager, "COMMIT", "commit the end of a resync") != 0)
+        goto fail;
+    rc = 0;
+    goto out;
+fail:
+    PQclear(PQexec(stager->conn, "ROLLBACK"));
+out:
+    wp_buf_free(&by);
+    wp_buf_free(&why);
+    return rc;
+}
+
 int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const char *reason)
 {
     int rc = -1;

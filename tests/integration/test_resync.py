@@ -106,3 +106,102 @@ def test_dropped_changes_recorded_and_kept_over_a_crash(source_pg, staging_pg, w
         (WEIRD[0], WEIRD[1], end1), (AMBIGUOUS[0], AMBIGUOUS[1], end2)]
     assert staging_pg.scalar("SELECT count(*) FROM walpipe.divergences", dbname="staging") == 2
     assert w.stop() == 0
+
+
+def test_resync_after_identity_fixed(source_pg, staging_pg, walpipe_factory):
+    """REPLICA IDENTITY NOTHING with a primary key: the mirror misses UPDATEs and DELETEs and is
+    marked diverged; after ALTER TABLE ... REPLICA IDENTITY DEFAULT, `walpipe run` with
+    resync = auto makes it exactly equal to the source and resolves the divergence."""
+    setup_app(source_pg, "CREATE TABLE nothing_t (id int PRIMARY KEY, v text, n int);"
+                         "ALTER TABLE nothing_t REPLICA IDENTITY NOTHING;")
+    w = start(walpipe_factory, staging_pg, source_pg, workers_extra={"resync": "off"})
+    source_pg.sql("INSERT INTO nothing_t SELECT g, 'v' || g, g FROM generate_series(1, 200) g", dbname="app")
+    wait_applied(source_pg, staging_pg, w)
+    assert_mirrored(source_pg, staging_pg, "nothing_t", ["id"])
+    x = in_one_txn(source_pg, ["UPDATE nothing_t SET v = 'changed', n = -n WHERE id % 7 = 0",
+                               "DELETE FROM nothing_t WHERE id % 11 = 0"])
+    end = commit_end_of(source_pg, "truth", x)
+    wait_until(lambda: len(open_divergences(staging_pg)) == 1, timeout=60, what="a dropped_change divergence",
+               walpipe=w)
+    assert [(r[0], r[1], r[2], r[3]) for r in open_divergences(staging_pg)] == [
+        ("public", "nothing_t", "dropped_change", end)]
+    wait_applied(source_pg, staging_pg, w)
+    cols = columns(source_pg, "app", "public", "nothing_t")
+    assert checksum(source_pg, "app", "nothing_t", cols, ["id"]) != \
+        checksum(staging_pg, "staging", "analytics.public_nothing_t", cols, ["id"])
+
+    source_pg.sql("ALTER TABLE nothing_t REPLICA IDENTITY DEFAULT", dbname="app")
+    source_pg.sql("UPDATE nothing_t SET n = n + 1000 WHERE id % 5 = 0; DELETE FROM nothing_t WHERE id % 13 = 0",
+                  dbname="app")
+    assert w.stop() == 0
+    with open(w.config_path) as f:
+        text = f.read()
+    with open(w.config_path, "w") as f:
+        f.write(text.replace("resync = off", "resync = auto"))
+    w.start()
+    source_pg.sql("INSERT INTO nothing_t VALUES (1000, 'late', 1)", dbname="app")
+    wait_until(lambda: not open_divergences(staging_pg), timeout=90, what="the divergence resolved", walpipe=w)
+    wait_applied(source_pg, staging_pg, w)
+    assert_mirrored(source_pg, staging_pg, "nothing_t", ["id"])
+    by = staging_pg.scalar("SELECT resolved_by FROM walpipe.divergences", dbname="staging")
+    assert by.startswith("resync snapshot "), by
+    log = w.log(since_start=True)
+    assert "resync snapshot" in log and "rows in" in log, w.log_tail()
+    assert w.stop() == 0
+
+
+def test_snapshot_table_removes_rows_the_source_lacks(source_pg, staging_pg, walpipe_factory):
+    """`walpipe snapshot --table` of a mirrored table, under concurrent writes, leaves the
+    mirror exactly equal to the source: a row only the mirror has (put there by hand) goes."""
+    setup_app(source_pg, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)")
+    source_pg.sql("INSERT INTO items SELECT g, g, 'n' || g FROM generate_series(1, 2000) g", dbname="app")
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2, workers_extra={"resync": "off"})
+    wait_applied(source_pg, staging_pg, w)
+    assert_mirrored(source_pg, staging_pg, "items", ["id"])
+    staging_pg.sql("INSERT INTO analytics.public_items (id, v, note, _walpipe_lsn, _walpipe_seq) "
+                   "VALUES (-1, 0, 'only in the mirror', '0/1', 1)", dbname="staging")
+
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        conn = source_pg.connect("app")
+        i = 3000
+        try:
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    cur.execute("INSERT INTO items VALUES (%s, 0, 'new')", (i,))
+                    cur.execute("UPDATE items SET v = v + 1 WHERE id = %s", (i % 2000 + 1,))
+                    cur.execute("DELETE FROM items WHERE id = %s", ((i * 7) % 2000 + 1,))
+                    i += 1
+                    time.sleep(0.002)
+        except Exception as e:  # reported by the test
+            errors.append(e)
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_until(lambda: source_pg.scalar("SELECT count(*) FROM items WHERE note = 'new'", dbname="app") >= 50,
+                   timeout=60, what="concurrent writes under way")
+        r = w.command("snapshot", "--source", "app", "--table", "public.items", timeout=120)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: source_pg.scalar("SELECT count(*) FROM items WHERE note = 'new'", dbname="app") >= 100,
+                   timeout=60, what="writes after the snapshot")
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    wait_applied(source_pg, staging_pg, w)
+    assert_mirrored(source_pg, staging_pg, "items", ["id"])
+    # the truncate is the resync's, marked as such, ordered before the copied rows
+    snap, cp = staging_pg.sql("SELECT id, lsn::text FROM walpipe.snapshots WHERE kind = 'requested'",
+                              dbname="staging")[0]
+    trunc = staging_pg.sql("SELECT payload, lsn::text, seq, id FROM walpipe.raw_events WHERE event_type = 'truncate'",
+                           dbname="staging")
+    assert [(p, l, s) for p, l, s, _ in trunc] == [({"snapshot": snap}, cp, -1)]
+    first_row = staging_pg.scalar("SELECT min(id) FROM walpipe.raw_events WHERE event_type = 'snapshot'",
+                                  dbname="staging")
+    assert trunc[0][3] < first_row
+    assert w.stop() == 0
