@@ -38,6 +38,7 @@
 #include <time.h>
 
 #include "applier.h"
+#include "diverge.h"
 #include "dlq.h"
 #include "keys.h"
 #include "log.h"
@@ -308,27 +309,32 @@ static void *worker_main(void *arg)
 /* ---------------------------------------------------------------- monitor thread */
 
 static void log_progress(struct wp_workers *p, PGconn *conn, int64_t *last_ms, unsigned long long *last_applied,
-                         long long *last_dead)
+                         long long *last_dead, long long *last_diverged)
 {
     int64_t now = wp_now_ms();
     unsigned long long applied = atomic_load(&p->applied), failed = atomic_load(&p->failed);
-    long long waiting = 0, parked = 0, undecodable = 0;
-    if (wp_dlq_counts(conn, &waiting, &parked, &undecodable) != 0)
+    long long waiting = 0, parked = 0, undecodable = 0, diverged = 0;
+    if (wp_dlq_counts(conn, &waiting, &parked, &undecodable) != 0 || wp_diverge_count_open(conn, &diverged) != 0)
         return;
     long long dead = waiting + parked;
-    if (applied != *last_applied || dead != *last_dead) {
+    if (applied != *last_applied || dead != *last_dead || diverged != *last_diverged) {
         double secs = (double)(now - *last_ms) / 1000.0;
         wp_info("mirror: applied %llu changes (%.0f/s), %llu dead-lettered; dead letters: %lld waiting for retry, "
-                "%lld parked, %lld undecodable",
+                "%lld parked, %lld undecodable; %lld diverged mirror(s)",
                 applied, secs > 0 ? (double)(applied - *last_applied) / secs : 0.0, failed, waiting, parked,
-                undecodable);
+                undecodable, diverged);
         if (dead > *last_dead && *last_dead >= 0)
             wp_warn("dead-letter queue grew by %lld to %lld; see `walpipe dlq list --config %s`", dead - *last_dead,
                     dead, p->config->path ? p->config->path : "FILE");
+        if (diverged > 0 && diverged > *last_diverged)
+            wp_warn("%lld mirror(s) diverged from their source (missed changes); see walpipe.divergences%s", diverged,
+                    p->config->resync_auto ? "; `walpipe run` resyncs them (resync = auto)"
+                                           : "; resync = off: resync them with `walpipe snapshot --table`");
     }
     *last_ms = now;
     *last_applied = applied;
     *last_dead = dead;
+    *last_diverged = diverged;
 }
 
 static void discover(struct wp_workers *p, PGconn *conn, const char *only, wp_buf_t *named)
@@ -346,7 +352,7 @@ static void *monitor_main(void *arg)
     wp_buf_t named = WP_BUF_INIT;
     int64_t last_log = wp_now_ms(), last_discover = 0;
     unsigned long long last_applied = 0;
-    long long last_dead = -1;
+    long long last_dead = -1, last_diverged = 0;
     bool want_discover = p->discover, told_old = false;
     wp_log_set_component("workers");
 
@@ -385,7 +391,7 @@ static void *monitor_main(void *arg)
             want_discover = false;
         }
         if (now - last_log >= PROGRESS_LOG_MS)
-            log_progress(p, conn, &last_log, &last_applied, &last_dead);
+            log_progress(p, conn, &last_log, &last_applied, &last_dead, &last_diverged);
         if (p->count > 0 && atomic_load(&p->running) == 0 && atomic_load(&p->fatal))
             break;
         /* wait for a discovery request */

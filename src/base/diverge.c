@@ -101,3 +101,19 @@ out:
     free(what);
     return rc;
 }
+
+int wp_diverge_count_open(PGconn *conn, long long *n)
+{
+    PGresult *res = PQexec(conn, "SELECT count(*) FROM (SELECT DISTINCT source, schema_name, table_name "
+                                 "FROM walpipe.divergences WHERE resolved_at IS NULL) d");
+    int rc = -1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_error("[diverge] could not count the diverged mirrors: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    *n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    rc = 0;
+out:
+    PQclear(res);
+    return rc;
+}

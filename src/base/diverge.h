@@ -46,4 +46,11 @@ int wp_diverge_record(PGconn *conn, const char *source, const char *schema, cons
 int wp_diverge_resolve(PGconn *conn, const char *source, const char *schema, const char *table, wp_lsn_t upto,
                        const char *by);
 
+/*
+ * Sets *n to the number of diverged mirrors (tables with an open
+ * divergence), read from the open-divergence index.  Returns 0, or -1
+ * (logged).
+ */
+int wp_diverge_count_open(PGconn *conn, long long *n);
+
 #endif /* WP_DIVERGE_H */

@@ -93,7 +93,10 @@ def test_dropped_changes_recorded_and_kept_over_a_crash(source_pg, staging_pg, w
     assert [(r[0], r[1], r[3]) for r in rows] == [(WEIRD[0], WEIRD[1], end1), (AMBIGUOUS[0], AMBIGUOUS[1], end2)]
     assert "UPDATEs and DELETEs" in rows[0][4] and "REPLICA IDENTITY" in rows[0][4], rows[0][4]
     assert "DELETEs" in rows[1][4] and "UPDATE" not in rows[1][4], rows[1][4]
-    assert "diverged" in w.log(since_start=True)
+    # named by the workers' progress line and a warning
+    wait_until(lambda: "2 diverged mirror(s)" in w.log(since_start=True), timeout=30,
+               what="the progress line to count the diverged mirrors", walpipe=w)
+    assert "2 mirror(s) diverged from their source" in w.log(since_start=True)
 
     # a crash once the transactions are staged and acknowledged keeps the record, and
     # decoding them again (the slot may resend them) adds none
