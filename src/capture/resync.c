@@ -203,7 +203,7 @@ static int poll_divergences(wp_resyncer_t *r)
     free(items);
     const char *params[] = {names.data};
     PGresult *res = PQexecParams(r->conn,
-                                 "SELECT d.source, d.schema_name, d.table_name, s.problem "
+                                 "SELECT d.source, d.schema_name, d.table_name, s.problem, s.source IS NOT NULL "
                                  "FROM (SELECT DISTINCT source, schema_name, table_name FROM walpipe.divergences "
                                  "      WHERE resolved_at IS NULL AND source = ANY ($1::text[])) d "
                                  "LEFT JOIN walpipe.source_tables s USING (source, schema_name, table_name) "
@@ -219,7 +219,8 @@ static int poll_divergences(wp_resyncer_t *r)
         r->tables[i].open = false;
     for (int row = 0; row < PQntuples(res); row++) {
         tstate_t *t = find_or_add(r, PQgetvalue(res, row, 0), PQgetvalue(res, row, 1), PQgetvalue(res, row, 2));
-        t->open = true;
+        /* not discovered yet (the workers read keys at start and on demand): whether it can be mirrored is unknown */
+        t->open = strcmp(PQgetvalue(res, row, 4), "t") == 0 || t->schema[0] == '\0';
         free(t->problem);
         t->problem = NULL;
         if (t->schema[0] == '\0')

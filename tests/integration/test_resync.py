@@ -116,7 +116,8 @@ def test_resync_after_identity_fixed(source_pg, staging_pg, walpipe_factory):
     marked diverged; after ALTER TABLE ... REPLICA IDENTITY DEFAULT, `walpipe run` with
     resync = auto makes it exactly equal to the source and resolves the divergence."""
     setup_app(source_pg, "CREATE TABLE nothing_t (id int PRIMARY KEY, v text, n int);"
-                         "ALTER TABLE nothing_t REPLICA IDENTITY NOTHING;")
+                         "ALTER TABLE nothing_t REPLICA IDENTITY NOTHING;"
+                         "CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x');")
     w = start(walpipe_factory, staging_pg, source_pg, workers_extra={"resync": "off"})
     source_pg.sql("INSERT INTO nothing_t SELECT g, 'v' || g, g FROM generate_series(1, 200) g", dbname="app")
     wait_applied(source_pg, staging_pg, w)
@@ -143,10 +144,18 @@ def test_resync_after_identity_fixed(source_pg, staging_pg, walpipe_factory):
         f.write(text.replace("resync = off", "resync = auto"))
     w.start()
     source_pg.sql("INSERT INTO nothing_t VALUES (1000, 'late', 1)", dbname="app")
-    wait_until(lambda: not open_divergences(staging_pg), timeout=90, what="the divergence resolved", walpipe=w)
+    # a table that cannot be mirrored (no key) stays diverged: named, not resynced
+    source_pg.sql("UPDATE nokey SET b = 'y'", dbname="app")
+    wait_until(lambda: [(r[1], r[2]) for r in open_divergences(staging_pg)] == [("nokey", "dropped_change")],
+               timeout=90, what="the divergence of nothing_t resolved, that of nokey open", walpipe=w)
+    wait_until(lambda: 'not resyncing the diverged mirror of "public"."nokey" of source "app": it has no usable '
+                       'primary key' in w.log(since_start=True), timeout=30, what="nokey named", walpipe=w)
+    assert all("public.nokey" not in r[0] for r in staging_pg.sql("SELECT tables FROM walpipe.snapshots",
+                                                                   dbname="staging"))
     wait_applied(source_pg, staging_pg, w)
     assert_mirrored(source_pg, staging_pg, "nothing_t", ["id"])
-    by = staging_pg.scalar("SELECT resolved_by FROM walpipe.divergences", dbname="staging")
+    by = staging_pg.scalar("SELECT resolved_by FROM walpipe.divergences WHERE table_name = 'nothing_t'",
+                           dbname="staging")
     assert by.startswith("resync snapshot "), by
     log = w.log(since_start=True)
     assert "resync snapshot" in log and "rows in" in log, w.log_tail()
