@@ -15,6 +15,9 @@
  * once.  A copy that cannot finish under one snapshot is never completed under
  * another: the initial snapshot starts over (source.c deletes the unfinished
  * attempt's rows first), and every attempt is recorded in walpipe.snapshots.
+ * A resync's truncate of a table, at (consistent point, -1), commits with the
+ * table's first chunk, so it is never staged without rows after it, and it
+ * orders before them by version and by id.
  *
  * Rows are built as wal2json-shaped jansson objects, printed, and read by the
  * same decoder as the stream (wp_decoder_parse), so their payloads follow
