@@ -13,6 +13,7 @@
 Mirrors are compared with their sources by the ordered checksum of test_workers.py.
 """
 
+import signal
 import threading
 import time
 
@@ -217,3 +218,35 @@ def test_snapshot_table_removes_rows_the_source_lacks(source_pg, staging_pg, wal
                                   dbname="staging")
     assert trunc[0][3] < first_row
     assert w.stop() == 0
+
+
+def test_interrupted_resync_leaves_the_table_marked(source_pg, staging_pg, walpipe_factory):
+    """A resync stopped after a table's truncate committed (with its first chunk) but before its
+    last chunk: the mirror misses rows, so the table gets an open "manual" divergence at the
+    resync's consistent point; the next resync resolves it."""
+    source_pg.createdb("app")
+    source_pg.sql("CREATE TABLE big (id int PRIMARY KEY, n int, v text)", dbname="app")
+    # about 60 MB of 1.5 kB rows: 4 chunks of 16 MB, copied one after the other by one worker
+    source_pg.sql("INSERT INTO big SELECT g, g, repeat('x', 1500) FROM generate_series(1, 40000) g", dbname="app")
+    w = walpipe_factory("[placeholder]\n")
+    wptest.write_config(w.config_path, staging_pg.conninfo("staging"),
+                        {"app": {"conninfo": source_pg.conninfo("app"), "slot": "walpipe_app",
+                                 "snapshot_workers": 1}})
+    staging_pg.createdb("staging")
+    assert w.init().returncode == 0
+    w.start(subcommand="snapshot", args=("--source", "app", "--table", "public.big"))
+    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks", dbname="staging") >= 1,
+               timeout=120, interval=0.02, what="the first chunk committed", walpipe=w)
+    w.signal(signal.SIGINT)
+    assert w.wait_exit(60) == 1
+    snap, cp, state = staging_pg.sql("SELECT id, lsn::text, state FROM walpipe.snapshots", dbname="staging")[0]
+    assert state == "failed"
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks", dbname="staging") < 4
+    assert [(r[0], r[1], r[2], r[3]) for r in open_divergences(staging_pg)] == [("public", "big", "manual", cp)]
+    assert f"resync snapshot {snap} failed" in open_divergences(staging_pg)[0][4]
+
+    r = w.command("snapshot", "--source", "app", "--table", "public.big", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert open_divergences(staging_pg) == []
+    by = staging_pg.scalar("SELECT resolved_by FROM walpipe.divergences", dbname="staging")
+    assert by.startswith(f"resync snapshot {snap + 1} at "), by
