@@ -43,7 +43,7 @@
  *     ends at or before P is visible in it and none after: the source's rows
  *     are exactly its state after every change with version lsn <= P
  *     (README, "Initial snapshot").
- *  2. For each table verify waits until staging's checkpoint for the source
+ *  2. For each table verify waits (--wait seconds per position) until staging's checkpoint for the source
  *     is >= P (every change with lsn <= P is staged), no raw event of the
  *     table with lsn <= P is unprocessed, and none waits in the dead-letter
  *     queue for a retry; then, in the same REPEATABLE READ transaction on
@@ -172,7 +172,8 @@ typedef struct ctx {
     const wp_verify_opts_t *opts;
     const wp_source_config_t *source;
     PGconn *staging;
-    int slots; /* temporary slots made so far (their names) */
+    int slots;           /* temporary slots made so far (their names) */
+    int64_t deadline_ms; /* the mirror must reach the current position by then (wp_now_ms) */
 } ctx_t;
 
 /* ---------------------------------------------------------------- small helpers */
@@ -621,7 +622,7 @@ static int wait_mirror(ctx_t *ctx, vtable_t *t, const position_t *pos)
     char lsn[WP_LSN_STRLEN];
     wp_lsn_format(pos->lsn, lsn);
     const char *p[] = {ctx->source->name, t->schema, t->table, lsn};
-    int64_t start = wp_now_ms(), next_log = start + PROGRESS_MS;
+    int64_t next_log = wp_now_ms() + PROGRESS_MS;
     for (;;) {
         if (wp_pg_exec(ctx->staging, "staging", "BEGIN ISOLATION LEVEL REPEATABLE READ", "begin a transaction") != 0) {
             set_failed(t, "staging failed (see the log)");
@@ -657,7 +658,7 @@ static int wait_mirror(ctx_t *ctx, vtable_t *t, const position_t *pos)
         }
         wp_pg_exec(ctx->staging, "staging", "ROLLBACK", "roll back");
         int64_t now = wp_now_ms();
-        if (wp_stop_requested() || now - start >= ctx->opts->wait_seconds * 1000) {
+        if (wp_stop_requested() || now >= ctx->deadline_ms) {
             set_failed(t,
                        "the mirror did not reach %s within %ld s (staging checkpoint %s, %lld events at or before "
                        "it unprocessed, %lld waiting for a retry)",
@@ -1084,6 +1085,8 @@ static int verify_source(ctx_t *ctx, const wp_table_ref_t *refs, size_t nrefs, v
         }
         char lsn[WP_LSN_STRLEN];
         wp_info("source \"%s\": position %d at %s", ctx->source->name, round, wp_lsn_format(pos.lsn, lsn));
+        /* one wait per position, not per table: a source that staging does not follow costs it once */
+        ctx->deadline_ms = wp_now_ms() + (int64_t)ctx->opts->wait_seconds * 1000;
         if (round == 1 && list_tables(ctx, &pos, refs, nrefs, &tables, &n) != 0)
             rc = -1;
         for (size_t i = 0; i < n && rc == 0; i++) {
