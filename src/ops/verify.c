@@ -372,6 +372,33 @@ static bool in_refs(const wp_table_ref_t *refs, size_t n, const char *schema, co
     return false;
 }
 
+/* Takes t's mirror from row i of a walpipe.mirrors query (mirror_schema, mirror_table, tombstones, exists) at column 2. */
+static void set_mirror(ctx_t *ctx, vtable_t *t, const PGresult *res, int i)
+{
+    char *qm = quote_qualified(ctx->staging, PQgetvalue(res, i, 2), PQgetvalue(res, i, 3));
+    char *qt = quote_qualified(ctx->staging, "walpipe", PQgetvalue(res, i, 4));
+    if (qm == NULL || qt == NULL) {
+        set_failed(t, "could not quote the mirror's name");
+        free(qm);
+        free(qt);
+        return;
+    }
+    wp_buf_t mn = WP_BUF_INIT;
+    wp_buf_printf(&mn, "%s.%s", PQgetvalue(res, i, 2), PQgetvalue(res, i, 3));
+    free(t->gone_mirror);
+    t->gone_mirror = NULL;
+    if (PQgetvalue(res, i, 5)[0] == 't') {
+        t->registered = true;
+        t->qmirror = qm;
+        t->qtomb = qt;
+        t->mirror_name = mn.data;
+    } else {
+        t->gone_mirror = mn.data;
+        free(qm);
+        free(qt);
+    }
+}
+
 /*
  * Lists the tables: the captured leaf tables in the source's snapshot (refs,
  * or the source's `tables`, or every user table; a partitioned table stands
@@ -445,26 +472,7 @@ static int list_tables(ctx_t *ctx, const position_t *pos, const wp_table_ref_t *
             t->schema = wp_strdup(schema);
             t->table = wp_strdup(table);
         }
-        char *qm = quote_qualified(ctx->staging, PQgetvalue(res, i, 2), PQgetvalue(res, i, 3));
-        char *qt = quote_qualified(ctx->staging, "walpipe", PQgetvalue(res, i, 4));
-        if (qm == NULL || qt == NULL) {
-            set_failed(t, "could not quote the mirror's name");
-            free(qm);
-            free(qt);
-            continue;
-        }
-        wp_buf_t mn = WP_BUF_INIT;
-        wp_buf_printf(&mn, "%s.%s", PQgetvalue(res, i, 2), PQgetvalue(res, i, 3));
-        if (PQgetvalue(res, i, 5)[0] == 't') {
-            t->registered = true;
-            t->qmirror = qm;
-            t->qtomb = qt;
-            t->mirror_name = mn.data;
-        } else {
-            t->gone_mirror = mn.data;
-            free(qm);
-            free(qt);
-        }
+        set_mirror(ctx, t, res, i);
     }
     PQclear(res);
 
@@ -1050,6 +1058,30 @@ out:
     wp_pg_exec(ctx->staging, "staging", "COMMIT", "end the verify transaction");
 }
 
+/*
+ * A source table with rows and no mirror: waits until staging has applied
+ * its changes up to the position, then looks for its mirror again.  (The
+ * wait's failure is not the table's: without a mirror it stays "missing".)
+ */
+static void recheck_mirror(ctx_t *ctx, vtable_t *t, const position_t *pos)
+{
+    if (wait_mirror(ctx, t, pos) != 0) {
+        free(t->failed);
+        t->failed = NULL;
+        return;
+    }
+    const char *p[] = {ctx->source->name, t->schema, t->table};
+    PGresult *res = query(ctx->staging,
+                          "SELECT m.schema_name, m.table_name, m.mirror_schema, m.mirror_table, m.tombstones, "
+                          "to_regclass(format('%I.%I', m.mirror_schema, m.mirror_table)) IS NOT NULL "
+                          "FROM walpipe.mirrors m WHERE m.source = $1 AND m.schema_name = $2 AND m.table_name = $3",
+                          3, NULL, p, PGRES_TUPLES_OK, "look the mirror up");
+    if (res && PQntuples(res) == 1)
+        set_mirror(ctx, t, res, 0);
+    PQclear(res);
+    wp_pg_exec(ctx->staging, "staging", "COMMIT", "end the verify transaction");
+}
+
 /* True when t has ranges still to compare at a new position. */
 static bool unsettled(const vtable_t *t)
 {
@@ -1091,6 +1123,8 @@ static int verify_source(ctx_t *ctx, const wp_table_ref_t *refs, size_t nrefs, v
             rc = -1;
         for (size_t i = 0; i < n && rc == 0; i++) {
             vtable_t *t = &tables[i];
+            if (round == 1 && t->on_source && !t->registered && t->source_has_rows && !t->failed)
+                recheck_mirror(ctx, t, &pos); /* its mirror may only lag: a new table, a resync */
             if ((round == 1 && t->on_source && t->registered && !t->failed) || (round > 1 && unsettled(t)))
                 compare_table(ctx, t, &pos);
         }

@@ -130,6 +130,13 @@ def test_equal_then_hand_made_differences_named(source_pg, staging_pg, walpipe_f
     assert lines["public.unmirrored"] == "missing mirror (the source table has rows)", out
     assert summary == "verify: 4 tables: 0 equal, 2 differ, 2 missing, 0 not compared", out
 
+    # --resync of a table without a mirror: re-snapshotted, its mirror made again, equal
+    rc, lines, summary, out = verify(w, "--table", "public.unmirrored", "--resync")
+    assert "app public.unmirrored: missing mirror (the source table has rows)" in out, out
+    assert rc == 0 and lines["public.unmirrored"].startswith("equal (10 rows in 1 key range at "), out
+    assert staging_pg.sql("SELECT kind, resolved_at IS NOT NULL FROM walpipe.divergences "
+                          "WHERE table_name = 'unmirrored'", dbname="staging") == [("verify", True)]
+
     # --table narrows it; a bad name or source is a usage error
     rc, lines, summary, out = verify(w, "--source", "app", "--table", "public.t", "--range-rows", 100)
     assert rc == 1 and list(lines) == ["public.t"], out
@@ -267,8 +274,10 @@ def test_resync_removes_extra_rows_under_load(source_pg, staging_pg, walpipe_fac
         staging_pg.sql("INSERT INTO analytics.public_pgbench_accounts (aid, bid, abalance, filler, _walpipe_lsn, "
                        "_walpipe_seq) VALUES (100001, 1, 0, '', '0/1', 1)", dbname="staging")
         rc, lines, summary, out = verify(w, "--table", "public.pgbench_accounts", "--resync")
-        assert "0 missing, 1 extra, 0 different in 1 of 10 key ranges" in out, out
-        assert "extra (100001)" in out, out
+        # 100 001 mirror rows: the extra one starts an 11th range of its own
+        assert "0 missing, 1 extra, 0 different in 1 of 11 key ranges: [(100001), end] 0 missing, 1 extra, " \
+               "0 different (extra (100001))" in out, out
+        assert "app: resynced 1 table(s); verifying them again" in out, out
         assert rc == 0, out
         assert accounts_equal(lines["public.pgbench_accounts"]), out
     finally:
