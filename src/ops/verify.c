@@ -141,6 +141,7 @@ typedef struct vrange {
 typedef struct vtable {
     char *schema, *table;    /* the source table */
     bool on_source;          /* exists in the source's snapshot */
+    bool not_found;          /* named by --table, but neither on the source nor mirrored */
     bool registered;         /* walpipe.mirrors has it and its table exists */
     bool source_has_rows;    /* (no mirror) the source table is not empty */
     char *gone_mirror;       /* registered, but this mirror table is gone (owned) */
@@ -462,8 +463,8 @@ static int list_tables(ctx_t *ctx, const position_t *pos, const wp_table_ref_t *
         const char *schema = PQgetvalue(res, i, 0), *table = PQgetvalue(res, i, 1);
         vtable_t *t = find_table(tables, n, schema, table);
         if (t == NULL) {
-            if (refs && !in_refs(refs, nrefs, schema, table))
-                continue;
+            if (want && !in_refs(want, nwant, schema, table))
+                continue; /* not captured (any more), or not asked for */
             if (n == cap) {
                 tables = wp_realloc(tables, (cap *= 2) * sizeof *tables);
                 memset(&tables[n], 0, (cap - n) * sizeof *tables);
@@ -489,6 +490,32 @@ static int list_tables(ctx_t *ctx, const position_t *pos, const wp_table_ref_t *
     }
     PQclear(res);
     res = NULL;
+
+    /* a table named on the command line that is neither a source table (or partitioned) nor a mirror */
+    for (size_t i = 0; refs && i < nrefs; i++) {
+        if (find_table(tables, n, refs[i].schema, refs[i].table))
+            continue;
+        const char *pr[] = {refs[i].schema, refs[i].table};
+        res = query(pos->conn,
+                    "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 "
+                    "AND c.relname = $2 AND c.relkind = 'p'",
+                    2, NULL, pr, PGRES_TUPLES_OK, "look a table up");
+        if (res == NULL)
+            goto out;
+        bool partitioned = PQntuples(res) > 0;
+        PQclear(res);
+        res = NULL;
+        if (partitioned)
+            continue;
+        if (n == cap) {
+            tables = wp_realloc(tables, (cap *= 2) * sizeof *tables);
+            memset(&tables[n], 0, (cap - n) * sizeof *tables);
+        }
+        vtable_t *t = &tables[n++];
+        t->schema = wp_strdup(refs[i].schema);
+        t->table = wp_strdup(refs[i].table);
+        t->not_found = true;
+    }
 
     for (size_t i = 0; i < n; i++) {
         vtable_t *t = &tables[i];
@@ -1155,6 +1182,10 @@ static verdict_t describe(const vtable_t *t, wp_buf_t *line)
     if (t->failed) {
         wp_buf_printf(line, "not compared: %s", t->failed);
         return V_FAILED;
+    }
+    if (t->not_found) {
+        wp_buf_puts(line, "not found: no such table on the source and no mirror of it");
+        return V_MISSING;
     }
     if (!t->on_source) {
         wp_buf_printf(line, "missing source table (mirror %s%s)", t->mirror_name ? t->mirror_name : t->gone_mirror,

@@ -140,6 +140,8 @@ def test_equal_then_hand_made_differences_named(source_pg, staging_pg, walpipe_f
     # --table narrows it; a bad name or source is a usage error
     rc, lines, summary, out = verify(w, "--source", "app", "--table", "public.t", "--range-rows", 100)
     assert rc == 1 and list(lines) == ["public.t"], out
+    rc, lines, summary, out = verify(w, "--table", "public.nosuch")
+    assert rc == 1 and lines == {"public.nosuch": "not found: no such table on the source and no mirror of it"}, out
     assert verify_usage(w, "--source", "nosuch") == 2
     assert verify_usage(w, "--table", "no_dot") == 2
     r = w.command("run", "--resync")
