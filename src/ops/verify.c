@@ -97,6 +97,14 @@
 #include "snapshot.h"
 #include "verify.h"
 
+/* capture's resync (h-capture's branch): when it is there, --resync uses it (see resync_tables) */
+#if defined(__has_include)
+#if __has_include("resync.h")
+#include "resync.h"
+#define WP_VERIFY_RESYNC_TRUNCATES 1
+#endif
+#endif
+
 #define SESSION_OPTIONS \
     "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres -c bytea_output=hex -c extra_float_digits=3"
 #define ROUNDS 3           /* positions a range is compared at, at most */
@@ -1300,16 +1308,22 @@ static void report(const ctx_t *ctx, const vtable_t *tables, size_t n, totals_t 
 /* ---------------------------------------------------------------- resync */
 
 /*
- * The one place verify resyncs tables.  It has the signature of capture's
- * wp_resync_tables (src/capture/resync.h): when that lands, call it here
- * instead.  Until then it is `walpipe snapshot`'s requested snapshot, which
- * upserts every row of the tables at a new consistent point but cannot remove
- * rows the mirror has and the source has not (extra rows stay).
- * *cp_out: the consistent point, WP_LSN_INVALID when not known.
+ * The one place verify resyncs tables, with the signature of capture's
+ * wp_resync_tables (src/capture/resync.h), which it calls when that header
+ * exists: a re-snapshot with a truncate at its consistent point, so rows the
+ * mirror has extra go too.  Without it, `walpipe snapshot`'s requested
+ * snapshot: it upserts every row of the tables at a new consistent point but
+ * cannot remove rows the mirror has and the source has not.  *cp_out: the
+ * consistent point, WP_LSN_INVALID when not known.
  */
 static int resync_tables(const wp_config_t *config, const wp_source_config_t *source, char *const *schemas,
                          char *const *tables, size_t n, wp_lsn_t *cp_out)
 {
+#ifdef WP_VERIFY_RESYNC_TRUNCATES
+    int rc = wp_resync_tables(config, source, schemas, tables, n, cp_out);
+    wp_log_set_component("verify");
+    return rc == 0 ? 0 : -1;
+#else
     const char **names = wp_calloc(n ? n : 1, sizeof *names);
     *cp_out = WP_LSN_INVALID;
     for (size_t i = 0; i < n; i++) {
@@ -1332,6 +1346,7 @@ static int resync_tables(const wp_config_t *config, const wp_source_config_t *so
         free((char *)names[i]);
     free(names);
     return rc;
+#endif
 }
 
 /*
