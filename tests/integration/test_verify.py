@@ -154,6 +154,56 @@ def verify_usage(w, *args):
 
 
 # --------------------------------------------------------------------------
+# every column type the fidelity test writes, keys of several kinds; verify agrees with the ordered
+# checksum, and one value off in a hard type is found
+
+ENUM_KEYS = """
+CREATE TYPE color AS ENUM ('red', 'green', 'blue');
+CREATE TABLE ek (c color, n int, note text, PRIMARY KEY (c, n));
+INSERT INTO ek SELECT (ARRAY['red', 'green', 'blue']::color[])[g % 3 + 1], g, 'n' || g FROM generate_series(1, 90) g;
+"""
+
+
+def test_every_type_equal_then_one_value_off(source_pg, staging_pg, walpipe_factory):
+    from test_core import setup_source
+    from test_workers import CHANGES, ROWS, TABLE_KEYS, TYPES_SCHEMA
+    setup_source(source_pg, schema=TYPES_SCHEMA)
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2)
+    for stmt in ROWS + CHANGES + [ENUM_KEYS]:
+        source_pg.sql(stmt, dbname="app")
+    wait_applied(source_pg, staging_pg, w)
+    for t, k in TABLE_KEYS.items():
+        assert_mirrored(source_pg, staging_pg, t, k)
+    # an enum key is text in the mirror: both sides order it by its text (red < green by the enum)
+    src = source_pg.sql("SELECT c::text, n, note FROM ek ORDER BY c::text COLLATE \"C\", n", dbname="app")
+    assert src == staging_pg.sql("SELECT c, n, note FROM analytics.public_ek ORDER BY c COLLATE \"C\", n",
+                                 dbname="staging")
+
+    rc, lines, summary, out = verify(w, "--range-rows", 20)
+    assert rc == 0, out
+    for t in list(TABLE_KEYS) + ["ek"]:
+        assert lines[f"public.{t}"].startswith("equal ("), out
+    assert lines["public.ek"].startswith("equal (90 rows in 5 key ranges at "), out
+
+    staging_pg.sql("UPDATE analytics.public_all_types SET tstz = tstz + interval '1 microsecond' WHERE id = 3",
+                   dbname="staging")
+    staging_pg.sql("UPDATE analytics.public_ek SET note = 'off' WHERE c = 'green' AND n = 1", dbname="staging")
+    rc, lines, summary, out = verify(w, "--range-rows", 20)
+    assert rc == 1, out
+    assert "0 missing, 0 extra, 1 different in 1 of " in lines["public.all_types"], out
+    assert "(different (3))" in lines["public.all_types"], out
+    # the ranges of ek in text order of its enum key: every 20th of the 90 keys
+    keys = [r[0] for r in staging_pg.sql("SELECT ROW(c, n::text)::text FROM analytics.public_ek "
+                                         "ORDER BY c COLLATE \"C\", n", dbname="staging")]
+    assert "0 missing, 0 extra, 1 different in 1 of 5 key ranges" in lines["public.ek"], out
+    r = keys.index("(green,1)") // 20
+    lo = keys[20 * r] if r else "start"
+    hi = f"{keys[20 * (r + 1)]})" if 20 * (r + 1) < len(keys) else "end]"
+    assert f"[{lo}, {hi} 0 missing, 0 extra, 1 different (different (green,1))" in lines["public.ek"], out
+    assert w.stop() == 0
+
+
+# --------------------------------------------------------------------------
 # under pgbench load: the load changes pgbench_accounts (and the other tables) while verify runs
 
 LOAD_SCRIPT = """\\set aid random(1001, 100000)
