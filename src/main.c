@@ -49,7 +49,7 @@ static void usage(FILE *out)
             "  walpipe dlq list|retry|drop [--id N]... [--all] --config FILE\n"
             "                               show, retry or drop dead letters (events that could not be applied)\n"
             "  walpipe verify --config FILE [--source NAME] [--table SCHEMA.TABLE]... [--resync]\n"
-            "                [--range-rows N] [--wait SECONDS]\n"
+            "                [--range-rows N] [--wait SECONDS] [--json]\n"
             "                               compare each mirror with its source table by checksums over key ranges,\n"
             "                               at one source position the mirror has reached; exit 0 all equal, 1 not;\n"
             "                               --resync: re-snapshot the tables that differ and verify them again\n"
@@ -154,7 +154,7 @@ int main(int argc, char **argv)
     size_t nids = 0;
     bool all = false;
     long long workers = 0;
-    bool resync = false;
+    bool resync = false, json = false;
     long long range_rows = 10000, wait_seconds = 300;
 
     for (int i = 1; i < argc; i++) {
@@ -205,6 +205,8 @@ int main(int argc, char **argv)
             i++;
         } else if (strcmp(argv[i], "--resync") == 0) {
             resync = true;
+        } else if (strcmp(argv[i], "--json") == 0) {
+            json = true;
         } else if (strcmp(argv[i], "--all") == 0) {
             all = true;
         } else if (argv[i][0] != '-' && command == NULL) {
@@ -232,8 +234,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "walpipe: --source and --table go with the snapshot and verify commands\n");
         goto out;
     }
-    if (resync && strcmp(command, "verify") != 0) {
-        fprintf(stderr, "walpipe: --resync goes with the verify command\n");
+    if ((resync || json) && strcmp(command, "verify") != 0) {
+        fprintf(stderr, "walpipe: --resync and --json go with the verify command\n");
         goto out;
     }
     if (config_path == NULL) {
@@ -269,6 +271,7 @@ int main(int argc, char **argv)
                                .tables = tables,
                                .ntables = ntables,
                                .resync = resync,
+                               .json = json,
                                .range_rows = (long)range_rows,
                                .wait_seconds = (long)wait_seconds};
         rc = wp_verify_command(config, &vo);

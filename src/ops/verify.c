@@ -86,6 +86,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
 #include <libpq-fe.h>
 
 #include <walpipe/lsn.h>
@@ -1292,17 +1293,116 @@ static verdict_t describe(const vtable_t *t, wp_buf_t *line)
     return v;
 }
 
+/* The bounds b of t as a JSON array of the key columns' text, or null (the start or the end). */
+static json_t *json_bound(const vtable_t *t, size_t b, bool none)
+{
+    if (none)
+        return json_null();
+    json_t *a = json_array();
+    for (size_t k = 0; k < t->nkeys; k++)
+        json_array_append_new(a, json_string(t->bounds[b * t->nkeys + k]));
+    return a;
+}
+
+/*
+ * One table's result as one JSON object on one line (--json): the verdict,
+ * the text line, and the numbers and keys behind it.
+ */
+static void print_json(const ctx_t *ctx, const vtable_t *t, verdict_t v, const char *text, int pass)
+{
+    static const char *const verdicts[] = {"equal", "differs", "missing", "not_compared"};
+    char lsn[WP_LSN_STRLEN];
+    json_t *o = json_object();
+    json_object_set_new(o, "source", json_string(ctx->source->name));
+    json_object_set_new(o, "schema", json_string(t->schema));
+    json_object_set_new(o, "table", json_string(t->table));
+    json_object_set_new(o, "pass", json_integer(pass));
+    json_object_set_new(o, "verdict", json_string(verdicts[v]));
+    json_object_set_new(o, "text", json_string(text));
+    json_object_set_new(o, "mirror", t->mirror_name ? json_string(t->mirror_name) : json_null());
+    json_object_set_new(o, "position", t->at ? json_string(wp_lsn_format(t->at, lsn)) : json_null());
+    json_int_t rows = 0, missing = 0, extra = 0, different = 0;
+    json_t *ranges = json_array(), *unsettled = json_array();
+    for (size_t r = 0; r < t->nranges; r++) {
+        const vrange_t *rg = &t->ranges[r];
+        rows += rg->rows;
+        missing += rg->missing;
+        extra += rg->extra;
+        different += rg->different;
+        for (size_t i = 0; i < rg->nmoved; i++)
+            json_array_append_new(unsettled, json_string(rg->moved[i]));
+        if (rg->missing + rg->extra + rg->different == 0)
+            continue;
+        json_t *jr = json_object(), *keys = json_array();
+        json_object_set_new(jr, "from", json_bound(t, r - (r > 0), r == 0));
+        json_object_set_new(jr, "to", json_bound(t, r, r == t->nbounds));
+        json_object_set_new(jr, "missing", json_integer(rg->missing));
+        json_object_set_new(jr, "extra", json_integer(rg->extra));
+        json_object_set_new(jr, "different", json_integer(rg->different));
+        /* samples: "what key" entries, each ended by \x1f */
+        const char *s = rg->samples.data;
+        while (s && *s) {
+            while (*s == ' ')
+                s++;
+            const char *end = strchr(s, '\x1f'), *sp = strchr(s, ' ');
+            if (end == NULL || sp == NULL || sp > end)
+                break;
+            json_t *k = json_object();
+            json_object_set_new(k, "kind", json_stringn(s, (size_t)(sp - s)));
+            json_object_set_new(k, "key", json_stringn(sp + 1, (size_t)(end - sp - 1)));
+            json_array_append_new(keys, k);
+            s = end + 1;
+        }
+        json_object_set_new(jr, "keys", keys);
+        json_array_append_new(ranges, jr);
+    }
+    json_object_set_new(o, "rows", json_integer(rows));
+    json_object_set_new(o, "missing", json_integer(missing));
+    json_object_set_new(o, "extra", json_integer(extra));
+    json_object_set_new(o, "different", json_integer(different));
+    json_object_set_new(o, "key_ranges", json_integer((json_int_t)t->nranges));
+    json_object_set_new(o, "differing_ranges", ranges);
+    json_object_set_new(o, "unsettled_keys", unsettled);
+    char *out = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
+    if (out)
+        printf("%s\n", out);
+    free(out);
+    json_decref(o);
+}
+
+/* A line that is not a table's: text, or {"source": S, key: value} with --json. */
+static void print_note(const ctx_t *ctx, const char *key, json_t *value, const char *text)
+{
+    if (ctx->opts->json) {
+        json_t *o = json_object();
+        json_object_set_new(o, "source", json_string(ctx->source->name));
+        json_object_set_new(o, key, value);
+        char *out = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
+        if (out)
+            printf("%s\n", out);
+        free(out);
+        json_decref(o);
+    } else {
+        json_decref(value);
+        printf("%s: %s\n", ctx->source->name, text);
+    }
+    fflush(stdout);
+}
+
 typedef struct totals {
     int tables, equal, differ, missing, failed;
 } totals_t;
 
 /* Prints one line per table; counts verdicts; marks in wanted[] the tables a resync would fix. */
-static void report(const ctx_t *ctx, const vtable_t *tables, size_t n, totals_t *tot, bool *wanted)
+static void report(const ctx_t *ctx, const vtable_t *tables, size_t n, totals_t *tot, bool *wanted, int pass)
 {
     for (size_t i = 0; i < n; i++) {
         wp_buf_t line = WP_BUF_INIT;
         verdict_t v = describe(&tables[i], &line);
-        printf("%s %s.%s: %s\n", ctx->source->name, tables[i].schema, tables[i].table, line.data);
+        if (ctx->opts->json)
+            print_json(ctx, &tables[i], v, line.data, pass);
+        else
+            printf("%s %s.%s: %s\n", ctx->source->name, tables[i].schema, tables[i].table, line.data);
         wp_buf_free(&line);
         tot->tables++;
         tot->equal += v == V_EQUAL;
@@ -1404,10 +1504,12 @@ static int resync_source(ctx_t *ctx, vtable_t *tables, size_t n, const bool *wan
         wp_error("verify: the resync of source \"%s\" failed; the tables stay diverged", ctx->source->name);
         goto out;
     }
-    printf("%s: resynced %zu table(s); verifying them again\n", ctx->source->name, k);
+    char text[96];
+    snprintf(text, sizeof text, "resynced %zu table(s); verifying them again", k);
+    print_note(ctx, "resynced", json_integer((json_int_t)k), text);
     if (verify_source(ctx, refs, k, &again, &nagain) != 0)
         goto out;
-    report(ctx, again, nagain, &after, NULL);
+    report(ctx, again, nagain, &after, NULL, 2);
     for (size_t i = 0; i < nagain; i++) {
         wp_buf_t line = WP_BUF_INIT;
         verdict_t v = describe(&again[i], &line);
@@ -1477,18 +1579,23 @@ int wp_verify_command(const wp_config_t *config, const wp_verify_opts_t *opts)
         vtable_t *tables = NULL;
         size_t n = 0;
         if (verify_source(&ctx, refs, nrefs, &tables, &n) != 0) {
-            printf("%s: not verified: could not take a position on the source (see the log)\n", ctx.source->name);
+            print_note(&ctx, "error", json_string("could not take a position on the source (see the log)"),
+                       "not verified: could not take a position on the source (see the log)");
             trouble = true;
         }
         bool *wanted = wp_calloc(n ? n : 1, sizeof *wanted);
-        report(&ctx, tables, n, &tot, wanted);
+        report(&ctx, tables, n, &tot, wanted, 1);
         if (opts->resync && resync_source(&ctx, tables, n, wanted, &tot) != 0)
             trouble = true;
         free(wanted);
         free_tables(tables, n);
     }
-    printf("verify: %d table%s: %d equal, %d differ, %d missing, %d not compared\n", tot.tables,
-           tot.tables == 1 ? "" : "s", tot.equal, tot.differ, tot.missing, tot.failed);
+    if (opts->json)
+        printf("{\"summary\":{\"tables\":%d,\"equal\":%d,\"differ\":%d,\"missing\":%d,\"not_compared\":%d}}\n",
+               tot.tables, tot.equal, tot.differ, tot.missing, tot.failed);
+    else
+        printf("verify: %d table%s: %d equal, %d differ, %d missing, %d not compared\n", tot.tables,
+               tot.tables == 1 ? "" : "s", tot.equal, tot.differ, tot.missing, tot.failed);
     rc = !trouble && tot.differ == 0 && tot.missing == 0 && tot.failed == 0 ? 0 : 1;
 out:
     if (staging)

@@ -17,10 +17,12 @@ typedef struct wp_verify_opts {
     bool resync;                 /* record a divergence for each table that differs, resync it, verify again */
     long range_rows;             /* mirror rows per key range; default 10000 */
     long wait_seconds;           /* how long to wait for the mirror to reach a position; default 300 */
+    bool json;                   /* one JSON object per line instead of text */
 } wp_verify_opts_t;
 
 /*
  * Runs the comparison, prints one line per table and a summary on stdout
+ * (text, or with json one JSON object per line: each table, then {"summary": ...})
  * (progress goes to the log on stderr).  Returns 0 when every table compared
  * is equal, 1 when something differs, is missing or could not be compared,
  * 2 on a usage error (unknown source, a bad --table).

@@ -6,6 +6,7 @@ keys in key order (every N-th key is a boundary, as the README says), the differ
 hand-made changes, and the end state by the ordered checksum test_workers.py uses.
 """
 
+import json
 import re
 import subprocess
 import threading
@@ -130,6 +131,22 @@ def test_equal_then_hand_made_differences_named(source_pg, staging_pg, walpipe_f
     assert lines["public.unmirrored"] == "missing mirror (the source table has rows)", out
     assert summary == "verify: 4 tables: 0 equal, 2 differ, 2 missing, 0 not compared", out
 
+    # the same as JSON, one object per line
+    r = w.command("verify", "--json", "--range-rows", 100, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    objs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert objs[-1] == {"summary": {"tables": 4, "equal": 0, "differ": 2, "missing": 2, "not_compared": 0}}
+    jt = next(o for o in objs if o.get("table") == "t")
+    assert (jt["verdict"], jt["missing"], jt["extra"], jt["different"], jt["key_ranges"]) == \
+        ("differs", 1, 1, 1, 10), jt
+    assert jt["text"] == t.replace(position_of(t), jt["position"]), jt
+    i = sum(b <= 420 for b in bounds)
+    assert {"from": [str(bounds[i - 1])], "to": [str(bounds[i])], "missing": 1, "extra": 0, "different": 0,
+            "keys": [{"kind": "missing", "key": "(420)"}]} in jt["differing_ranges"], jt
+    assert {"from": [str(bounds[-1])], "to": None, "missing": 0, "extra": 1, "different": 0,
+            "keys": [{"kind": "extra", "key": "(5000)"}]} in jt["differing_ranges"], jt
+    assert next(o for o in objs if o.get("table") == "dropme")["verdict"] == "missing"
+
     # --resync of a table without a mirror: re-snapshotted, its mirror made again, equal
     rc, lines, summary, out = verify(w, "--table", "public.unmirrored", "--resync")
     assert "app public.unmirrored: missing mirror (the source table has rows)" in out, out
@@ -145,7 +162,7 @@ def test_equal_then_hand_made_differences_named(source_pg, staging_pg, walpipe_f
     assert verify_usage(w, "--source", "nosuch") == 2
     assert verify_usage(w, "--table", "no_dot") == 2
     r = w.command("run", "--resync")
-    assert r.returncode == 2 and "--resync goes with the verify command" in r.stderr
+    assert r.returncode == 2 and "--resync and --json go with the verify command" in r.stderr
     assert w.stop() == 0
 
 
