@@ -384,7 +384,7 @@ static bool in_refs(const wp_table_ref_t *refs, size_t n, const char *schema, co
     return false;
 }
 
-/* Takes t's mirror from row i of a walpipe.mirrors query (mirror_schema, mirror_table, tombstones, exists) at column 2. */
+/* Takes t's mirror from row i of a walpipe.mirrors query: mirror_schema, mirror_table, tombstones, exists (col 2-5). */
 static void set_mirror(ctx_t *ctx, vtable_t *t, const PGresult *res, int i)
 {
     char *qm = quote_qualified(ctx->staging, PQgetvalue(res, i, 2), PQgetvalue(res, i, 3));
@@ -958,8 +958,8 @@ static int moved_keys(ctx_t *ctx, vtable_t *t, size_t r, const char *lsn, vrange
         wp_buf_printf(&sql, " FROM ONLY %s WHERE %s AND _walpipe_lsn > $%d", part ? t->qtomb : t->qmirror, pred.data,
                       n);
     }
-    PGresult *res =
-        query(ctx->staging, sql.data, n, types, vals, PGRES_TUPLES_OK, "find the mirror's keys newer than the position");
+    PGresult *res = query(ctx->staging, sql.data, n, types, vals, PGRES_TUPLES_OK,
+                          "find the mirror's keys newer than the position");
     wp_buf_free(&pred);
     wp_buf_free(&sql);
     if (res == NULL)

@@ -9,13 +9,12 @@ hand-made changes, and the end state by the ordered checksum test_workers.py use
 import json
 import re
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 import wptest
-from test_workers import (PGBENCH, PGBENCH_TABLES, assert_mirrored, pgbench, pgbench_source, start,
+from test_workers import (PGBENCH, PGBENCH_TABLES, assert_mirrored, pgbench_source, start,
                           wait_applied)
 from wptest import wait_until
 
@@ -223,7 +222,10 @@ def test_every_type_equal_then_one_value_off(source_pg, staging_pg, walpipe_fact
 # --------------------------------------------------------------------------
 # under pgbench load: the load changes pgbench_accounts (and the other tables) while verify runs
 
-LOAD_SCRIPT = """\\set aid random(1001, 100000)
+ACCOUNTS = 20000
+RANGE_ROWS = 2000  # 10 key ranges of accounts
+
+LOAD_SCRIPT = """\\set aid random(1001, 20000)
 \\set bid 1
 \\set tid random(1, 10)
 \\set delta random(-5000, 5000)
@@ -253,6 +255,14 @@ class Load:
         return out
 
 
+def fill(source_pg):
+    """pgbench's tables at a fifth of scale 1 (20 000 accounts: the resync copies them all)."""
+    source_pg.sql(f"INSERT INTO pgbench_branches VALUES (1, 0, ''); "
+                  f"INSERT INTO pgbench_tellers SELECT g, 1, 0, '' FROM generate_series(1, 10) g; "
+                  f"INSERT INTO pgbench_accounts SELECT g, 1, 0, '' FROM generate_series(1, {ACCOUNTS}) g",
+                  dbname="app")
+
+
 def history_top(source_pg):
     return source_pg.scalar("SELECT coalesce(max(hid), 0) FROM pgbench_history", dbname="app")
 
@@ -269,7 +279,7 @@ def accounts_equal(line):
     m = re.match(r"equal \((\d+) rows in 10 key ranges at [0-9A-F]+/[0-9A-F]+(?:; (\d+) keys? changed after every "
                  r"position and (?:is|are) not settled: [^;]*)?\)$", line)
     assert m, line
-    return int(m.group(1)) + int(m.group(2) or 0) == 100000
+    return int(m.group(1)) + int(m.group(2) or 0) == ACCOUNTS
 
 
 def position_of(line):
@@ -281,7 +291,7 @@ def position_of(line):
 def test_under_pgbench_load_equal_then_resync(source_pg, staging_pg, walpipe_factory, tmp_path):
     pgbench_source(source_pg)
     w = start(walpipe_factory, staging_pg, source_pg, workers=2)
-    pgbench(source_pg, "-i", "-I", "g", "-s", "1")  # 100 000 accounts
+    fill(source_pg)
     wait_applied(source_pg, staging_pg, w, timeout=300)
 
     load = Load(source_pg, tmp_path)
@@ -290,7 +300,7 @@ def test_under_pgbench_load_equal_then_resync(source_pg, staging_pg, walpipe_fac
         top = history_top(source_pg)
         wait_until(lambda: history_top(source_pg) > top + 20, timeout=60, what="pgbench load")
         before = history_top(source_pg)
-        rc, lines, summary, out = verify(w)
+        rc, lines, summary, out = verify(w, "--range-rows", RANGE_ROWS)
         after = history_top(source_pg)
         assert rc == 0, out
         for t in PGBENCH_TABLES:
@@ -306,9 +316,10 @@ def test_under_pgbench_load_equal_then_resync(source_pg, staging_pg, walpipe_fac
         mirror = "analytics.public_pgbench_accounts"
         staging_pg.sql(f"UPDATE {mirror} SET abalance = abalance + 12345 WHERE aid = 777", dbname="staging")
         staging_pg.sql(f"DELETE FROM {mirror} WHERE aid = 5", dbname="staging")
-        bounds = mirror_ranges(staging_pg, mirror, "aid", 10000)  # the load neither inserts nor deletes accounts
+        bounds = mirror_ranges(staging_pg, mirror, "aid", RANGE_ROWS)  # the load neither inserts nor deletes accounts
         assert len(bounds) == 9
-        rc, lines, summary, out = verify(w, "--table", "public.pgbench_accounts", "--resync")
+        rc, lines, summary, out = verify(w, "--table", "public.pgbench_accounts", "--resync",
+                                         "--range-rows", RANGE_ROWS)
         assert "differs at " in out and "1 missing, 0 extra, 1 different in 1 of 10 key ranges" in out, out
         assert f"{range_text(bounds, 5)} 1 missing, 0 extra, 1 different (missing (5), different (777))" in out, out
         assert "app: resynced 1 table(s); verifying them again" in out, out
@@ -336,16 +347,17 @@ RESYNC_H = Path(__file__).resolve().parents[2] / "src" / "capture" / "resync.h"
 def test_resync_removes_extra_rows_under_load(source_pg, staging_pg, walpipe_factory, tmp_path):
     pgbench_source(source_pg)
     w = start(walpipe_factory, staging_pg, source_pg, workers=2)
-    pgbench(source_pg, "-i", "-I", "g", "-s", "1")
+    fill(source_pg)
     wait_applied(source_pg, staging_pg, w, timeout=300)
     load = Load(source_pg, tmp_path)
     try:
         staging_pg.sql("INSERT INTO analytics.public_pgbench_accounts (aid, bid, abalance, filler, _walpipe_lsn, "
-                       "_walpipe_seq) VALUES (100001, 1, 0, '', '0/1', 1)", dbname="staging")
-        rc, lines, summary, out = verify(w, "--table", "public.pgbench_accounts", "--resync")
-        # 100 001 mirror rows: the extra one starts an 11th range of its own
-        assert "0 missing, 1 extra, 0 different in 1 of 11 key ranges: [(100001), end] 0 missing, 1 extra, " \
-               "0 different (extra (100001))" in out, out
+                       "_walpipe_seq) VALUES (20001, 1, 0, '', '0/1', 1)", dbname="staging")
+        rc, lines, summary, out = verify(w, "--table", "public.pgbench_accounts", "--resync",
+                                         "--range-rows", RANGE_ROWS)
+        # 20 001 mirror rows: the extra one starts an 11th range of its own
+        assert "0 missing, 1 extra, 0 different in 1 of 11 key ranges: [(20001), end] 0 missing, 1 extra, " \
+               "0 different (extra (20001))" in out, out
         assert "app: resynced 1 table(s); verifying them again" in out, out
         assert rc == 0, out
         assert accounts_equal(lines["public.pgbench_accounts"]), out
