@@ -144,7 +144,9 @@ typedef struct vrange {
     bool done;           /* compared at a position with no key moved on */
     int64_t rows;        /* source rows compared (moved keys excluded) */
     int64_t missing, extra, different;
-    wp_buf_t samples;    /* a few of the differing keys */
+    const char *sample_kind[SAMPLES]; /* a few of the differing keys: "missing", "extra", "different" */
+    char *sample_key[SAMPLES];        /* (owned) */
+    size_t nsamples;
     char **moved;        /* keys left out at the latest position: the mirror moved past it (owned) */
     size_t nmoved;
 } vrange_t;
@@ -268,7 +270,9 @@ static void range_reset(vrange_t *r)
     r->moved = NULL;
     r->nmoved = 0;
     r->rows = r->missing = r->extra = r->different = 0;
-    wp_buf_reset(&r->samples);
+    for (size_t i = 0; i < r->nsamples; i++)
+        free(r->sample_key[i]);
+    r->nsamples = 0;
 }
 
 static void free_tables(vtable_t *tables, size_t n)
@@ -293,10 +297,8 @@ static void free_tables(vtable_t *tables, size_t n)
         free(t->keys);
         wp_buf_free(&t->notes);
         free_strings(t->bounds, t->nbounds * t->nkeys);
-        for (size_t r = 0; r < t->nranges; r++) {
+        for (size_t r = 0; r < t->nranges; r++)
             range_reset(&t->ranges[r]);
-            wp_buf_free(&t->ranges[r].samples);
-        }
         free(t->ranges);
         free(t->failed);
     }
@@ -868,12 +870,10 @@ static int keyhash_cmp(const void *a, const void *b)
 
 static void sample(vrange_t *r, const char *what, const char *key)
 {
-    int shown = 0;
-    for (const char *s = r->samples.data; s && *s; s++)
-        shown += *s == '\x1f';
-    if (shown >= SAMPLES)
-        return;
-    wp_buf_printf(&r->samples, "%s%s %s\x1f", r->samples.len ? " " : "", what, key);
+    if (r->nsamples < SAMPLES) {
+        r->sample_kind[r->nsamples] = what;
+        r->sample_key[r->nsamples++] = wp_strdup(key);
+    }
 }
 
 /*
@@ -1186,8 +1186,22 @@ static void put_bound(const vtable_t *t, size_t b, wp_buf_t *out)
     wp_buf_putc(out, ')');
 }
 
-/* The table's result as one line (without source and name) into line; returns its verdict. */
+static verdict_t describe_raw(const vtable_t *t, wp_buf_t *line);
+
+/*
+ * The table's result as one line (without source and name) into line; returns
+ * its verdict.  Keys and names come from the databases: the line is scrubbed
+ * to one line of valid UTF-8 (control characters become spaces).
+ */
 static verdict_t describe(const vtable_t *t, wp_buf_t *line)
+{
+    verdict_t v = describe_raw(t, line);
+    if (line->data)
+        wp_log_sanitize(line->data);
+    return v;
+}
+
+static verdict_t describe_raw(const vtable_t *t, wp_buf_t *line)
 {
     char lsn[WP_LSN_STRLEN];
     if (t->failed) {
@@ -1265,10 +1279,8 @@ static verdict_t describe(const vtable_t *t, wp_buf_t *line)
             }
             wp_buf_printf(line, " %lld missing, %lld extra, %lld different (", (long long)rg->missing,
                           (long long)rg->extra, (long long)rg->different);
-            for (const char *s = rg->samples.data; s && *s; s++)
-                wp_buf_putc(line, *s == '\x1f' ? ',' : *s);
-            if (line->len && line->data[line->len - 1] == ',')
-                line->data[--line->len] = '\0';
+            for (size_t i = 0; i < rg->nsamples; i++)
+                wp_buf_printf(line, "%s%s %s", i ? ", " : "", rg->sample_kind[i], rg->sample_key[i]);
             wp_buf_putc(line, ')');
         }
         if (bad > shown)
@@ -1339,19 +1351,11 @@ static void print_json(const ctx_t *ctx, const vtable_t *t, verdict_t v, const c
         json_object_set_new(jr, "missing", json_integer(rg->missing));
         json_object_set_new(jr, "extra", json_integer(rg->extra));
         json_object_set_new(jr, "different", json_integer(rg->different));
-        /* samples: "what key" entries, each ended by \x1f */
-        const char *s = rg->samples.data;
-        while (s && *s) {
-            while (*s == ' ')
-                s++;
-            const char *end = strchr(s, '\x1f'), *sp = strchr(s, ' ');
-            if (end == NULL || sp == NULL || sp > end)
-                break;
+        for (size_t i = 0; i < rg->nsamples; i++) {
             json_t *k = json_object();
-            json_object_set_new(k, "kind", json_stringn(s, (size_t)(sp - s)));
-            json_object_set_new(k, "key", json_stringn(sp + 1, (size_t)(end - sp - 1)));
+            json_object_set_new(k, "kind", json_string(rg->sample_kind[i]));
+            json_object_set_new(k, "key", json_string(rg->sample_key[i]));
             json_array_append_new(keys, k);
-            s = end + 1;
         }
         json_object_set_new(jr, "keys", keys);
         json_array_append_new(ranges, jr);
@@ -1399,10 +1403,15 @@ static void report(const ctx_t *ctx, const vtable_t *tables, size_t n, totals_t 
     for (size_t i = 0; i < n; i++) {
         wp_buf_t line = WP_BUF_INIT;
         verdict_t v = describe(&tables[i], &line);
-        if (ctx->opts->json)
+        if (ctx->opts->json) {
             print_json(ctx, &tables[i], v, line.data, pass);
-        else
-            printf("%s %s.%s: %s\n", ctx->source->name, tables[i].schema, tables[i].table, line.data);
+        } else {
+            wp_buf_t name = WP_BUF_INIT;
+            wp_buf_printf(&name, "%s.%s", tables[i].schema, tables[i].table);
+            wp_log_sanitize(name.data);
+            printf("%s %s: %s\n", ctx->source->name, name.data, line.data);
+            wp_buf_free(&name);
+        }
         wp_buf_free(&line);
         tot->tables++;
         tot->equal += v == V_EQUAL;
