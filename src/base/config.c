@@ -42,6 +42,7 @@ typedef enum section_kind {
     SECTION_STAGING,
     SECTION_SOURCE,
     SECTION_WORKERS,
+    SECTION_TABLE, /* [table SOURCE.SCHEMA.TABLE] */
 } section_kind_t;
 
 typedef enum key_type {
@@ -56,13 +57,17 @@ typedef enum key_type {
     TYPE_RESYNC,  /* auto | off */
     TYPE_NAME,    /* an SQL identifier, taken as written (quoted when used) */
     TYPE_PATTERN, /* mirror table name pattern: {source}, {schema}, {table} */
+    TYPE_EXCLUDE_TABLES, /* a tables list into exclude_tables */
+    TYPE_SECRET,  /* a salt: never quoted back in a message */
+    TYPE_COLUMNS, /* a list of column names into a char ** at offset, its count after it */
+    TYPE_MASKS,   /* col:kind, ... */
 } key_type_t;
 
 typedef struct key_spec {
     section_kind_t section;
     const char *name;
     key_type_t type;
-    size_t offset; /* into wp_config_t, or wp_source_config_t for SECTION_SOURCE */
+    size_t offset; /* into wp_config_t, wp_source_config_t for SECTION_SOURCE, wp_table_rule_t for SECTION_TABLE */
     long long min, max;
 } key_spec_t;
 
@@ -87,10 +92,21 @@ static const key_spec_t key_specs[] = {
     {SECTION_WORKERS, "max_attempts", TYPE_INT, offsetof(wp_config_t, max_attempts), 1, 1000},
     {SECTION_WORKERS, "retry_backoff_ms", TYPE_INT, offsetof(wp_config_t, retry_backoff_ms), 10, 3600000},
     {SECTION_WORKERS, "resync", TYPE_RESYNC, offsetof(wp_config_t, resync_auto), 0, 0},
+    {SECTION_SOURCE, "exclude_tables", TYPE_EXCLUDE_TABLES, 0, 0, 0},
+    {SECTION_SOURCE, "mask_salt", TYPE_SECRET, offsetof(wp_source_config_t, mask_salt), 16, 0},
+    {SECTION_TABLE, "include_columns", TYPE_COLUMNS, offsetof(wp_table_rule_t, include), 0, 0},
+    {SECTION_TABLE, "exclude_columns", TYPE_COLUMNS, offsetof(wp_table_rule_t, exclude), 0, 0},
+    {SECTION_TABLE, "mask", TYPE_MASKS, 0, 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
+/* TYPE_COLUMNS stores the count right after the array */
+_Static_assert(offsetof(wp_table_rule_t, ninclude) == offsetof(wp_table_rule_t, include) + sizeof(char **),
+               "ninclude follows include");
+_Static_assert(offsetof(wp_table_rule_t, nexclude) == offsetof(wp_table_rule_t, exclude) + sizeof(char **),
+               "nexclude follows exclude");
 
 static const char *const log_level_names[] = {"debug", "info", "warning", "error"};
+static const char *const mask_kind_names[] = {"sha256", "redact", "null"}; /* by wp_mask_kind_t */
 
 typedef struct source_state {
     int key_line[N_KEYS]; /* line where key_specs[i] was set; 0 = not set */
@@ -109,6 +125,12 @@ typedef struct parser {
 
     section_kind_t section; /* section the current line belongs to */
     size_t source;          /* index into config->sources when SECTION_SOURCE */
+    /* [table] sections: their source's name, rules and key lines; moved to their sources at the end */
+    char **rule_sources;
+    wp_table_rule_t *rules;
+    source_state_t *rule_states;
+    size_t nrules, rules_cap;
+    size_t rule; /* index into rules when SECTION_TABLE */
     int walpipe_line;       /* header lines; 0 = section absent */
     int staging_line;
     int workers_line;
@@ -213,6 +235,10 @@ static const char *section_label(const parser_t *p, char *buf, size_t size)
     case SECTION_SOURCE:
         snprintf(buf, size, "[source %s]", p->config->sources[p->source].name);
         return buf;
+    case SECTION_TABLE:
+        snprintf(buf, size, "[table %s.%s.%s]", p->rule_sources[p->rule], p->rules[p->rule].schema,
+                 p->rules[p->rule].table);
+        return buf;
     case SECTION_NONE:
         break;
     }
@@ -249,6 +275,24 @@ static void free_tables(wp_table_ref_t *tables, size_t ntables)
     free(tables);
 }
 
+static void free_names(char **names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
+static void free_rule(wp_table_rule_t *rule)
+{
+    free(rule->schema);
+    free(rule->table);
+    free_names(rule->include, rule->ninclude);
+    free_names(rule->exclude, rule->nexclude);
+    for (size_t i = 0; i < rule->nmasks; i++)
+        free(rule->masks[i].column);
+    free(rule->masks);
+}
+
 void wp_config_destroy(wp_config_t *config)
 {
     if (config == NULL)
@@ -259,6 +303,11 @@ void wp_config_destroy(wp_config_t *config)
         free(source->conninfo);
         free(source->slot);
         free_tables(source->tables, source->ntables);
+        free_tables(source->exclude_tables, source->nexclude_tables);
+        free(source->mask_salt);
+        for (size_t k = 0; k < source->nrules; k++)
+            free_rule(&source->rules[k]);
+        free(source->rules);
     }
     free(config->sources);
     free(config->staging_conninfo);
@@ -287,6 +336,70 @@ static void add_source(parser_t *p, const char *name, int line)
     memset(&p->states[config->nsources], 0, sizeof p->states[0]);
     p->source = config->nsources;
     config->nsources++;
+}
+
+static bool parse_tables(parser_t *p, const char *key, const char *label, const char *s, wp_table_ref_t **out_tables,
+                         size_t *nout);
+
+/* "[table SOURCE.SCHEMA.TABLE]": s is the text after "table". */
+static bool begin_table_section(parser_t *p, const char *s, int lineno)
+{
+    char source[NAME_MAX_LEN + 2];
+    size_t n = 0;
+    wp_table_ref_t *refs = NULL;
+    size_t nrefs = 0;
+    char label[96];
+
+    while (is_space(*s))
+        s++;
+    while (s[n] != '\0' && s[n] != '.' && n <= NAME_MAX_LEN)
+        n++;
+    if (s[n] != '.' || n == 0) {
+        fail(p, lineno, "[table] needs a source, a schema and a table; write [table SOURCE.SCHEMA.TABLE], e.g. "
+             "[table app.public.users]");
+        return false;
+    }
+    memcpy(source, s, n);
+    source[n] = '\0';
+    if (!is_source_name(source)) {
+        fail(p, lineno, "invalid source name \"%s\" in [table]; it names a [source NAME] section", source);
+        return false;
+    }
+    snprintf(label, sizeof label, "[table %s.*]", source);
+    if (!parse_tables(p, "the section name", label, s + n + 1, &refs, &nrefs))
+        return false;
+    if (nrefs != 1) {
+        free_tables(refs, nrefs);
+        fail(p, lineno, "[table %s.*] names %zu tables; write one [table SOURCE.SCHEMA.TABLE] section per table",
+             source, nrefs);
+        return false;
+    }
+    for (size_t i = 0; i < p->nrules; i++) {
+        if (strcmp(p->rule_sources[i], source) == 0 && strcmp(p->rules[i].schema, refs[0].schema) == 0 &&
+            strcmp(p->rules[i].table, refs[0].table) == 0) {
+            fail(p, lineno, "duplicate section [table %s.%s.%s] (first at line %d); merge the two sections", source,
+                 refs[0].schema, refs[0].table, p->rules[i].line);
+            free_tables(refs, nrefs);
+            return false;
+        }
+    }
+    if (p->nrules == p->rules_cap) {
+        p->rules_cap = p->rules_cap ? p->rules_cap * 2 : 4;
+        p->rules = wp_realloc(p->rules, p->rules_cap * sizeof *p->rules);
+        p->rule_sources = wp_realloc(p->rule_sources, p->rules_cap * sizeof *p->rule_sources);
+        p->rule_states = wp_realloc(p->rule_states, p->rules_cap * sizeof *p->rule_states);
+    }
+    wp_table_rule_t *rule = &p->rules[p->nrules];
+    memset(rule, 0, sizeof *rule);
+    rule->schema = refs[0].schema;
+    rule->table = refs[0].table;
+    rule->line = lineno;
+    free(refs); /* the names moved to rule */
+    p->rule_sources[p->nrules] = wp_strdup(source);
+    memset(&p->rule_states[p->nrules], 0, sizeof p->rule_states[0]);
+    p->rule = p->nrules++;
+    p->section = SECTION_TABLE;
+    return true;
 }
 
 /*
@@ -362,7 +475,9 @@ static bool begin_section(parser_t *p, const char *line)
         p->section = SECTION_SOURCE;
         return true;
     }
-    fail(p, lineno, "unknown section [%s]; expected [walpipe], [staging], [workers] or [source NAME]", name);
+    if (strncmp(name, "table", 5) == 0 && (name[5] == '\0' || is_space(name[5])))
+        return begin_table_section(p, name + 5, lineno);
+    fail(p, lineno, "unknown section [%s]; expected [walpipe], [staging], [workers], [source NAME] or [table SOURCE.SCHEMA.TABLE]", name);
     return false;
 }
 
@@ -524,7 +639,7 @@ static bool parse_bool(const char *s, bool *out)
  * "quoted" with "" for a quote, or a run of letters, digits, '_', '$' and
  * non-ASCII bytes taken as written.
  */
-static bool parse_ident(parser_t *p, const char *label, size_t entry, const char **sp, char **out)
+static bool parse_ident(parser_t *p, const char *key, const char *label, size_t entry, const char **sp, char **out)
 {
     const char *s = *sp;
     wp_buf_t ident = WP_BUF_INIT;
@@ -535,8 +650,8 @@ static bool parse_ident(parser_t *p, const char *label, size_t entry, const char
         s++;
         for (;;) {
             if (*s == '\0') {
-                fail(p, p->lineno, "entry %zu of tables in %s has an unterminated quoted name; close it with '\"'",
-                     entry, label);
+                fail(p, p->lineno, "entry %zu of %s in %s has an unterminated quoted name; close it with '\"'",
+                     entry, key, label);
                 goto out;
             }
             if (*s == '"' && s[1] == '"') {
@@ -550,8 +665,8 @@ static bool parse_ident(parser_t *p, const char *label, size_t entry, const char
             }
         }
         if (ident.len == 0) {
-            fail(p, p->lineno, "entry %zu of tables in %s has an empty quoted name \"\"; write schema.table", entry,
-                 label);
+            fail(p, p->lineno, "entry %zu of %s in %s has an empty quoted name \"\"; write schema.table", entry,
+                 key, label);
             goto out;
         }
     } else {
@@ -560,23 +675,23 @@ static bool parse_ident(parser_t *p, const char *label, size_t entry, const char
         if (ident.len == 0) {
             if (*s == '*')
                 fail(p, p->lineno,
-                     "entry %zu of tables in %s uses a wildcard, which is not supported; list each schema.table, or "
+                     "entry %zu of %s in %s uses a wildcard, which is not supported; list each schema.table, or "
                      "remove the tables key to capture all tables",
-                     entry, label);
+                     entry, key, label);
             else if (*s == '.' || *s == ',' || *s == '\0')
-                fail(p, p->lineno, "entry %zu of tables in %s has an empty schema or table name; write schema.table",
-                     entry, label);
+                fail(p, p->lineno, "entry %zu of %s in %s has an empty schema or table name; write schema.table",
+                     entry, key, label);
             else
                 fail(p, p->lineno,
-                     "entry %zu of tables in %s has an unexpected '%c'; double-quote names that contain it, e.g. "
+                     "entry %zu of %s in %s has an unexpected '%c'; double-quote names that contain it, e.g. "
                      "public.\"my-table\"",
-                     entry, label, *s);
+                     entry, key, label, *s);
             goto out;
         }
     }
     if (ident.len > NAME_MAX_LEN) {
-        fail(p, p->lineno, "entry %zu of tables in %s has a name longer than %d bytes; PostgreSQL names are shorter",
-             entry, label, NAME_MAX_LEN);
+        fail(p, p->lineno, "entry %zu of %s in %s has a name longer than %d bytes; PostgreSQL names are shorter",
+             entry, key, label, NAME_MAX_LEN);
         goto out;
     }
     *out = ident.data;
@@ -588,8 +703,9 @@ out:
     return ok;
 }
 
-/* Parses "schema.table, ..." into source->tables. */
-static bool parse_tables(parser_t *p, const char *label, const char *s, wp_source_config_t *source)
+/* Parses "schema.table, ..." (the value of key) into *out and *nout. */
+static bool parse_tables(parser_t *p, const char *key, const char *label, const char *s, wp_table_ref_t **out_tables,
+                         size_t *nout)
 {
     wp_table_ref_t *tables = NULL;
     size_t ntables = 0;
@@ -600,8 +716,8 @@ static bool parse_tables(parser_t *p, const char *label, const char *s, wp_sourc
     while (is_space(*s))
         s++;
     if (*s == '\0') {
-        fail(p, p->lineno, "tables in %s is empty; list schema.table names, or remove the key to capture all tables",
-             label);
+        fail(p, p->lineno, "%s in %s is empty; list schema.table names, or remove the key to capture all tables",
+             key, label);
         goto out;
     }
     for (;; entry++) {
@@ -610,18 +726,18 @@ static bool parse_tables(parser_t *p, const char *label, const char *s, wp_sourc
         while (is_space(*s))
             s++;
         if (*s == ',' || *s == '\0') {
-            fail(p, p->lineno, "entry %zu of tables in %s is empty; remove the extra comma", entry, label);
+            fail(p, p->lineno, "entry %zu of %s in %s is empty; remove the extra comma", entry, key, label);
             goto out;
         }
         for (;;) {
             if (nnames == 2) {
                 fail(p, p->lineno,
-                     "entry %zu of tables in %s has more than two dot-separated names; write schema.table "
+                     "entry %zu of %s in %s has more than two dot-separated names; write schema.table "
                      "(double-quote names that contain a dot)",
-                     entry, label);
+                     entry, key, label);
                 goto out;
             }
-            if (!parse_ident(p, label, entry, &s, &names[nnames]))
+            if (!parse_ident(p, key, label, entry, &s, &names[nnames]))
                 goto out;
             nnames++;
             while (is_space(*s))
@@ -634,20 +750,20 @@ static bool parse_tables(parser_t *p, const char *label, const char *s, wp_sourc
         }
         if (*s != ',' && *s != '\0') {
             fail(p, p->lineno,
-                 "entry %zu of tables in %s has an unexpected '%c'; separate entries with ',' and double-quote names "
+                 "entry %zu of %s in %s has an unexpected '%c'; separate entries with ',' and double-quote names "
                  "that contain it",
-                 entry, label, *s);
+                 entry, key, label, *s);
             goto out;
         }
         if (nnames == 1) {
-            fail(p, p->lineno, "table \"%s\" in tables of %s has no schema; write schema.table (e.g. public.%s)",
-                 names[0], label, names[0]);
+            fail(p, p->lineno, "table \"%s\" in %s of %s has no schema; write schema.table (e.g. public.%s)",
+                 names[0], key, label, names[0]);
             goto out;
         }
         for (size_t i = 0; i < ntables; i++) {
             if (strcmp(tables[i].schema, names[0]) == 0 && strcmp(tables[i].table, names[1]) == 0) {
-                fail(p, p->lineno, "table %s.%s is listed twice in tables of %s; remove one", names[0], names[1],
-                     label);
+                fail(p, p->lineno, "table %s.%s is listed twice in %s of %s; remove one", names[0], names[1],
+                     key, label);
                 goto out;
             }
         }
@@ -660,8 +776,8 @@ static bool parse_tables(parser_t *p, const char *label, const char *s, wp_sourc
             break;
         s++; /* ',' */
     }
-    source->tables = tables;
-    source->ntables = ntables;
+    *out_tables = tables;
+    *nout = ntables;
     tables = NULL;
     ntables = 0;
     ok = true;
@@ -669,6 +785,161 @@ out:
     free(names[0]);
     free(names[1]);
     free_tables(tables, ntables);
+    return ok;
+}
+
+/*
+ * Parses the names before the first ':' or ',' of a column-list entry: one
+ * identifier, "quoted" when it holds anything but letters, digits, '_', '$'.
+ */
+static bool parse_column(parser_t *p, const char *key, const char *label, size_t entry, const char **sp, char **out)
+{
+    while (is_space(**sp))
+        (*sp)++;
+    if (**sp == ',' || **sp == '\0' || **sp == ':') {
+        fail(p, p->lineno, "entry %zu of %s in %s has no column name; write a column name (remove an extra comma)",
+             entry, key, label);
+        return false;
+    }
+    if (!parse_ident(p, key, label, entry, sp, out))
+        return false;
+    while (is_space(**sp))
+        (*sp)++;
+    if (**sp == '.') {
+        fail(p, p->lineno, "entry %zu of %s in %s is not a column name (\"%s.\"); the table is named by the section, "
+             "write the bare column name (double-quote a name that holds a dot)",
+             entry, key, label, *out);
+        free(*out);
+        *out = NULL;
+        return false;
+    }
+    return true;
+}
+
+/* Parses "col, "Odd col", ..." into a new array at *out (count *nout). */
+static bool parse_column_list(parser_t *p, const char *key, const char *label, const char *s, char ***out,
+                              size_t *nout)
+{
+    char **names = NULL;
+    size_t n = 0;
+    bool ok = false;
+
+    while (is_space(*s))
+        s++;
+    if (*s == '\0') {
+        fail(p, p->lineno, "%s in %s is empty; list column names, or remove the key", key, label);
+        goto out;
+    }
+    for (size_t entry = 1;; entry++) {
+        char *name = NULL;
+        if (!parse_column(p, key, label, entry, &s, &name))
+            goto out;
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(names[i], name) == 0) {
+                fail(p, p->lineno, "column \"%s\" is listed twice in %s of %s; remove one", name, key, label);
+                free(name);
+                goto out;
+            }
+        }
+        names = wp_realloc(names, (n + 1) * sizeof *names);
+        names[n++] = name;
+        if (*s == '\0')
+            break;
+        if (*s != ',') {
+            fail(p, p->lineno,
+                 "entry %zu of %s in %s has an unexpected '%c'; separate columns with ',' and double-quote names "
+                 "that contain it",
+                 entry, key, label, *s);
+            goto out;
+        }
+        s++;
+    }
+    *out = names;
+    *nout = n;
+    names = NULL;
+    n = 0;
+    ok = true;
+out:
+    free_names(names, n);
+    return ok;
+}
+
+/* Parses "col:kind, ..." into rule->masks. */
+static bool parse_masks(parser_t *p, const char *label, const char *s, wp_table_rule_t *rule)
+{
+    wp_column_mask_t *masks = NULL;
+    size_t n = 0;
+    bool ok = false;
+
+    while (is_space(*s))
+        s++;
+    if (*s == '\0') {
+        fail(p, p->lineno, "mask in %s is empty; write mask = column:sha256|redact|null, ..., or remove the key", label);
+        goto out;
+    }
+    for (size_t entry = 1;; entry++) {
+        char *name = NULL;
+        char kind[16];
+        size_t klen = 0;
+        size_t k;
+
+        if (!parse_column(p, "mask", label, entry, &s, &name))
+            goto out;
+        if (*s != ':') {
+            fail(p, p->lineno, "entry %zu of mask in %s (column \"%s\") has no kind; write %s:sha256, :redact or :null",
+                 entry, label, name, name);
+            free(name);
+            goto out;
+        }
+        s++;
+        while (is_space(*s))
+            s++;
+        while (is_alpha(*s) || is_digit(*s)) {
+            if (klen < sizeof kind - 1)
+                kind[klen++] = *s;
+            s++;
+        }
+        kind[klen] = '\0';
+        for (k = 0; k < sizeof mask_kind_names / sizeof mask_kind_names[0]; k++)
+            if (strcmp(kind, mask_kind_names[k]) == 0)
+                break;
+        if (k == sizeof mask_kind_names / sizeof mask_kind_names[0]) {
+            fail(p, p->lineno, "unknown mask kind \"%s\" for column \"%s\" in %s; use sha256, redact or null", kind,
+                 name, label);
+            free(name);
+            goto out;
+        }
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(masks[i].column, name) == 0) {
+                fail(p, p->lineno, "column \"%s\" is masked twice in %s; keep one mask", name, label);
+                free(name);
+                goto out;
+            }
+        }
+        masks = wp_realloc(masks, (n + 1) * sizeof *masks);
+        masks[n].column = name;
+        masks[n].kind = (wp_mask_kind_t)k;
+        n++;
+        while (is_space(*s))
+            s++;
+        if (*s == '\0')
+            break;
+        if (*s != ',') {
+            fail(p, p->lineno, "entry %zu of mask in %s has an unexpected '%c'; separate entries with ','", entry,
+                 label, *s);
+            goto out;
+        }
+        s++;
+    }
+    rule->masks = masks;
+    rule->nmasks = n;
+    masks = NULL;
+    n = 0;
+    ok = true;
+out:
+    for (size_t i = 0; i < n; i++)
+        free(masks[i].column);
+    free(masks);
     return ok;
 }
 
@@ -789,7 +1060,8 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
         return true;
 
     case TYPE_TABLES:
-        return parse_tables(p, label, value, (wp_source_config_t *)(void *)base);
+        return parse_tables(p, spec->name, label, value, &((wp_source_config_t *)(void *)base)->tables,
+                            &((wp_source_config_t *)(void *)base)->ntables);
 
     case TYPE_SNAPSHOT:
         if (strcmp(value, "initial") != 0 && strcmp(value, "never") != 0) {
@@ -823,6 +1095,29 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
         free(*(char **)field);
         *(char **)field = wp_strdup(value);
         return true;
+
+    case TYPE_EXCLUDE_TABLES:
+        return parse_tables(p, spec->name, label, value, &((wp_source_config_t *)(void *)base)->exclude_tables,
+                            &((wp_source_config_t *)(void *)base)->nexclude_tables);
+
+    case TYPE_SECRET:
+        /* the value is a secret: no message quotes it */
+        if (strlen(value) < (size_t)spec->min) {
+            fail(p, p->lineno,
+                 "%s in %s is shorter than %lld bytes; use a random secret, e.g. the output of `openssl rand -hex "
+                 "16`, through an environment variable: %s = ${NAME}",
+                 spec->name, label, spec->min, spec->name);
+            return false;
+        }
+        *(char **)field = wp_strdup(value);
+        return true;
+
+    case TYPE_COLUMNS:
+        return parse_column_list(p, spec->name, label, value, (char ***)(void *)field,
+                                 (size_t *)(void *)(field + sizeof(char **)));
+
+    case TYPE_MASKS:
+        return parse_masks(p, label, value, (wp_table_rule_t *)(void *)base);
     }
     return false;
 }
@@ -873,6 +1168,9 @@ static int handle_key_cb(void *user, const char *section, const char *name, cons
     if (p->section == SECTION_SOURCE) {
         key_line = p->states[p->source].key_line;
         base = (char *)&p->config->sources[p->source];
+    } else if (p->section == SECTION_TABLE) {
+        key_line = p->rule_states[p->rule].key_line;
+        base = (char *)&p->rules[p->rule];
     } else {
         key_line = p->global_key_line;
         base = (char *)p->config;
@@ -903,6 +1201,120 @@ static char *default_slot(const char *name)
         *d++ = *s == '-' ? '_' : (*s >= 'A' && *s <= 'Z') ? (char)(*s - 'A' + 'a') : *s;
     *d = '\0';
     return slot;
+}
+
+/* The line where key name of section was set in key_line (0 = not set). */
+static int key_line_of(const int *key_line, section_kind_t section, const char *name)
+{
+    for (size_t i = 0; i < N_KEYS; i++)
+        if (key_specs[i].section == section && strcmp(key_specs[i].name, name) == 0)
+            return key_line[i];
+    return 0;
+}
+
+static bool names_have(char *const *names, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(names[i], name) == 0)
+            return true;
+    return false;
+}
+
+static bool refs_have(const wp_table_ref_t *refs, size_t n, const char *schema, const char *table)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(refs[i].schema, schema) == 0 && strcmp(refs[i].table, table) == 0)
+            return true;
+    return false;
+}
+
+/*
+ * Checks the [table] sections against each other and their sources, and
+ * moves each rule to its source.  What needs the source's catalog (is a
+ * filtered column part of the table's key?) is checked at start (filter.c).
+ */
+static void check_rules(parser_t *p)
+{
+    wp_config_t *config = p->config;
+
+    for (size_t i = 0; i < config->nsources; i++) {
+        const wp_source_config_t *source = &config->sources[i];
+        for (size_t k = 0; k < source->nexclude_tables; k++) {
+            const wp_table_ref_t *t = &source->exclude_tables[k];
+            if (refs_have(source->tables, source->ntables, t->schema, t->table)) {
+                fail(p, key_line_of(p->states[i].key_line, SECTION_SOURCE, "exclude_tables"),
+                     "table %s.%s is in both tables and exclude_tables of [source %s]; remove it from one", t->schema,
+                     t->table, source->name);
+                return;
+            }
+        }
+    }
+    for (size_t r = 0; r < p->nrules; r++) {
+        wp_table_rule_t *rule = &p->rules[r];
+        const int *lines = p->rule_states[r].key_line;
+        wp_source_config_t *source = NULL;
+        size_t si;
+        char label[256];
+
+        snprintf(label, sizeof label, "[table %s.%s.%s]", p->rule_sources[r], rule->schema, rule->table);
+        for (si = 0; si < config->nsources; si++) {
+            if (strcmp(config->sources[si].name, p->rule_sources[r]) == 0) {
+                source = &config->sources[si];
+                break;
+            }
+        }
+        if (source == NULL) {
+            fail(p, rule->line, "%s names source \"%s\", which has no [source %s] section; fix the name or add the "
+                 "source", label, p->rule_sources[r], p->rule_sources[r]);
+            return;
+        }
+        if (refs_have(source->exclude_tables, source->nexclude_tables, rule->schema, rule->table)) {
+            fail(p, rule->line, "%s: the table is in exclude_tables of [source %s], so it is never captured; remove "
+                 "the section or the exclusion", label, source->name);
+            return;
+        }
+        if (source->tables && !refs_have(source->tables, source->ntables, rule->schema, rule->table)) {
+            fail(p, rule->line, "%s: the table is not in tables of [source %s], so it is never captured; add it "
+                 "there or remove the section", label, source->name);
+            return;
+        }
+        if (rule->include && rule->exclude) {
+            int a = key_line_of(lines, SECTION_TABLE, "include_columns");
+            int b = key_line_of(lines, SECTION_TABLE, "exclude_columns");
+            fail(p, a > b ? a : b, "%s sets both include_columns (line %d) and exclude_columns (line %d); keep one: "
+                 "include_columns lists the columns kept, exclude_columns those dropped", label, a, b);
+            return;
+        }
+        if (!rule->include && !rule->exclude && !rule->masks) {
+            fail(p, rule->line, "%s has no include_columns, exclude_columns or mask; add one or remove the section",
+                 label);
+            return;
+        }
+        int mask_line = key_line_of(lines, SECTION_TABLE, "mask");
+        for (size_t m = 0; m < rule->nmasks; m++) {
+            const wp_column_mask_t *mask = &rule->masks[m];
+            if (names_have(rule->exclude, rule->nexclude, mask->column)) {
+                fail(p, mask_line, "column \"%s\" of %s is both excluded and masked; an excluded column is never "
+                     "staged: remove it from mask or from exclude_columns", mask->column, label);
+                return;
+            }
+            if (rule->include && !names_have(rule->include, rule->ninclude, mask->column)) {
+                fail(p, mask_line, "column \"%s\" of %s is masked but not in include_columns, so it is never "
+                     "staged; add it to include_columns or remove its mask", mask->column, label);
+                return;
+            }
+            if (mask->kind == WP_MASK_SHA256 && source->mask_salt == NULL) {
+                fail(p, mask_line, "column \"%s\" of %s is masked with sha256 but [source %s] (line %d) has no "
+                     "mask_salt; add mask_salt = ${NAME} there (a random secret of at least 16 bytes)",
+                     mask->column, label, source->name, source->line);
+                return;
+            }
+        }
+        /* move the rule to its source */
+        source->rules = wp_realloc(source->rules, (source->nrules + 1) * sizeof *source->rules);
+        source->rules[source->nrules++] = *rule;
+        memset(rule, 0, sizeof *rule);
+    }
 }
 
 /* Checks what no single line can: required keys, defaults, slot clashes. */
@@ -981,6 +1393,8 @@ static wp_config_t *parse_text(const char *text, size_t len, const char *name, c
     }
     if (!p.failed)
         check_complete(&p);
+    if (!p.failed)
+        check_rules(&p);
     if (p.failed) {
         set_error(errbuf, errlen, "%s", p.err);
         goto out;
@@ -990,6 +1404,13 @@ static wp_config_t *parse_text(const char *text, size_t len, const char *name, c
 out:
     wp_config_destroy(p.config);
     free(p.states);
+    for (size_t i = 0; i < p.nrules; i++) {
+        free_rule(&p.rules[i]);
+        free(p.rule_sources[i]);
+    }
+    free(p.rules);
+    free(p.rule_sources);
+    free(p.rule_states);
     wp_buf_free(&p.value);
     return result;
 }
@@ -1101,7 +1522,7 @@ int wp_config_parse_tables(const char *text, wp_table_ref_t **tables, size_t *nt
     p.name = "--table";
     *tables = NULL;
     *ntables = 0;
-    if (!parse_tables(&p, "the command line", text, &source)) {
+    if (!parse_tables(&p, "tables", "the command line", text, &source.tables, &source.ntables)) {
         set_error(errbuf, errlen, "%s", p.err);
         return -1;
     }

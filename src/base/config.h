@@ -3,8 +3,10 @@
  *
  *   [walpipe]            optional: log_level
  *   [staging]            conninfo, batch_rows, batch_bytes, batch_ms, payload_gin_index, partitions_ahead
- *   [source NAME]        conninfo, slot, tables, status_interval_ms, snapshot, snapshot_workers
- *                        (any number of sections)
+ *   [source NAME]        conninfo, slot, tables, status_interval_ms, snapshot, snapshot_workers,
+ *                        exclude_tables, mask_salt (any number of sections)
+ *   [table SOURCE.SCHEMA.TABLE]  optional, any number: include_columns | exclude_columns, mask
+ *                        (column filters and masks of one captured table; see filter.h)
  *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms, resync
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
@@ -30,6 +32,31 @@ typedef struct wp_table_ref {
     char *table;
 } wp_table_ref_t;
 
+/* How a masked column's values are replaced (README "Filters and masking"); NULL stays NULL. */
+typedef enum wp_mask_kind {
+    WP_MASK_SHA256 = 0, /* hex SHA-256 of mask_salt || the value's text; staged as text */
+    WP_MASK_REDACT,     /* the text "***"; staged as text */
+    WP_MASK_NULL,       /* NULL; the column keeps its type */
+} wp_mask_kind_t;
+
+typedef struct wp_column_mask {
+    char *column; /* as written, case kept */
+    wp_mask_kind_t kind;
+} wp_column_mask_t;
+
+/* [table SOURCE.SCHEMA.TABLE]: what of one table's columns is staged.  Column names are taken as written. */
+typedef struct wp_table_rule {
+    char *schema;
+    char *table;
+    char **include; /* include_columns: only these are staged; NULL = all */
+    size_t ninclude;
+    char **exclude; /* exclude_columns: these are never staged */
+    size_t nexclude;
+    wp_column_mask_t *masks; /* mask = col:sha256|redact|null, ... */
+    size_t nmasks;
+    int line; /* line of the section header */
+} wp_table_rule_t;
+
 typedef struct wp_source_config {
     char *name;     /* section name: [source NAME]; [A-Za-z0-9_-], unique */
     char *conninfo; /* libpq conninfo; may hold a password: never log it */
@@ -40,6 +67,11 @@ typedef struct wp_source_config {
     bool snapshot_initial;  /* snapshot = initial (default) | never: copy existing rows when walpipe creates the slot */
     int snapshot_workers;   /* connections copying a snapshot in parallel; default 2 */
     int line;               /* line of the section header, for messages */
+    wp_table_ref_t *exclude_tables; /* exclude_tables (wal2json filter-tables); NULL = none */
+    size_t nexclude_tables;
+    char *mask_salt;        /* salt of sha256 masks; a secret: never logged; NULL = unset */
+    wp_table_rule_t *rules; /* the [table NAME.*.*] sections of this source */
+    size_t nrules;
 } wp_source_config_t;
 
 typedef enum wp_log_level {

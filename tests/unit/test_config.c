@@ -346,7 +346,7 @@ static void test_tables(void **state)
 static void test_section_errors(void **state)
 {
     (void)state;
-    expect_error(STAGING "[stagin]\n" SOURCE, 3, "unknown section [stagin]; expected [walpipe], [staging], [workers] or [source NAME]");
+    expect_error(STAGING "[stagin]\n" SOURCE, 3, "unknown section [stagin]; expected [walpipe], [staging], [workers], [source NAME] or [table SOURCE.SCHEMA.TABLE]");
     expect_error(STAGING "[sourceapp]\n" SOURCE, 3, "unknown section [sourceapp]");
     expect_error(STAGING "\n[source]\n" SOURCE, 4, "[source] needs a name");
     expect_error(STAGING "[source a.b]\n", 3, "invalid source name \"a.b\"");
@@ -620,6 +620,85 @@ static void test_example_file(void **state)
     wp_config_destroy(c);
 }
 
+#define SALT "0123456789abcdef-salt"
+
+static void test_filters(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    wp_config_t *c = parse(STAGING "[table app.public.users]\n"                    /* 3 */
+                                   "exclude_columns = ssn, \"Date of birth\"\n"    /* 4 */
+                                   "mask = email:sha256, phone : redact,notes:null\n" /* 5 */
+                                   "[source app]\n"                                  /* 6 */
+                                   "conninfo = host=src password=" PASSWORD "\n"
+                                   "exclude_tables = public.audit, \"odd.schema\".\"a, b\"\n"
+                                   "mask_salt = " SALT "\n"
+                                   "[table app.\"odd.schema\".\"Keep\"]\n"
+                                   "include_columns = id, \"Name\"\n",
+                           err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    const wp_source_config_t *s = &c->sources[0];
+    assert_int_equal(s->nexclude_tables, 2);
+    assert_string_equal(s->exclude_tables[1].schema, "odd.schema");
+    assert_string_equal(s->exclude_tables[1].table, "a, b");
+    assert_string_equal(s->mask_salt, SALT);
+    assert_int_equal(s->nrules, 2);
+    const wp_table_rule_t *r = &s->rules[0];
+    assert_string_equal(r->table, "users");
+    assert_int_equal(r->nexclude, 2);
+    assert_string_equal(r->exclude[1], "Date of birth");
+    assert_null(r->include);
+    assert_int_equal(r->nmasks, 3);
+    assert_string_equal(r->masks[1].column, "phone");
+    assert_int_equal(r->masks[0].kind, WP_MASK_SHA256);
+    assert_int_equal(r->masks[1].kind, WP_MASK_REDACT);
+    assert_int_equal(r->masks[2].kind, WP_MASK_NULL);
+    assert_string_equal(s->rules[1].schema, "odd.schema");
+    assert_string_equal(s->rules[1].table, "Keep");
+    assert_int_equal(s->rules[1].ninclude, 2);
+    assert_string_equal(s->rules[1].include[1], "Name");
+    wp_config_destroy(c);
+
+#define SRC SOURCE "mask_salt = " SALT "\n"   /* lines 3, 4, 5 */
+    expect_error(STAGING SRC "[table nosuch.public.t]\nmask = a:null\n", 6,
+                 "[table nosuch.public.t] names source \"nosuch\", which has no [source nosuch] section");
+    expect_error(STAGING SRC "[table app.public.t]\ninclude_columns = a\nexclude_columns = b\n", 8,
+                 "sets both include_columns (line 7) and exclude_columns (line 8); keep one");
+    expect_error(STAGING SRC "[table app.public.t]\nexclude_columns = a, b\nmask = b:redact\n", 8,
+                 "column \"b\" of [table app.public.t] is both excluded and masked");
+    expect_error(STAGING SRC "[table app.public.t]\ninclude_columns = a\nmask = b:redact\n", 8,
+                 "column \"b\" of [table app.public.t] is masked but not in include_columns");
+    expect_error(STAGING SRC "[table app.public.t]\nmask = b:md5\n", 7,
+                 "unknown mask kind \"md5\" for column \"b\" in [table app.public.t]; use sha256, redact or null");
+    expect_error(STAGING SRC "[table app.public.t]\nmask = b\n", 7, "(column \"b\") has no kind");
+    expect_error(STAGING SRC "[table app.public.t]\nmask = b:null, b:redact\n", 7, "column \"b\" is masked twice");
+    expect_error(STAGING SRC "[table app.public.t]\nexclude_columns = a,,b\n", 7, "entry 2 of exclude_columns");
+    expect_error(STAGING SRC "[table app.public.t]\nexclude_columns = a, a\n", 7, "column \"a\" is listed twice");
+    expect_error(STAGING SRC "[table app.public.t]\nexclude_columns = t.a\n", 7, "write the bare column name");
+    expect_error(STAGING SRC "[table app.public.t]\n", 6, "has no include_columns, exclude_columns or mask");
+    expect_error(STAGING SRC "[table app.public.t]\nmask = a:null\n[table app.public.t]\n", 8,
+                 "duplicate section [table app.public.t] (first at line 6)");
+    expect_error(STAGING SRC "[table app.t]\n", 6, "has no schema");
+    expect_error(STAGING SRC "[table app]\n", 6, "write [table SOURCE.SCHEMA.TABLE]");
+    expect_error(STAGING SRC "[table app.public.t]\nkey_columns = a\n", 7, "unknown key \"key_columns\"");
+    /* sha256 needs a salt; a salt is never quoted back */
+    expect_error(STAGING SOURCE "[table app.public.t]\nmask = e:sha256\n", 6,
+                 "column \"e\" of [table app.public.t] is masked with sha256 but [source app] (line 3) has no mask_salt");
+    expect_error(STAGING SOURCE "mask_salt = shortsalt99\n", 5, "mask_salt in [source app] is shorter than 16 bytes");
+    if (strstr(err, "shortsalt99") != NULL)
+        fail_msg("the salt leaked into: %s", err);
+    /* excluded or uncaptured tables cannot have column rules */
+    expect_error(STAGING SRC "exclude_tables = public.t\n[table app.public.t]\nmask = a:null\n", 7,
+                 "the table is in exclude_tables of [source app], so it is never captured");
+    expect_error(STAGING SRC "tables = public.u\n[table app.public.t]\nmask = a:null\n", 7,
+                 "the table is not in tables of [source app]");
+    expect_error(STAGING SRC "tables = public.u\nexclude_tables = public.u\n", 7,
+                 "table public.u is in both tables and exclude_tables of [source app]");
+    expect_error(STAGING SRC "exclude_tables = audit\n", 6, "table \"audit\" in exclude_tables of [source app] has no schema");
+#undef SRC
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -628,7 +707,7 @@ int main(void)
         cmocka_unit_test(test_section_errors), cmocka_unit_test(test_key_errors),   cmocka_unit_test(test_value_errors),
         cmocka_unit_test(test_missing_errors), cmocka_unit_test(test_slot_clashes), cmocka_unit_test(test_long_line),
         cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted), cmocka_unit_test(test_example_file),
-        cmocka_unit_test(test_workers),
+        cmocka_unit_test(test_workers),       cmocka_unit_test(test_filters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
