@@ -37,7 +37,8 @@ static const char DISCOVER_SQL[] =
     "c.relnamespace"
     "  WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
     "    AND n.nspname !~ '^pg_(toast|temp_)'"
-    "    AND ($1::text[] IS NULL OR (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[])))), "
+    "    AND ($1::text[] IS NULL OR (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[])))"
+    "    AND ($3::text[] IS NULL OR (n.nspname, c.relname) NOT IN (SELECT * FROM unnest($3::text[], $4::text[])))), "
     "idx AS ("
     "  SELECT DISTINCT ON (t.oid) t.oid, i.indexrelid FROM t JOIN pg_index i ON i.indrelid = t.oid"
     "  WHERE i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL"
@@ -74,18 +75,18 @@ static const char *key_problem(const char *identity, bool has_key)
            "UPDATEs and DELETEs; its changes go to walpipe.dead_letters; hint: add a primary key";
 }
 
-/* Builds the {schema,...} and {table,...} array literals of the configured tables; false if all tables. */
-static bool table_filter(const wp_source_config_t *source, wp_buf_t *schemas, wp_buf_t *tables)
+/* Builds the {schema,...} and {table,...} array literals of refs (tables or exclude_tables); false if NULL. */
+static bool table_filter(const wp_table_ref_t *refs, size_t n, wp_buf_t *schemas, wp_buf_t *tables)
 {
-    if (source->tables == NULL)
+    if (refs == NULL)
         return false;
-    const char **items = wp_calloc(source->ntables + 1, sizeof *items);
-    for (size_t i = 0; i < source->ntables; i++)
-        items[i] = source->tables[i].schema;
-    wp_pg_text_array(schemas, items, source->ntables);
-    for (size_t i = 0; i < source->ntables; i++)
-        items[i] = source->tables[i].table;
-    wp_pg_text_array(tables, items, source->ntables);
+    const char **items = wp_calloc(n + 1, sizeof *items);
+    for (size_t i = 0; i < n; i++)
+        items[i] = refs[i].schema;
+    wp_pg_text_array(schemas, items, n);
+    for (size_t i = 0; i < n; i++)
+        items[i] = refs[i].table;
+    wp_pg_text_array(tables, items, n);
     free(items);
     return true;
 }
@@ -95,6 +96,7 @@ int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;
+    wp_buf_t xschemas = WP_BUF_INIT, xtables = WP_BUF_INIT; /* exclude_tables: never captured, no key needed */
     /* UTF8: the source's server converts names from its database's encoding, so staging gets UTF-8 */
     const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
     const char *vals[] = {source->conninfo, "walpipe_discover", "10", "UTF8", NULL};
@@ -106,9 +108,11 @@ int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t
                 PQerrorMessage(conn));
         goto out;
     }
-    bool filtered = table_filter(source, &schemas, &tables);
-    const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL};
-    res = PQexecParams(conn, DISCOVER_SQL, 2, NULL, params, NULL, NULL, 0);
+    bool filtered = table_filter(source->tables, source->ntables, &schemas, &tables);
+    bool excluded = table_filter(source->exclude_tables, source->nexclude_tables, &xschemas, &xtables);
+    const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL,
+                            excluded ? xschemas.data : NULL, excluded ? xtables.data : NULL};
+    res = PQexecParams(conn, DISCOVER_SQL, 4, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
         goto out;
@@ -163,6 +167,8 @@ out:
     PQfinish(conn);
     wp_buf_free(&schemas);
     wp_buf_free(&tables);
+    wp_buf_free(&xschemas);
+    wp_buf_free(&xtables);
     wp_buf_free(&tag);
     return rc;
 }

@@ -172,7 +172,9 @@ typedef struct table_entry {
     uint64_t hash;
     char *key; /* schema NUL table (absent schema as ""), owned */
     size_t key_len;
-    int64_t ncols; /* columns of a whole row of the table as last seen, -1 unknown */
+    int64_t ncols; /* columns of a whole row of the table as last seen (after filtering), -1 unknown */
+    const wp_filter_table_t *rule; /* the table's column filters and masks, when rule_known; NULL = none */
+    bool rule_known;
     shape_t shapes[SHAPE_SLOTS];
     unsigned next_slot; /* round-robin victim when no slot matches */
 } table_entry_t;
@@ -195,6 +197,9 @@ struct wp_decoder {
     table_entry_t *table; /* cache entry of the last I/U/D */
     const char *rejected_schema; /* after a failed parse: its table when known (in text), else NULL */
     const char *rejected_table;
+
+    const wp_filter_t *filter; /* borrowed; NULL = no filters */
+    wp_buf_t mask_text;        /* the sha256 masks of the last message; sized before use, so pointers hold */
 
     table_entry_t **tables; /* open addressing, linear probing; cap is a power of two */
     size_t tables_cap;
@@ -1127,6 +1132,78 @@ static bool has_column(const col_t *cols, size_t n, const col_t *c, size_t *hint
     return false;
 }
 
+/* Replaces col's value by its mask (filter.h); the text of a sha256 goes into decoder->mask_text (reserved). */
+static void mask_value(wp_decoder_t *decoder, col_t *col, wp_filter_action_t action)
+{
+    jval_t *v = &col->key[CK_VALUE];
+    const char *prefix = col->vclass == VC_BYTEA ? "\\x" : NULL; /* the hash input is the value's ::text */
+    const char *text = v->s;
+    size_t len = v->len;
+
+    if (action == WP_FILTER_NULL) {
+        *v = (jval_t){.kind = JK_NULL};
+        return; /* the column keeps its type: NULL fits any */
+    }
+    col->type = "text";
+    col->type_len = 4;
+    col->typeoid = 25;
+    col->vclass = VC_OTHER;
+    if (v->kind == JK_NULL)
+        return; /* NULL stays NULL */
+    if (action == WP_FILTER_REDACT) {
+        *v = (jval_t){.kind = JK_STRING, .s = WP_FILTER_REDACTED, .len = strlen(WP_FILTER_REDACTED)};
+        return;
+    }
+    if (v->kind == JK_TRUE || v->kind == JK_FALSE) {
+        text = v->kind == JK_TRUE ? "true" : "false";
+        len = strlen(text);
+    }
+    char *out = decoder->mask_text.data + decoder->mask_text.len;
+    wp_filter_sha256(decoder->filter, prefix, text, len, out);
+    decoder->mask_text.len += WP_FILTER_SHA256_HEX + 1;
+    *v = (jval_t){.kind = JK_STRING, .s = out, .len = WP_FILTER_SHA256_HEX};
+}
+
+/* Drops the excluded columns of list (its first *n entries) and masks the masked ones; *n becomes the count kept. */
+static void filter_list(wp_decoder_t *decoder, const wp_filter_table_t *rule, col_list_t *list, size_t *n)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < *n; i++) {
+        col_t *col = &list->cols[i];
+        wp_filter_action_t action = wp_filter_column(rule, col->name, col->name_len);
+        if (action == WP_FILTER_DROP)
+            continue;
+        if (action != WP_FILTER_KEEP)
+            mask_value(decoder, col, action);
+        if (kept != i) {
+            list->cols[kept] = *col;
+            list->cols[kept].value = &list->cols[kept].key[CK_VALUE]; /* value points into its own entry */
+        }
+        kept++;
+    }
+    *n = kept;
+    list->n = kept;
+}
+
+/* Applies the table's column rules, if any, to the message's "columns" and "identity". */
+static void apply_filter(wp_decoder_t *decoder, size_t *ncols, size_t *nident)
+{
+    table_entry_t *t = decoder->table;
+    if (!t->rule_known) {
+        const char *schema = t->key;
+        const char *table = t->key + strlen(t->key) + 1;
+        t->rule = wp_filter_table(decoder->filter, schema, strlen(schema), table, strlen(table));
+        t->rule_known = true;
+    }
+    if (t->rule == NULL)
+        return;
+    wp_buf_reset(&decoder->mask_text);
+    wp_buf_reserve(&decoder->mask_text, (*ncols + *nident) * (WP_FILTER_SHA256_HEX + 1) + 1);
+    filter_list(decoder, t->rule, &decoder->lists[0], ncols);
+    if (decoder->has_ident)
+        filter_list(decoder, t->rule, &decoder->lists[1], nident);
+}
+
 /*
  * "key" or "before"?  wal2json says nothing about the replica identity, so it
  * is inferred.  An identity that is the whole old row (REPLICA IDENTITY FULL)
@@ -1321,6 +1398,11 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
                     bound, JSONB_MAX_BYTES, widest ? widest->name : "", widest ? widest->value->len : 0);
     decoder->table = table_get(decoder, c->schema ? c->schema : "", c->schema ? f[F_SCHEMA].len : 0, c->table,
                                f[F_TABLE].len);
+    if (decoder->filter) {
+        apply_filter(decoder, &ncols, &nident);
+        c->ncolumns = ncols;
+        c->nidentity = nident;
+    }
     decide_identity(decoder, c->op, ncols, nident);
     return 0;
 }
@@ -1358,6 +1440,7 @@ void wp_decoder_destroy(wp_decoder_t *decoder)
     if (decoder == NULL)
         return;
     wp_buf_free(&decoder->text);
+    wp_buf_free(&decoder->mask_text);
     free(decoder->lists[0].cols);
     free(decoder->lists[1].cols);
     tables_clear(decoder);
@@ -1404,6 +1487,12 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     rc = 0;
 out:
     return rc;
+}
+
+void wp_decoder_set_filter(wp_decoder_t *decoder, const wp_filter_t *filter)
+{
+    decoder->filter = filter;
+    tables_clear(decoder); /* cached rules belong to the previous filter */
 }
 
 void wp_decoder_rejected_table(const wp_decoder_t *decoder, const char **schema, const char **table)

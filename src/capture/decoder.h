@@ -31,6 +31,7 @@
 
 #include <walpipe/lsn.h>
 
+#include "filter.h"
 #include "mem.h"
 
 typedef enum wp_op {
@@ -80,6 +81,16 @@ void wp_decoder_destroy(wp_decoder_t *decoder); /* NULL is a no-op */
  */
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen);
+
+/*
+ * Applies a source's column filters and masks (filter.h) to every change
+ * parsed from now on, before its payload and shape are built: an excluded
+ * column is dropped from "columns" and "identity" alike (as if the table had
+ * no such column); a masked one keeps its name, with the masked value, and
+ * with type "text" (typeoid 25) for sha256 and redact, its own type for
+ * null.  filter is borrowed (NULL = none) and must outlive the decoder.
+ */
+void wp_decoder_set_filter(wp_decoder_t *decoder, const wp_filter_t *filter);
 
 /*
  * After a failed wp_decoder_parse: the schema and table the message names,

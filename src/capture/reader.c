@@ -60,6 +60,7 @@ struct wp_reader {
     PGconn *conn;
     wp_decoder_t *decoder;
     wp_encoder_t *encoder;
+    wp_filter_t *filter; /* the source's column filters and masks, applied by decoder */
 
     /* stream state */
     wp_position_t start; /* checkpoint the session started from */
@@ -281,6 +282,8 @@ wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_
     reader->source = source;
     reader->decoder = wp_decoder_create();
     reader->encoder = wp_encoder_create(source->name);
+    reader->filter = wp_filter_create(source);
+    wp_decoder_set_filter(reader->decoder, reader->filter);
     return reader;
 }
 
@@ -300,6 +303,7 @@ void wp_reader_destroy(wp_reader_t *reader)
     wp_reader_close(reader);
     wp_decoder_destroy(reader->decoder);
     wp_encoder_destroy(reader->encoder);
+    wp_filter_destroy(reader->filter);
     free(reader);
 }
 
@@ -548,10 +552,23 @@ static bool position_advanced(const wp_reader_t *reader)
            reader->pos.txn_seq != reader->pushed.txn_seq;
 }
 
-/* schema and table name the message's table when known, else NULL. */
+/*
+ * schema and table name the message's table when known, else NULL.  The raw
+ * text of a message that may hold excluded or unmasked columns (its table
+ * has column rules, or is unknown while the source has some) is withheld:
+ * what the filters keep out must not land in dead_letters either.
+ */
 static void add_dead_letter(wp_reader_t *reader, const char *data, size_t len, wp_lsn_t lsn, int seq,
                             const char *schema, const char *table, const char *reason)
 {
+    static const char withheld[] = "(raw text withheld: the message's table has column filters or masks, or could "
+                                   "not be told, and the raw text may hold what they keep out of staging)";
+    if (wp_filter_has_rules(reader->filter) &&
+        (table == NULL || wp_filter_table(reader->filter, schema ? schema : "", schema ? strlen(schema) : 0, table,
+                                          strlen(table)) != NULL)) {
+        data = withheld;
+        len = sizeof withheld - 1;
+    }
     wp_segment_add_dead(current_segment(reader), lsn, seq, schema, table, data, len, reason);
 }
 
@@ -659,6 +676,41 @@ static void handle_keepalive(wp_reader_t *reader, wp_lsn_t wal_end)
 
 /* ---- the loop ------------------------------------------------------------------------------ */
 
+/*
+ * Appends , "option" 'schema.table,...' for wal2json's add-tables or
+ * filter-tables (nothing when n is 0): comma-separated, with space ' , . *
+ * and backslash escaped by a backslash, and quotes doubled for the
+ * replication grammar's literal.
+ */
+static void put_table_option(wp_buf_t *sql, const char *option, const wp_table_ref_t *tables, size_t n)
+{
+    if (n == 0)
+        return;
+    wp_buf_printf(sql, ", \"%s\" '", option);
+    for (size_t i = 0; i < n; i++) {
+        const char *parts[2] = {tables[i].schema, tables[i].table};
+        if (i)
+            wp_buf_putc(sql, ',');
+        for (int k = 0; k < 2; k++) {
+            if (k)
+                wp_buf_putc(sql, '.');
+            for (const char *p = parts[k]; *p; p++) {
+                if (strchr(" ',.*\\", *p))
+                    wp_buf_putc(sql, '\\');
+                if (*p == '\'')
+                    wp_buf_putc(sql, '\''); /* the replication grammar doubles quotes in literals */
+                wp_buf_putc(sql, *p);
+            }
+        }
+    }
+    wp_buf_putc(sql, '\'');
+}
+
+int wp_reader_check_filters(wp_reader_t *reader)
+{
+    return wp_filter_check_keys(reader->filter, reader->conn);
+}
+
 static int start_replication(wp_reader_t *reader, bool *fatal)
 {
     int rc = -1;
@@ -668,27 +720,9 @@ static int start_replication(wp_reader_t *reader, bool *fatal)
                   "START_REPLICATION SLOT \"%s\" LOGICAL %s (\"format-version\" '2', \"include-xids\" '1', "
                   "\"include-timestamp\" '1', \"include-lsn\" '1', \"include-type-oids\" '1'",
                   reader->source->slot, wp_lsn_format(reader->start.lsn, lsn));
-    if (reader->source->ntables > 0) {
-        /* wal2json add-tables: schema.table, comma-separated; escape space ' , . * with a backslash */
-        wp_buf_puts(&sql, ", \"add-tables\" '");
-        for (size_t i = 0; i < reader->source->ntables; i++) {
-            const char *parts[2] = {reader->source->tables[i].schema, reader->source->tables[i].table};
-            if (i)
-                wp_buf_putc(&sql, ',');
-            for (int k = 0; k < 2; k++) {
-                if (k)
-                    wp_buf_putc(&sql, '.');
-                for (const char *p = parts[k]; *p; p++) {
-                    if (strchr(" ',.*\\", *p))
-                        wp_buf_putc(&sql, '\\');
-                    if (*p == '\'')
-                        wp_buf_putc(&sql, '\''); /* the replication grammar doubles quotes in literals */
-                    wp_buf_putc(&sql, *p);
-                }
-            }
-        }
-        wp_buf_putc(&sql, '\'');
-    }
+    put_table_option(&sql, "add-tables", reader->source->tables, reader->source->ntables);
+    /* applied by wal2json before add-tables: an excluded table is never sent */
+    put_table_option(&sql, "filter-tables", reader->source->exclude_tables, reader->source->nexclude_tables);
     wp_buf_putc(&sql, ')');
     PGresult *res = PQexec(reader->conn, sql.data);
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {

@@ -68,6 +68,14 @@ int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_ls
 int wp_reader_drop_slot(wp_reader_t *reader);
 
 /*
+ * After wp_reader_open: refuses column filters or masks on a key column of
+ * their table, read from the source's catalog (filter.h,
+ * wp_filter_check_keys).  Returns 0; 1 when refused; -1 when the catalog
+ * could not be read.  Logged either way.
+ */
+int wp_reader_check_filters(wp_reader_t *reader);
+
+/*
  * Streams from start (the staging checkpoint) into queue until a stop is
  * requested (returns 0 once everything read is committed and acknowledged)
  * or an error (returns -1, logged; the queue is marked failed).

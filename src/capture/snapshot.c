@@ -196,6 +196,16 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
     } else {
         wp_buf_puts(&sql, "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' ");
     }
+    /* exclude_tables: wal2json's filter-tables keeps them out of the stream, this out of the copy */
+    for (size_t i = 0; i < job->source->nexclude_tables; i++) {
+        wp_buf_puts(&sql, "AND (n.nspname, c.relname) <> (");
+        if (append_literal(conn, &sql, job->source->exclude_tables[i].schema) != 0)
+            goto out;
+        wp_buf_puts(&sql, ", ");
+        if (append_literal(conn, &sql, job->source->exclude_tables[i].table) != 0)
+            goto out;
+        wp_buf_puts(&sql, ") ");
+    }
     wp_buf_puts(&sql, "ORDER BY n.nspname, c.relname");
     res = PQexec(conn, sql.data);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -204,8 +214,8 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
     }
     n = (size_t)PQntuples(res);
     if (refs && n == 0) {
-        wp_error("snapshot: none of the tables named exists on the source; hint: check schema and table names "
-                 "(case matters)");
+        wp_error("snapshot: none of the tables named exists on the source, or all are in exclude_tables; hint: check "
+                 "schema and table names (case matters)");
         goto out;
     }
     tables = wp_calloc(n ? n : 1, sizeof *tables);
@@ -536,6 +546,8 @@ int wp_snapshot_copy(const wp_snapshot_job_t *job, uint64_t *rows)
     wp_stager_t *leader = wp_stager_create(job->config, job->source);
     wp_buf_t names = WP_BUF_INIT;
     bool fatal = false;
+    /* the same column filters and masks as the stream, applied by each worker's decoder */
+    wp_filter_t *filter = wp_filter_create(job->source);
     *rows = 0;
 
     /* import first: the exported snapshot must be taken before anything else happens */
@@ -565,6 +577,7 @@ int wp_snapshot_copy(const wp_snapshot_job_t *job, uint64_t *rows)
         workers[i].state = &state;
         workers[i].stager = wp_stager_create(job->config, job->source);
         workers[i].decoder = wp_decoder_create();
+        wp_decoder_set_filter(workers[i].decoder, filter);
         workers[i].encoder = wp_encoder_create(job->source->name);
         if (pthread_create(&threads[i], NULL, worker_main, &workers[i]) != 0) {
             wp_error("snapshot: could not start a worker thread");
@@ -627,6 +640,7 @@ out:
         wp_encoder_destroy(workers[i].encoder);
     }
     free(workers);
+    wp_filter_destroy(filter);
     free(threads);
     wp_stager_destroy(leader);
     free_tables(state.tables, state.ntables);

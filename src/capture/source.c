@@ -147,6 +147,11 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
         s->staged_before = true;
     if (wp_reader_open(reader, &slot, needs_fix) != 0)
         goto out;
+    int refused = wp_reader_check_filters(reader);
+    if (refused != 0) {
+        *fatal = refused > 0; /* a configuration error: retrying cannot cure it */
+        goto out;
+    }
     if (found && strcmp(ckpt.snapshot_state, "in_progress") == 0) {
         /* the previous run died while copying: its exported snapshot died with it */
         if (strcmp(ckpt.systemid, slot.systemid) != 0) {
