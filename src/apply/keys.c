@@ -53,7 +53,10 @@ static const char DISCOVER_SQL[] =
     "     FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o), pg_attribute a"
     "    WHERE i.indexrelid = idx.indexrelid AND a.attrelid = t.oid AND a.attnum = k.attnum),"
     "  (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a"
-    "    WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull)::text "
+    "    WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull"
+    /* a masked column's null is no lost value (a null mask stages null in a NOT NULL column) */
+    "      AND NOT EXISTS (SELECT FROM unnest($5::text[], $6::text[], $7::text[]) m(s, t, c)"
+    "                      WHERE m.s = t.nspname AND m.t = t.relname AND m.c = a.attname))::text "
     "FROM t LEFT JOIN idx ON idx.oid = t.oid ORDER BY 1, 2";
 
 static const char *key_problem(const char *identity, bool has_key)
@@ -91,12 +94,36 @@ static bool table_filter(const wp_table_ref_t *refs, size_t n, wp_buf_t *schemas
     return true;
 }
 
+/* The masked columns of source's [table] sections as three parallel text[] literals (schema, table, column). */
+static void masked_columns(const wp_source_config_t *source, wp_buf_t *schemas, wp_buf_t *tables, wp_buf_t *columns)
+{
+    size_t n = 0;
+    for (size_t r = 0; r < source->nrules; r++)
+        n += source->rules[r].nmasks;
+    const char **s = wp_calloc(n + 1, sizeof *s), **t = wp_calloc(n + 1, sizeof *t), **c = wp_calloc(n + 1, sizeof *c);
+    size_t k = 0;
+    for (size_t r = 0; r < source->nrules; r++) {
+        for (size_t m = 0; m < source->rules[r].nmasks; m++, k++) {
+            s[k] = source->rules[r].schema;
+            t[k] = source->rules[r].table;
+            c[k] = source->rules[r].masks[m].column;
+        }
+    }
+    wp_pg_text_array(schemas, s, n);
+    wp_pg_text_array(tables, t, n);
+    wp_pg_text_array(columns, c, n);
+    free(s);
+    free(t);
+    free(c);
+}
+
 int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named)
 {
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;
     wp_buf_t xschemas = WP_BUF_INIT, xtables = WP_BUF_INIT; /* exclude_tables: never captured, no key needed */
+    wp_buf_t mschemas = WP_BUF_INIT, mtables = WP_BUF_INIT, mcolumns = WP_BUF_INIT; /* masked columns */
     /* UTF8: the source's server converts names from its database's encoding, so staging gets UTF-8 */
     const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
     const char *vals[] = {source->conninfo, "walpipe_discover", "10", "UTF8", NULL};
@@ -110,9 +137,11 @@ int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t
     }
     bool filtered = table_filter(source->tables, source->ntables, &schemas, &tables);
     bool excluded = table_filter(source->exclude_tables, source->nexclude_tables, &xschemas, &xtables);
+    masked_columns(source, &mschemas, &mtables, &mcolumns);
     const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL,
-                            excluded ? xschemas.data : NULL, excluded ? xtables.data : NULL};
-    res = PQexecParams(conn, DISCOVER_SQL, 4, NULL, params, NULL, NULL, 0);
+                            excluded ? xschemas.data : NULL, excluded ? xtables.data : NULL,
+                            mschemas.data, mtables.data, mcolumns.data};
+    res = PQexecParams(conn, DISCOVER_SQL, 7, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
         goto out;
@@ -169,6 +198,9 @@ out:
     wp_buf_free(&tables);
     wp_buf_free(&xschemas);
     wp_buf_free(&xtables);
+    wp_buf_free(&mschemas);
+    wp_buf_free(&mtables);
+    wp_buf_free(&mcolumns);
     wp_buf_free(&tag);
     return rc;
 }
