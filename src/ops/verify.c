@@ -92,6 +92,7 @@
 #include <walpipe/lsn.h>
 
 #include "diverge.h"
+#include "filter.h"
 #include "log.h"
 #include "mem.h"
 #include "pg.h"
@@ -136,6 +137,7 @@ typedef struct vcol {
     char *mtype, *stype;  /* format_type on each side; stype NULL: the source has no such column */
     unsigned mtypoid, stypoid;
     bool collatable;      /* the source's type has a collation */
+    bool masked;          /* masked by the configuration (filter.h): not compared, stype stays NULL */
     keymode_t mode;       /* key columns only */
 } vcol_t;
 
@@ -457,6 +459,9 @@ static int list_tables(ctx_t *ctx, const position_t *pos, const wp_table_ref_t *
     cap = (size_t)PQntuples(res) + 16;
     tables = wp_calloc(cap, sizeof *tables);
     for (int i = 0; i < PQntuples(res); i++) {
+        if (in_refs(ctx->source->exclude_tables, ctx->source->nexclude_tables, PQgetvalue(res, i, 0),
+                    PQgetvalue(res, i, 1)))
+            continue; /* exclude_tables: never captured, so never mirrored */
         vtable_t *t = &tables[n++];
         t->schema = wp_strdup(PQgetvalue(res, i, 0));
         t->table = wp_strdup(PQgetvalue(res, i, 1));
@@ -777,12 +782,24 @@ static int load_meta(ctx_t *ctx, vtable_t *t, const position_t *pos)
         set_failed(t, "could not read the source table's columns");
         return -1;
     }
+    /* the configuration's column filters and masks: what the capture left out or masked is not compared */
+    wp_filter_t *filter = wp_filter_create(ctx->source);
+    const wp_filter_table_t *rule = wp_filter_table(filter, t->schema, strlen(t->schema), t->table, strlen(t->table));
     for (int i = 0; i < PQntuples(res); i++) {
         const char *name = PQgetvalue(res, i, 0);
         vcol_t *c = NULL;
+        wp_filter_action_t action = wp_filter_column(rule, name, strlen(name));
+        if (action == WP_FILTER_DROP) {
+            wp_buf_printf(&t->notes, "; source column \"%s\" is excluded by the configuration (not compared)", name);
+            continue;
+        }
         for (size_t k = 0; k < t->ncols && c == NULL; k++)
             if (strcmp(t->cols[k].name, name) == 0)
                 c = &t->cols[k];
+        if (c != NULL && action != WP_FILTER_KEEP) {
+            c->masked = true;
+            continue;
+        }
         if (c == NULL) {
             wp_buf_printf(&t->notes, "; source column \"%s\" is not in the mirror", name);
             t->cols_differ = true;
@@ -793,13 +810,16 @@ static int load_meta(ctx_t *ctx, vtable_t *t, const position_t *pos)
         c->collatable = PQgetvalue(res, i, 3)[0] == 't';
     }
     PQclear(res);
+    wp_filter_destroy(filter);
     for (size_t i = 0; i < t->ncols; i++) {
         vcol_t *c = &t->cols[i];
         if (c->qname == NULL) {
             set_failed(t, "could not quote a column name");
             return -1;
         }
-        if (c->stype == NULL)
+        if (c->masked)
+            wp_buf_printf(&t->notes, "; column \"%s\" is masked by the configuration (not compared)", c->name);
+        else if (c->stype == NULL)
             wp_buf_printf(&t->notes, "; mirror column \"%s\" is not on the source (not compared)", c->name);
         else if (c->stypoid < FIRST_USER_OID && strcmp(c->stype, c->mtype) == 0)
             c->mode = c->collatable ? KM_COLLATE_C : KM_NATIVE;

@@ -94,6 +94,10 @@ def test_excluded_tables_never_staged(source_pg, staging_pg, walpipe_factory):
         rows = staging_pg.sql(f"SELECT id, v FROM {ident(mschema)}.{ident(mtable)} ORDER BY id", dbname="staging")
         assert rows == [(3, "last")], (schema, table, rows)
         assert rows == source_pg.sql(f"SELECT id, v FROM {ident(schema)}.{ident(table)} ORDER BY id", dbname="app")
+    # verify compares the captured tables only: an excluded table has no mirror and is no difference
+    r = w.command("verify", extra_env={"WP_TEST_SALT": SALT}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "audit" not in r.stdout, r.stdout
     assert w.stop() == 0
 
 
@@ -211,6 +215,11 @@ def test_columns_excluded_and_masked_everywhere(source_pg, staging_pg, walpipe_f
         "AND table_name = 'public_Wide T' AND column_name NOT LIKE '\\_walpipe\\_%'", dbname="staging")}
     assert wcols == {"id", "Kept Col"}, wcols
     assert staging_pg.sql('SELECT id, "Kept Col" FROM analytics."public_Wide T"', dbname="staging") == [(1, "k3")]
+    # verify skips the excluded and masked columns (and says so) and compares the rest
+    r = w.command("verify", extra_env={"WP_TEST_SALT": SALT}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'source column "ssn" is excluded by the configuration (not compared)' in r.stdout, r.stdout
+    assert 'column "email" is masked by the configuration (not compared)' in r.stdout, r.stdout
     assert SALT not in w.log()
     assert w.stop() == 0
 
