@@ -19,6 +19,13 @@
  *   written, unquoted ones too: case is kept, not folded to lower case as SQL
  *   would, because wal2json matches table names case-sensitively.
  *
+ * [table SOURCE.SCHEMA.TABLE] names one table of [source SOURCE] (schema and
+ * table quoted as in tables); include_columns / exclude_columns list column
+ * names the same way (one name each, no schema); mask = col:kind, ... with
+ * kind sha256 (needs the source's mask_salt), redact or null.  Rules on key
+ * columns are refused at start (capture/filter.c), as keys live in the
+ * source's catalog.
+ *
  * Lines may be at most 199 characters (libinih's limit); put longer values
  * in an environment variable.  " ;" starts a comment, even inside a value.
  */

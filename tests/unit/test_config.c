@@ -607,6 +607,7 @@ static void test_example_file(void **state)
     (void)state;
     char err[WP_ERRLEN];
     setenv("APP_PW", "example-secret", 1);
+    setenv("MASK_SALT", "example-salt-0123456789", 1);
     wp_config_t *c = wp_config_load(WP_TEST_DATA "/../../walpipe.conf.example", err, sizeof err);
     if (c == NULL)
         fail_msg("walpipe.conf.example: %s", err);
@@ -617,6 +618,9 @@ static void test_example_file(void **state)
     assert_int_equal(c->batch_bytes, 8 * 1024 * 1024);
     assert_int_equal(c->workers, 1);
     assert_string_equal(c->mirror_schema, "analytics");
+    assert_int_equal(c->sources[0].nexclude_tables, 1);
+    assert_int_equal(c->sources[0].nrules, 1);
+    assert_int_equal(c->sources[0].rules[0].nmasks, 3);
     wp_config_destroy(c);
 }
 
