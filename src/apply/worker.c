@@ -51,6 +51,7 @@
 #define PROGRESS_LOG_MS 10000
 #define DISCOVER_EVERY_MS (300 * 1000)
 #define DISCOVER_MIN_GAP_MS 1000
+#define KEY_WAIT_MS 5000 /* a claim waits at most this long, once, for keys `walpipe run` has not recorded */
 #define BACKOFF_MIN_MS 500
 #define BACKOFF_MAX_MS 30000
 
@@ -206,7 +207,7 @@ static int claim_and_apply(worker_t *w)
     if (rc == 1) {
         PQclear(PQexec(w->conn, "ROLLBACK"));
         wp_applier_reset(w->applier);
-        wp_applier_wait_keys(w->applier, 5000);
+        wp_applier_wait_keys(w->applier, KEY_WAIT_MS);
         PQclear(res);
         return (int)count; /* claim again at once */
     }
@@ -220,6 +221,8 @@ static int claim_and_apply(worker_t *w)
             goto rollback;
         failed++;
     }
+    if (failed > 0 && wp_applier_request_keys(w->applier) != 0) /* for deferred unknown tables, sent at commit */
+        goto rollback;
     if (wp_pg_exec(w->conn, "staging", "COMMIT", "commit a claim") != 0)
         goto rollback;
     atomic_fetch_add(&w->pool->applied, (unsigned long long)count - failed);
@@ -272,6 +275,7 @@ static void *worker_main(void *arg)
                 continue;
             }
             w->applier = wp_applier_create(p->config, w->conn);
+            wp_applier_may_wait_keys(w->applier, true);
             told_old = false;
         }
         int n = claim_and_apply(w);
@@ -331,12 +335,88 @@ static void log_progress(struct wp_workers *p, PGconn *conn, int64_t *last_ms, u
     *last_dead = dead;
 }
 
-static void discover(struct wp_workers *p, PGconn *conn, const char *only, wp_buf_t *named)
+/* Tables workers asked for (NOTIFY walpipe_discover payloads), until the next discovery reads them. */
+typedef struct requests {
+    char **source, **schema, **table; /* owned */
+    size_t n, cap;
+} requests_t;
+
+static void requests_clear(requests_t *r)
 {
-    for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
-        if (only == NULL || only[0] == '\0' || strcmp(only, p->config->sources[i].name) == 0)
-            wp_keys_discover(&p->config->sources[i], conn, named);
+    for (size_t i = 0; i < r->n; i++) {
+        free(r->source[i]);
+        free(r->schema[i]);
+        free(r->table[i]);
     }
+    r->n = 0;
+}
+
+static void requests_free(requests_t *r)
+{
+    requests_clear(r);
+    free(r->source);
+    free(r->schema);
+    free(r->table);
+}
+
+/* Reads one "<len>:text" of a payload into a new string; NULL when malformed. */
+static char *payload_part(const char **pp)
+{
+    char *end;
+    unsigned long len = strtoul(*pp, &end, 10);
+    if (end == *pp || *end != ':' || strlen(end + 1) < len)
+        return NULL;
+    char *out = wp_malloc(len + 1);
+    memcpy(out, end + 1, len);
+    out[len] = '\0';
+    *pp = end + 1 + len;
+    return out;
+}
+
+/* Adds the table a payload "<len>:source<len>:schema<len>:table" names (see applier.c, table_key). */
+static void requests_add(requests_t *r, const char *payload)
+{
+    const char *pp = payload;
+    char *src = payload_part(&pp), *schema = src ? payload_part(&pp) : NULL, *table = schema ? payload_part(&pp) : NULL;
+    bool dup = false;
+    for (size_t i = 0; table && i < r->n && !dup; i++)
+        dup = strcmp(r->source[i], src) == 0 && strcmp(r->schema[i], schema) == 0 && strcmp(r->table[i], table) == 0;
+    if (table == NULL || dup || r->n >= 10000) {
+        free(src);
+        free(schema);
+        free(table);
+        return;
+    }
+    if (r->n == r->cap) {
+        r->cap = r->cap ? r->cap * 2 : 16;
+        r->source = wp_realloc(r->source, r->cap * sizeof *r->source);
+        r->schema = wp_realloc(r->schema, r->cap * sizeof *r->schema);
+        r->table = wp_realloc(r->table, r->cap * sizeof *r->table);
+    }
+    r->source[r->n] = src;
+    r->schema[r->n] = schema;
+    r->table[r->n++] = table;
+}
+
+/* Reads every source's keys, and the tables workers asked for; forgets the requests once read. */
+static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, wp_buf_t *named)
+{
+    wp_keys_request_t *mine = wp_calloc(req->n + 1, sizeof *mine);
+    bool all_ok = true;
+    for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
+        const wp_source_config_t *src = &p->config->sources[i];
+        size_t n = 0;
+        for (size_t k = 0; k < req->n; k++) {
+            if (strcmp(req->source[k], src->name) == 0) {
+                mine[n].schema = req->schema[k];
+                mine[n++].table = req->table[k];
+            }
+        }
+        all_ok &= wp_keys_discover_tables(src, conn, named, mine, n) == 0;
+    }
+    free(mine);
+    if (all_ok)
+        requests_clear(req); /* otherwise asked again by the workers' retries */
 }
 
 static void *monitor_main(void *arg)
@@ -344,6 +424,7 @@ static void *monitor_main(void *arg)
     struct wp_workers *p = arg;
     PGconn *conn = NULL;
     wp_buf_t named = WP_BUF_INIT;
+    requests_t req = {0};
     int64_t last_log = wp_now_ms(), last_discover = 0;
     unsigned long long last_applied = 0;
     long long last_dead = -1;
@@ -362,7 +443,9 @@ static void *monitor_main(void *arg)
                 continue;
             }
             if (p->discover &&
-                wp_pg_exec(conn, "staging", "LISTEN walpipe_discover", "listen for key discovery requests") != 0) {
+                (wp_pg_exec(conn, "staging", "LISTEN walpipe_discover", "listen for key discovery requests") != 0 ||
+                 wp_pg_exec(conn, "staging", "SELECT pg_advisory_lock_shared(" WP_KEYS_DISCOVERY_LOCK ")",
+                            "show the workers that keys are discovered") != 0)) {
                 PQfinish(conn);
                 conn = NULL;
                 sleep_ms(p, 5000);
@@ -380,7 +463,7 @@ static void *monitor_main(void *arg)
         int64_t now = wp_now_ms();
         if (p->discover && (want_discover || now - last_discover >= DISCOVER_EVERY_MS) &&
             now - last_discover >= DISCOVER_MIN_GAP_MS) {
-            discover(p, conn, NULL, &named);
+            discover(p, conn, &req, &named);
             last_discover = wp_now_ms();
             want_discover = false;
         }
@@ -395,6 +478,8 @@ static void *monitor_main(void *arg)
         PGnotify *note;
         while ((note = PQnotifies(conn)) != NULL) {
             want_discover = true;
+            if (note->extra && note->extra[0])
+                requests_add(&req, note->extra);
             PQfreemem(note);
         }
         if (PQstatus(conn) != CONNECTION_OK) {
@@ -405,6 +490,7 @@ static void *monitor_main(void *arg)
     if (conn)
         PQfinish(conn);
     wp_buf_free(&named);
+    requests_free(&req);
     return NULL;
 }
 

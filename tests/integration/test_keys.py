@@ -1,0 +1,190 @@
+"""Keys, tables that disappear, rewrites and parked events (issue 10), against real clusters.
+
+- Tables dropped on the source before walpipe read their keys: workers never livelock; their
+  events are parked with the true reason, every other mirror equals its source.
+- Key choice: the mirror's key is the replica identity index, else the primary key, else any
+  unique index over NOT NULL columns, whatever the identity; an event is judged by the key
+  values it carries.
+- Rewrites (no row changes in the WAL) are recorded as open "rewrite" divergences; a TRUNCATE
+  (in the stream) is not.
+- A parked event marks its mirror diverged, and `walpipe dlq list` shows it.
+"""
+
+import re
+
+import pytest
+
+import wptest
+from test_core import setup_source, wait_caught_up
+from test_workers import assert_mirrored, dead_letters, start, start_work, unprocessed, retrying
+from wptest import wait_until
+
+
+def dl_rows(staging_pg):
+    return staging_pg.sql("SELECT table_name, event_type, reason, next_attempt_at IS NULL "
+                          "FROM walpipe.dead_letters WHERE kind = 'apply' ORDER BY id", dbname="staging")
+
+
+def open_divergences(staging_pg):
+    return staging_pg.sql("SELECT table_name, kind, lsn::text, reason FROM walpipe.divergences "
+                          "WHERE resolved_at IS NULL ORDER BY id", dbname="staging")
+
+
+# --------------------------------------------------------------------------
+# tables dropped before walpipe read their keys
+
+KEEP_SCHEMA = "CREATE TABLE keep (id int PRIMARY KEY, v text)"
+NGONE = 12
+
+
+def gone_table_statements(i):
+    """A table created, written and dropped in one transaction: no other session ever sees it in
+    the catalog, so walpipe cannot have read its key; its 8 changes are in the stream."""
+    t = f"gone_{i}"
+    return (f"BEGIN; CREATE TABLE {t} (id int PRIMARY KEY, v text); "
+            f"INSERT INTO {t} SELECT g, 'v' || g FROM generate_series(1, 5) g; "
+            f"UPDATE {t} SET v = 'u' WHERE id <= 2; DELETE FROM {t} WHERE id = 5; DROP TABLE {t}; COMMIT")
+
+
+@pytest.mark.parametrize("claim_size", [1000, 7])
+def test_dropped_tables_never_livelock(source_pg, staging_pg, walpipe_factory, claim_size):
+    setup_source(source_pg, schema=KEEP_SCHEMA)
+    # `walpipe run` stages (and discovers keys) with no workers of its own
+    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": claim_size})
+    for i in range(NGONE):
+        source_pg.sql(gone_table_statements(i), dbname="app")
+        source_pg.sql(f"INSERT INTO keep SELECT g, 'k' || g FROM generate_series({i * 10 + 1}, {i * 10 + 10}) g",
+                      dbname="app")
+        source_pg.sql(f"UPDATE keep SET v = v || '!' WHERE id % 3 = {i % 3}", dbname="app")
+    wait_caught_up(source_pg, w)
+    gone_events = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE table_name LIKE 'gone_%'",
+                                    dbname="staging")
+    assert gone_events == NGONE * 8
+
+    # several workers in another process; `run` answers their requests for keys
+    work = start_work(walpipe_factory, w, 3)
+    wait_until(lambda: unprocessed(staging_pg) == 0 and retrying(staging_pg) == 0, timeout=60, interval=0.2,
+               what="every event applied or parked", walpipe=work)
+    dl = dl_rows(staging_pg)
+    assert len(dl) == gone_events, dl
+    for table, _, reason, parked in dl:
+        assert table.startswith("gone_") and parked, (table, reason)
+        assert f'table "public"."{table}" of source "app" cannot be mirrored: it no longer exists on the source' \
+            in reason, reason
+        assert "walpipe dlq drop" in reason and "make sure `walpipe run` is running" not in reason, reason
+    assert_mirrored(source_pg, staging_pg, "keep", ["id"])
+    # no mirror for a table that cannot be one, and so no divergence
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.mirrors WHERE table_name LIKE 'gone_%'",
+                             dbname="staging") == 0
+    assert open_divergences(staging_pg) == []
+    assert work.stop() == 0
+    assert w.stop() == 0
+
+
+def test_work_alone_does_not_livelock(source_pg, staging_pg, walpipe_factory):
+    """`walpipe work` with no `walpipe run` to read keys: the events wait as deferred dead letters
+    that say so; once `run` is back, they are parked with the true reason."""
+    setup_source(source_pg, schema=KEEP_SCHEMA)
+    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": 7})
+    for i in range(4):
+        source_pg.sql(gone_table_statements(i), dbname="app")
+    source_pg.sql("INSERT INTO keep SELECT g, 'k' || g FROM generate_series(1, 20) g", dbname="app")
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.source_tables WHERE table_name = 'keep'",
+                                         dbname="staging") == 1, timeout=30, what="keep's key read", walpipe=w)
+    assert w.stop() == 0
+
+    work = start_work(walpipe_factory, w, 2)
+    wait_until(lambda: unprocessed(staging_pg) == 0, timeout=30, interval=0.2, what="every event claimed",
+               walpipe=work)
+    dl = dl_rows(staging_pg)
+    assert len(dl) == 4 * 8, dl
+    for table, _, reason, parked in dl:
+        assert not parked, (table, reason)
+        assert f'no key is recorded for table "public"."{table}" of source "app"' in reason, reason
+        assert "`walpipe run` reads each table's key" in reason, reason
+    assert_mirrored(source_pg, staging_pg, "keep", ["id"])
+
+    # `run` is back: the deferred retries ask it, and it finds the tables gone
+    w.start()
+    wait_until(lambda: retrying(staging_pg) == 0, timeout=60, interval=0.2, what="dead letters parked",
+               walpipe=work)
+    for table, _, reason, parked in dl_rows(staging_pg):
+        assert parked and "it no longer exists on the source" in reason, (table, reason)
+    assert work.stop() == 0
+    assert w.stop() == 0
+
+
+# --------------------------------------------------------------------------
+# key choice: judged by what each event carries
+
+IDENTITY_SCHEMA = """
+CREATE TABLE byidx (code text NOT NULL, v text);
+CREATE UNIQUE INDEX byidx_code ON byidx (code);
+ALTER TABLE byidx REPLICA IDENTITY USING INDEX byidx_code;
+CREATE TABLE byidx_pk (id int PRIMARY KEY, code text NOT NULL, v text);
+CREATE UNIQUE INDEX byidx_pk_code ON byidx_pk (code);
+ALTER TABLE byidx_pk REPLICA IDENTITY USING INDEX byidx_pk_code;
+CREATE TABLE nothing_pk (id int PRIMARY KEY, v text);
+ALTER TABLE nothing_pk REPLICA IDENTITY NOTHING;
+"""
+
+
+def test_identity_using_index_then_default_and_nothing_with_a_key(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema=IDENTITY_SCHEMA)
+    # the changes are made (and reach the slot) while the identity is USING INDEX ...
+    for stmt in [
+        "INSERT INTO byidx SELECT 'c' || g, 'v' || g FROM generate_series(1, 20) g",
+        "UPDATE byidx SET v = 'changed' WHERE code IN ('c1', 'c2', 'c3')",
+        "UPDATE byidx SET code = code || 'x' WHERE code IN ('c4', 'c5')",
+        "DELETE FROM byidx WHERE code = 'c6'",
+        "INSERT INTO byidx_pk SELECT g, 'c' || g, 'v' || g FROM generate_series(1, 20) g",
+        "UPDATE byidx_pk SET v = 'changed' WHERE id = 3",
+        "DELETE FROM byidx_pk WHERE id = 6",
+        "INSERT INTO nothing_pk SELECT g, 'v' || g FROM generate_series(1, 20) g",
+    ]:
+        source_pg.sql(stmt, dbname="app")
+    # ... and walpipe reads the catalog only after it became DEFAULT
+    source_pg.sql("ALTER TABLE byidx REPLICA IDENTITY DEFAULT; ALTER TABLE byidx_pk REPLICA IDENTITY DEFAULT",
+                  dbname="app")
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2)
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: unprocessed(staging_pg) == 0 and retrying(staging_pg) == 0, timeout=60, interval=0.2,
+               what="every event applied or parked", walpipe=w)
+
+    # no primary key, but a unique index over NOT NULL columns: the key, whatever the identity
+    keys = dict(staging_pg.sql("SELECT table_name, key_columns::text FROM walpipe.source_tables WHERE problem IS NULL",
+                               dbname="staging"))
+    assert set(keys) == {"byidx", "byidx_pk", "nothing_pk"}, keys
+    assert '"name": "code"' in keys["byidx"] and '"name": "id"' in keys["byidx_pk"], keys
+    assert_mirrored(source_pg, staging_pg, "byidx", ["code"])
+    # REPLICA IDENTITY NOTHING with a key: its inserts are mirrored
+    assert_mirrored(source_pg, staging_pg, "nothing_pk", ["id"])
+    assert "cannot be mirrored" not in w.log()
+
+    # byidx_pk's key is its primary key; its UPDATE and DELETE carry only "code": each dead letter
+    # says what that event lacks, and nothing about the table that is false for it
+    dl = dl_rows(staging_pg)
+    assert sorted((t, e) for t, e, _, _ in dl) == [("byidx_pk", "delete"), ("byidx_pk", "update")], dl
+    for _, ev_type, reason, parked in dl:
+        assert parked, reason
+        assert reason.startswith(f'this {ev_type} identifies its old row by "code" (the replica identity of '
+                                 f'"public"."byidx_pk" when the change was made), without key column "id"'), reason
+    # the parked events mark the mirror diverged, at their positions ...
+    div = open_divergences(staging_pg)
+    dl_lsns = sorted(r[0] for r in staging_pg.sql("SELECT lsn::text FROM walpipe.dead_letters", dbname="staging"))
+    assert sorted(d[2] for d in div) == dl_lsns and {(d[0], d[1]) for d in div} == {("byidx_pk", "parked")}, div
+    # ... and `walpipe dlq list` shows it: one line per diverged mirror, and the count
+    r = w.command("dlq", "list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[3] == "diverged\tsource\ttable\tkinds\toldest_lsn\treason", lines
+    assert re.fullmatch(r"diverged\tapp\tpublic\.byidx_pk\tparked\t" + re.escape(min(dl_lsns, key=wptest_lsn)) +
+                        r"\tthis \w+ identifies its old row by .*", lines[4]), lines
+    assert lines[-1] == "-- 2 dead letters: 0 waiting for retry, 2 parked, 0 undecodable; 1 diverged mirror", lines
+    assert w.stop() == 0
+
+
+def wptest_lsn(text):
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
