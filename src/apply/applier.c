@@ -36,6 +36,7 @@
 
 #include "applier.h"
 #include "keys.h"
+#include "rewrites.h"
 #include "log.h"
 #include "runtime.h"
 #include "utf8.h"
@@ -1146,6 +1147,8 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         if (changed) {
             forget_stmts(a, me);
             a->changes++;
+            /* a newer shape may come with a rewrite (ALTER COLUMN TYPE ... USING): `walpipe run` looks now */
+            PQclear(PQexec(a->conn, "NOTIFY walpipe_discover, '" WP_REWRITES_POLL_NOW "'"));
         }
         se->followed_mirror = m->id;
         se->followed_gen = m->generation;

@@ -43,6 +43,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "pg.h"
+#include "rewrites.h"
 #include "runtime.h"
 #include "worker.h"
 
@@ -51,6 +52,7 @@
 #define PROGRESS_LOG_MS 10000
 #define DISCOVER_EVERY_MS (300 * 1000)
 #define DISCOVER_MIN_GAP_MS 1000
+#define REWRITE_POLL_MS 5000 /* how often `walpipe run` reads pg_class for rewritten tables (rewrites.c) */
 #define KEY_WAIT_MS 5000 /* a claim waits at most this long, once, for keys `walpipe run` has not recorded */
 #define BACKOFF_MIN_MS 500
 #define BACKOFF_MAX_MS 30000
@@ -425,6 +427,9 @@ static void *monitor_main(void *arg)
     PGconn *conn = NULL;
     wp_buf_t named = WP_BUF_INIT;
     requests_t req = {0};
+    wp_rewrites_t *rewrites = p->discover ? wp_rewrites_create(p->config) : NULL;
+    bool want_poll = false;
+    int64_t last_poll = 0;
     int64_t last_log = wp_now_ms(), last_discover = 0;
     unsigned long long last_applied = 0;
     long long last_dead = -1;
@@ -467,6 +472,14 @@ static void *monitor_main(void *arg)
             last_discover = wp_now_ms();
             want_discover = false;
         }
+        now = wp_now_ms();
+        if (rewrites && (want_poll || now - last_poll >= REWRITE_POLL_MS)) {
+            bool rediscover = false;
+            wp_rewrites_poll(rewrites, conn, &rediscover);
+            want_discover |= rediscover;
+            last_poll = wp_now_ms();
+            want_poll = false;
+        }
         if (now - last_log >= PROGRESS_LOG_MS)
             log_progress(p, conn, &last_log, &last_applied, &last_dead);
         if (p->count > 0 && atomic_load(&p->running) == 0 && atomic_load(&p->fatal))
@@ -477,9 +490,13 @@ static void *monitor_main(void *arg)
         PQconsumeInput(conn);
         PGnotify *note;
         while ((note = PQnotifies(conn)) != NULL) {
-            want_discover = true;
-            if (note->extra && note->extra[0])
-                requests_add(&req, note->extra);
+            if (note->extra && strcmp(note->extra, WP_REWRITES_POLL_NOW) == 0) {
+                want_poll = true;
+            } else {
+                want_discover = true;
+                if (note->extra && note->extra[0])
+                    requests_add(&req, note->extra);
+            }
             PQfreemem(note);
         }
         if (PQstatus(conn) != CONNECTION_OK) {
@@ -491,6 +508,7 @@ static void *monitor_main(void *arg)
         PQfinish(conn);
     wp_buf_free(&named);
     requests_free(&req);
+    wp_rewrites_destroy(rewrites);
     return NULL;
 }
 

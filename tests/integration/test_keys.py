@@ -188,3 +188,81 @@ def test_identity_using_index_then_default_and_nothing_with_a_key(source_pg, sta
 def wptest_lsn(text):
     hi, lo = text.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
+
+
+# --------------------------------------------------------------------------
+# rewrites: no row changes in the WAL, noticed from the catalog
+
+REWRITE_SCHEMA = """
+CREATE TABLE typed (id int PRIMARY KEY, n int);
+CREATE TABLE vol (id int PRIMARY KEY, v text);
+CREATE TABLE trunc (id int PRIMARY KEY, v text);
+CREATE TABLE again (id int PRIMARY KEY, v text);
+"""
+REWRITE_TABLES = ["typed", "vol", "trunc", "again"]
+
+
+def storage(source_pg, table):
+    return source_pg.sql("SELECT oid::int8, relfilenode::int8 FROM pg_class WHERE oid = %s::regclass", (table,),
+                         dbname="app")[0]
+
+
+def recorded_storage(staging_pg, table):
+    rows = staging_pg.sql("SELECT relid::int8, relfilenode::int8 FROM walpipe.source_tables WHERE table_name = %s",
+                          (table,), dbname="staging")
+    return rows[0] if rows else None
+
+
+def test_rewrites_are_recorded_and_truncates_are_not(source_pg, staging_pg, walpipe_factory):
+    setup_source(source_pg, schema=REWRITE_SCHEMA)
+    w = start(walpipe_factory, staging_pg, source_pg, workers=1)
+    for t in REWRITE_TABLES:
+        source_pg.sql(f"INSERT INTO {t} SELECT g, g FROM generate_series(1, 50) g", dbname="app")
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: all(recorded_storage(staging_pg, t) == storage(source_pg, t) for t in REWRITE_TABLES),
+               timeout=30, interval=0.2, what="every table's storage recorded", walpipe=w)
+
+    def insert_lsn():
+        return source_pg.scalar("SELECT pg_current_wal_insert_lsn()::text", dbname="app")
+    before = {}
+    for table, stmt in [("typed", "ALTER TABLE typed ALTER COLUMN n TYPE bigint USING n * 10"),
+                        ("vol", "ALTER TABLE vol ADD COLUMN r float8 DEFAULT random()"),
+                        ("trunc", "TRUNCATE trunc; INSERT INTO trunc VALUES (1, 'after')"),
+                        ("again", "DROP TABLE again; CREATE TABLE again (id int PRIMARY KEY, v text); "
+                                  "INSERT INTO again VALUES (7, 'new')")]:
+        before[table] = insert_lsn()
+        source_pg.sql(stmt, dbname="app")
+
+    def rewrites():
+        return {d[0]: d for d in open_divergences(staging_pg) if d[1] == "rewrite"}
+    wait_until(lambda: set(rewrites()) == {"typed", "vol", "again"}, timeout=30, interval=0.2,
+               what="the rewrites recorded", walpipe=w)
+    # the TRUNCATE (in the stream) is judged too, and is no rewrite
+    wait_until(lambda: recorded_storage(staging_pg, "trunc") == storage(source_pg, "trunc"), timeout=30,
+               interval=0.2, what="the truncate judged", walpipe=w)
+    seen = insert_lsn()
+    div = rewrites()
+    assert set(div) == {"typed", "vol", "again"}, div
+    for table, d in div.items():
+        # recorded at a position after the change (and not after the source was asked)
+        assert staging_pg.scalar("SELECT %s::pg_lsn > %s::pg_lsn AND %s::pg_lsn <= %s::pg_lsn",
+                                 (d[2], before[table], d[2], seen), dbname="staging"), (table, d, before, seen)
+    assert "the source rewrote the table without row changes in the WAL" in div["typed"][3], div
+    assert "the source rewrote the table without row changes in the WAL" in div["vol"][3], div
+    assert "dropped and created again" in div["again"][3], div
+    assert_mirrored(source_pg, staging_pg, "trunc", ["id"])
+
+    # each is recorded once: a later poll (the one that judges another TRUNCATE) adds nothing
+    n = staging_pg.scalar("SELECT count(*) FROM walpipe.divergences", dbname="staging")
+    source_pg.sql("TRUNCATE trunc; INSERT INTO trunc VALUES (2, 'more')", dbname="app")
+    wait_until(lambda: recorded_storage(staging_pg, "trunc") == storage(source_pg, "trunc"), timeout=30,
+               interval=0.2, what="the second truncate judged", walpipe=w)
+    wait_applied_rows(source_pg, staging_pg, w)
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.divergences", dbname="staging") == n
+    assert_mirrored(source_pg, staging_pg, "trunc", ["id"])
+    assert w.stop() == 0
+
+
+def wait_applied_rows(source_pg, staging_pg, w):
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: unprocessed(staging_pg) == 0, timeout=30, interval=0.2, what="every event applied", walpipe=w)
