@@ -60,7 +60,7 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
         "    WHEN $10::text = 'defer' THEN now() + least($12::float8 * power(2, d.attempt_count), " DEFER_MAX_MS ") * "
         "interval '1 ms' "
         "    ELSE now() + least($12::float8 * power(2, d.attempt_count), " MAX_BACKOFF_MS ") * interval '1 ms' END "
-        "RETURNING d.next_attempt_at IS NULL, EXISTS (SELECT 1 FROM walpipe.mirrors m WHERE (m.source, m.schema_name, "
+        "RETURNING d.next_attempt_at IS NULL, d.attempt_count, EXISTS (SELECT 1 FROM walpipe.mirrors m WHERE (m.source, m.schema_name, "
         "m.table_name) = ($1, $7, $8))",
         12, NULL, params, NULL, NULL, 0);
     int rc = -1;
@@ -73,11 +73,13 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
      * the mirror is marked diverged, in this transaction.  A table that has no
      * mirror (it cannot be mirrored: no key, or gone) is no mirror to mark.
      */
-    if (ev->schema && ev->table && PQgetvalue(res, 0, 0)[0] == 't' && PQgetvalue(res, 0, 1)[0] == 't' &&
+    if (ev->schema && ev->table && PQgetvalue(res, 0, 0)[0] == 't' && PQgetvalue(res, 0, 2)[0] == 't' &&
         wp_diverge_record(conn, ev->source, ev->schema, ev->table, WP_DIVERGE_PARKED, ev->lsn, ev->error) < 0)
         goto out;
     rc = 0;
-    if (ev->fail == WP_FAIL_DEFER)
+    if (ev->fail == WP_FAIL_DEFER && atoi(PQgetvalue(res, 0, 1)) > 1)
+        wp_debug("event %lld deferred again: %s", (long long)ev->id, ev->error); /* said once at info */
+    else if (ev->fail == WP_FAIL_DEFER)
         wp_info("event %lld (%s on \"%s\".\"%s\" of source \"%s\") deferred: %s", (long long)ev->id, ev->type,
                 ev->schema ? ev->schema : "", ev->table ? ev->table : "", ev->source, ev->error);
     else

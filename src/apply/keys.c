@@ -93,25 +93,27 @@ static const char GONE_PROBLEM[] =
 
 /*
  * Builds the {schema,...} and {table,...} array literals of the tables to
- * read: the configured ones plus the requested ones.  False when all of the
- * database's tables are captured (the requested ones are among them).
+ * read: the configured ones plus the requested ones (only the requested
+ * ones when only is set).  False when all of the database's tables are to
+ * be read (the requested ones are among them).
  */
-static bool table_filter(const wp_source_config_t *source, const wp_keys_request_t *req, size_t nreq,
+static bool table_filter(const wp_source_config_t *source, const wp_keys_request_t *req, size_t nreq, bool only,
                          wp_buf_t *schemas, wp_buf_t *tables)
 {
-    if (source->tables == NULL)
+    if (source->tables == NULL && !only)
         return false;
-    size_t n = source->ntables + nreq;
+    size_t nconf = only ? 0 : source->ntables;
+    size_t n = nconf + nreq;
     const char **items = wp_calloc(n + 1, sizeof *items);
-    for (size_t i = 0; i < source->ntables; i++)
+    for (size_t i = 0; i < nconf; i++)
         items[i] = source->tables[i].schema;
     for (size_t i = 0; i < nreq; i++)
-        items[source->ntables + i] = req[i].schema;
+        items[nconf + i] = req[i].schema;
     wp_pg_text_array(schemas, items, n);
-    for (size_t i = 0; i < source->ntables; i++)
+    for (size_t i = 0; i < nconf; i++)
         items[i] = source->tables[i].table;
     for (size_t i = 0; i < nreq; i++)
-        items[source->ntables + i] = req[i].table;
+        items[nconf + i] = req[i].table;
     wp_pg_text_array(tables, items, n);
     free(items);
     return true;
@@ -141,11 +143,11 @@ static bool in_result(const PGresult *res, const char *schema, const char *table
 
 int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named)
 {
-    return wp_keys_discover_tables(source, staging, named, NULL, 0);
+    return wp_keys_discover_tables(source, staging, named, NULL, 0, false);
 }
 
 int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named,
-                            const wp_keys_request_t *req, size_t nreq)
+                            const wp_keys_request_t *req, size_t nreq, bool only)
 {
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
@@ -161,7 +163,7 @@ int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, w
                 PQerrorMessage(conn));
         goto out;
     }
-    bool filtered = table_filter(source, req, nreq, &schemas, &tables);
+    bool filtered = table_filter(source, req, nreq, only, &schemas, &tables);
     const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL};
     res = PQexecParams(conn, DISCOVER_SQL, 2, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {

@@ -38,12 +38,13 @@ typedef struct wp_keys_request {
 
 /*
  * wp_keys_discover, also reading the requested tables req[0..nreq) (even
- * where `tables` does not list them: their changes are staged).  A requested
+ * where `tables` does not list them: their changes are staged); only those
+ * when only is set (cheap whatever the size of the catalog).  A requested
  * table that the source's catalog does not hold is recorded as gone (a
  * problem: dropped or renamed before walpipe read its key), unless a row
  * from when it existed is recorded already.
  */
 int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named,
-                            const wp_keys_request_t *req, size_t nreq);
+                            const wp_keys_request_t *req, size_t nreq, bool only);
 
 #endif /* WP_KEYS_H */

@@ -324,6 +324,17 @@ static int poll_source(wp_rewrites_t *r, size_t si, PGconn *staging, bool *redis
         const char *l = PQgetvalue(cp, 0, 0);
         wp_lsn_parse(l, strlen(l), &staged);
     }
+    bool changed = false; /* the usual poll: nothing changed, nothing to write */
+    for (int row = 0; row < PQntuples(cat) && !changed; row++) {
+        int o = atoi(PQgetvalue(cat, row, 0)) - 1;
+        changed = o >= 0 && o < PQntuples(rec) &&
+                  (PQgetisnull(rec, o, 2) || strcmp(PQgetvalue(rec, o, 2), PQgetvalue(cat, row, 1)) != 0 ||
+                   strcmp(PQgetvalue(rec, o, 3), PQgetvalue(cat, row, 2)) != 0);
+    }
+    if (!changed) {
+        rc = 0;
+        goto out;
+    }
     if (wp_pg_exec(staging, "staging", "BEGIN", "begin recording table storage") != 0)
         goto out;
     in_txn = true;

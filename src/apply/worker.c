@@ -52,6 +52,7 @@
 #define PROGRESS_LOG_MS 10000
 #define DISCOVER_EVERY_MS (300 * 1000)
 #define DISCOVER_MIN_GAP_MS 1000
+#define REQUEST_MIN_GAP_MS 200 /* between reads of just the tables workers asked for (cheap: those alone) */
 #define REWRITE_POLL_MS 5000 /* how often `walpipe run` reads pg_class for rewritten tables (rewrites.c) */
 #define KEY_WAIT_MS 5000 /* a claim waits at most this long, once, for keys `walpipe run` has not recorded */
 #define BACKOFF_MIN_MS 500
@@ -400,8 +401,12 @@ static void requests_add(requests_t *r, const char *payload)
     r->table[r->n++] = table;
 }
 
-/* Reads every source's keys, and the tables workers asked for; forgets the requests once read. */
-static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, wp_buf_t *named)
+/*
+ * Reads every source's keys (all = true) or only those of the tables
+ * workers asked for, and the tables workers asked for in either case;
+ * forgets the requests once read.
+ */
+static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, bool all, wp_buf_t *named)
 {
     wp_keys_request_t *mine = wp_calloc(req->n + 1, sizeof *mine);
     bool all_ok = true;
@@ -414,7 +419,8 @@ static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, wp_buf
                 mine[n++].table = req->table[k];
             }
         }
-        all_ok &= wp_keys_discover_tables(src, conn, named, mine, n) == 0;
+        if (all || n > 0)
+            all_ok &= wp_keys_discover_tables(src, conn, named, mine, n, !all) == 0;
     }
     free(mine);
     if (all_ok)
@@ -430,7 +436,7 @@ static void *monitor_main(void *arg)
     wp_rewrites_t *rewrites = p->discover ? wp_rewrites_create(p->config) : NULL;
     bool want_poll = false;
     int64_t last_poll = 0;
-    int64_t last_log = wp_now_ms(), last_discover = 0;
+    int64_t last_log = wp_now_ms(), last_discover = 0, last_request = 0;
     unsigned long long last_applied = 0;
     long long last_dead = -1;
     bool want_discover = p->discover, told_old = false;
@@ -468,9 +474,12 @@ static void *monitor_main(void *arg)
         int64_t now = wp_now_ms();
         if (p->discover && (want_discover || now - last_discover >= DISCOVER_EVERY_MS) &&
             now - last_discover >= DISCOVER_MIN_GAP_MS) {
-            discover(p, conn, &req, &named);
+            discover(p, conn, &req, true, &named);
             last_discover = wp_now_ms();
             want_discover = false;
+        } else if (p->discover && req.n > 0 && now - last_request >= REQUEST_MIN_GAP_MS) {
+            discover(p, conn, &req, false, &named);
+            last_request = wp_now_ms();
         }
         now = wp_now_ms();
         if (rewrites && (want_poll || now - last_poll >= REWRITE_POLL_MS)) {
@@ -492,10 +501,10 @@ static void *monitor_main(void *arg)
         while ((note = PQnotifies(conn)) != NULL) {
             if (note->extra && strcmp(note->extra, WP_REWRITES_POLL_NOW) == 0) {
                 want_poll = true;
+            } else if (note->extra && note->extra[0]) {
+                requests_add(&req, note->extra); /* a worker's request: read those tables soon */
             } else {
                 want_discover = true;
-                if (note->extra && note->extra[0])
-                    requests_add(&req, note->extra);
             }
             PQfreemem(note);
         }
