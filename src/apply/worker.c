@@ -404,12 +404,11 @@ static void requests_add(requests_t *r, const char *payload)
 /*
  * Reads every source's keys (all = true) or only those of the tables
  * workers asked for, and the tables workers asked for in either case;
- * forgets the requests once read.
+ * forgets the requests once tried.
  */
 static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, bool all, wp_buf_t *named)
 {
     wp_keys_request_t *mine = wp_calloc(req->n + 1, sizeof *mine);
-    bool all_ok = true;
     for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
         const wp_source_config_t *src = &p->config->sources[i];
         size_t n = 0;
@@ -420,11 +419,10 @@ static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, bool a
             }
         }
         if (all || n > 0)
-            all_ok &= wp_keys_discover_tables(src, conn, named, mine, n, !all) == 0;
+            wp_keys_discover_tables(src, conn, named, mine, n, !all);
     }
     free(mine);
-    if (all_ok)
-        requests_clear(req); /* otherwise asked again by the workers' retries */
+    requests_clear(req); /* read or failed (logged): a table still unknown is asked for again by its retries */
 }
 
 static void *monitor_main(void *arg)
