@@ -36,8 +36,8 @@
 
 #include "applier.h"
 #include "keys.h"
-#include "rewrites.h"
 #include "log.h"
+#include "rewrites.h"
 #include "runtime.h"
 #include "utf8.h"
 

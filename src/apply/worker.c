@@ -8,8 +8,16 @@
  * says why any order is fine); dead-letter those that fail (dlq.c); commit.
  * When nothing is left it sleeps on LISTEN walpipe_raw_events, which the
  * stager NOTIFYs with each commit.  Every second it also retries the dead
- * letters that are due.  A monitor thread logs progress and runs key
- * discovery (keys.c).
+ * letters that are due.  A monitor thread logs progress, runs key
+ * discovery (keys.c: at start, every 5 minutes, and for the tables workers
+ * ask for with NOTIFY walpipe_discover) and polls the sources' catalogs for
+ * rewritten tables (rewrites.c).
+ *
+ * Unknown keys: a claim that meets tables with no key recorded rolls back,
+ * asks for all of them at once and waits once (only if a `walpipe run`
+ * holds the discovery lock, i.e. someone will answer); its next attempt
+ * dead-letters what is still unknown as deferred.  So every claim ends, and
+ * a table that is gone is recorded as such by the discovery it asked for.
  *
  * Invariant: an event is marked processed in the same transaction that
  * applies it or records its dead letter.  A worker that dies mid-claim
