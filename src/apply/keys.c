@@ -4,12 +4,15 @@
  *
  * Job: run by `walpipe run`'s monitor (worker.c) at start, on request
  * (NOTIFY walpipe_discover, sent by an applier that met a table without a
- * recorded key) and every few minutes.  It opens a plain connection to the
- * source (not replication) and writes staging in one transaction.
+ * recorded key: then only the tables asked for are read) and every few
+ * minutes.  It opens a plain connection to the source (not replication) and
+ * writes staging in one transaction.
  *
- * Invariant: every captured table gets a row, with a key or with the
- * problem that keeps it from being mirrored; each problem is logged once
- * per process (the caller's named set).  Names are read with
+ * Invariant: every captured table, and every table asked for, gets a row,
+ * with a key or with the problem that keeps it from being mirrored (a table
+ * asked for that the catalog no longer holds is recorded as gone, so that a
+ * worker never waits for a key that cannot come); each problem is logged
+ * once per process (the caller's named set).  Names are read with
  * client_encoding UTF8, whatever the source database's encoding, so what is
  * written to staging is UTF-8.
  */

@@ -65,6 +65,7 @@ typedef struct pending {
 struct wp_rewrites {
     const wp_config_t *config;
     PGconn **conns; /* per source: plain connection, NULL until needed or after a failure */
+    bool *told;     /* per source: its connection failure is logged (once per outage) */
     pending_t *pending;
     size_t npending, pending_cap;
 };
@@ -86,6 +87,7 @@ wp_rewrites_t *wp_rewrites_create(const wp_config_t *config)
     wp_rewrites_t *r = wp_calloc(1, sizeof *r);
     r->config = config;
     r->conns = wp_calloc(config->nsources ? config->nsources : 1, sizeof *r->conns);
+    r->told = wp_calloc(config->nsources ? config->nsources : 1, sizeof *r->told);
     return r;
 }
 
@@ -103,6 +105,7 @@ void wp_rewrites_destroy(wp_rewrites_t *r)
         if (r->conns[i])
             PQfinish(r->conns[i]);
     free(r->conns);
+    free(r->told);
     for (size_t i = 0; i < r->npending; i++)
         pending_free(&r->pending[i]);
     free(r->pending);
@@ -139,10 +142,15 @@ static PGconn *source_conn(wp_rewrites_t *r, size_t i)
     const char *vals[] = {src->conninfo, "walpipe_rewrites", "10", "UTF8", NULL};
     r->conns[i] = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(r->conns[i]) != CONNECTION_OK) {
-        wp_warn("could not connect to source \"%s\" to watch its tables for rewrites: %s", src->name,
-                PQerrorMessage(r->conns[i]));
+        if (!r->told[i])
+            wp_warn("could not connect to source \"%s\" to watch its tables for rewrites (tried again every few "
+                    "seconds, quietly): %s",
+                    src->name, PQerrorMessage(r->conns[i]));
+        r->told[i] = true;
         PQfinish(r->conns[i]);
         r->conns[i] = NULL;
+    } else {
+        r->told[i] = false;
     }
     return r->conns[i];
 }
