@@ -38,12 +38,17 @@ NGONE = 12
 
 
 def gone_table_statements(i):
-    """A table created, written and dropped in one transaction: no other session ever sees it in
-    the catalog, so walpipe cannot have read its key; its 8 changes are in the stream."""
+    """A table created, written (8 changes, all in the stream) and dropped. An even one in one
+    transaction: no other session ever sees it in the catalog. An odd one in three: it is in the
+    catalog for a while, but walpipe reads a new table's key only when a worker asks for it."""
     t = f"gone_{i}"
-    return (f"BEGIN; CREATE TABLE {t} (id int PRIMARY KEY, v text); "
-            f"INSERT INTO {t} SELECT g, 'v' || g FROM generate_series(1, 5) g; "
-            f"UPDATE {t} SET v = 'u' WHERE id <= 2; DELETE FROM {t} WHERE id = 5; DROP TABLE {t}; COMMIT")
+    create = f"CREATE TABLE {t} (id int PRIMARY KEY, v text)"
+    write = (f"INSERT INTO {t} SELECT g, 'v' || g FROM generate_series(1, 5) g; "
+             f"UPDATE {t} SET v = 'u' WHERE id <= 2; DELETE FROM {t} WHERE id = 5")
+    drop = f"DROP TABLE {t}"
+    if i % 2 == 0:
+        return [f"BEGIN; {create}; {write}; {drop}; COMMIT"]
+    return [create, write, drop]
 
 
 @pytest.mark.parametrize("claim_size", [1000, 7])
@@ -52,7 +57,8 @@ def test_dropped_tables_never_livelock(source_pg, staging_pg, walpipe_factory, c
     # `walpipe run` stages (and discovers keys) with no workers of its own
     w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": claim_size})
     for i in range(NGONE):
-        source_pg.sql(gone_table_statements(i), dbname="app")
+        for stmt in gone_table_statements(i):
+            source_pg.sql(stmt, dbname="app")
         source_pg.sql(f"INSERT INTO keep SELECT g, 'k' || g FROM generate_series({i * 10 + 1}, {i * 10 + 10}) g",
                       dbname="app")
         source_pg.sql(f"UPDATE keep SET v = v || '!' WHERE id % 3 = {i % 3}", dbname="app")
@@ -87,7 +93,8 @@ def test_work_alone_does_not_livelock(source_pg, staging_pg, walpipe_factory):
     setup_source(source_pg, schema=KEEP_SCHEMA)
     w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": 7})
     for i in range(4):
-        source_pg.sql(gone_table_statements(i), dbname="app")
+        for stmt in gone_table_statements(i):
+            source_pg.sql(stmt, dbname="app")
     source_pg.sql("INSERT INTO keep SELECT g, 'k' || g FROM generate_series(1, 20) g", dbname="app")
     wait_caught_up(source_pg, w)
     wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.source_tables WHERE table_name = 'keep'",
