@@ -51,11 +51,19 @@ def gone_table_statements(i):
     return [create, write, drop]
 
 
+def wait_keys_read(staging_pg, w):
+    """Waits for `walpipe run`'s first reading of the source's catalog (keep is in it)."""
+    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.source_tables WHERE table_name = 'keep'",
+                                         dbname="staging") == 1, timeout=30, what="keep's key read", walpipe=w)
+
+
 @pytest.mark.parametrize("claim_size", [1000, 7])
 def test_dropped_tables_never_livelock(source_pg, staging_pg, walpipe_factory, claim_size):
     setup_source(source_pg, schema=KEEP_SCHEMA)
     # `walpipe run` stages (and discovers keys) with no workers of its own
     w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": claim_size})
+    # after `run`'s first reading of the catalog, a new table's key is read only when a worker asks for it
+    wait_keys_read(staging_pg, w)
     for i in range(NGONE):
         for stmt in gone_table_statements(i):
             source_pg.sql(stmt, dbname="app")
@@ -92,13 +100,12 @@ def test_work_alone_does_not_livelock(source_pg, staging_pg, walpipe_factory):
     that say so; once `run` is back, they are parked with the true reason."""
     setup_source(source_pg, schema=KEEP_SCHEMA)
     w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": 7})
+    wait_keys_read(staging_pg, w)
     for i in range(4):
         for stmt in gone_table_statements(i):
             source_pg.sql(stmt, dbname="app")
     source_pg.sql("INSERT INTO keep SELECT g, 'k' || g FROM generate_series(1, 20) g", dbname="app")
     wait_caught_up(source_pg, w)
-    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.source_tables WHERE table_name = 'keep'",
-                                         dbname="staging") == 1, timeout=30, what="keep's key read", walpipe=w)
     assert w.stop() == 0
 
     work = start_work(walpipe_factory, w, 2)
