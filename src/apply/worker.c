@@ -62,6 +62,7 @@
 #define DISCOVER_MIN_GAP_MS 1000
 #define REQUEST_MIN_GAP_MS 200 /* between reads of just the tables workers asked for (cheap: those alone) */
 #define REWRITE_POLL_MS 5000 /* how often `walpipe run` reads pg_class for rewritten tables (rewrites.c) */
+#define FIRST_DISCOVERY_WAIT_MS 10000 /* workers of `walpipe run` wait this long at most for the keys read at start */
 #define KEY_WAIT_MS 5000 /* a claim waits at most this long, once, for keys `walpipe run` has not recorded */
 #define BACKOFF_MIN_MS 500
 #define BACKOFF_MAX_MS 30000
@@ -86,6 +87,7 @@ struct wp_workers {
     atomic_int stop;
     atomic_int fatal;
     atomic_int running;
+    atomic_int keys_read; /* the monitor's first discovery is done (or it gave up waiting for staging) */
     atomic_ullong applied;
     atomic_ullong failed;
     worker_t *workers;
@@ -261,6 +263,10 @@ static void *worker_main(void *arg)
     snprintf(appname, sizeof appname, "walpipe_worker_%d", w->index + 1);
     wp_log_set_component(name);
     w->events = wp_calloc((size_t)p->config->claim_size, sizeof *w->events);
+    /* `walpipe run`: the keys read at start spare the first claims a wait, or a deferral */
+    for (int64_t until = wp_now_ms() + FIRST_DISCOVERY_WAIT_MS;
+         p->discover && !atomic_load(&p->keys_read) && wp_now_ms() < until && !stopping(p);)
+        sleep_ms(p, 50);
 
     while (!stopping(p)) {
         if (w->conn == NULL) {
@@ -481,6 +487,7 @@ static void *monitor_main(void *arg)
         if (p->discover && (want_discover || now - last_discover >= DISCOVER_EVERY_MS) &&
             now - last_discover >= DISCOVER_MIN_GAP_MS) {
             discover(p, conn, &req, true, &named);
+            atomic_store(&p->keys_read, 1);
             last_discover = wp_now_ms();
             want_discover = false;
         } else if (p->discover && req.n > 0 && now - last_request >= REQUEST_MIN_GAP_MS) {
