@@ -720,9 +720,10 @@ static bool discovery_alive(wp_applier_t *a)
 {
     if (a->alive_known)
         return a->alive;
-    PGresult *res = PQexec(a->conn, "SELECT EXISTS (SELECT 1 FROM pg_locks l, pg_database d WHERE l.locktype = "
-                                    "'advisory' AND l.database = d.oid AND d.datname = current_database() AND "
-                                    "l.granted AND (l.classid, l.objid, l.objsubid) = (" WP_KEYS_DISCOVERY_LOCK ", 2))");
+    PGresult *res = PQexec(a->conn, "SELECT EXISTS (SELECT 1 FROM pg_locks l, pg_database d "
+                                    "WHERE l.locktype = 'advisory' AND l.database = d.oid AND "
+                                    "d.datname = current_database() AND l.granted AND "
+                                    "(l.classid, l.objid, l.objsubid) = (" WP_KEYS_DISCOVERY_LOCK ", 2))");
     a->alive = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
     a->alive_known = true;
     PQclear(res);

@@ -60,8 +60,8 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
         "    WHEN $10::text = 'defer' THEN now() + least($12::float8 * power(2, d.attempt_count), " DEFER_MAX_MS ") * "
         "interval '1 ms' "
         "    ELSE now() + least($12::float8 * power(2, d.attempt_count), " MAX_BACKOFF_MS ") * interval '1 ms' END "
-        "RETURNING d.next_attempt_at IS NULL, d.attempt_count, EXISTS (SELECT 1 FROM walpipe.mirrors m WHERE (m.source, m.schema_name, "
-        "m.table_name) = ($1, $7, $8))",
+        "RETURNING d.next_attempt_at IS NULL, d.attempt_count, "
+        "  EXISTS (SELECT 1 FROM walpipe.mirrors m WHERE (m.source, m.schema_name, m.table_name) = ($1, $7, $8))",
         12, NULL, params, NULL, NULL, 0);
     int rc = -1;
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
@@ -331,8 +331,8 @@ static int cmd_list(PGconn *conn, const char *idlit)
                    PQgetvalue(res, r, 2), PQgetvalue(res, r, 3), PQgetvalue(res, r, 4));
         PQclear(res);
     }
-    printf("-- %lld dead letters: %lld waiting for retry, %lld parked, %lld undecodable", waiting + parked + undecodable,
-           waiting, parked, undecodable);
+    printf("-- %lld dead letters: %lld waiting for retry, %lld parked, %lld undecodable",
+           waiting + parked + undecodable, waiting, parked, undecodable);
     if (idlit == NULL)
         printf("; %d diverged mirror%s", ndiverged, ndiverged == 1 ? "" : "s");
     printf("\n");

@@ -413,8 +413,8 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
         snprintf(err, errlen,
                  "no key is recorded for table \"%s\".\"%s\" of source \"%s\" in walpipe.source_tables: `walpipe "
                  "run` reads each table's key from the source's catalog when a worker asks, and has not recorded "
-                 "this one; retried (and asked again) until it does; hint: check that `walpipe run` is running and can connect to "
-                 "the source",
+                 "this one; retried (and asked again) until it does; hint: check that `walpipe run` is running "
+                 "and can connect to the source",
                  schema, table, source);
         goto out;
     }
