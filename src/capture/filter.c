@@ -193,34 +193,28 @@ void wp_filter_sha256(const wp_filter_t *filter, const char *prefix, const char 
     out[WP_FILTER_SHA256_HEX] = '\0';
 }
 
-/* Appends s as an SQL literal; false (logged) if it cannot be quoted. */
-static bool put_literal(PGconn *conn, wp_buf_t *sql, const char *s)
-{
-    char *lit = PQescapeLiteral(conn, s, strlen(s));
-    if (lit == NULL) {
-        wp_error("could not quote a table name: %s", PQerrorMessage(conn));
-        return false;
-    }
-    wp_buf_puts(sql, lit);
-    PQfreemem(lit);
-    return true;
-}
-
 /*
- * The key columns of one table: primary key, replica identity index, and
- * for REPLICA IDENTITY FULL without a primary key every unique index over
- * NOT NULL columns (keys.c keys the mirror on one of them).  Simple query
+ * The key columns of one table: the key its mirror is keyed on (keys.c: the
+ * replica identity index, else the primary key, else the first unique index;
+ * each valid, immediate, non-partial, on plain NOT NULL columns), and the
+ * key wal2json sends as the UPDATE/DELETE identity (the primary key under
+ * REPLICA IDENTITY DEFAULT, the index under USING INDEX).  Simple query
  * protocol: conn may be a replication connection.
  */
 static const char KEY_SQL_HEAD[] =
+    "WITH c AS (SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = %s AND c.relname = %s), "
+    "k AS ((SELECT DISTINCT ON (c.oid) i.indexrelid FROM c JOIN pg_index i ON i.indrelid = c.oid "
+    "WHERE i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL "
+    "AND NOT EXISTS (SELECT FROM unnest(i.indkey) k(attnum) JOIN pg_attribute b ON b.attrelid = c.oid "
+    "AND b.attnum = k.attnum WHERE NOT b.attnotnull) "
+    "ORDER BY c.oid, i.indisreplident DESC, i.indisprimary DESC, i.indexrelid) "
+    "UNION SELECT i.indexrelid FROM c JOIN pg_index i ON i.indrelid = c.oid "
+    "WHERE (c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)) "
     "SELECT DISTINCT a.attname, CASE WHEN i.indisprimary THEN 'primary key' WHEN i.indisreplident THEN "
-    "'replica identity index' ELSE 'unique index' END FROM pg_class c JOIN pg_namespace n ON n.oid = "
-    "c.relnamespace JOIN pg_index i ON i.indrelid = c.oid JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum "
-    "= ANY (i.indkey) AND a.attnum > 0 WHERE (i.indisprimary OR i.indisreplident OR (c.relreplident = 'f' AND "
-    "i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL AND NOT "
-    "EXISTS (SELECT FROM pg_index p WHERE p.indrelid = c.oid AND p.indisprimary) AND NOT EXISTS (SELECT FROM "
-    "unnest(i.indkey) k(attnum) JOIN pg_attribute b ON b.attrelid = c.oid AND b.attnum = k.attnum WHERE NOT "
-    "b.attnotnull))) AND n.nspname = ";
+    "'replica identity index' ELSE 'unique index (the key of its mirror)' END FROM k "
+    "JOIN pg_index i ON i.indexrelid = k.indexrelid JOIN pg_attribute a ON a.attrelid = i.indrelid "
+    "AND a.attnum = ANY (i.indkey) AND a.attnum > 0 ORDER BY 1, 2";
 
 int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
 {
@@ -230,14 +224,19 @@ int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
 
     for (size_t i = 0; i < filter->ntables; i++) {
         const wp_filter_table_t *t = &filter->tables[i];
+        char *schema = PQescapeLiteral(conn, t->schema, strlen(t->schema));
+        char *table = PQescapeLiteral(conn, t->table, strlen(t->table));
+        if (schema == NULL || table == NULL) {
+            wp_error("source \"%s\": could not quote the name of table \"%s\".\"%s\": %s", filter->source, t->schema,
+                     t->table, PQerrorMessage(conn));
+            PQfreemem(schema);
+            PQfreemem(table);
+            goto out;
+        }
         wp_buf_reset(&sql);
-        wp_buf_puts(&sql, KEY_SQL_HEAD);
-        if (!put_literal(conn, &sql, t->schema))
-            goto out;
-        wp_buf_puts(&sql, " AND c.relname = ");
-        if (!put_literal(conn, &sql, t->table))
-            goto out;
-        wp_buf_puts(&sql, " ORDER BY 1");
+        wp_buf_printf(&sql, KEY_SQL_HEAD, schema, table);
+        PQfreemem(schema);
+        PQfreemem(table);
         PQclear(res);
         res = PQexec(conn, sql.data);
         if (PQresultStatus(res) != PGRES_TUPLES_OK) {

@@ -232,6 +232,7 @@ CREATE TABLE t_pk (id int PRIMARY KEY, v text);
 CREATE TABLE t_ri (a int NOT NULL, b int NOT NULL, v text);
 CREATE UNIQUE INDEX t_ri_ab ON t_ri (a, b);
 ALTER TABLE t_ri REPLICA IDENTITY USING INDEX t_ri_ab;
+CREATE TABLE t_uq (code text NOT NULL UNIQUE, email text NOT NULL UNIQUE, v text);
 """
 
 
@@ -247,6 +248,9 @@ def test_key_columns_cannot_be_excluded_or_masked(source_pg, staging_pg, walpipe
          'so it cannot be masked', "remove its mask"),
         ("[table app.public.t_ri]\nmask = v:redact, b:null\n", 'column "b" of table "public"."t_ri" is in its '
          'replica identity index, so it cannot be masked', "remove its mask"),
+        # no primary key: the mirror is keyed on the first unique index on NOT NULL columns
+        ("[table app.public.t_uq]\nmask = code:sha256\n", 'column "code" of table "public"."t_uq" is in its unique '
+         'index (the key of its mirror), so it cannot be masked', "remove its mask"),
     ]
     for i, (section, problem, hint) in enumerate(cases):
         if i:
@@ -260,15 +264,18 @@ def test_key_columns_cannot_be_excluded_or_masked(source_pg, staging_pg, walpipe
         # refused before any slot or row: nothing of the table was staged
         assert source_pg.scalar("SELECT count(*) FROM pg_replication_slots") == 0
         w.close()
-    # the refusal is about the key only: masking v alone streams
+    # the refusal is about the key only: masking v, and a unique column that is not the key, streams
     staging_pg.sql("DROP DATABASE staging")
     w = start(walpipe_factory, source_pg, staging_pg, {"mask_salt": "${WP_TEST_SALT}"},
-              "[table app.public.t_ri]\nmask = v:redact\n")
+              "[table app.public.t_ri]\nmask = v:redact\n[table app.public.t_uq]\nmask = email:redact\n")
     wait_until(lambda: "initial snapshot done" in w.log(since_start=True), timeout=120, what="snapshot done",
                walpipe=w)
     source_pg.sql("INSERT INTO t_ri VALUES (1, 2, 'x')", dbname="app")
     wait_applied(source_pg, staging_pg, w)
     assert staged(staging_pg, "t_ri") == [("insert", {"after": {"a": 1, "b": 2, "v": "***"}})]
+    source_pg.sql("INSERT INTO t_uq VALUES ('c1', 'e@x', 'v')", dbname="app")
+    wait_applied(source_pg, staging_pg, w)
+    assert staged(staging_pg, "t_uq") == [("insert", {"after": {"code": "c1", "email": "***", "v": "v"}})]
     assert w.stop() == 0
 
 
