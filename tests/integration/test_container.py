@@ -116,6 +116,24 @@ def image_ids():
     return set(r.stdout.split())
 
 
+def built_images(before):
+    """Images that appeared since `before` and descend from the base image: this test's builds
+    (and their build-stage layers), not an image someone else imported meanwhile."""
+    base = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", BASE_TAG], stdout=subprocess.PIPE,
+                          text=True).stdout.strip()
+    ours = set()
+    for iid in image_ids() - before:
+        cur, seen = iid, set()
+        while cur and cur not in seen:
+            if cur == base:
+                ours.add(iid)
+                break
+            seen.add(cur)
+            cur = subprocess.run(["podman", "image", "inspect", "--format", "{{.Parent}}", cur],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+    return ours
+
+
 def image_size_mb(stack, tag):
     return int(stack.podman("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()) / 1e6
 
@@ -157,15 +175,15 @@ def cleanup(stack, images_before, keep_images):
         for tag in (WALPIPE_TAG, POSTGRES_TAG):
             if stack.podman("image", "exists", tag, check=False).returncode == 0:
                 stack.podman("rmi", tag, check=False)
-        # intermediate build images this test made (never one that was there before it)
+        # the intermediate images of this test's builds (never one that was there before it)
         for _ in range(3):
-            left = image_ids() - images_before
+            left = built_images(images_before)
             if not left:
                 break
             for iid in left:
                 stack.podman("rmi", iid, check=False)
-        if image_ids() - images_before:
-            errors.append(f"images {sorted(image_ids() - images_before)}")
+        if built_images(images_before):
+            errors.append(f"images {sorted(built_images(images_before))}")
     return errors
 
 
