@@ -263,6 +263,7 @@ int main(int argc, char **argv)
         }
     }
     wp_log_set_level(config->log_level);
+    wp_log_set_format(config->log_format);
     if (strcmp(command, "init") == 0)
         rc = wp_migrate_apply(config) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
     else if (strcmp(command, "snapshot") == 0)
