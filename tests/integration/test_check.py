@@ -157,11 +157,12 @@ def test_roles_without_replication_or_create_and_old_staging(source_pg, staging_
     # initialized by the owner, then one migration forgotten: older than the binary
     check_config(w, staging_pg.conninfo("staging"), {"app": {"conninfo": source_pg.conninfo("app")}})
     assert w.init().returncode == 0
+    binary = staging_pg.scalar("SELECT max(version) FROM walpipe.schema_migrations", dbname="staging")
     staging_pg.sql("GRANT USAGE ON SCHEMA walpipe TO stager; GRANT SELECT ON walpipe.schema_migrations TO stager; "
                    "REVOKE CREATE ON DATABASE staging FROM PUBLIC; "
                    "DELETE FROM walpipe.schema_migrations WHERE version = "
                    "(SELECT max(version) FROM walpipe.schema_migrations)", dbname="staging")
-    latest = staging_pg.scalar("SELECT max(version) FROM walpipe.schema_migrations", dbname="staging")
+    older = staging_pg.scalar("SELECT max(version) FROM walpipe.schema_migrations", dbname="staging")
     check_config(w, staging_pg.conninfo("staging", user="stager"),
                  {"app": {"conninfo": source_pg.conninfo("app", user="plain")}})
     rc, lines, out = run_check(w)
@@ -173,7 +174,7 @@ def test_roles_without_replication_or_create_and_old_staging(source_pg, staging_
     find(lines, "source app", "replication_connection", "fail", "fix: ALTER ROLE <user> WITH REPLICATION")
     find(lines, "source app", "wal2json", "warn", "not checked")
     find(lines, "staging", "schema_version", "fail",
-         f"at version {latest}, older than this walpipe's {latest + 1}; `walpipe run` refuses to start; "
+         f"at version {older}, older than this walpipe's {binary}; `walpipe run` refuses to start; "
          f"fix: walpipe init --config {w.config_path}")
     find(lines, "staging", "mirror_schema", "fail",
          'role "stager" lacks CREATE on database "staging"')
@@ -236,11 +237,12 @@ def test_tables_without_key_or_identity_and_no_wal2json(source_pg, staging_pg, w
         CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
         CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY);
+        CREATE TABLE uniq (code text NOT NULL UNIQUE, v int);
     """, dbname="app")
     staging_pg.createdb("staging")
     w = walpipe_factory("[placeholder]\n")
     tables = 'public.ok, public.nothing, public.nokey, public."Full No Key", public.missing, public.parted, ' \
-             'public.scratch'
+             'public.scratch, public.uniq'
     check_config(w, staging_pg.conninfo("staging"), {"app": {"conninfo": source_pg.conninfo("app"),
                                                              "tables": tables}})
     assert w.init().returncode == 0
@@ -258,12 +260,16 @@ def test_tables_without_key_or_identity_and_no_wal2json(source_pg, staging_pg, w
         find(lines, "source app", "table", "fail", '"public"."nokey"')[0][3]
     find(lines, "source app", "table", "fail", '"public"."Full No Key" cannot be mirrored: it has REPLICA IDENTITY '
          'FULL but no primary key')
+    # mirrored by its unique index (keys.c), but without a primary key wal2json still drops its UPDATEs/DELETEs
+    find(lines, "source app", "table", "fail", '"public"."uniq": wal2json drops its UPDATEs and DELETEs (REPLICA '
+         'IDENTITY DEFAULT without a primary key), with only a warning; the mirror, keyed on (code)')
+    find(lines, "source app", "table", "fail", 'fix: ALTER TABLE "public"."uniq" REPLICA IDENTITY USING INDEX')
     find(lines, "source app", "table", "warn", '"public"."missing" is in tables but not on the source')
     find(lines, "source app", "table", "fail", '"public"."parted" is a partitioned table')
     find(lines, "source app", "table", "fail", '"public"."scratch" is unlogged')
     find(lines, "source app", "tables", "pass", "1 other captured table(s) can be mirrored")
     assert not [l for l in lines if "Full No Key" in l[3] and "drops its UPDATEs" in l[3]], out
-    assert len([l for l in lines if l[2] == "table"]) == 6, out
+    assert len([l for l in lines if l[2] == "table"]) == 7, out
 
 
 def test_unreachable_wrong_database_and_staging_not_initialized(source_pg, staging_pg, walpipe_factory):
