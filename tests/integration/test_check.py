@@ -189,8 +189,8 @@ def test_roles_without_replication_or_create_and_old_staging(source_pg, staging_
     find(lines, "staging", "mirror_schema", "pass", 'may create mirror tables in "analytics" (it exists)')
 
 
-@pytest.mark.source_settings(max_replication_slots=2, wal_sender_timeout="1s")
-def test_slots_used_up_and_short_sender_timeout(source_pg, staging_pg, walpipe_factory):
+@pytest.mark.source_settings(max_replication_slots=2, max_wal_senders=1, wal_sender_timeout="1s")
+def test_slots_and_senders_used_up_and_short_sender_timeout(source_pg, staging_pg, walpipe_factory):
     source_pg.createdb("app")
     source_pg.sql("CREATE TABLE t (id int PRIMARY KEY)", dbname="app")
     source_pg.sql("SELECT pg_create_physical_replication_slot('standby1')")
@@ -200,8 +200,16 @@ def test_slots_used_up_and_short_sender_timeout(source_pg, staging_pg, walpipe_f
     check_config(w, staging_pg.conninfo("staging"),
                  {"app": {"conninfo": source_pg.conninfo("app"), "status_interval_ms": 2000}})
     assert w.init().returncode == 0
-    rc, lines, out = run_check(w)
+    # another replication client holds the only WAL sender
+    holder = source_pg.connect("app", replication="database")
+    try:
+        rc, lines, out = run_check(w)
+    finally:
+        holder.close()
     assert rc == 1
+    find(lines, "source app", "wal_senders", "fail",
+         "1 of max_wal_senders = 1 in use: none is free for walpipe; fix: raise max_wal_senders")
+    find(lines, "source app", "replication_connection", "fail", "fix: no WAL sender or connection is free")
     find(lines, "source app", "replication_slots", "fail",
          '2 of max_replication_slots = 2 in use (walpipe\'s slot not created yet): none is free for slot '
          '"walpipe_app"; fix: raise max_replication_slots')
@@ -211,6 +219,8 @@ def test_slots_used_up_and_short_sender_timeout(source_pg, staging_pg, walpipe_f
     find(lines, "source app", "wal_sender_timeout", "fail", "lower status_interval_ms in [source app]")
 
     # walpipe's slot taken by another plugin under its name: named, with the fix
+    wait_until(lambda: source_pg.scalar("SELECT count(*) FROM pg_stat_get_wal_senders()") == 0,
+               what="the other client's WAL sender gone")
     source_pg.sql("SELECT pg_drop_replication_slot('standby1')")
     wptest.create_slot(source_pg, "app", "walpipe_app", plugin="test_decoding")
     source_pg.configure(wal_sender_timeout="3s")
@@ -222,6 +232,35 @@ def test_slots_used_up_and_short_sender_timeout(source_pg, staging_pg, walpipe_f
     # walpipe's slot exists: it counts as present, so no free slot is a warning, not a failure
     find(lines, "source app", "replication_slots", "warn", "walpipe's slot among them): none left over")
     find(lines, "source app", "wal_sender_timeout", "warn", "less than twice status_interval_ms = 2000")
+    find(lines, "source app", "wal_senders", "warn", "0 of max_wal_senders = 1 in use: none left over")
+    find(lines, "source app", "replication_connection", "pass")
+
+
+@pytest.mark.source_settings(max_slot_wal_keep_size="1MB")
+def test_invalidated_slot(source_pg, staging_pg, walpipe_factory):
+    """walpipe's slot falls more than max_slot_wal_keep_size behind and a checkpoint invalidates it."""
+    source_pg.createdb("app")
+    source_pg.sql("CREATE TABLE t (id int PRIMARY KEY, pad text)", dbname="app")
+    wptest.create_slot(source_pg, "app", "walpipe_app")
+    staging_pg.createdb("staging")
+    w = walpipe_factory("[placeholder]\n")
+    check_config(w, staging_pg.conninfo("staging"), {"app": {"conninfo": source_pg.conninfo("app")}})
+    assert w.init().returncode == 0
+
+    def lost():
+        source_pg.sql("INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 20000) g "
+                      "ON CONFLICT (id) DO UPDATE SET pad = excluded.pad", dbname="app")
+        source_pg.sql("SELECT pg_switch_wal()")
+        source_pg.sql("CHECKPOINT")
+        return source_pg.scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walpipe_app'") \
+            == "lost"
+    wait_until(lost, timeout=120, interval=0.1, what="the slot invalidated")
+    rc, lines, out = run_check(w)
+    assert rc == 1
+    find(lines, "source app", "slot", "fail", '"walpipe_app" has been invalidated (wal_status = lost)')
+    find(lines, "source app", "slot", "fail", "fix: drop it (SELECT pg_drop_replication_slot('walpipe_app')), then "
+         "`walpipe run --accept-gap app` creates a new one")
+    find(lines, "source app", "max_slot_wal_keep_size", "pass", "1 MB: a slot further behind is invalidated")
 
 
 @pytest.mark.source_settings(dynamic_library_path="/nonexistent")
