@@ -5,7 +5,8 @@
 - Key choice: the mirror's key is the replica identity index, else the primary key, else any
   unique index over NOT NULL columns, whatever the identity; an event is judged by the key
   values it carries.
-- Rewrites (no row changes in the WAL) are recorded as open "rewrite" divergences; a TRUNCATE
+- Rewrites (no row changes in the WAL) are recorded as open "rewrite" divergences (these tests
+  run with resync = off, so what is recorded stays open; test_diverge.py repairs them); a TRUNCATE
   (in the stream) is not.
 - A parked event marks its mirror diverged, and `walpipe dlq list` shows it.
 """
@@ -61,7 +62,7 @@ def wait_keys_read(staging_pg, w):
 def test_dropped_tables_never_livelock(source_pg, staging_pg, walpipe_factory, claim_size):
     setup_source(source_pg, schema=KEEP_SCHEMA)
     # `walpipe run` stages (and discovers keys) with no workers of its own
-    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": claim_size})
+    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": claim_size, "resync": "off"})
     # after `run`'s first reading of the catalog, a new table's key is read only when a worker asks for it
     wait_keys_read(staging_pg, w)
     for i in range(NGONE):
@@ -99,7 +100,7 @@ def test_work_alone_does_not_livelock(source_pg, staging_pg, walpipe_factory):
     """`walpipe work` with no `walpipe run` to read keys: the events wait as deferred dead letters
     that say so; once `run` is back, they are parked with the true reason."""
     setup_source(source_pg, schema=KEEP_SCHEMA)
-    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": 7})
+    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": 7, "resync": "off"})
     wait_keys_read(staging_pg, w)
     for i in range(4):
         for stmt in gone_table_statements(i):
@@ -161,7 +162,7 @@ def test_identity_using_index_then_default_and_nothing_with_a_key(source_pg, sta
     # ... and walpipe reads the catalog only after it became DEFAULT
     source_pg.sql("ALTER TABLE byidx REPLICA IDENTITY DEFAULT; ALTER TABLE byidx_pk REPLICA IDENTITY DEFAULT",
                   dbname="app")
-    w = start(walpipe_factory, staging_pg, source_pg, workers=2)
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2, workers_extra={"resync": "off"})
     wait_caught_up(source_pg, w)
     wait_until(lambda: unprocessed(staging_pg) == 0 and retrying(staging_pg) == 0, timeout=60, interval=0.2,
                what="every event applied or parked", walpipe=w)
@@ -229,7 +230,7 @@ def recorded_storage(staging_pg, table):
 
 def test_rewrites_are_recorded_and_truncates_are_not(source_pg, staging_pg, walpipe_factory):
     setup_source(source_pg, schema=REWRITE_SCHEMA)
-    w = start(walpipe_factory, staging_pg, source_pg, workers=1)
+    w = start(walpipe_factory, staging_pg, source_pg, workers=1, workers_extra={"resync": "off"})
     for t in REWRITE_TABLES:
         source_pg.sql(f"INSERT INTO {t} SELECT g, g FROM generate_series(1, 50) g", dbname="app")
     wait_caught_up(source_pg, w)
