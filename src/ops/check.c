@@ -60,7 +60,11 @@ typedef struct check_ctx {
 /* A statement of a check (the slot probe waits for open transactions) gives up after this long. */
 #define STATEMENT_TIMEOUT_MS 15000
 
-/* The options walpipe's reader gives wal2json (reader.c's START_REPLICATION, and the decoder's column positions). */
+/*
+ * The options walpipe's reader gives wal2json: reader.c's START_REPLICATION,
+ * plus include-column-positions (asked for by the decoder's column positions,
+ * h-schema), all in wal2json 2.5.  Keep in step with reader.c.
+ */
 static const char *const WAL2JSON_OPTIONS[] = {"format-version",   "2", "include-xids",      "1",
                                                "include-timestamp", "1", "include-lsn",       "1",
                                                "include-type-oids", "1", "include-column-positions", "1"};
@@ -144,10 +148,10 @@ static PGconn *connect_to(const char *conninfo, const char *replication, wp_pg_c
 
 /*
  * The fix for a failed connection, by SQLSTATE (reader.c's classification,
- * worded for a checklist).  peer is "source" or "staging"; replication: the
- * attempt was a replication connection.
+ * worded for a checklist); replication: the attempt was a replication
+ * connection.
  */
-static const char *connect_fix(const wp_pg_conn_error_t *err, const char *peer, bool replication)
+static const char *connect_fix(const wp_pg_conn_error_t *err, bool replication)
 {
     const char *s = err->sqlstate;
     if (err->needs_password)
@@ -174,7 +178,6 @@ static const char *connect_fix(const wp_pg_conn_error_t *err, const char *peer, 
         return "the server is starting up, shutting down or recovering: check again once it accepts connections";
     if (strcmp(s, "55000") == 0)
         return "the database does not accept connections (ALTER DATABASE ... ALLOW_CONNECTIONS true)";
-    (void)peer;
     return "see the server's message";
 }
 
@@ -349,7 +352,7 @@ static void check_replication_connection(check_ctx_t *ctx, const wp_source_confi
     wp_pg_conn_error_t err;
     PGconn *conn = connect_to(src->conninfo, "database", &err);
     if (conn == NULL) {
-        report(ctx, CHECK_FAIL, "replication_connection", connect_fix(&err, "source", true),
+        report(ctx, CHECK_FAIL, "replication_connection", connect_fix(&err, true),
                "a replication connection was refused: %s", err.message);
         return;
     }
@@ -760,7 +763,7 @@ static void check_source(check_ctx_t *ctx, const wp_source_config_t *src)
     wp_pg_conn_error_t err;
     PGconn *conn = connect_to(src->conninfo, NULL, &err);
     if (conn == NULL) {
-        report(ctx, CHECK_FAIL, "reachable", connect_fix(&err, "source", false),
+        report(ctx, CHECK_FAIL, "reachable", connect_fix(&err, false),
                "could not connect: %s (the other checks of this source need a connection)", err.message);
         return;
     }
@@ -796,7 +799,7 @@ static void check_staging(check_ctx_t *ctx)
     wp_pg_conn_error_t err;
     PGconn *conn = connect_to(config->staging_conninfo, NULL, &err);
     if (conn == NULL) {
-        report(ctx, CHECK_FAIL, "reachable", connect_fix(&err, "staging", false),
+        report(ctx, CHECK_FAIL, "reachable", connect_fix(&err, false),
                "could not connect: %s (the other checks of staging need a connection)", err.message);
         return;
     }

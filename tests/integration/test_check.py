@@ -184,6 +184,11 @@ def test_roles_without_replication_or_create_and_old_staging(source_pg, staging_
     staging_pg.sql('GRANT CREATE ON DATABASE staging TO stager; CREATE SCHEMA analytics', dbname="staging")
     rc, lines, out = run_check(w)
     find(lines, "staging", "mirror_schema", "fail", 'lacks CREATE on schema "analytics"')
+    # a configuration that starts no workers only warns: whoever runs them needs the right
+    with open(w.config_path, "a") as f:
+        f.write("\n[workers]\ncount = 0\n")
+    rc, lines, out = run_check(w)
+    find(lines, "staging", "mirror_schema", "warn", "this configuration starts no workers")
     staging_pg.sql('GRANT CREATE ON SCHEMA analytics TO stager', dbname="staging")
     rc, lines, out = run_check(w)
     find(lines, "staging", "mirror_schema", "pass", 'may create mirror tables in "analytics" (it exists)')
@@ -332,6 +337,14 @@ def test_unreachable_wrong_database_and_staging_not_initialized(source_pg, stagi
     find(lines, "staging", "schema_version", "fail", 'not initialized: there is no walpipe schema in database '
          f'"staging"; `walpipe run` refuses to start; fix: walpipe init --config {w.config_path}')
     assert "host=127.0.0.1" in out and "dbname=app" in out  # where it looked, without the password
+    r = w.command("check", "--json")
+    assert r.returncode == 1 and PASSWORD not in r.stdout
+    objs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert objs[-1] == {"summary": {"pass": 2, "warn": 0, "fail": 3}}
+    down_obj = objs[0]
+    assert (down_obj["scope"], down_obj["source"], down_obj["check"], down_obj["status"]) == \
+        ("source", "down", "reachable", "fail")
+    assert down_obj["fix"].startswith("check host and port in the conninfo"), down_obj
 
 
 def test_usage(tmp_path, walpipe_bin):
