@@ -62,8 +62,8 @@ typedef struct check_ctx {
 
 /*
  * The options walpipe's reader gives wal2json: reader.c's START_REPLICATION,
- * plus include-column-positions (asked for by the decoder's column positions,
- * h-schema), all in wal2json 2.5.  Keep in step with reader.c.
+ * plus include-column-positions (the decoder's column positions), all in
+ * wal2json 2.5.  Keep in step with reader.c.
  */
 static const char *const WAL2JSON_OPTIONS[] = {"format-version",   "2", "include-xids",      "1",
                                                "include-timestamp", "1", "include-lsn",       "1",
@@ -216,8 +216,9 @@ static bool read_facts(check_ctx_t *ctx, PGconn *conn, const wp_source_config_t 
 {
     bool ok = false;
     PGresult *res = PQexec(conn,
-                           "SELECT current_setting('server_version'), current_setting('wal_level'), pg_is_in_recovery(), "
-                           "current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int, "
+                           "SELECT current_setting('server_version'), current_setting('wal_level'), "
+                           "pg_is_in_recovery(), current_setting('max_replication_slots')::int, "
+                           "current_setting('max_wal_senders')::int, "
                            "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'), "
                            "(SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), "
                            "r.rolsuper, r.rolreplication, current_user, "
