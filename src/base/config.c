@@ -56,6 +56,7 @@ typedef enum key_type {
     TYPE_RESYNC,  /* auto | off */
     TYPE_NAME,    /* an SQL identifier, taken as written (quoted when used) */
     TYPE_PATTERN, /* mirror table name pattern: {source}, {schema}, {table} */
+    TYPE_LOG_FORMAT, /* text | json */
 } key_type_t;
 
 typedef struct key_spec {
@@ -87,6 +88,7 @@ static const key_spec_t key_specs[] = {
     {SECTION_WORKERS, "max_attempts", TYPE_INT, offsetof(wp_config_t, max_attempts), 1, 1000},
     {SECTION_WORKERS, "retry_backoff_ms", TYPE_INT, offsetof(wp_config_t, retry_backoff_ms), 10, 3600000},
     {SECTION_WORKERS, "resync", TYPE_RESYNC, offsetof(wp_config_t, resync_auto), 0, 0},
+    {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 
@@ -225,6 +227,7 @@ static wp_config_t *config_new(const char *path)
 
     config->path = wp_strdup(path);
     config->log_level = WP_LOG_INFO;
+    config->log_format = WP_LOG_FORMAT_TEXT;
     config->batch_rows = 10000;
     config->batch_bytes = (size_t)8 << 20;
     config->batch_ms = 50;
@@ -797,6 +800,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
             return false;
         }
         *(bool *)field = strcmp(value, "initial") == 0;
+        return true;
+
+    case TYPE_LOG_FORMAT:
+        if (strcmp(value, "text") != 0 && strcmp(value, "json") != 0) {
+            fail(p, p->lineno, "log_format in %s must be text or json (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(wp_log_format_t *)field = strcmp(value, "json") == 0 ? WP_LOG_FORMAT_JSON : WP_LOG_FORMAT_TEXT;
         return true;
 
     case TYPE_RESYNC:
