@@ -218,3 +218,22 @@ def test_snapshot_command_errors(source_pg, staging_pg, walpipe_factory, tmp_pat
     assert r.returncode == 2 and "schema.table" in r.stderr, r.stderr
     r = w.command("snapshot", "--source", "app", "--table", "public.nosuch")
     assert r.returncode == 1 and "none of the tables named exists" in r.stdout + r.stderr
+
+
+def test_initial_snapshot_of_tables_not_created_yet(source_pg, staging_pg, walpipe_factory):
+    """`tables` may name tables that do not exist yet: the initial snapshot copies nothing, says
+    so, and streaming captures them once they exist (it used to fail, drop the slot and start
+    over, forever)."""
+    source_pg.createdb("app")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
+                                                            "tables": "public.later"}})
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming", walpipe=w)
+    assert "nothing to copy" in w.log()
+    assert staging_pg.sql("SELECT kind, state, rows FROM walpipe.snapshots", dbname="staging") == [
+        ("initial", "done", 0)]
+    source_pg.sql("CREATE TABLE later (id int PRIMARY KEY); INSERT INTO later SELECT generate_series(1, 10)",
+                  dbname="app")
+    wait_caught_up(source_pg, w)
+    assert staged_count(staging_pg) == 10
+    assert w.stop() == 0
+    assert w.log().count("created slot") == 1
