@@ -166,6 +166,29 @@ static void masked_columns(const wp_source_config_t *source, wp_buf_t *schemas, 
     free(c);
 }
 
+/*
+ * Runs DISCOVER_SQL for the tables named by the schemas and tables array
+ * literals (NULL: all), leaving out exclude_tables and the masked columns'
+ * NOT NULL.  Returns the result (the caller checks and clears it).
+ */
+static PGresult *exec_discover(PGconn *conn, const wp_source_config_t *source, const char *schemas,
+                               const char *tables)
+{
+    wp_buf_t xschemas = WP_BUF_INIT, xtables = WP_BUF_INIT; /* exclude_tables: never captured, no key needed */
+    wp_buf_t mschemas = WP_BUF_INIT, mtables = WP_BUF_INIT, mcolumns = WP_BUF_INIT; /* masked columns */
+    bool excluded = excluded_tables(source, &xschemas, &xtables);
+    masked_columns(source, &mschemas, &mtables, &mcolumns);
+    const char *params[] = {schemas, tables, excluded ? xschemas.data : NULL, excluded ? xtables.data : NULL,
+                            mschemas.data, mtables.data, mcolumns.data};
+    PGresult *res = PQexecParams(conn, DISCOVER_SQL, 7, NULL, params, NULL, NULL, 0);
+    wp_buf_free(&xschemas);
+    wp_buf_free(&xtables);
+    wp_buf_free(&mschemas);
+    wp_buf_free(&mtables);
+    wp_buf_free(&mcolumns);
+    return res;
+}
+
 /* Logs that a table cannot be mirrored, once per process (named is the caller's set). */
 static void name_problem(const char *source, const char *schema, const char *table, const char *problem,
                          wp_buf_t *named)
@@ -199,8 +222,6 @@ int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, w
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
-    wp_buf_t xschemas = WP_BUF_INIT, xtables = WP_BUF_INIT; /* exclude_tables: never captured, no key needed */
-    wp_buf_t mschemas = WP_BUF_INIT, mtables = WP_BUF_INIT, mcolumns = WP_BUF_INIT; /* masked columns */
     /* UTF8: the source's server converts names from its database's encoding, so staging gets UTF-8 */
     const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
     const char *vals[] = {source->conninfo, "walpipe_discover", "10", "UTF8", NULL};
@@ -213,12 +234,7 @@ int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, w
         goto out;
     }
     bool filtered = table_filter(source, req, nreq, only, &schemas, &tables);
-    bool excluded = excluded_tables(source, &xschemas, &xtables);
-    masked_columns(source, &mschemas, &mtables, &mcolumns);
-    const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL,
-                            excluded ? xschemas.data : NULL, excluded ? xtables.data : NULL,
-                            mschemas.data, mtables.data, mcolumns.data};
-    res = PQexecParams(conn, DISCOVER_SQL, 7, NULL, params, NULL, NULL, 0);
+    res = exec_discover(conn, source, filtered ? schemas.data : NULL, filtered ? tables.data : NULL);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
         goto out;
@@ -291,10 +307,25 @@ out:
     PQfinish(conn);
     wp_buf_free(&schemas);
     wp_buf_free(&tables);
-    wp_buf_free(&xschemas);
-    wp_buf_free(&xtables);
-    wp_buf_free(&mschemas);
-    wp_buf_free(&mtables);
-    wp_buf_free(&mcolumns);
     return rc;
+}
+
+PGresult *wp_keys_read(PGconn *conn, const wp_source_config_t *source)
+{
+    wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
+    bool filtered = table_filter(source, NULL, 0, false, &schemas, &tables);
+    PGresult *res = exec_discover(conn, source, filtered ? schemas.data : NULL, filtered ? tables.data : NULL);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
+        PQclear(res);
+        res = NULL;
+    }
+    wp_buf_free(&schemas);
+    wp_buf_free(&tables);
+    return res;
+}
+
+const char *wp_keys_problem(const char *identity, bool has_key)
+{
+    return key_problem(identity, has_key);
 }

@@ -61,6 +61,7 @@ typedef enum key_type {
     TYPE_SECRET,  /* a salt: never quoted back in a message */
     TYPE_COLUMNS, /* a list of column names into a char ** at offset, its count after it */
     TYPE_MASKS,   /* col:kind, ... */
+    TYPE_LOG_FORMAT, /* text | json */
 } key_type_t;
 
 typedef struct key_spec {
@@ -97,6 +98,7 @@ static const key_spec_t key_specs[] = {
     {SECTION_TABLE, "include_columns", TYPE_COLUMNS, offsetof(wp_table_rule_t, include), 0, 0},
     {SECTION_TABLE, "exclude_columns", TYPE_COLUMNS, offsetof(wp_table_rule_t, exclude), 0, 0},
     {SECTION_TABLE, "mask", TYPE_MASKS, 0, 0, 0},
+    {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 /* TYPE_COLUMNS stores the count right after the array */
@@ -251,6 +253,7 @@ static wp_config_t *config_new(const char *path)
 
     config->path = wp_strdup(path);
     config->log_level = WP_LOG_INFO;
+    config->log_format = WP_LOG_FORMAT_TEXT;
     config->batch_rows = 10000;
     config->batch_bytes = (size_t)8 << 20;
     config->batch_ms = 50;
@@ -1069,6 +1072,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
             return false;
         }
         *(bool *)field = strcmp(value, "initial") == 0;
+        return true;
+
+    case TYPE_LOG_FORMAT:
+        if (strcmp(value, "text") != 0 && strcmp(value, "json") != 0) {
+            fail(p, p->lineno, "log_format in %s must be text or json (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(wp_log_format_t *)field = strcmp(value, "json") == 0 ? WP_LOG_FORMAT_JSON : WP_LOG_FORMAT_TEXT;
         return true;
 
     case TYPE_RESYNC:

@@ -621,6 +621,7 @@ static void test_example_file(void **state)
     assert_int_equal(c->sources[0].nexclude_tables, 1);
     assert_int_equal(c->sources[0].nrules, 1);
     assert_int_equal(c->sources[0].rules[0].nmasks, 3);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
     wp_config_destroy(c);
 }
 
@@ -703,6 +704,30 @@ static void test_filters(void **state)
 #undef SRC
 }
 
+/* [walpipe] log_format = text | json; text when absent */
+static void test_log_format(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    wp_config_t *c = parse(STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
+    wp_config_destroy(c);
+    c = parse("[walpipe]\nlog_format = json\n" STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_JSON);
+    wp_config_destroy(c);
+    c = parse("[walpipe]\nlog_format = text\nlog_level = debug\n" STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
+    wp_config_destroy(c);
+    expect_error("[walpipe]\nlog_format = JSONL\n" STAGING SOURCE, 2, "log_format in [walpipe] must be text or json");
+    expect_error(STAGING "log_format = json\n" SOURCE, 3, "unknown key \"log_format\" in [staging]");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -712,6 +737,7 @@ int main(void)
         cmocka_unit_test(test_missing_errors), cmocka_unit_test(test_slot_clashes), cmocka_unit_test(test_long_line),
         cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted), cmocka_unit_test(test_example_file),
         cmocka_unit_test(test_workers),       cmocka_unit_test(test_filters),
+        cmocka_unit_test(test_log_format),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
