@@ -1384,6 +1384,14 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
     }
     c->ncolumns = ncols;
     c->nidentity = nident;
+    decoder->table = table_get(decoder, c->schema ? c->schema : "", c->schema ? f[F_SCHEMA].len : 0, c->table,
+                               f[F_TABLE].len);
+    /* filtered first: the bound is of what is staged (an excluded column's size does not count, a mask's does) */
+    if (decoder->filter) {
+        apply_filter(decoder, &ncols, &nident);
+        c->ncolumns = ncols;
+        c->nidentity = nident;
+    }
     /* the payload: {"after": row} and/or {"key"|"before": row}, each row an object of its own */
     const col_t *widest = NULL;
     size_t bound = JSONB_CONTAINER_EXTRA + 2 * (JSONB_PAIR_EXTRA + 6);
@@ -1396,13 +1404,6 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
                     "the change's payload would take up to %zu bytes as jsonb, over jsonb's limit of %zu bytes "
                     "(largest value: column \"%.64s\", %zu bytes)",
                     bound, JSONB_MAX_BYTES, widest ? widest->name : "", widest ? widest->value->len : 0);
-    decoder->table = table_get(decoder, c->schema ? c->schema : "", c->schema ? f[F_SCHEMA].len : 0, c->table,
-                               f[F_TABLE].len);
-    if (decoder->filter) {
-        apply_filter(decoder, &ncols, &nident);
-        c->ncolumns = ncols;
-        c->nidentity = nident;
-    }
     decide_identity(decoder, c->op, ncols, nident);
     return 0;
 }
