@@ -480,7 +480,9 @@ static bool begin_section(parser_t *p, const char *line)
     }
     if (strncmp(name, "table", 5) == 0 && (name[5] == '\0' || is_space(name[5])))
         return begin_table_section(p, name + 5, lineno);
-    fail(p, lineno, "unknown section [%s]; expected [walpipe], [staging], [workers], [source NAME] or [table SOURCE.SCHEMA.TABLE]", name);
+    fail(p, lineno,
+         "unknown section [%s]; expected [walpipe], [staging], [workers], [source NAME] or [table SOURCE.SCHEMA.TABLE]",
+         name);
     return false;
 }
 
@@ -877,7 +879,8 @@ static bool parse_masks(parser_t *p, const char *label, const char *s, wp_table_
     while (is_space(*s))
         s++;
     if (*s == '\0') {
-        fail(p, p->lineno, "mask in %s is empty; write mask = column:sha256|redact|null, ..., or remove the key", label);
+        fail(p, p->lineno, "mask in %s is empty; write mask = column:sha256|redact|null, ..., or remove the key",
+             label);
         goto out;
     }
     for (size_t entry = 1;; entry++) {

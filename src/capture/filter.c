@@ -216,7 +216,7 @@ static const char KEY_SQL_HEAD[] =
     "JOIN pg_index i ON i.indexrelid = k.indexrelid JOIN pg_attribute a ON a.attrelid = i.indrelid "
     "AND a.attnum = ANY (i.indkey) AND a.attnum > 0 ORDER BY 1, 2";
 
-int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
+int wp_filter_key_conflict(const wp_filter_t *filter, PGconn *conn, wp_buf_t *problem, wp_buf_t *fix)
 {
     int rc = -1;
     wp_buf_t sql = WP_BUF_INIT;
@@ -227,8 +227,8 @@ int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
         char *schema = PQescapeLiteral(conn, t->schema, strlen(t->schema));
         char *table = PQescapeLiteral(conn, t->table, strlen(t->table));
         if (schema == NULL || table == NULL) {
-            wp_error("source \"%s\": could not quote the name of table \"%s\".\"%s\": %s", filter->source, t->schema,
-                     t->table, PQerrorMessage(conn));
+            wp_buf_printf(problem, "could not quote the name of table \"%s\".\"%s\": %s", t->schema, t->table,
+                          PQerrorMessage(conn));
             PQfreemem(schema);
             PQfreemem(table);
             goto out;
@@ -240,8 +240,8 @@ int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
         PQclear(res);
         res = PQexec(conn, sql.data);
         if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-            wp_error("source \"%s\": could not read the key of table \"%s\".\"%s\": %s", filter->source, t->schema,
-                     t->table, PQerrorMessage(conn));
+            wp_buf_printf(problem, "could not read the key of table \"%s\".\"%s\": %s", t->schema, t->table,
+                          PQerrorMessage(conn));
             goto out;
         }
         for (int r = 0; r < PQntuples(res); r++) {
@@ -249,14 +249,18 @@ int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
             wp_filter_action_t action = wp_filter_column(t, column, strlen(column));
             if (action == WP_FILTER_KEEP)
                 continue;
-            wp_error("source \"%s\": column \"%s\" of table \"%s\".\"%s\" is in its %s, so it cannot be %s: the "
-                     "mirror and the replica identity match rows by the key's real values; hint: %s in "
-                     "[table %s.%s.%s] (line %d) of the configuration, or key the table on other columns",
-                     filter->source, column, t->schema, t->table, PQgetvalue(res, r, 1),
-                     action == WP_FILTER_DROP ? "excluded" : "masked",
-                     action == WP_FILTER_DROP ? (t->include ? "add it to include_columns" : "remove it from exclude_columns")
-                                              : "remove its mask",
-                     filter->source, t->schema, t->table, t->line);
+            wp_buf_printf(problem,
+                          "column \"%s\" of table \"%s\".\"%s\" is in its %s, so it cannot be %s: the mirror and the "
+                          "replica identity match rows by the key's real values",
+                          column, t->schema, t->table, PQgetvalue(res, r, 1),
+                          action == WP_FILTER_DROP ? "excluded" : "masked");
+            const char *how = action != WP_FILTER_DROP ? "remove its mask"
+                              : t->include           ? "add it to include_columns"
+                                                     : "remove it from exclude_columns";
+            wp_buf_printf(fix, "%s in [table %s.%s.%s] (line %d) of the configuration, or key the table on other "
+                          "columns",
+                          how,
+                          filter->source, t->schema, t->table, t->line);
             rc = 1;
             goto out;
         }
@@ -265,5 +269,18 @@ int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
 out:
     PQclear(res);
     wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn)
+{
+    wp_buf_t problem = WP_BUF_INIT, fix = WP_BUF_INIT;
+    int rc = wp_filter_key_conflict(filter, conn, &problem, &fix);
+    if (rc > 0)
+        wp_error("source \"%s\": %s; hint: %s", filter->source, problem.data, fix.data);
+    else if (rc < 0)
+        wp_error("source \"%s\": %s", filter->source, problem.data);
+    wp_buf_free(&problem);
+    wp_buf_free(&fix);
     return rc;
 }

@@ -14,6 +14,7 @@
 #include <libpq-fe.h>
 
 #include "config.h"
+#include "mem.h"
 
 typedef struct wp_filter wp_filter_t;
 typedef struct wp_filter_table wp_filter_table_t;
@@ -61,5 +62,8 @@ void wp_filter_sha256(const wp_filter_t *filter, const char *prefix, const char 
  * table, column and the fix); -1 when the catalog could not be read (logged).
  */
 int wp_filter_check_keys(const wp_filter_t *filter, PGconn *conn);
+
+/* As wp_filter_check_keys, logging nothing: the problem (and, when refused, the fix) appended to the buffers. */
+int wp_filter_key_conflict(const wp_filter_t *filter, PGconn *conn, wp_buf_t *problem, wp_buf_t *fix);
 
 #endif /* WP_FILTER_H */

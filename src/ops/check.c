@@ -34,6 +34,7 @@
 #include <walpipe/walpipe.h>
 
 #include "check.h"
+#include "filter.h"
 #include "keys.h"
 #include "log.h"
 #include "mem.h"
@@ -645,6 +646,26 @@ static void check_listed_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_
     }
 }
 
+/* Column filters and masks ([table] sections) on a key column: `walpipe run` refuses them at start (filter.c). */
+static void check_filters(check_ctx_t *ctx, PGconn *conn, const wp_source_config_t *src)
+{
+    wp_buf_t problem = WP_BUF_INIT, fix = WP_BUF_INIT;
+    if (src->nrules == 0)
+        return;
+    wp_filter_t *filter = wp_filter_create(src);
+    int rc = wp_filter_key_conflict(filter, conn, &problem, &fix);
+    if (rc > 0)
+        report(ctx, CHECK_FAIL, "filters", fix.data, "%s; `walpipe run` refuses to start", problem.data);
+    else if (rc < 0)
+        report(ctx, CHECK_FAIL, "filters", "see the server's message", "%s", problem.data);
+    else
+        report(ctx, CHECK_PASS, "filters", NULL, "%zu table(s) with column filters or masks, none on a key column",
+               src->nrules);
+    wp_filter_destroy(filter);
+    wp_buf_free(&problem);
+    wp_buf_free(&fix);
+}
+
 /*
  * Each captured table: can it be mirrored (keys.c's rules), and does
  * wal2json send its UPDATEs and DELETEs (a replica identity it can build an
@@ -783,6 +804,7 @@ static void check_source(check_ctx_t *ctx, const wp_source_config_t *src)
     check_keep_size(ctx, &f);
     check_slot(ctx, src, &f);
     check_tables(ctx, conn, src);
+    check_filters(ctx, conn, src);
 out:
     PQfinish(conn);
 }

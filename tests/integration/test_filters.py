@@ -263,6 +263,11 @@ def test_key_columns_cannot_be_excluded_or_masked(source_pg, staging_pg, walpipe
         assert SALT not in log
         # refused before any slot or row: nothing of the table was staged
         assert source_pg.scalar("SELECT count(*) FROM pg_replication_slots") == 0
+        # `walpipe check` says the same before a run
+        r = w.command("check", extra_env={"WP_TEST_SALT": SALT})
+        line = [x for x in r.stdout.splitlines() if x.split()[1:2] == ["filters"]]
+        assert r.returncode == 1 and len(line) == 1 and line[0].split()[0] == "fail", r.stdout
+        assert problem in line[0] and hint in line[0], line
         w.close()
     # the refusal is about the key only: masking v, and a unique column that is not the key, streams
     staging_pg.sql("DROP DATABASE staging")
@@ -273,6 +278,8 @@ def test_key_columns_cannot_be_excluded_or_masked(source_pg, staging_pg, walpipe
     source_pg.sql("INSERT INTO t_ri VALUES (1, 2, 'x')", dbname="app")
     wait_applied(source_pg, staging_pg, w)
     assert staged(staging_pg, "t_ri") == [("insert", {"after": {"a": 1, "b": 2, "v": "***"}})]
+    r = w.command("check", extra_env={"WP_TEST_SALT": SALT})
+    assert "pass  filters" in r.stdout and "2 table(s) with column filters or masks" in r.stdout, r.stdout
     source_pg.sql("INSERT INTO t_uq VALUES ('c1', 'e@x', 'v')", dbname="app")
     wait_applied(source_pg, staging_pg, w)
     assert staged(staging_pg, "t_uq") == [("insert", {"after": {"code": "c1", "email": "***", "v": "v"}})]
