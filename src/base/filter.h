@@ -53,6 +53,17 @@ void wp_filter_sha256(const wp_filter_t *filter, const char *prefix, const char 
                       char out[WP_FILTER_SHA256_HEX + 1]);
 
 /*
+ * For a copy of the source's catalog in staging (a column's name, type and
+ * a value such as its ADD COLUMN default, as text): false when the column
+ * must not be copied at all (its table is in exclude_tables, or the column is
+ * excluded or not included); otherwise *type and *value (NULL = SQL NULL)
+ * are replaced as the stream stages the column: a sha256 mask's digest
+ * (written into digest) or "***", each with type "text"; NULL for a null mask.
+ */
+bool wp_filter_catalog_column(const wp_filter_t *filter, const char *schema, const char *table, const char *column,
+                              const char **type, const char **value, char digest[WP_FILTER_SHA256_HEX + 1]);
+
+/*
  * Refuses, at start, column rules that touch a key: reads from the source's
  * catalog (conn: a plain or replication=database connection, simple
  * queries only) the columns of each ruled table's primary key, replica

@@ -2,7 +2,9 @@
  * filter.c: a source's column filters and masks, compiled once and applied
  * per change (decoder.c calls wp_filter_column for each column of a table
  * that has rules; the reader passes exclude_tables to wal2json as
- * filter-tables and the snapshot skips them).
+ * filter-tables and the snapshot skips them).  In base, because what else
+ * copies the source's columns or values into staging (catalog reads in
+ * apply/, verify and check in ops/) must apply the same rules.
  *
  * Job: hold each [table] section's include / exclude / mask lists, answer
  * "what becomes of this column", hash masked values, and refuse at start
@@ -39,6 +41,8 @@ struct wp_filter_table {
 
 struct wp_filter {
     char *source;
+    wp_table_ref_t *excluded; /* exclude_tables */
+    size_t nexcluded;
     char *salt; /* NULL when no sha256 mask; a secret */
     size_t salt_len;
     wp_filter_table_t *tables;
@@ -66,6 +70,12 @@ wp_filter_t *wp_filter_create(const wp_source_config_t *source)
 {
     wp_filter_t *filter = wp_calloc(1, sizeof *filter);
     filter->source = wp_strdup(source->name);
+    filter->nexcluded = source->nexclude_tables;
+    filter->excluded = wp_calloc(source->nexclude_tables ? source->nexclude_tables : 1, sizeof *filter->excluded);
+    for (size_t i = 0; i < source->nexclude_tables; i++) {
+        filter->excluded[i].schema = wp_strdup(source->exclude_tables[i].schema);
+        filter->excluded[i].table = wp_strdup(source->exclude_tables[i].table);
+    }
     if (source->mask_salt) {
         filter->salt = wp_strdup(source->mask_salt);
         filter->salt_len = strlen(source->mask_salt);
@@ -107,6 +117,11 @@ void wp_filter_destroy(wp_filter_t *filter)
         free(t->mask_kinds);
     }
     free(filter->tables);
+    for (size_t i = 0; i < filter->nexcluded; i++) {
+        free(filter->excluded[i].schema);
+        free(filter->excluded[i].table);
+    }
+    free(filter->excluded);
     if (filter->salt) {
         memset(filter->salt, 0, filter->salt_len);
         free(filter->salt);
@@ -191,6 +206,37 @@ void wp_filter_sha256(const wp_filter_t *filter, const char *prefix, const char 
         out[2 * i + 1] = hex[md[i] & 0x0F];
     }
     out[WP_FILTER_SHA256_HEX] = '\0';
+}
+
+bool wp_filter_catalog_column(const wp_filter_t *filter, const char *schema, const char *table, const char *column,
+                              const char **type, const char **value, char digest[WP_FILTER_SHA256_HEX + 1])
+{
+    for (size_t i = 0; i < filter->nexcluded; i++)
+        if (strcmp(filter->excluded[i].schema, schema) == 0 && strcmp(filter->excluded[i].table, table) == 0)
+            return false;
+    const wp_filter_table_t *t = wp_filter_table(filter, schema, strlen(schema), table, strlen(table));
+    switch (wp_filter_column(t, column, strlen(column))) {
+    case WP_FILTER_KEEP:
+        return true;
+    case WP_FILTER_DROP:
+        return false;
+    case WP_FILTER_NULL:
+        *value = NULL;
+        return true;
+    case WP_FILTER_REDACT:
+        *type = "text";
+        if (*value)
+            *value = WP_FILTER_REDACTED;
+        return true;
+    case WP_FILTER_SHA256:
+        *type = "text";
+        if (*value) {
+            wp_filter_sha256(filter, NULL, *value, strlen(*value), digest);
+            *value = digest;
+        }
+        return true;
+    }
+    return true;
 }
 
 /*
