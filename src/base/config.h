@@ -23,7 +23,7 @@
  * table quoted as in tables); include_columns / exclude_columns list column
  * names the same way (one name each, no schema); mask = col:kind, ... with
  * kind sha256 (needs the source's mask_salt), redact or null.  Rules on key
- * columns are refused at start (capture/filter.c), as keys live in the
+ * columns are refused at start (base/filter.c), as keys live in the
  * source's catalog.
  *
  * Lines may be at most 199 characters (libinih's limit); put longer values
