@@ -262,12 +262,79 @@ static const char KEY_SQL_HEAD[] =
     "JOIN pg_index i ON i.indexrelid = k.indexrelid JOIN pg_attribute a ON a.attrelid = i.indrelid "
     "AND a.attnum = ANY (i.indkey) AND a.attnum > 0 ORDER BY 1, 2";
 
-int wp_filter_key_conflict(const wp_filter_t *filter, PGconn *conn, wp_buf_t *problem, wp_buf_t *fix)
+/* Appends '(schema, table)' as SQL literals; false (problem set) if they cannot be quoted. */
+static bool put_pair(PGconn *conn, wp_buf_t *sql, const char *schema, const char *table, wp_buf_t *problem)
+{
+    char *s = PQescapeLiteral(conn, schema, strlen(schema));
+    char *t = PQescapeLiteral(conn, table, strlen(table));
+    bool ok = s != NULL && t != NULL;
+    if (ok)
+        wp_buf_printf(sql, "(%s, %s)", s, t);
+    else
+        wp_buf_printf(problem, "could not quote the name of table \"%s\".\"%s\": %s", schema, table,
+                      PQerrorMessage(conn));
+    PQfreemem(s);
+    PQfreemem(t);
+    return ok;
+}
+
+/*
+ * A partitioned table named in exclude_tables or a [table] section would
+ * filter nothing: wal2json reports its rows under its partitions' names (and
+ * the snapshot copies the partitions).  Returns 1 (problem and fix set) for
+ * the first one, 0 when there is none, -1 when the catalog could not be read.
+ */
+static int partitioned_named(const wp_filter_t *filter, PGconn *conn, wp_buf_t *problem, wp_buf_t *fix)
 {
     int rc = -1;
     wp_buf_t sql = WP_BUF_INIT;
     PGresult *res = NULL;
 
+    if (filter->nexcluded + filter->ntables == 0)
+        return 0;
+    wp_buf_puts(&sql, "SELECT w.s, w.t, (SELECT string_agg(format('%I.%I', pn.nspname, pc.relname), ', ' ORDER BY "
+                      "pn.nspname, pc.relname) FROM pg_partition_tree(c.oid) p JOIN pg_class pc ON pc.oid = p.relid "
+                      "JOIN pg_namespace pn ON pn.oid = pc.relnamespace WHERE p.isleaf) FROM (VALUES ");
+    for (size_t i = 0; i < filter->nexcluded + filter->ntables; i++) {
+        bool ex = i < filter->nexcluded;
+        const char *schema = ex ? filter->excluded[i].schema : filter->tables[i - filter->nexcluded].schema;
+        const char *table = ex ? filter->excluded[i].table : filter->tables[i - filter->nexcluded].table;
+        if (i)
+            wp_buf_puts(&sql, ", ");
+        if (!put_pair(conn, &sql, schema, table, problem))
+            goto out;
+    }
+    wp_buf_puts(&sql, ") AS w(s, t) JOIN pg_namespace n ON n.nspname = w.s JOIN pg_class c ON c.relnamespace = n.oid "
+                      "AND c.relname = w.t WHERE c.relkind = 'p' LIMIT 1");
+    res = PQexec(conn, sql.data);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_buf_printf(problem, "could not read which filtered tables are partitioned: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    rc = 0;
+    if (PQntuples(res) == 0)
+        goto out;
+    wp_buf_printf(problem,
+                  "table \"%s\".\"%s\" is partitioned, so exclude_tables or a [table] section naming it filters "
+                  "nothing: wal2json reports its rows under its partitions' names",
+                  PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1));
+    wp_buf_printf(fix, "name its partitions instead (%s)", PQgetisnull(res, 0, 2) ? "none yet" : PQgetvalue(res, 0, 2));
+    rc = 1;
+out:
+    PQclear(res);
+    wp_buf_free(&sql);
+    return rc;
+}
+
+int wp_filter_key_conflict(const wp_filter_t *filter, PGconn *conn, wp_buf_t *problem, wp_buf_t *fix)
+{
+    int rc = partitioned_named(filter, conn, problem, fix);
+    wp_buf_t sql = WP_BUF_INIT;
+    PGresult *res = NULL;
+
+    if (rc != 0)
+        goto out;
+    rc = -1;
     for (size_t i = 0; i < filter->ntables; i++) {
         const wp_filter_table_t *t = &filter->tables[i];
         char *schema = PQescapeLiteral(conn, t->schema, strlen(t->schema));

@@ -646,11 +646,15 @@ static void check_listed_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_
     }
 }
 
-/* Column filters and masks ([table] sections) on a key column: `walpipe run` refuses them at start (filter.c). */
+/*
+ * Column filters and masks ([table] sections) on a key column, and a
+ * partitioned table named by them or by exclude_tables: `walpipe run`
+ * refuses them at start (filter.c).
+ */
 static void check_filters(check_ctx_t *ctx, PGconn *conn, const wp_source_config_t *src)
 {
     wp_buf_t problem = WP_BUF_INIT, fix = WP_BUF_INIT;
-    if (src->nrules == 0)
+    if (src->nrules == 0 && src->nexclude_tables == 0)
         return;
     wp_filter_t *filter = wp_filter_create(src);
     int rc = wp_filter_key_conflict(filter, conn, &problem, &fix);
@@ -659,8 +663,10 @@ static void check_filters(check_ctx_t *ctx, PGconn *conn, const wp_source_config
     else if (rc < 0)
         report(ctx, CHECK_FAIL, "filters", "see the server's message", "%s", problem.data);
     else
-        report(ctx, CHECK_PASS, "filters", NULL, "%zu table(s) with column filters or masks, none on a key column",
-               src->nrules);
+        report(ctx, CHECK_PASS, "filters", NULL,
+               "%zu table(s) with column filters or masks, none on a key column; %zu excluded table(s), none "
+               "partitioned",
+               src->nrules, src->nexclude_tables);
     wp_filter_destroy(filter);
     wp_buf_free(&problem);
     wp_buf_free(&fix);

@@ -233,6 +233,8 @@ CREATE TABLE t_ri (a int NOT NULL, b int NOT NULL, v text);
 CREATE UNIQUE INDEX t_ri_ab ON t_ri (a, b);
 ALTER TABLE t_ri REPLICA IDENTITY USING INDEX t_ri_ab;
 CREATE TABLE t_uq (code text NOT NULL UNIQUE, email text NOT NULL UNIQUE, v text);
+CREATE TABLE tp (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+CREATE TABLE tp_1 PARTITION OF tp FOR VALUES FROM (0) TO (100);
 """
 
 
@@ -251,11 +253,16 @@ def test_key_columns_cannot_be_excluded_or_masked(source_pg, staging_pg, walpipe
         # no primary key: the mirror is keyed on the first unique index on NOT NULL columns
         ("[table app.public.t_uq]\nmask = code:sha256\n", 'column "code" of table "public"."t_uq" is in its unique '
          'index (the key of its mirror), so it cannot be masked', "remove its mask"),
+        # a partitioned table's rows come under its partitions' names: naming it would filter nothing
+        ("[table app.public.tp]\nmask = v:redact\n", 'table "public"."tp" is partitioned, so exclude_tables or a '
+         '[table] section naming it filters nothing', "name its partitions instead (public.tp_1)"),
+        ("", 'table "public"."tp" is partitioned', "name its partitions instead (public.tp_1)"),
     ]
     for i, (section, problem, hint) in enumerate(cases):
         if i:
             staging_pg.sql("DROP DATABASE staging")
-        w = start(walpipe_factory, source_pg, staging_pg, {"mask_salt": "${WP_TEST_SALT}"}, section)
+        extra = {"mask_salt": "${WP_TEST_SALT}"} if section else {"exclude_tables": "public.tp"}
+        w = start(walpipe_factory, source_pg, staging_pg, extra, section)
         rc = w.wait_exit(120)
         log = w.log(since_start=True)
         assert rc != 0, log
