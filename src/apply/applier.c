@@ -41,6 +41,8 @@
 
 #define PIPE_CHUNK 256
 #define KEY_WAIT_MEMORY_MS 60000
+/* After a wait for the source's column catalog, columns it still lacks are added without it for this long. */
+#define COLUMNS_WAIT_MEMORY_MS 60000
 #define OID_FLOAT4 700
 #define OID_FLOAT8 701
 #define OID_NUMERIC 1700
@@ -66,8 +68,18 @@ typedef struct stmt {
     struct stmt *next;
 } stmt_t;
 
+/* A table's shapes recorded with positions, oldest first: the names its columns had over time. */
+typedef struct history {
+    wp_tshape_t *shapes;
+    size_t n;
+    bool loaded;
+    wp_lsn_t upto; /* every shape first seen at or before this LSN is here */
+} history_t;
+
 typedef struct mentry {
     wp_mirror_t *m;
+    history_t hist;
+    unsigned pinned; /* the applier's txn in which its registry row was locked (see pin_mirror) */
     stmt_t *stmts;
     wp_buf_t *sweep; /* per key column: "{...}" literal of the keys this pass wrote */
     size_t nsweepbufs;
@@ -82,6 +94,9 @@ typedef struct shape_entry {
     char error[256];
     int followed_mirror; /* wp_mirror_follow already ran for this mirror at this generation */
     int followed_gen;
+    ssize_t *src;        /* per mirror column: the shape column it is (by attnum, else name), or -1 */
+    size_t src_n;        /* ... for the mirror src_mirror at generation src_gen with src_n columns */
+    int src_mirror, src_gen;
 } shape_entry_t;
 
 /* One event of a claim: what orders and groups it (see plan_cmp and coalesce). */
@@ -94,6 +109,7 @@ typedef struct plan {
     bool deletes; /* removes the key: a delete, or an update that moves the row away */
     bool late;    /* a key change that carries TOAST values: after everything else */
     bool skip;    /* superseded by a later change of the key in this claim */
+    shape_entry_t *se; /* its shape (I/U), or NULL */
 } plan_t;
 
 typedef struct waited {
@@ -113,6 +129,13 @@ struct wp_applier {
     size_t nwaited, waited_cap;
     char **need_keys; /* tables of the last AP_NO_KEY */
     size_t nneed, need_cap;
+    char **need_cols; /* "source\tschema\ttable": column catalogs the last AP_NO_KEY waits for ... */
+    wp_lsn_t *need_cols_lsn; /* ... each to be read past this LSN */
+    size_t nneed_cols, need_cols_cap;
+    waited_t *cwaited; /* tables whose column catalog was waited for */
+    size_t ncwaited, cwaited_cap;
+    const wp_event_t *events; /* the claim being applied */
+    size_t nevents;
     wp_payload_t payload;
     unsigned next_stmt;
     bool careful;
@@ -128,6 +151,7 @@ struct wp_applier {
     size_t nowned;
     size_t cap_cols;
     unsigned changes; /* bumped when the cache learns of a mirror created or altered in this transaction */
+    unsigned txn;     /* bumped per claim and per rollback to a savepoint: the locks pin_mirror took are gone */
     plan_t *plans;
     size_t plans_cap;
 };
@@ -240,10 +264,19 @@ static void free_stmts(stmt_t *s)
 }
 
 
+static void history_clear(history_t *h)
+{
+    for (size_t i = 0; i < h->n; i++)
+        wp_tshape_clear(&h->shapes[i]);
+    free(h->shapes);
+    memset(h, 0, sizeof *h);
+}
+
 static void free_mentry(mentry_t *me)
 {
     if (me == NULL)
         return;
+    history_clear(&me->hist);
     wp_mirror_destroy(me->m);
     free_stmts(me->stmts);
     for (size_t k = 0; k < me->nsweepbufs; k++)
@@ -282,6 +315,7 @@ void wp_applier_destroy(wp_applier_t *a)
         free(a->shapes[i]->source);
         free(a->shapes[i]->id);
         wp_tshape_clear(&a->shapes[i]->shape);
+        free(a->shapes[i]->src);
         free(a->shapes[i]);
     }
     free(a->shapes);
@@ -291,6 +325,13 @@ void wp_applier_destroy(wp_applier_t *a)
     for (size_t i = 0; i < a->nneed; i++)
         free(a->need_keys[i]);
     free(a->need_keys);
+    for (size_t i = 0; i < a->nneed_cols; i++)
+        free(a->need_cols[i]);
+    free(a->need_cols);
+    free(a->need_cols_lsn);
+    for (size_t i = 0; i < a->ncwaited; i++)
+        free(a->cwaited[i].key);
+    free(a->cwaited);
     free_owned(a);
     free(a->owned);
     wp_payload_free(&a->payload);
@@ -393,7 +434,7 @@ static int sync_failure(wp_applier_t *a, wp_event_t *ev, wp_fail_t fail)
 {
     if (fail == WP_FAIL_TRANSIENT || PQstatus(a->conn) != CONNECTION_OK)
         return AP_TRANSIENT;
-    if (fail == WP_FAIL_NO_KEY)
+    if (fail == WP_FAIL_NO_KEY || fail == WP_FAIL_NO_COLUMNS)
         return AP_NO_KEY;
     if (PQtransactionStatus(a->conn) == PQTRANS_INERROR)
         return AP_SQL;
@@ -611,6 +652,38 @@ static bool waited_recently(wp_applier_t *a, const char *key)
     return false;
 }
 
+/* "source\tschema\ttable" of ev (owned by the caller). */
+static char *table_key(const wp_event_t *ev)
+{
+    wp_buf_t key = WP_BUF_INIT;
+    wp_buf_printf(&key, "%s\t%s\t%s", ev->source, ev->schema, ev->table);
+    return key.data;
+}
+
+/* Whether the column catalog of ev's table was waited for lately: then a column it lacks is added without it. */
+static bool columns_waited(wp_applier_t *a, const wp_event_t *ev)
+{
+    char *key = table_key(ev);
+    int64_t now = wp_now_ms();
+    bool waited = false;
+    for (size_t i = 0; i < a->ncwaited && !waited; i++)
+        waited = strcmp(a->cwaited[i].key, key) == 0 && now - a->cwaited[i].at_ms < COLUMNS_WAIT_MEMORY_MS;
+    free(key);
+    return waited;
+}
+
+/* After WP_FAIL_NO_COLUMNS: the claim rolls back and waits until the catalog of ev's table was read past lsn. */
+static void need_columns(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
+{
+    if (a->nneed_cols == a->need_cols_cap) {
+        a->need_cols_cap = a->need_cols_cap ? a->need_cols_cap * 2 : 4;
+        a->need_cols = wp_realloc(a->need_cols, a->need_cols_cap * sizeof *a->need_cols);
+        a->need_cols_lsn = wp_realloc(a->need_cols_lsn, a->need_cols_cap * sizeof *a->need_cols_lsn);
+    }
+    a->need_cols_lsn[a->nneed_cols] = lsn;
+    a->need_cols[a->nneed_cols++] = table_key(ev);
+}
+
 static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
 {
     mentry_t *me = a->last_mirror;
@@ -627,19 +700,67 @@ static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
 }
 
 /* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
+static void forget_stmts(wp_applier_t *a, mentry_t *me);
+
+/*
+ * Pins the mirror's columns for the rest of the transaction: a KEY SHARE
+ * lock on its registry row, which wp_mirror_follow's FOR UPDATE waits for,
+ * and the cached columns checked against the generation read under it.  A
+ * statement made for the columns of another generation could write into a
+ * column that has taken a name since (DROP COLUMN x, ADD COLUMN x; two names
+ * swapped): it never runs.  (KEY SHARE, not SHARE: a TRUNCATE's update of
+ * the registry row does not wait for it.)
+ */
+static int pin_mirror(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
+{
+    char id[16], err[512];
+    if (me->pinned == a->txn)
+        return AP_OK;
+    int rc = go_sync(a);
+    if (rc != AP_OK)
+        return rc;
+    snprintf(id, sizeof id, "%d", me->m->id);
+    const char *params[] = {id};
+    PGresult *res = PQexecParams(a->conn, "SELECT generation FROM walpipe.mirrors WHERE id = $1 FOR KEY SHARE", 1,
+                                 NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        wp_fail_t fail = PQresultStatus(res) == PGRES_TUPLES_OK ? WP_FAIL_RETRY : wp_mirror_classify(res, a->conn);
+        wp_event_fail(ev, fail, "could not lock the registry row of mirror %s: %s", me->m->qmirror,
+                      PQresultStatus(res) == PGRES_TUPLES_OK ? "it is gone" : PQerrorMessage(a->conn));
+        PQclear(res);
+        return sync_failure(a, ev, fail);
+    }
+    int gen = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (gen != me->m->generation) {
+        if (wp_mirror_reload(a->conn, me->m, err, sizeof err) != 0) {
+            wp_event_fail(ev, WP_FAIL_RETRY, "%s", err);
+            return sync_failure(a, ev, WP_FAIL_RETRY);
+        }
+        forget_stmts(a, me);
+        a->changes++;
+    }
+    me->pinned = a->txn;
+    return AP_OK;
+}
+
 static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
 {
     mentry_t *me = find_mirror(a, ev);
     *rc = AP_OK;
-    if (me)
-        return me;
+    if (me) {
+        *rc = pin_mirror(a, me, ev);
+        return *rc == AP_OK && ev->fail == WP_FAIL_NONE ? me : NULL;
+    }
     if ((*rc = go_sync(a)) != AP_OK)
         return NULL;
     wp_fail_t fail = WP_FAIL_NONE;
     char err[512];
-    wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, &fail, err,
-                                    sizeof err);
+    wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape,
+                                    columns_waited(a, ev), &fail, err, sizeof err);
     if (m == NULL) {
+        if (fail == WP_FAIL_NO_COLUMNS)
+            need_columns(a, ev, shape ? shape->first_lsn : ev->lsn);
         if (fail == WP_FAIL_NO_KEY) {
             wp_buf_t key = WP_BUF_INIT;
             wp_buf_printf(&key, "%s\t%s\t%s", ev->source, ev->schema, ev->table);
@@ -667,7 +788,9 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
         a->mirrors = wp_realloc(a->mirrors, a->mirrors_cap * sizeof *a->mirrors);
     }
     a->mirrors[a->nmirrors++] = me;
-    return a->last_mirror = me;
+    a->last_mirror = me;
+    *rc = pin_mirror(a, me, ev);
+    return *rc == AP_OK && ev->fail == WP_FAIL_NONE ? me : NULL;
 }
 
 /* Drops a mirror's statements after its columns changed (server side too, when possible). */
@@ -727,21 +850,165 @@ static shape_entry_t *get_shape(wp_applier_t *a, wp_event_t *ev, int *rc)
     return se;
 }
 
+/* ---------------------------------------------------------------- column identity */
+
+/*
+ * Which shape column each mirror column is, for events of shape se: by
+ * attnum where the shape has positions and the mirror knows the attnum (so
+ * an event from before a rename finds its column under the old name), else
+ * by name (shapes recorded by an older walpipe).
+ */
+static void map_shape(const wp_mirror_t *m, shape_entry_t *se)
+{
+    free(se->src);
+    se->src = wp_calloc(m->ncols + 1, sizeof *se->src);
+    se->src_n = m->ncols;
+    se->src_mirror = m->id;
+    se->src_gen = m->generation;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (se->shape.positioned && m->cols[i].attnum > 0)
+            se->src[i] = wp_tshape_at(&se->shape, m->cols[i].attnum);
+        else
+            se->src[i] = wp_tshape_named(&se->shape, m->cols[i].name);
+    }
+}
+
+static bool shape_mapped(const wp_mirror_t *m, const shape_entry_t *se)
+{
+    return se->src && se->src_mirror == m->id && se->src_gen == m->generation && se->src_n == m->ncols;
+}
+
+/* The name mirror column i has in an event of shape se (NULL: the shape lacks it); its own name without a shape. */
+static const char *shape_name(const wp_mirror_t *m, const shape_entry_t *se, size_t i)
+{
+    if (se == NULL || !shape_mapped(m, se))
+        return m->cols[i].name;
+    return se->src[i] >= 0 ? se->shape.cols[se->src[i]].name : NULL;
+}
+
+/* The newest LSN among the claim's events of ev's source: every shape first seen at or before it is committed. */
+static wp_lsn_t claim_upto(const wp_applier_t *a, const wp_event_t *ev)
+{
+    wp_lsn_t upto = ev->lsn;
+    for (size_t i = 0; i < a->nevents; i++)
+        if (a->events[i].lsn > upto && strcmp(a->events[i].source, ev->source) == 0)
+            upto = a->events[i].lsn;
+    return upto;
+}
+
+/* Loads the shapes with positions of me's table, unless those loaded already cover ev. */
+static int history_load(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
+{
+    history_t *h = &me->hist;
+    if (h->loaded && ev->lsn <= h->upto)
+        return AP_OK;
+    int rc = go_sync(a);
+    if (rc != AP_OK)
+        return rc;
+    wp_lsn_t upto = claim_upto(a, ev);
+    const char *params[] = {ev->source, me->m->schema, me->m->table};
+    PGresult *res = PQexecParams(a->conn,
+                                 "SELECT columns::text, first_lsn::text FROM walpipe.table_schemas WHERE source = $1 "
+                                 "AND schema_name = $2 AND table_name = $3 AND columns::text LIKE '%\"position\"%' "
+                                 "ORDER BY first_lsn",
+                                 3, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_fail_t fail = wp_mirror_classify(res, a->conn);
+        wp_event_fail(ev, fail, "could not read the table's shapes: %s", PQerrorMessage(a->conn));
+        PQclear(res);
+        return sync_failure(a, ev, fail);
+    }
+    history_clear(h);
+    h->shapes = wp_calloc((size_t)PQntuples(res) + 1, sizeof *h->shapes);
+    for (int r = 0; r < PQntuples(res); r++) {
+        char err[128];
+        wp_tshape_t *t = &h->shapes[h->n];
+        const char *l = PQgetvalue(res, r, 1);
+        if (wp_tshape_parse(PQgetvalue(res, r, 0), t, err, sizeof err) == 0 && t->positioned &&
+            wp_lsn_parse(l, strlen(l), &t->first_lsn))
+            h->n++;
+        else
+            wp_tshape_clear(t);
+    }
+    PQclear(res);
+    h->loaded = true;
+    h->upto = upto;
+    return AP_OK;
+}
+
+/*
+ * The name mirror column i had in events at lsn (their key and before
+ * images carry no positions): from the newest shape first seen at or before
+ * lsn that has its attnum, else the oldest after it (a change between the
+ * rename and the first insert or update that showed it); the mirror's name
+ * when no shape says.
+ */
+static const char *name_at(const mentry_t *me, size_t i, wp_lsn_t lsn)
+{
+    const history_t *h = &me->hist;
+    const char *best = NULL;
+    for (size_t s = 0; s < h->n && me->m->cols[i].attnum > 0; s++) {
+        ssize_t j = wp_tshape_at(&h->shapes[s], me->m->cols[i].attnum);
+        if (j < 0)
+            continue;
+        if (h->shapes[s].first_lsn > lsn && best)
+            break;
+        best = h->shapes[s].cols[j].name;
+        if (h->shapes[s].first_lsn > lsn)
+            break;
+    }
+    return best ? best : me->m->cols[i].name;
+}
+
+/*
+ * The names ev's key (or before) image gives the mirror's key columns: an
+ * update's own shape names them as its identity does; otherwise the table's
+ * shape history (a delete's identity has no positions).  The history is
+ * loaded also when before_image asks (REPLICA IDENTITY FULL: any column).
+ */
+static int key_names(wp_applier_t *a, mentry_t *me, wp_event_t *ev, const shape_entry_t *se, bool before_image,
+                     const char **out)
+{
+    const wp_mirror_t *m = me->m;
+    bool hist = false, any_attnum = false;
+    for (size_t i = 0; i < m->ncols; i++)
+        any_attnum |= m->cols[i].attnum > 0;
+    for (size_t k = 0; k < m->nkeys; k++) {
+        out[k] = se ? shape_name(m, se, m->keys[k]) : NULL;
+        hist |= out[k] == NULL && m->cols[m->keys[k]].attnum > 0;
+    }
+    if ((hist || before_image) && any_attnum) {
+        int rc = history_load(a, me, ev);
+        if (rc != AP_OK || ev->fail != WP_FAIL_NONE)
+            return rc;
+    }
+    for (size_t k = 0; k < m->nkeys; k++)
+        if (out[k] == NULL)
+            out[k] = name_at(me, m->keys[k], ev->lsn);
+    return AP_OK;
+}
+
+/* Whether mirror column i is in a before image under the name it had then. */
+static const char *before_name(const mentry_t *me, size_t i, wp_lsn_t lsn)
+{
+    return me->hist.loaded ? name_at(me, i, lsn) : me->m->cols[i].name;
+}
+
 /* ---------------------------------------------------------------- applying one event */
 
 /* Fills a->params[0..) with the key values of identity (key or before) in key order. */
-static bool key_values(const wp_mirror_t *m, const wp_jobject_t *o, const char **out, wp_event_t *ev,
-                       const char *what)
+static bool key_values(const wp_mirror_t *m, const char *const *knames, const wp_jobject_t *o, const char **out,
+                       wp_event_t *ev, const char *what)
 {
     size_t hint = 0;
     for (size_t k = 0; k < m->nkeys; k++) {
         const wp_mcol_t *c = &m->cols[m->keys[k]];
-        const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, c->name, &hint) : NULL;
+        const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, knames[k], &hint) : NULL;
         if (f == NULL || f->value == NULL) {
             wp_event_fail(ev, WP_FAIL_PARK,
-                    "%s of \"%s\".\"%s\" has no value for key column \"%s\" of mirror %s (the replica identity "
-                    "changed?); hint: make the mirror's key the table's replica identity again",
-                    what, m->schema, m->table, c->name, m->qmirror);
+                    "%s of \"%s\".\"%s\" has no value for key column \"%s\" (\"%s\" at the time) of mirror %s (the "
+                    "replica identity changed?); hint: make the mirror's key the table's replica identity again",
+                    what, m->schema, m->table, c->name, knames[k], m->qmirror);
             return false;
         }
         out[k] = f->value;
@@ -884,9 +1151,11 @@ static int carry_absent(wp_applier_t *a, mentry_t *me, wp_event_t *ev, const cha
  * old and new key values.  Returns false with ev failed when the event cannot
  * be applied (no key values, a lost NaN).
  */
-static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_event_t *ev, const char **vals,
-                      bool *absent, const char **oldkey, const char **newkey, bool *any_absent, bool *key_changed)
+static bool row_image(wp_applier_t *a, const mentry_t *me, const shape_entry_t *se, const char *const *knames,
+                      ev_kind_t kind, wp_event_t *ev, const char **vals, bool *absent, const char **oldkey,
+                      const char **newkey, bool *any_absent, bool *key_changed)
 {
+    const wp_mirror_t *m = me->m;
     const wp_jobject_t *after = &a->payload.after, *before = &a->payload.before;
     size_t hint = 0, bhint = 0;
     *any_absent = *key_changed = false;
@@ -894,14 +1163,23 @@ static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_
         wp_event_fail(ev, WP_FAIL_PARK, "%s payload has no \"after\"", ev->type);
         return false;
     }
-    if (kind == K_UPDATE && !key_values(m, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
+    if (kind == K_UPDATE &&
+        !key_values(m, knames, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
         return false;
     for (size_t i = 0; i < m->ncols; i++) {
-        const wp_jfield_t *f = wp_jobject_get(after, m->cols[i].name, &hint);
+        const char *name = shape_name(m, se, i);
+        const wp_jfield_t *f = name ? wp_jobject_get(after, name, &hint) : NULL;
         if (f == NULL && kind == K_UPDATE && before->present) /* REPLICA IDENTITY FULL: the old row has it */
-            f = wp_jobject_get(before, m->cols[i].name, &bhint);
-        /* an insert lacks only columns its shape did not have yet: NULL; an update's are unchanged TOAST */
-        absent[i] = f == NULL && kind == K_UPDATE;
+            f = wp_jobject_get(before, name ? name : before_name(me, i, ev->lsn), &bhint);
+        /*
+         * An update leaves out unchanged TOAST columns: they keep the mirror's
+         * value.  An insert lacks only columns its shape did not have yet: the
+         * row existed before they were added, so it reads what such rows read
+         * on the source, the mirror column's default (the source's missing
+         * value, see mirror.c), for a new row, and keeps the row's value
+         * otherwise.
+         */
+        absent[i] = f == NULL;
         *any_absent |= absent[i];
         vals[i] = f ? f->value : NULL;
         if (f && f->value == NULL && lost_special(m, i, ev))
@@ -911,7 +1189,7 @@ static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_
         size_t i = m->keys[k];
         if (absent[i]) { /* a TOASTed key column left out: unchanged */
             absent[i] = false;
-            vals[i] = oldkey[k];
+            vals[i] = kind == K_UPDATE ? oldkey[k] : NULL;
         }
         if (vals[i] == NULL) {
             wp_event_fail(ev, WP_FAIL_PARK, "%s of \"%s\".\"%s\" has no value for key column \"%s\"", ev->type, m->schema,
@@ -956,6 +1234,7 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
     free(pl->key);
     pl->key = NULL;
     pl->full = pl->deletes = pl->late = pl->skip = false;
+    pl->se = NULL;
     if (pl->kind == K_OTHER)
         return AP_OK; /* messages are not rows */
     if (ev->schema == NULL || ev->table == NULL) {
@@ -986,7 +1265,10 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         if ((rc = go_sync(a)) != AP_OK)
             return rc;
         /* an insert's shape lists every column; an update's may leave unchanged TOAST columns out */
-        if (wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, &changed, &fail, err, sizeof err) != 0) {
+        if (wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, columns_waited(a, ev), &changed, &fail,
+                             err, sizeof err) != 0) {
+            if (fail == WP_FAIL_NO_COLUMNS)
+                need_columns(a, ev, se->shape.first_lsn);
             wp_event_fail(ev, fail, "%s", err);
             return sync_failure(a, ev, fail);
         }
@@ -997,20 +1279,29 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         se->followed_mirror = m->id;
         se->followed_gen = m->generation;
     }
+    if (se && !shape_mapped(m, se))
+        map_shape(m, se);
+    pl->se = se;
     pl->mirror = m->id;
     if (pl->kind == K_TRUNCATE || m->nkeys > 64)
         return AP_OK;
+    const char *knames[64];
+    if (pl->kind != K_INSERT &&
+        ((rc = key_names(a, me, ev, se, a->payload.before.present, knames)) != AP_OK || ev->fail != WP_FAIL_NONE))
+        return rc;
     reserve_cols(a, m->ncols);
     const char **vals = wp_calloc(m->ncols ? m->ncols : 1, sizeof *vals);
     const char *oldkey[64], *newkey[64];
     bool any_absent = false, key_changed = false;
     wp_event_t probe = *ev; /* failures show up again, with their reason, when the event is applied */
     if (pl->kind == K_DELETE) {
-        if (key_values(m, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe, "delete")) {
+        if (key_values(m, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe,
+                       "delete")) {
             pl->key = key_text(m, oldkey);
             pl->deletes = true;
         }
-    } else if (row_image(a, m, pl->kind, &probe, vals, a->absent, oldkey, newkey, &any_absent, &key_changed)) {
+    } else if (row_image(a, me, se, knames, pl->kind, &probe, vals, a->absent, oldkey, newkey, &any_absent,
+                         &key_changed)) {
         pl->key = key_text(m, pl->kind == K_UPDATE ? oldkey : newkey);
         pl->full = !key_changed && !any_absent;
         pl->deletes = key_changed; /* of the old key */
@@ -1035,14 +1326,22 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
     if (me == NULL)
         return rc;
     wp_mirror_t *m = me->m;
+    shape_entry_t *se = pl->se;
+    if (se && !shape_mapped(m, se))
+        map_shape(m, se); /* a later event of the claim altered the mirror after this one was prepared */
     reserve_cols(a, m->ncols);
     const char **vals = wp_calloc(m->ncols ? m->ncols : 1, sizeof *vals);
     bool *absent = a->absent;
-    const char *oldkey[64], *newkey[64];
+    const char *oldkey[64], *newkey[64], *knames[64];
     bool any_absent = false, key_changed = false;
     if (m->nkeys > 64) {
         wp_event_fail(ev, WP_FAIL_PARK, "mirror %s has more than 64 key columns", m->qmirror);
         goto out;
+    }
+    if (pl->kind == K_UPDATE || pl->kind == K_DELETE) {
+        rc = key_names(a, me, ev, se, a->payload.before.present, knames);
+        if (rc != AP_OK || ev->fail != WP_FAIL_NONE)
+            goto out;
     }
 
     switch (pl->kind) {
@@ -1057,11 +1356,11 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
         break;
     }
     case K_INSERT:
-        if (row_image(a, m, K_INSERT, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
+        if (row_image(a, me, se, knames, K_INSERT, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
             rc = write_row(a, me, ev, vals, absent);
         break;
     case K_UPDATE:
-        if (!row_image(a, m, K_UPDATE, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
+        if (!row_image(a, me, se, knames, K_UPDATE, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
             break;
         if (key_changed) {
             /* the old key's row goes (as a delete at this version); the new key gets the row */
@@ -1079,7 +1378,8 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
         rc = write_row(a, me, ev, vals, absent);
         break;
     case K_DELETE:
-        if (key_values(m, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev, "delete"))
+        if (key_values(m, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev,
+                       "delete"))
             rc = delete_key(a, me, ev, oldkey);
         break;
     case K_OTHER:
@@ -1211,6 +1511,7 @@ static int apply_pass(wp_applier_t *a, wp_event_t *events, size_t n)
             if (ev->fail == WP_FAIL_NONE)
                 wp_event_fail(ev, WP_FAIL_RETRY, "statement failed");
             rc = exec_simple(a, "ROLLBACK TO SAVEPOINT wp_event");
+            a->txn++; /* the rollback released the registry locks taken since the savepoint */
             if (a->changes != changes)
                 wp_applier_reset(a); /* the cache may describe a mirror the rollback undid */
         } else if (rc == AP_OK) {
@@ -1238,6 +1539,12 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
     for (size_t i = 0; i < a->nneed; i++)
         free(a->need_keys[i]);
     a->nneed = 0;
+    for (size_t i = 0; i < a->nneed_cols; i++)
+        free(a->need_cols[i]);
+    a->nneed_cols = 0;
+    a->events = events;
+    a->nevents = n;
+    a->txn++;
     if (exec_simple(a, "SAVEPOINT wp_apply") != AP_OK)
         return -1;
     a->careful = false;
@@ -1252,6 +1559,7 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
     wp_debug("claim of %zu events failed (%s); applying them one by one", n, a->pipe_failed ? a->pipe_error : "");
     if (exec_simple(a, "ROLLBACK TO SAVEPOINT wp_apply") != AP_OK)
         return -1;
+    a->txn++;
     wp_applier_reset(a);
     a->careful = true;
     rc = apply_pass(a, events, n);
@@ -1294,6 +1602,62 @@ const char *wp_applier_last_error(const wp_applier_t *a)
 {
     return a->pipe_failed ? a->pipe_error : PQstatus(a->conn) != CONNECTION_OK ? "lost the staging connection"
                                                                                  : PQerrorMessage(a->conn);
+}
+
+/*
+ * Waits until `walpipe run` has read the column catalogs the last claim
+ * asked for (each past the LSN it needs), or deadline.  A table whose
+ * catalog is still older is remembered: its new columns are added without
+ * it for a while (and the mirror recorded as diverged, mirror.c).
+ */
+static void wait_columns(wp_applier_t *a, int64_t deadline)
+{
+    while (a->nneed_cols > 0 && !wp_stop_requested()) {
+        size_t left = 0;
+        for (size_t i = 0; i < a->nneed_cols; i++) {
+            char *key = a->need_cols[i], lsn[WP_LSN_STRLEN];
+            char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
+            bool fresh = t2 == NULL; /* malformed: nothing to wait for */
+            if (!fresh) {
+                *t1 = *t2 = '\0';
+                const char *params[] = {key, t1 + 1, t2 + 1, wp_lsn_format(a->need_cols_lsn[i], lsn)};
+                PGresult *res = PQexecParams(a->conn,
+                                             "SELECT coalesce(min(read_lsn) >= $4::pg_lsn, false) FROM "
+                                             "walpipe.source_columns WHERE source = $1 AND schema_name = $2 AND "
+                                             "table_name = $3",
+                                             4, NULL, params, NULL, NULL, 0);
+                fresh = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+                PQclear(res);
+                *t1 = *t2 = '\t';
+            }
+            if (fresh) {
+                free(key);
+            } else {
+                a->need_cols_lsn[left] = a->need_cols_lsn[i];
+                a->need_cols[left++] = key;
+            }
+        }
+        a->nneed_cols = left;
+        if (left == 0 || wp_now_ms() >= deadline)
+            break;
+        struct timespec ts = {0, 200 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        char *key = a->need_cols[i];
+        char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
+        if (t2)
+            wp_info("`walpipe run` has not read the columns of table \"%.*s\".\"%s\" of source \"%.*s\" since they "
+                    "changed: its new columns get no default for the rows that existed",
+                    (int)(t2 - t1 - 1), t1 + 1, t2 + 1, (int)(t1 - key), key);
+        if (a->ncwaited == a->cwaited_cap) {
+            a->cwaited_cap = a->cwaited_cap ? a->cwaited_cap * 2 : 8;
+            a->cwaited = wp_realloc(a->cwaited, a->cwaited_cap * sizeof *a->cwaited);
+        }
+        a->cwaited[a->ncwaited].key = key;
+        a->cwaited[a->ncwaited++].at_ms = wp_now_ms();
+    }
+    a->nneed_cols = 0;
 }
 
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
@@ -1345,4 +1709,5 @@ void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
         a->waited[a->nwaited++].at_ms = wp_now_ms();
     }
     a->nneed = 0;
+    wait_columns(a, deadline);
 }

@@ -9,7 +9,7 @@
  * When nothing is left it sleeps on LISTEN walpipe_raw_events, which the
  * stager NOTIFYs with each commit.  Every second it also retries the dead
  * letters that are due.  A monitor thread logs progress and runs key
- * discovery (keys.c).
+ * discovery (keys.c) and the source column catalog (columns.c).
  *
  * Invariant: an event is marked processed in the same transaction that
  * applies it or records its dead letter.  A worker that dies mid-claim
@@ -38,6 +38,7 @@
 #include <time.h>
 
 #include "applier.h"
+#include "columns.h"
 #include "dlq.h"
 #include "keys.h"
 #include "log.h"
@@ -335,7 +336,10 @@ static void discover(struct wp_workers *p, PGconn *conn, const char *only, wp_bu
 {
     for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
         if (only == NULL || only[0] == '\0' || strcmp(only, p->config->sources[i].name) == 0)
+        {
             wp_keys_discover(&p->config->sources[i], conn, named);
+            wp_columns_discover(&p->config->sources[i], conn);
+        }
     }
 }
 
