@@ -997,13 +997,34 @@ static const char *before_name(const mentry_t *me, size_t i, wp_lsn_t lsn)
 /* ---------------------------------------------------------------- applying one event */
 
 /* Fills a->params[0..) with the key values of identity (key or before) in key order. */
-static bool key_values(const wp_mirror_t *m, const char *const *knames, const wp_jobject_t *o, const char **out,
+/*
+ * The key column at index i of the mirror in image o under another name it
+ * had (newest first), or under its name now: a DELETE between a rename and
+ * the first insert or update after it names the column anew before any
+ * shape does.
+ */
+static const wp_jfield_t *key_other_name(const mentry_t *me, size_t i, const wp_jobject_t *o)
+{
+    const wp_mcol_t *c = &me->m->cols[i];
+    for (size_t s = me->hist.n; s-- > 0 && c->attnum > 0;) {
+        ssize_t j = wp_tshape_at(&me->hist.shapes[s], c->attnum);
+        const wp_jfield_t *f = j >= 0 ? wp_jobject_get(o, me->hist.shapes[s].cols[j].name, NULL) : NULL;
+        if (f)
+            return f;
+    }
+    return wp_jobject_get(o, c->name, NULL);
+}
+
+static bool key_values(const mentry_t *me, const char *const *knames, const wp_jobject_t *o, const char **out,
                        wp_event_t *ev, const char *what)
 {
+    const wp_mirror_t *m = me->m;
     size_t hint = 0;
     for (size_t k = 0; k < m->nkeys; k++) {
         const wp_mcol_t *c = &m->cols[m->keys[k]];
         const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, knames[k], &hint) : NULL;
+        if (f == NULL && o && o->present)
+            f = key_other_name(me, m->keys[k], o);
         if (f == NULL || f->value == NULL) {
             wp_event_fail(ev, WP_FAIL_PARK,
                     "%s of \"%s\".\"%s\" has no value for key column \"%s\" (\"%s\" at the time) of mirror %s (the "
@@ -1164,7 +1185,7 @@ static bool row_image(wp_applier_t *a, const mentry_t *me, const shape_entry_t *
         return false;
     }
     if (kind == K_UPDATE &&
-        !key_values(m, knames, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
+        !key_values(me, knames, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
         return false;
     for (size_t i = 0; i < m->ncols; i++) {
         const char *name = shape_name(m, se, i);
@@ -1295,7 +1316,7 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
     bool any_absent = false, key_changed = false;
     wp_event_t probe = *ev; /* failures show up again, with their reason, when the event is applied */
     if (pl->kind == K_DELETE) {
-        if (key_values(m, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe,
+        if (key_values(me, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe,
                        "delete")) {
             pl->key = key_text(m, oldkey);
             pl->deletes = true;
@@ -1378,7 +1399,7 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
         rc = write_row(a, me, ev, vals, absent);
         break;
     case K_DELETE:
-        if (key_values(m, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev,
+        if (key_values(me, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev,
                        "delete"))
             rc = delete_key(a, me, ev, oldkey);
         break;

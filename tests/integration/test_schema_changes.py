@@ -40,9 +40,10 @@ STEPS = [
     "DELETE FROM ren WHERE id IN (4, 14)",
     # the key column renamed
     "ALTER TABLE ren RENAME COLUMN id TO rid",
+    "DELETE FROM ren WHERE rid = 6",  # before any shape shows the new name
     "INSERT INTO ren SELECT g, g, 'key renamed ' || g, 2 FROM generate_series(17, 20) g",
     "UPDATE ren SET a = a + 1000 WHERE rid IN (3, 7, 17)",
-    "DELETE FROM ren WHERE rid IN (6, 18)",
+    "DELETE FROM ren WHERE rid IN (11, 18)",
     "UPDATE ren SET rid = rid + 100 WHERE rid IN (8, 19)",
     # names swapped in one transaction
     "BEGIN; ALTER TABLE ren RENAME COLUMN a TO tmp; ALTER TABLE ren RENAME COLUMN c TO a; "
