@@ -672,7 +672,11 @@ static bool columns_waited(wp_applier_t *a, const wp_event_t *ev)
     return waited;
 }
 
-/* After WP_FAIL_NO_COLUMNS: the claim rolls back and waits until the catalog of ev's table was read past lsn. */
+/*
+ * After WP_FAIL_NO_COLUMNS: the claim rolls back and waits until the
+ * catalog of ev's table was read again, past lsn (a read that did not have
+ * what the mirror needs is not enough, whatever its position).
+ */
 static void need_columns(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
 {
     if (a->nneed_cols == a->need_cols_cap) {
@@ -1631,7 +1635,19 @@ const char *wp_applier_last_error(const wp_applier_t *a)
  * catalog is still older is remembered: its new columns are added without
  * it for a while (and the mirror recorded as diverged, mirror.c).
  */
-static void wait_columns(wp_applier_t *a, int64_t deadline)
+/* The staging clock now (before asking for a read): only a read recorded after it counts (see need_columns). */
+static void columns_since(wp_applier_t *a, char *since, size_t len)
+{
+    snprintf(since, len, "infinity");
+    if (a->nneed_cols == 0)
+        return;
+    PGresult *res = PQexec(a->conn, "SELECT clock_timestamp()::text");
+    if (PQresultStatus(res) == PGRES_TUPLES_OK)
+        snprintf(since, len, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+}
+
+static void wait_columns(wp_applier_t *a, int64_t deadline, const char *since)
 {
     while (a->nneed_cols > 0 && !wp_stop_requested()) {
         size_t left = 0;
@@ -1641,12 +1657,12 @@ static void wait_columns(wp_applier_t *a, int64_t deadline)
             bool fresh = t2 == NULL; /* malformed: nothing to wait for */
             if (!fresh) {
                 *t1 = *t2 = '\0';
-                const char *params[] = {key, t1 + 1, t2 + 1, wp_lsn_format(a->need_cols_lsn[i], lsn)};
+                const char *params[] = {key, t1 + 1, t2 + 1, wp_lsn_format(a->need_cols_lsn[i], lsn), since};
                 PGresult *res = PQexecParams(a->conn,
-                                             "SELECT coalesce(min(read_lsn) >= $4::pg_lsn, false) FROM "
-                                             "walpipe.source_columns WHERE source = $1 AND schema_name = $2 AND "
-                                             "table_name = $3",
-                                             4, NULL, params, NULL, NULL, 0);
+                                             "SELECT coalesce(min(read_lsn) >= $4::pg_lsn AND min(read_at) > "
+                                             "$5::timestamptz, false) FROM walpipe.source_columns WHERE source = $1 "
+                                             "AND schema_name = $2 AND table_name = $3",
+                                             5, NULL, params, NULL, NULL, 0);
                 fresh = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
                 PQclear(res);
                 *t1 = *t2 = '\t';
@@ -1684,6 +1700,8 @@ static void wait_columns(wp_applier_t *a, int64_t deadline)
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
 {
     int64_t deadline = wp_now_ms() + wait_ms;
+    char since[64];
+    columns_since(a, since, sizeof since);
     PGresult *res = PQexec(a->conn, "NOTIFY walpipe_discover");
     PQclear(res);
     for (size_t i = 0; i < a->nneed; i++) {
@@ -1730,5 +1748,5 @@ void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
         a->waited[a->nwaited++].at_ms = wp_now_ms();
     }
     a->nneed = 0;
-    wait_columns(a, deadline);
+    wait_columns(a, deadline, since);
 }

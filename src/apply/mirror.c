@@ -58,12 +58,20 @@
  * LOCK TABLE ... IN EXCLUSIVE MODE, which waits for every transaction writing
  * the mirror and makes new writers wait until it commits.
  *
+ * Columns are the source's columns by identity: each mirror column keeps the
+ * source attnum it mirrors (walpipe.mirrors.column_attnums), which a rename
+ * keeps and no other column ever gets, so following a newer shape renames,
+ * adds and drops by attnum (wp_mirror_follow), and the applier reads an
+ * older shape's values by attnum (applier.c).  A column added to the source
+ * with a constant DEFAULT gets, as its mirror DEFAULT, the value the rows
+ * that existed read (attmissingval, from walpipe.source_columns): every row
+ * the mirror holds or receives without that column is such a row.
+ *
  * Limits (README, "Transform workers"): a key-changing UPDATE that leaves a
  * TOASTed column out copies that value from the old key's mirror row, so an
  * older change to that column applied later does not follow the row to its
- * new key; rows that exist when a column is added with a DEFAULT read NULL in
- * the mirror until they change (ADD COLUMN writes no row changes to the WAL);
- * tables need a key (see keys.c).
+ * new key; a volatile DEFAULT or ALTER COLUMN TYPE ... USING rewrites rows
+ * without row changes in the WAL; tables need a key (see keys.c).
  *
  * Every identifier in generated SQL is quoted with PQescapeIdentifier and
  * every name used as a value with PQescapeLiteral or passed as a parameter.
@@ -638,6 +646,11 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
         for (size_t i = 0; i < ncols && at < 0; i++)
             if (strcmp(cols[i].name, kc->name) == 0 && (cols[i].position <= 0 || pos <= 0 || cols[i].position == pos))
                 at = (ssize_t)i;
+        if (at < 0 && pos <= 0 && shape && shape->positioned && !catalog_waited) {
+            /* a key named as the source does now, which the shape names otherwise: its attnum is in a newer read */
+            catalog_ask(fail, err, errlen, source, schema, table, kc->name);
+            goto out;
+        }
         if (at < 0) {
             at = (ssize_t)ncols;
             cols[ncols++] = (newcol_t){.name = kc->name, .type = kc->type, .typeoid = kc->typeoid, .position = pos};
