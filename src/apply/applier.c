@@ -703,7 +703,6 @@ static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
     return NULL;
 }
 
-/* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
 static void forget_stmts(wp_applier_t *a, mentry_t *me);
 
 /*
@@ -748,6 +747,10 @@ static int pin_mirror(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
     return AP_OK;
 }
 
+/*
+ * The mirror of ev's table, opened (and created) on first use and pinned
+ * for the transaction.  NULL with *rc set (or ev failed) when it cannot be had.
+ */
 static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
 {
     mentry_t *me = find_mirror(a, ev);
@@ -992,7 +995,7 @@ static int key_names(wp_applier_t *a, mentry_t *me, wp_event_t *ev, const shape_
     return AP_OK;
 }
 
-/* Whether mirror column i is in a before image under the name it had then. */
+/* The name mirror column i has in the before image of a change at lsn (REPLICA IDENTITY FULL). */
 static const char *before_name(const mentry_t *me, size_t i, wp_lsn_t lsn)
 {
     return me->hist.loaded ? name_at(me, i, lsn) : me->m->cols[i].name;
@@ -1000,7 +1003,6 @@ static const char *before_name(const mentry_t *me, size_t i, wp_lsn_t lsn)
 
 /* ---------------------------------------------------------------- applying one event */
 
-/* Fills a->params[0..) with the key values of identity (key or before) in key order. */
 /*
  * The key column at index i of the mirror in image o under another name it
  * had (newest first), or under its name now: a DELETE between a rename and
@@ -1019,6 +1021,7 @@ static const wp_jfield_t *key_other_name(const mentry_t *me, size_t i, const wp_
     return wp_jobject_get(o, c->name, NULL);
 }
 
+/* Fills out[0..) with the key values of identity o (key or before) in key order, named knames[k] there. */
 static bool key_values(const mentry_t *me, const char *const *knames, const wp_jobject_t *o, const char **out,
                        wp_event_t *ev, const char *what)
 {
@@ -1197,12 +1200,12 @@ static bool row_image(wp_applier_t *a, const mentry_t *me, const shape_entry_t *
         if (f == NULL && kind == K_UPDATE && before->present) /* REPLICA IDENTITY FULL: the old row has it */
             f = wp_jobject_get(before, name ? name : before_name(me, i, ev->lsn), &bhint);
         /*
-         * An update leaves out unchanged TOAST columns: they keep the mirror's
-         * value.  An insert lacks only columns its shape did not have yet: the
-         * row existed before they were added, so it reads what such rows read
-         * on the source, the mirror column's default (the source's missing
-         * value, see mirror.c), for a new row, and keeps the row's value
-         * otherwise.
+         * Left out, it keeps the mirror's value.  An update leaves out only
+         * unchanged TOAST columns.  An insert lacks only columns its shape did
+         * not have yet: that row existed before they were added and reads on
+         * the source what such rows read, which the mirror column has as its
+         * DEFAULT (the source's missing value, see mirror.c), so a new mirror
+         * row gets it too.
          */
         absent[i] = f == NULL;
         *any_absent |= absent[i];
@@ -1629,12 +1632,6 @@ const char *wp_applier_last_error(const wp_applier_t *a)
                                                                                  : PQerrorMessage(a->conn);
 }
 
-/*
- * Waits until `walpipe run` has read the column catalogs the last claim
- * asked for (each past the LSN it needs), or deadline.  A table whose
- * catalog is still older is remembered: its new columns are added without
- * it for a while (and the mirror recorded as diverged, mirror.c).
- */
 /* The staging clock now (before asking for a read): only a read recorded after it counts (see need_columns). */
 static void columns_since(wp_applier_t *a, char *since, size_t len)
 {
@@ -1647,6 +1644,13 @@ static void columns_since(wp_applier_t *a, char *since, size_t len)
     PQclear(res);
 }
 
+/*
+ * Waits until `walpipe run` has read the column catalogs the last claim
+ * asked for (each past the LSN it needs, recorded after since), or
+ * deadline.  A table whose catalog is still not read is remembered: its new
+ * columns are added without it for a while (and the mirror recorded as
+ * diverged, mirror.c).
+ */
 static void wait_columns(wp_applier_t *a, int64_t deadline, const char *since)
 {
     while (a->nneed_cols > 0 && !wp_stop_requested()) {
@@ -1680,6 +1684,14 @@ static void wait_columns(wp_applier_t *a, int64_t deadline, const char *since)
         struct timespec ts = {0, 200 * 1000000L};
         nanosleep(&ts, NULL);
     }
+    size_t kept = 0; /* forget what expired */
+    for (size_t i = 0; i < a->ncwaited; i++) {
+        if (wp_now_ms() - a->cwaited[i].at_ms < COLUMNS_WAIT_MEMORY_MS)
+            a->cwaited[kept++] = a->cwaited[i];
+        else
+            free(a->cwaited[i].key);
+    }
+    a->ncwaited = kept;
     for (size_t i = 0; i < a->nneed_cols; i++) {
         char *key = a->need_cols[i];
         char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
