@@ -79,7 +79,7 @@ typedef struct history {
 typedef struct mentry {
     wp_mirror_t *m;
     history_t hist;
-    unsigned pinned; /* the applier's txn in which its registry row was locked (see pin_mirror) */
+    unsigned pinned; /* the applier's txn in which the mirror was locked and its generation checked (pin_mirror) */
     stmt_t *stmts;
     wp_buf_t *sweep; /* per key column: "{...}" literal of the keys this pass wrote */
     size_t nsweepbufs;
@@ -703,62 +703,63 @@ static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
     return NULL;
 }
 
-static void forget_stmts(wp_applier_t *a, mentry_t *me);
-
 /*
- * Pins the mirror's columns for the rest of the transaction: a KEY SHARE
- * lock on its registry row, which wp_mirror_follow's FOR UPDATE waits for,
- * and the cached columns checked against the generation read under it.  A
- * statement made for the columns of another generation could write into a
- * column that has taken a name since (DROP COLUMN x, ADD COLUMN x; two names
- * swapped): it never runs.  (KEY SHARE, not SHARE: a TRUNCATE's update of
- * the registry row does not wait for it.)
+ * Pins the mirror's columns for the rest of the transaction, before its
+ * first statement on the mirror: a ROW EXCLUSIVE lock on the mirror table
+ * (which an ALTER of another worker's wp_mirror_follow waits for, and which
+ * waits for an ALTER in progress), then the generation read under it.  When
+ * another worker altered the mirror since this claim read its columns, the
+ * claim is rolled back and claimed again: a statement made for the columns
+ * of another generation could write into a column that has taken a name
+ * since (DROP COLUMN x, ADD COLUMN x; two names swapped), so it never runs.
+ * Taken when the claim writes, after every follow of its prepare step, so
+ * a worker never waits for the registry row while holding the table.
  */
 static int pin_mirror(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
 {
-    char id[16], err[512];
+    char id[16];
+    wp_buf_t sql = WP_BUF_INIT;
     if (me->pinned == a->txn)
         return AP_OK;
     int rc = go_sync(a);
     if (rc != AP_OK)
         return rc;
-    snprintf(id, sizeof id, "%d", me->m->id);
-    const char *params[] = {id};
-    PGresult *res = PQexecParams(a->conn, "SELECT generation FROM walpipe.mirrors WHERE id = $1 FOR KEY SHARE", 1,
-                                 NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        wp_fail_t fail = PQresultStatus(res) == PGRES_TUPLES_OK ? WP_FAIL_RETRY : wp_mirror_classify(res, a->conn);
-        wp_event_fail(ev, fail, "could not lock the registry row of mirror %s: %s", me->m->qmirror,
-                      PQresultStatus(res) == PGRES_TUPLES_OK ? "it is gone" : PQerrorMessage(a->conn));
+    wp_buf_printf(&sql, "LOCK TABLE %s IN ROW EXCLUSIVE MODE", me->m->qmirror);
+    PGresult *res = PQexec(a->conn, sql.data);
+    wp_buf_free(&sql);
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+        PQclear(res);
+        snprintf(id, sizeof id, "%d", me->m->id);
+        const char *params[] = {id};
+        res = PQexecParams(a->conn, "SELECT generation FROM walpipe.mirrors WHERE id = $1", 1, NULL, params, NULL,
+                           NULL, 0);
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_fail_t fail = wp_mirror_classify(res, a->conn);
+        wp_event_fail(ev, fail, "could not lock mirror %s: %s", me->m->qmirror, PQerrorMessage(a->conn));
         PQclear(res);
         return sync_failure(a, ev, fail);
     }
-    int gen = atoi(PQgetvalue(res, 0, 0));
+    bool same = PQntuples(res) == 1 && atoi(PQgetvalue(res, 0, 0)) == me->m->generation;
     PQclear(res);
-    if (gen != me->m->generation) {
-        if (wp_mirror_reload(a->conn, me->m, err, sizeof err) != 0) {
-            wp_event_fail(ev, WP_FAIL_RETRY, "%s", err);
-            return sync_failure(a, ev, WP_FAIL_RETRY);
-        }
-        forget_stmts(a, me);
-        a->changes++;
+    if (!same) {
+        a->pipe_failed = true;
+        a->pipe_fail = WP_FAIL_TRANSIENT;
+        snprintf(a->pipe_error, sizeof a->pipe_error, "mirror %s was altered by another worker meanwhile",
+                 me->m->qmirror);
+        return AP_TRANSIENT;
     }
     me->pinned = a->txn;
     return AP_OK;
 }
 
-/*
- * The mirror of ev's table, opened (and created) on first use and pinned
- * for the transaction.  NULL with *rc set (or ev failed) when it cannot be had.
- */
+/* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
 static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
 {
     mentry_t *me = find_mirror(a, ev);
     *rc = AP_OK;
-    if (me) {
-        *rc = pin_mirror(a, me, ev);
-        return *rc == AP_OK && ev->fail == WP_FAIL_NONE ? me : NULL;
-    }
+    if (me)
+        return me;
     if ((*rc = go_sync(a)) != AP_OK)
         return NULL;
     wp_fail_t fail = WP_FAIL_NONE;
@@ -795,9 +796,7 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
         a->mirrors = wp_realloc(a->mirrors, a->mirrors_cap * sizeof *a->mirrors);
     }
     a->mirrors[a->nmirrors++] = me;
-    a->last_mirror = me;
-    *rc = pin_mirror(a, me, ev);
-    return *rc == AP_OK && ev->fail == WP_FAIL_NONE ? me : NULL;
+    return a->last_mirror = me;
 }
 
 /* Drops a mirror's statements after its columns changed (server side too, when possible). */
@@ -1352,6 +1351,8 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
     }
     mentry_t *me = get_mirror(a, ev, NULL, &rc);
     if (me == NULL)
+        return rc;
+    if ((rc = pin_mirror(a, me, ev)) != AP_OK || ev->fail != WP_FAIL_NONE)
         return rc;
     wp_mirror_t *m = me->m;
     shape_entry_t *se = pl->se;

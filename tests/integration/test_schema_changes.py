@@ -88,6 +88,13 @@ def rediscover(staging_pg, w):
                timeout=60, what="the source's catalog read again", walpipe=w)
 
 
+def missing_divergences(staging_pg):
+    """Open divergences recorded because a column's missing value was not known (a table rewrite,
+    which other detectors record too, is no such divergence)."""
+    return staging_pg.sql("SELECT table_name, kind, reason FROM walpipe.divergences WHERE resolved_at IS NULL "
+                          "AND reason LIKE '%%attmissingval%%'", dbname="staging")
+
+
 def assert_all_mirrored(source_pg, staging_pg):
     for table, keys in KEYS.items():
         assert_mirrored(source_pg, staging_pg, table, keys)
@@ -128,7 +135,7 @@ def test_renames_readds_defaults_and_types_keep_every_row(source_pg, staging_pg,
     work = apply_newest_first(source_pg, staging_pg, walpipe_factory, w)
     assert dead_letters(staging_pg) == []
     assert_all_mirrored(source_pg, staging_pg)
-    assert staging_pg.scalar("SELECT count(*) FROM walpipe.divergences", dbname="staging") == 0
+    assert missing_divergences(staging_pg) == []
 
     # 2. the mirrors dropped and rebuilt from the same events in stream order
     assert work.stop() == 0
@@ -155,7 +162,7 @@ def test_renames_readds_defaults_and_types_keep_every_row(source_pg, staging_pg,
     wait_applied(source_pg, staging_pg, w, workers=work)
     assert dead_letters(staging_pg) == []
     assert_all_mirrored(source_pg, staging_pg)
-    assert staging_pg.scalar("SELECT count(*) FROM walpipe.divergences", dbname="staging") == 0
+    assert missing_divergences(staging_pg) == []
     assert work.stop() == 0
     assert w.stop() == 0
 
@@ -184,9 +191,8 @@ def test_default_not_known_is_a_recorded_divergence(source_pg, staging_pg, walpi
                    workers_extra={"claim_size": 3})
     work = start_work(walpipe_factory, w, 1)
     wait_applied(source_pg, staging_pg, w, workers=work)
-    rows = staging_pg.sql("SELECT kind, reason FROM walpipe.divergences WHERE table_name = 'gone' "
-                          "AND resolved_at IS NULL", dbname="staging")
-    assert len(rows) == 1 and rows[0][0] == "rewrite" and '"d"' in rows[0][1], rows
+    rows = missing_divergences(staging_pg)
+    assert len(rows) == 1 and rows[0][:2] == ("gone", "rewrite") and '"d"' in rows[0][2], rows
     assert dead_letters(staging_pg) == []
     assert work.stop() == 0
     assert w.stop() == 0
