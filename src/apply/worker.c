@@ -335,11 +335,10 @@ static void log_progress(struct wp_workers *p, PGconn *conn, int64_t *last_ms, u
 static void discover(struct wp_workers *p, PGconn *conn, const char *only, wp_buf_t *named)
 {
     for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
-        if (only == NULL || only[0] == '\0' || strcmp(only, p->config->sources[i].name) == 0)
-        {
-            wp_keys_discover(&p->config->sources[i], conn, named);
-            wp_columns_discover(&p->config->sources[i], conn);
-        }
+        if (only != NULL && only[0] != '\0' && strcmp(only, p->config->sources[i].name) != 0)
+            continue;
+        wp_keys_discover(&p->config->sources[i], conn, named);
+        wp_columns_discover(&p->config->sources[i], conn); /* the columns' missing values, for the mirror */
     }
 }
 
