@@ -195,7 +195,7 @@ int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen)
                         "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, "
                         "       a.attname = ANY (r.key_columns), r.generation, r.shape_lsn, "
                         "       coalesce(a.attname = ANY (st.not_null_columns), false), "
-                        "       coalesce((r.column_attnums ->> a.attname)::int, -1) "
+                        "       coalesce((r.column_attnums ->> a.attname)::int, -1), a.atthasdef "
                         "FROM walpipe.mirrors r "
                         "JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', r.mirror_schema, "
                         "r.mirror_table)) "
@@ -224,6 +224,7 @@ int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen)
         cols[i].is_key = PQgetvalue(res, (int)i, 3)[0] == 't';
         cols[i].src_not_null = PQgetvalue(res, (int)i, 6)[0] == 't';
         cols[i].attnum = atoi(PQgetvalue(res, (int)i, 7));
+        cols[i].has_default = PQgetvalue(res, (int)i, 8)[0] == 't';
         cols[i].qname = quote_ident(conn, cols[i].name);
         cols[i].lit = quote_literal(conn, cols[i].name);
     }
@@ -955,9 +956,13 @@ static void plan_follow(const wp_mirror_t *m, const wp_tshape_t *shape, bool ful
     }
 }
 
-/* Appends the ALTERs that bring m to shape as f planned; returns how many, or -1 when a name cannot be quoted. */
+/*
+ * Appends the ALTERs that bring m to shape as f planned; returns how many, or
+ * -1 when a name cannot be quoted.  defs[j]: the DEFAULT of new shape column
+ * j; tdefs[i]: the DEFAULT mirror column i gets again after a type change.
+ */
 static int render_alters(PGconn *conn, const wp_mirror_t *m, const wp_tshape_t *shape, const fplan_t *f,
-                         const char *const *defs, wp_buf_t *sql)
+                         const char *const *defs, const char *const *tdefs, wp_buf_t *sql)
 {
     int n = 0;
     char *q = NULL;
@@ -1019,8 +1024,21 @@ static int render_alters(PGconn *conn, const wp_mirror_t *m, const wp_tshape_t *
                 n = -1;
                 goto out;
             }
+            /* a default (the source's missing value) is set again for the new type: the cast of the old one
+               may not exist or may not be the source's */
+            if (m->cols[i].has_default)
+                wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s DROP DEFAULT; ", m->qmirror, q);
             wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s TYPE %s USING %s::text::%s; ", m->qmirror, q, type, q,
                           type);
+            if (m->cols[i].has_default && tdefs && tdefs[i]) {
+                wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s SET", m->qmirror, q);
+                if (!append_default(conn, sql, type, tdefs[i])) {
+                    free(type);
+                    n = -1;
+                    goto out;
+                }
+                wp_buf_puts(sql, "; ");
+            }
             if (m->cols[i].is_key)
                 wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s TYPE %s USING %s::text::%s; ", m->qtomb, q, type,
                               q, type);
@@ -1073,7 +1091,7 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
     fplan_t f = {0};
     size_t planned_cols = 0;
     srccat_t cat = {0};
-    const char **defs = NULL, **names = NULL;
+    const char **defs = NULL, **tdefs = NULL, **names = NULL;
     int64_t *attnums = NULL;
     int rc = -1;
     PGresult *res = NULL;
@@ -1118,10 +1136,38 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
     plan_follow(m, shape, full, &f);
     planned_cols = m->ncols;
 
-    /* new columns: the value rows from before read for them */
+    /* new columns, and retyped columns that have one: the value rows from before read for them */
     defs = wp_calloc(shape->ncols + 1, sizeof *defs);
-    if (plan_adds(shape, &f) > 0 && catalog_load(conn, m->source, m->schema, m->table, &cat, fail, err, errlen) != 0)
+    tdefs = wp_calloc(m->ncols + 1, sizeof *tdefs);
+    bool retyped_default = false;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (f.match[i] < 0 || !m->cols[i].has_default || m->cols[i].attnum <= 0)
+            continue;
+        const wp_tshape_col_t *c = &shape->cols[f.match[i]];
+        char *type = map_type(conn, c->type, c->typeoid);
+        retyped_default |= strcmp(type, m->cols[i].type) != 0;
+        free(type);
+    }
+    if ((plan_adds(shape, &f) > 0 || retyped_default) &&
+        catalog_load(conn, m->source, m->schema, m->table, &cat, fail, err, errlen) != 0)
         goto out;
+    for (size_t i = 0; i < m->ncols && retyped_default; i++) {
+        if (f.match[i] < 0 || !m->cols[i].has_default || m->cols[i].attnum <= 0)
+            continue;
+        /* (a rewrite of the source table, which a retyping may be, clears the missing value: then none) */
+        switch (catalog_missing(&cat, m->cols[i].attnum, shape->first_lsn, catalog_waited, &tdefs[i])) {
+        case MISSING_KNOWN:
+            break;
+        case MISSING_ASK:
+            catalog_ask(fail, err, errlen, m->source, m->schema, m->table, f.final[i]);
+            goto out;
+        case MISSING_UNKNOWN:
+            if (diverge_missing(conn, m->source, m->schema, m->table, f.final[i], m->cols[i].attnum,
+                                shape->first_lsn, fail, err, errlen) != 0)
+                goto out;
+            break;
+        }
+    }
     for (size_t j = 0; j < shape->ncols; j++) {
         const wp_tshape_col_t *c = &shape->cols[j];
         if (f.owner[j] >= 0 || is_reserved(c->name) || c->position <= 0)
@@ -1139,7 +1185,7 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
             break;
         }
     }
-    int n = render_alters(conn, m, shape, &f, defs, &sql);
+    int n = render_alters(conn, m, shape, &f, defs, tdefs, &sql);
     if (n < 0) {
         *fail = WP_FAIL_PARK;
         snprintf(err, errlen, "could not quote a column name of \"%s\".\"%s\"", m->schema, m->table);
@@ -1193,6 +1239,7 @@ out:
     PQclear(cat.res);
     fplan_free(&f, planned_cols);
     free(defs);
+    free(tdefs);
     free(names);
     free(attnums);
     wp_buf_free(&sql);

@@ -44,6 +44,7 @@ typedef struct wp_mcol {
     bool is_key;
     bool src_not_null; /* NOT NULL on the source (walpipe.source_tables) */
     int attnum;        /* the source column's attnum (walpipe.mirrors.column_attnums); -1 when not known */
+    bool has_default;  /* the mirror column has a DEFAULT: the source's missing value (mirror.c) */
 } wp_mcol_t;
 
 typedef struct wp_mirror {

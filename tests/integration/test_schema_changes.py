@@ -75,6 +75,19 @@ STEPS = [
     "UPDATE ren SET bee = 'short' WHERE rid = 10",
 ]
 
+# A retyping with USING of a column the mirror gave a default: text has no assignment cast to int,
+# so the mirror must not ask PostgreSQL to convert its default (the source drops it first, the
+# mirror too).  USING rewrites the source table, which changes rows without row changes in the WAL
+# and clears its missing values: making the rows equal again is a resync's business (README), so
+# only the mirror's columns and the rows written after are compared here.
+REWRITE_STEPS = [
+    "ALTER TABLE defs ADD COLUMN code text DEFAULT '7'",
+    "INSERT INTO defs (id, v) VALUES (20, 'v20')",
+    "ALTER TABLE defs ALTER COLUMN code DROP DEFAULT, ALTER COLUMN code TYPE int USING code::int, "
+    "ALTER COLUMN code SET DEFAULT 7",
+    "INSERT INTO defs (id, v, code) VALUES (21, 'v21', 8)",
+]
+
 KEYS = {"ren": ["rid"], "readd": ["id"], "defs": ["id"]}
 CHUNK = 5
 
@@ -86,6 +99,12 @@ def rediscover(staging_pg, w):
     wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.source_tables WHERE discovered_at > %s",
                                          (before,), dbname="staging") > 0,
                timeout=60, what="the source's catalog read again", walpipe=w)
+
+
+def column_types(cluster, dbname, table):
+    return cluster.sql("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                       "%s::regclass AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE '\\_walpipe%%' "
+                       "ORDER BY attname", (table,), dbname=dbname)
 
 
 def missing_divergences(staging_pg):
@@ -149,11 +168,9 @@ def test_renames_readds_defaults_and_types_keep_every_row(source_pg, staging_pg,
     assert_all_mirrored(source_pg, staging_pg)
 
     # the mirror's columns are the source's, named and typed alike, the key included
-    types = ("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
-             "AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE '\\_walpipe%%' ORDER BY attname")
     for table in KEYS:
-        assert staging_pg.sql(types, (f"analytics.public_{table}",), dbname="staging") == \
-            source_pg.sql(types, (f"public.{table}",), dbname="app"), table
+        assert column_types(staging_pg, "staging", f"analytics.public_{table}") == \
+            column_types(source_pg, "app", f"public.{table}"), table
     assert staging_pg.sql("SELECT key_columns FROM walpipe.mirrors WHERE table_name = 'ren'",
                           dbname="staging") == [(["rid"],)]
 
@@ -177,6 +194,16 @@ def test_live_renames_under_several_workers(source_pg, staging_pg, walpipe_facto
     wait_applied(source_pg, staging_pg, w)
     assert dead_letters(staging_pg) == []
     assert_all_mirrored(source_pg, staging_pg)
+
+    for stmt in REWRITE_STEPS:
+        source_pg.sql(stmt, dbname="app")
+    wait_applied(source_pg, staging_pg, w)
+    assert dead_letters(staging_pg) == []
+    assert column_types(staging_pg, "staging", "analytics.public_defs") == \
+        column_types(source_pg, "app", "public.defs")
+    row21 = "SELECT id, v, code FROM {} WHERE id = 21"
+    assert staging_pg.sql(row21.format("analytics.public_defs"), dbname="staging") == \
+        source_pg.sql(row21.format("public.defs"), dbname="app") == [(21, "v21", 8)]
     assert w.stop() == 0
 
 
