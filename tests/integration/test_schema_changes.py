@@ -223,3 +223,26 @@ def test_default_not_known_is_a_recorded_divergence(source_pg, staging_pg, walpi
     assert dead_letters(staging_pg) == []
     assert work.stop() == 0
     assert w.stop() == 0
+
+
+def test_snapshot_rows_applied_after_a_rename(source_pg, staging_pg, walpipe_factory):
+    """Rows of the initial snapshot carry positions too: applied after the mirror followed a rename
+    of the key and of another column, they land in the renamed columns."""
+    source_pg.createdb("app")
+    source_pg.sql("CREATE TABLE snap (id int PRIMARY KEY, a text, b int); "
+                  "INSERT INTO snap SELECT g, 'a' || g, g FROM generate_series(1, 30) g", dbname="app")
+    # no slot yet: walpipe creates it and copies the rows; no workers, so nothing is applied yet
+    w = start(walpipe_factory, staging_pg, source_pg, workers=0, workers_extra={"claim_size": 3})
+    wait_until(lambda: "initial snapshot done" in w.log(), timeout=120, what="snapshot done", walpipe=w)
+    for stmt in ["ALTER TABLE snap RENAME COLUMN id TO sid",
+                 "ALTER TABLE snap RENAME COLUMN a TO aa",
+                 "UPDATE snap SET aa = aa || '!' WHERE sid % 4 = 0",
+                 "DELETE FROM snap WHERE sid IN (5, 6)",
+                 "INSERT INTO snap VALUES (31, 'a31', 31)"]:
+        source_pg.sql(stmt, dbname="app")
+    wait_caught_up(source_pg, w)
+    work = apply_newest_first(source_pg, staging_pg, walpipe_factory, w)
+    assert dead_letters(staging_pg) == []
+    assert_mirrored(source_pg, staging_pg, "snap", ["sid"])
+    assert work.stop() == 0
+    assert w.stop() == 0
