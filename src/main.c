@@ -5,6 +5,7 @@
  *   walpipe init --config FILE   create or upgrade the staging schema
  *   walpipe work --config FILE   transform workers only, against the same staging database
  *   walpipe dlq list|retry|drop [--id N]... [--all] --config FILE
+ *   walpipe verify --config FILE [--source S] [--table T]... [--resync]
  *
  * Signal handlers only call wp_stop_request(); each source notices it within
  * one poll interval, commits the batch in hand, acknowledges it and exits.
@@ -24,8 +25,10 @@
 #include "mem.h"
 #include "migrate.h"
 #include "pipeline.h"
+#include "resync.h"
 #include "snapshot.h"
 #include "source.h"
+#include "verify.h"
 #include "worker.h"
 
 static void usage(FILE *out)
@@ -40,12 +43,17 @@ static void usage(FILE *out)
             "                               ahead, dropped or recreated), record the gap and go on instead of refusing\n"
             "  walpipe init --config FILE   create or upgrade the staging schema (idempotent)\n"
             "  walpipe snapshot --config FILE --source NAME [--table SCHEMA.TABLE]...\n"
-            "                               copy the current rows of a source's tables (default: its `tables`, or\n"
-            "                               all) into raw_events as 'snapshot' events, while `run` keeps streaming\n"
+            "                               resync a source's tables (default: its `tables`, or all): a truncate,\n"
+            "                               then their current rows as 'snapshot' events, while `run` keeps streaming\n"
             "  walpipe work --config FILE [--workers N]\n"
             "                               transform workers only: apply raw_events to the mirror tables\n"
             "  walpipe dlq list|retry|drop [--id N]... [--all] --config FILE\n"
             "                               show, retry or drop dead letters (events that could not be applied)\n"
+            "  walpipe verify --config FILE [--source NAME] [--table SCHEMA.TABLE]... [--resync]\n"
+            "                [--range-rows N] [--wait SECONDS] [--json]\n"
+            "                               compare each mirror with its source table by checksums over key ranges,\n"
+            "                               at one source position the mirror has reached; exit 0 all equal, 1 not;\n"
+            "                               --resync: re-snapshot the tables that differ and verify them again\n"
             "  walpipe --help | --version\n"
             "\n"
             "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
@@ -94,10 +102,14 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
             rc = WP_EXIT_FATAL;
     }
     wp_workers_t *workers = wp_workers_start(config, config->workers, true);
+    /* beside the sources' readers and stagers: a resync never holds up streaming */
+    wp_resyncer_t *resyncer = wp_resyncer_start(config);
     for (size_t i = 0; i < config->nsources; i++) {
         if (sources[i] && wp_source_join(sources[i]) != 0)
             rc = WP_EXIT_FATAL;
     }
+    wp_stop_request(); /* a source that ended on a fatal error ends the resyncer too */
+    wp_resyncer_stop(resyncer);
     wp_workers_stop(workers);
     free(sources);
     wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
@@ -147,6 +159,8 @@ int main(int argc, char **argv)
     size_t nids = 0;
     bool all = false;
     long long workers = 0;
+    bool resync = false, json = false;
+    long long range_rows = 10000, wait_seconds = 300;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -189,6 +203,15 @@ int main(int argc, char **argv)
             else
                 workers = v;
             i++;
+        } else if ((strcmp(argv[i], "--range-rows") == 0 || strcmp(argv[i], "--wait") == 0) && i + 1 < argc) {
+            if (!parse_count(argv[i], argv[i + 1], argv[i][2] == 'r' ? 100000000 : 86400,
+                             argv[i][2] == 'r' ? &range_rows : &wait_seconds))
+                goto out;
+            i++;
+        } else if (strcmp(argv[i], "--resync") == 0) {
+            resync = true;
+        } else if (strcmp(argv[i], "--json") == 0) {
+            json = true;
         } else if (strcmp(argv[i], "--all") == 0) {
             all = true;
         } else if (argv[i][0] != '-' && command == NULL) {
@@ -202,7 +225,7 @@ int main(int argc, char **argv)
     }
     if (command == NULL ||
         (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0 &&
-         strcmp(command, "work") != 0 && strcmp(command, "dlq") != 0)) {
+         strcmp(command, "work") != 0 && strcmp(command, "dlq") != 0 && strcmp(command, "verify") != 0)) {
         if (command)
             fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
         usage(stderr);
@@ -212,8 +235,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "walpipe: snapshot needs --source NAME\n");
         goto out;
     }
-    if ((source_name || ntables) && strcmp(command, "snapshot") != 0) {
-        fprintf(stderr, "walpipe: --source and --table go with the snapshot command\n");
+    if ((source_name || ntables) && strcmp(command, "snapshot") != 0 && strcmp(command, "verify") != 0) {
+        fprintf(stderr, "walpipe: --source and --table go with the snapshot and verify commands\n");
+        goto out;
+    }
+    if ((resync || json) && strcmp(command, "verify") != 0) {
+        fprintf(stderr, "walpipe: --resync and --json go with the verify command\n");
         goto out;
     }
     if (config_path == NULL) {
@@ -244,6 +271,16 @@ int main(int argc, char **argv)
         rc = cmd_work(config, (int)workers);
     else if (strcmp(command, "dlq") == 0)
         rc = wp_dlq_command(config, action, ids, nids, all);
+    else if (strcmp(command, "verify") == 0) {
+        wp_verify_opts_t vo = {.source = source_name,
+                               .tables = tables,
+                               .ntables = ntables,
+                               .resync = resync,
+                               .json = json,
+                               .range_rows = (long)range_rows,
+                               .wait_seconds = (long)wait_seconds};
+        rc = wp_verify_command(config, &vo);
+    }
     else
         rc = cmd_run(config, accept_gap, naccept_gap);
 out:

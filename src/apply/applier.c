@@ -35,7 +35,9 @@
 #include <time.h>
 
 #include "applier.h"
+#include "keys.h"
 #include "log.h"
+#include "rewrites.h"
 #include "runtime.h"
 #include "utf8.h"
 
@@ -52,7 +54,6 @@ enum {
     AP_OK = 0,         /* applied, or failed on its own (ev->fail set) with the transaction intact */
     AP_SQL = -1,       /* a statement failed: the transaction is aborted */
     AP_TRANSIENT = -2, /* deadlock, lost connection, ...: roll back and claim again */
-    AP_NO_KEY = -3,    /* a table's key is not discovered yet: roll back, wait for it */
 };
 
 typedef enum ev_kind { K_OTHER, K_INSERT, K_UPDATE, K_DELETE, K_TRUNCATE } ev_kind_t;
@@ -112,10 +113,33 @@ typedef struct plan {
     shape_entry_t *se; /* its shape (I/U), or NULL */
 } plan_t;
 
+/* A table whose key this applier asked `walpipe run` for and waited for, and when. */
 typedef struct waited {
-    char *key; /* "source\tschema\ttable" */
+    char *key; /* table_key() */
     int64_t at_ms;
 } waited_t;
+
+/*
+ * A table whose mirror could not be opened in this wp_applier_apply, and
+ * why: every other event of it fails the same way without asking staging
+ * again.  NO_KEY: no key recorded yet, and this claim will wait for it
+ * (wp_applier_wait_keys); DEFER: no key recorded, and waiting again would not
+ * help; PARK: the table cannot be mirrored (source_tables.problem).
+ */
+typedef struct table_fail {
+    char *key; /* table_key() */
+    char *source, *schema, *table;
+    wp_fail_t fail;
+    char error[400];
+} table_fail_t;
+
+/* A table whose column catalog this claim waits for (with the keys, wp_applier_wait_keys). */
+typedef struct col_need {
+    char *key; /* table_key() */
+    char *source, *schema, *table;
+    wp_lsn_t lsn; /* a read at or past it counts */
+    bool read;
+} col_need_t;
 
 struct wp_applier {
     const wp_config_t *config;
@@ -127,13 +151,15 @@ struct wp_applier {
     size_t nshapes, shapes_cap;
     waited_t *waited;
     size_t nwaited, waited_cap;
-    char **need_keys; /* tables of the last AP_NO_KEY */
-    size_t nneed, need_cap;
-    char **need_cols; /* "source\tschema\ttable": column catalogs the last AP_NO_KEY waits for ... */
-    wp_lsn_t *need_cols_lsn; /* ... each to be read past this LSN */
+    table_fail_t *tfails; /* tables of the last wp_applier_apply whose mirror could not be opened */
+    size_t ntfails, tfails_cap;
+    col_need_t *need_cols; /* column catalogs the last wp_applier_apply wants read (see need_columns) */
     size_t nneed_cols, need_cols_cap;
-    waited_t *cwaited; /* tables whose column catalog was waited for */
+    waited_t *cwaited; /* tables whose column catalog this applier waited for, and when */
     size_t ncwaited, cwaited_cap;
+    bool may_wait;  /* wp_applier_may_wait_keys */
+    bool want_wait; /* the last apply met a table whose key or column catalog it should wait for */
+    bool alive_known, alive; /* discovery_alive(), asked in this apply */
     const wp_event_t *events; /* the claim being applied */
     size_t nevents;
     wp_payload_t payload;
@@ -155,6 +181,28 @@ struct wp_applier {
     plan_t *plans;
     size_t plans_cap;
 };
+
+static void needs_clear(wp_applier_t *a)
+{
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        free(a->need_cols[i].key);
+        free(a->need_cols[i].source);
+        free(a->need_cols[i].schema);
+        free(a->need_cols[i].table);
+    }
+    a->nneed_cols = 0;
+}
+
+static void tfails_clear(wp_applier_t *a)
+{
+    for (size_t i = 0; i < a->ntfails; i++) {
+        free(a->tfails[i].key);
+        free(a->tfails[i].source);
+        free(a->tfails[i].schema);
+        free(a->tfails[i].table);
+    }
+    a->ntfails = 0;
+}
 
 /* ---------------------------------------------------------------- events */
 
@@ -322,13 +370,10 @@ void wp_applier_destroy(wp_applier_t *a)
     for (size_t i = 0; i < a->nwaited; i++)
         free(a->waited[i].key);
     free(a->waited);
-    for (size_t i = 0; i < a->nneed; i++)
-        free(a->need_keys[i]);
-    free(a->need_keys);
-    for (size_t i = 0; i < a->nneed_cols; i++)
-        free(a->need_cols[i]);
+    tfails_clear(a);
+    free(a->tfails);
+    needs_clear(a);
     free(a->need_cols);
-    free(a->need_cols_lsn);
     for (size_t i = 0; i < a->ncwaited; i++)
         free(a->cwaited[i].key);
     free(a->cwaited);
@@ -434,8 +479,6 @@ static int sync_failure(wp_applier_t *a, wp_event_t *ev, wp_fail_t fail)
 {
     if (fail == WP_FAIL_TRANSIENT || PQstatus(a->conn) != CONNECTION_OK)
         return AP_TRANSIENT;
-    if (fail == WP_FAIL_NO_KEY || fail == WP_FAIL_NO_COLUMNS)
-        return AP_NO_KEY;
     if (PQtransactionStatus(a->conn) == PQTRANS_INERROR)
         return AP_SQL;
     (void)ev;
@@ -643,6 +686,18 @@ static void sweep_add(mentry_t *me, const char *const *keyvals)
 
 /* ---------------------------------------------------------------- mirrors and shapes */
 
+/*
+ * "<len>:source<len>:schema<len>:table": a table as one string, unambiguous
+ * whatever bytes the names hold (see key_text).  Also the payload of a
+ * NOTIFY walpipe_discover (worker.c reads it back).  Caller frees.
+ */
+static char *table_key(const char *source, const char *schema, const char *table)
+{
+    wp_buf_t b = WP_BUF_INIT;
+    wp_buf_printf(&b, "%zu:%s%zu:%s%zu:%s", strlen(source), source, strlen(schema), schema, strlen(table), table);
+    return b.data;
+}
+
 static bool waited_recently(wp_applier_t *a, const char *key)
 {
     int64_t now = wp_now_ms();
@@ -652,18 +707,59 @@ static bool waited_recently(wp_applier_t *a, const char *key)
     return false;
 }
 
-/* "source\tschema\ttable" of ev (owned by the caller). */
-static char *table_key(const wp_event_t *ev)
+/*
+ * Remembers in list that the applier waited for key now; forgets what it
+ * waited for longer than memory_ms ago (it no longer matters).
+ */
+static void remember_waited(waited_t **list, size_t *n, size_t *cap, const char *key, int64_t memory_ms)
 {
-    wp_buf_t key = WP_BUF_INIT;
-    wp_buf_printf(&key, "%s\t%s\t%s", ev->source, ev->schema, ev->table);
-    return key.data;
+    int64_t now = wp_now_ms();
+    size_t keep = 0;
+    for (size_t i = 0; i < *n; i++) {
+        if (now - (*list)[i].at_ms >= memory_ms || strcmp((*list)[i].key, key) == 0)
+            free((*list)[i].key);
+        else
+            (*list)[keep++] = (*list)[i];
+    }
+    *n = keep;
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 8;
+        *list = wp_realloc(*list, *cap * sizeof **list);
+    }
+    (*list)[*n].key = wp_strdup(key);
+    (*list)[(*n)++].at_ms = now;
+}
+
+static table_fail_t *find_tfail(wp_applier_t *a, const wp_event_t *ev)
+{
+    for (size_t i = 0; i < a->ntfails; i++) {
+        table_fail_t *tf = &a->tfails[i];
+        if (strcmp(tf->table, ev->table) == 0 && strcmp(tf->schema, ev->schema) == 0 &&
+            strcmp(tf->source, ev->source) == 0)
+            return tf;
+    }
+    return NULL;
+}
+
+static void add_tfail(wp_applier_t *a, const wp_event_t *ev, char *key)
+{
+    if (a->ntfails == a->tfails_cap) {
+        a->tfails_cap = a->tfails_cap ? a->tfails_cap * 2 : 8;
+        a->tfails = wp_realloc(a->tfails, a->tfails_cap * sizeof *a->tfails);
+    }
+    table_fail_t *tf = &a->tfails[a->ntfails++];
+    tf->key = key;
+    tf->source = wp_strdup(ev->source);
+    tf->schema = wp_strdup(ev->schema);
+    tf->table = wp_strdup(ev->table);
+    tf->fail = ev->fail;
+    snprintf(tf->error, sizeof tf->error, "%s", ev->error); /* ev->error is as long, and valid UTF-8 */
 }
 
 /* Whether the column catalog of ev's table was waited for lately: then a column it lacks is added without it. */
 static bool columns_waited(wp_applier_t *a, const wp_event_t *ev)
 {
-    char *key = table_key(ev);
+    char *key = table_key(ev->source, ev->schema, ev->table);
     int64_t now = wp_now_ms();
     bool waited = false;
     for (size_t i = 0; i < a->ncwaited && !waited; i++)
@@ -673,19 +769,33 @@ static bool columns_waited(wp_applier_t *a, const wp_event_t *ev)
 }
 
 /*
- * After WP_FAIL_NO_COLUMNS: the claim rolls back and waits until the
- * catalog of ev's table was read again, past lsn (a read that did not have
- * what the mirror needs is not enough, whatever its position).
+ * After WP_FAIL_NO_COLUMNS, when the claim waits: it rolls back and waits
+ * (wp_applier_wait_keys, with the keys) until the catalog of ev's table was
+ * read again, past lsn (a read that did not have what the mirror needs is not
+ * enough, whatever its position).
  */
 static void need_columns(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
 {
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        col_need_t *cn = &a->need_cols[i];
+        if (strcmp(cn->table, ev->table) == 0 && strcmp(cn->schema, ev->schema) == 0 &&
+            strcmp(cn->source, ev->source) == 0) {
+            if (lsn > cn->lsn)
+                cn->lsn = lsn;
+            return;
+        }
+    }
     if (a->nneed_cols == a->need_cols_cap) {
         a->need_cols_cap = a->need_cols_cap ? a->need_cols_cap * 2 : 4;
         a->need_cols = wp_realloc(a->need_cols, a->need_cols_cap * sizeof *a->need_cols);
-        a->need_cols_lsn = wp_realloc(a->need_cols_lsn, a->need_cols_cap * sizeof *a->need_cols_lsn);
     }
-    a->need_cols_lsn[a->nneed_cols] = lsn;
-    a->need_cols[a->nneed_cols++] = table_key(ev);
+    col_need_t *cn = &a->need_cols[a->nneed_cols++];
+    cn->key = table_key(ev->source, ev->schema, ev->table);
+    cn->source = wp_strdup(ev->source);
+    cn->schema = wp_strdup(ev->schema);
+    cn->table = wp_strdup(ev->table);
+    cn->lsn = lsn;
+    cn->read = false;
 }
 
 static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
@@ -753,6 +863,42 @@ static int pin_mirror(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
     return AP_OK;
 }
 
+/*
+ * Whether a `walpipe run` discovering keys is connected to staging (it holds
+ * WP_KEYS_DISCOVERY_LOCK shared): if none is, waiting for a key is waiting
+ * for nobody.  Asked once per wp_applier_apply.
+ */
+static bool discovery_alive(wp_applier_t *a)
+{
+    if (a->alive_known)
+        return a->alive;
+    PGresult *res = PQexec(a->conn, "SELECT EXISTS (SELECT 1 FROM pg_locks l, pg_database d "
+                                    "WHERE l.locktype = 'advisory' AND l.database = d.oid AND "
+                                    "d.datname = current_database() AND l.granted AND "
+                                    "(l.classid, l.objid, l.objsubid) = (" WP_KEYS_DISCOVERY_LOCK ", 2))");
+    a->alive = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+    a->alive_known = true;
+    PQclear(res);
+    return a->alive;
+}
+
+/*
+ * After WP_FAIL_NO_COLUMNS (the source's column catalog was not read since a
+ * column the mirror adds appeared): whether this claim waits for a read.  It
+ * does, in its one wait with the keys (need_columns), unless it may not wait,
+ * waited for this table's columns lately, or no `walpipe run` discovers
+ * (nobody would read the catalog): then the caller adds the columns without
+ * the catalog at once, as after a wait that was not answered.
+ */
+static bool columns_wait(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
+{
+    if (!a->may_wait || columns_waited(a, ev) || !discovery_alive(a))
+        return false;
+    need_columns(a, ev, lsn);
+    a->want_wait = true;
+    return true;
+}
+
 /* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
 static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
 {
@@ -760,32 +906,43 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
     *rc = AP_OK;
     if (me)
         return me;
+    table_fail_t *tf = find_tfail(a, ev);
+    if (tf) {
+        wp_event_fail(ev, tf->fail, "%s", tf->error);
+        return NULL;
+    }
     if ((*rc = go_sync(a)) != AP_OK)
         return NULL;
     wp_fail_t fail = WP_FAIL_NONE;
     char err[512];
     wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape,
                                     columns_waited(a, ev), &fail, err, sizeof err);
+    if (m == NULL && fail == WP_FAIL_NO_COLUMNS && !columns_wait(a, ev, shape ? shape->first_lsn : ev->lsn)) {
+        fail = WP_FAIL_NONE; /* the new columns get no default, and the mirror is recorded as diverged */
+        m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, true, &fail, err, sizeof err);
+    }
     if (m == NULL) {
-        if (fail == WP_FAIL_NO_COLUMNS)
-            need_columns(a, ev, shape ? shape->first_lsn : ev->lsn);
+        char *key = table_key(ev->source, ev->schema, ev->table);
         if (fail == WP_FAIL_NO_KEY) {
-            wp_buf_t key = WP_BUF_INIT;
-            wp_buf_printf(&key, "%s\t%s\t%s", ev->source, ev->schema, ev->table);
-            if (waited_recently(a, key.data)) {
-                fail = WP_FAIL_RETRY; /* asked and waited already: dead-letter it, retried with backoff */
-            } else {
-                if (a->nneed == a->need_cap) {
-                    a->need_cap = a->need_cap ? a->need_cap * 2 : 4;
-                    a->need_keys = wp_realloc(a->need_keys, a->need_cap * sizeof *a->need_keys);
-                }
-                a->need_keys[a->nneed++] = key.data;
-                key.data = NULL;
-            }
-            wp_buf_free(&key);
+            /*
+             * At most one wait per claim: this claim waits (the caller rolls
+             * back, wp_applier_wait_keys) only for tables it has not waited
+             * for lately; any other unknown table is dead-lettered as
+             * deferred, retried until `walpipe run` records its key or why it
+             * has none.
+             */
+            if (a->may_wait && !waited_recently(a, key) && discovery_alive(a))
+                a->want_wait = true;
+            else
+                fail = WP_FAIL_DEFER;
         }
         wp_event_fail(ev, fail, "%s", err);
         *rc = sync_failure(a, ev, fail);
+        if (*rc == AP_OK && (fail == WP_FAIL_NO_KEY || fail == WP_FAIL_NO_COLUMNS || fail == WP_FAIL_DEFER ||
+                             fail == WP_FAIL_PARK))
+            add_tfail(a, ev, key); /* a failure of the table, not of this event: the same for all its events */
+        else
+            free(key);
         return NULL;
     }
     me = wp_calloc(1, sizeof *me);
@@ -1002,6 +1159,19 @@ static const char *before_name(const mentry_t *me, size_t i, wp_lsn_t lsn)
 
 /* ---------------------------------------------------------------- applying one event */
 
+/* "a", "b" (the names in o, quoted, comma-separated) into b, for a reason. */
+static void field_names(const wp_jobject_t *o, wp_buf_t *b)
+{
+    for (size_t i = 0; i < o->n; i++)
+        wp_buf_printf(b, "%s\"%s\"", i ? ", " : "", o->fields[i].name);
+}
+
+static void key_list(const wp_mirror_t *m, wp_buf_t *b)
+{
+    for (size_t k = 0; k < m->nkeys; k++)
+        wp_buf_printf(b, "%s\"%s\"", k ? ", " : "", m->cols[m->keys[k]].name);
+}
+
 /*
  * The key column at index i of the mirror in image o under another name it
  * had (newest first), or under its name now: a DELETE between a rename and
@@ -1020,7 +1190,17 @@ static const wp_jfield_t *key_other_name(const mentry_t *me, size_t i, const wp_
     return wp_jobject_get(o, c->name, NULL);
 }
 
-/* Fills out[0..) with the key values of identity o (key or before) in key order, named knames[k] there. */
+/*
+ * Fills out[0..nkeys) with the mirror's key values from the old-row identity
+ * o (the payload's key, or before for REPLICA IDENTITY FULL) of an update or
+ * delete (what), where they are named knames[k] (key_names) or another name
+ * the column had (key_other_name).  When the event does not carry them,
+ * fails it with a reason about this event alone: which columns it
+ * identifies its row by (the table's replica identity when the change was
+ * made, which may differ from the one the catalog shows now) and which key
+ * column they lack.  Parked: nothing can tell which row it changed; the
+ * dead-letter queue marks the mirror diverged, and a resync repairs it.
+ */
 static bool key_values(const mentry_t *me, const char *const *knames, const wp_jobject_t *o, const char **out,
                        wp_event_t *ev, const char *what)
 {
@@ -1031,14 +1211,35 @@ static bool key_values(const mentry_t *me, const char *const *knames, const wp_j
         const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, knames[k], &hint) : NULL;
         if (f == NULL && o && o->present)
             f = key_other_name(me, m->keys[k], o);
-        if (f == NULL || f->value == NULL) {
-            wp_event_fail(ev, WP_FAIL_PARK,
-                    "%s of \"%s\".\"%s\" has no value for key column \"%s\" (\"%s\" at the time) of mirror %s (the "
-                    "replica identity changed?); hint: make the mirror's key the table's replica identity again",
-                    what, m->schema, m->table, c->name, knames[k], m->qmirror);
-            return false;
+        if (f != NULL && f->value != NULL) {
+            out[k] = f->value;
+            continue;
         }
-        out[k] = f->value;
+        wp_buf_t carried = WP_BUF_INIT, keys = WP_BUF_INIT;
+        key_list(m, &keys);
+        if (o == NULL || !o->present || o->n == 0)
+            wp_event_fail(ev, WP_FAIL_PARK,
+                          "this %s carries no old-row identity, so nothing tells which row of \"%s\".\"%s\" it "
+                          "changed: the mirror's key is %s; the mirror missed this change and is marked diverged "
+                          "until the table is resynced",
+                          what, m->schema, m->table, keys.data);
+        else if (f == NULL) {
+            field_names(o, &carried);
+            wp_event_fail(ev, WP_FAIL_PARK,
+                          "this %s identifies its old row by %s (the replica identity of \"%s\".\"%s\" when the "
+                          "change was made), without key column \"%s\" of the mirror's key %s (read from the "
+                          "source's catalog later), so nothing tells which row it changed; the mirror missed this "
+                          "change and is marked diverged until the table is resynced",
+                          what, carried.data, m->schema, m->table, c->name, keys.data);
+        } else
+            wp_event_fail(ev, WP_FAIL_PARK,
+                          "this %s carries null for key column \"%s\" in its old-row identity, so nothing tells "
+                          "which row of \"%s\".\"%s\" it changed; the mirror missed this change and is marked "
+                          "diverged until the table is resynced",
+                          what, c->name, m->schema, m->table);
+        wp_buf_free(&carried);
+        wp_buf_free(&keys);
+        return false;
     }
     return true;
 }
@@ -1292,16 +1493,22 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         if ((rc = go_sync(a)) != AP_OK)
             return rc;
         /* an insert's shape lists every column; an update's may leave unchanged TOAST columns out */
-        if (wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, columns_waited(a, ev), &changed, &fail,
-                             err, sizeof err) != 0) {
-            if (fail == WP_FAIL_NO_COLUMNS)
-                need_columns(a, ev, se->shape.first_lsn);
+        int frc = wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, columns_waited(a, ev), &changed,
+                                   &fail, err, sizeof err);
+        if (frc != 0 && fail == WP_FAIL_NO_COLUMNS && !columns_wait(a, ev, se->shape.first_lsn)) {
+            fail = WP_FAIL_NONE; /* without the catalog (see get_mirror) */
+            frc = wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, true, &changed, &fail, err,
+                                   sizeof err);
+        }
+        if (frc != 0) {
             wp_event_fail(ev, fail, "%s", err);
             return sync_failure(a, ev, fail);
         }
         if (changed) {
             forget_stmts(a, me);
             a->changes++;
+            /* a newer shape may come with a rewrite (ALTER COLUMN TYPE ... USING): `walpipe run` looks now */
+            PQclear(PQexec(a->conn, "NOTIFY walpipe_discover, '" WP_REWRITES_POLL_NOW "'"));
         }
         se->followed_mirror = m->id;
         se->followed_gen = m->generation;
@@ -1565,12 +1772,10 @@ static int apply_pass(wp_applier_t *a, wp_event_t *events, size_t n)
 int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
 {
     int rc;
-    for (size_t i = 0; i < a->nneed; i++)
-        free(a->need_keys[i]);
-    a->nneed = 0;
-    for (size_t i = 0; i < a->nneed_cols; i++)
-        free(a->need_cols[i]);
-    a->nneed_cols = 0;
+    tfails_clear(a);
+    needs_clear(a);
+    a->want_wait = false;
+    a->alive_known = false;
     a->events = events;
     a->nevents = n;
     a->txn++;
@@ -1578,11 +1783,13 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
         return -1;
     a->careful = false;
     rc = apply_pass(a, events, n);
+    if (rc == AP_OK && a->want_wait)
+        return 1;
     if (rc == AP_OK)
         return exec_simple(a, "RELEASE SAVEPOINT wp_apply") == AP_OK ? 0 : -1;
     if (rc == AP_TRANSIENT || PQstatus(a->conn) != CONNECTION_OK)
         return -1;
-    if (rc == AP_NO_KEY)
+    if (a->want_wait)
         return 1;
     /* a statement failed: apply again one event at a time to find the ones that fail */
     wp_debug("claim of %zu events failed (%s); applying them one by one", n, a->pipe_failed ? a->pipe_error : "");
@@ -1591,9 +1798,11 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
     a->txn++;
     wp_applier_reset(a);
     a->careful = true;
+    tfails_clear(a);
+    needs_clear(a);
     rc = apply_pass(a, events, n);
     a->careful = false;
-    if (rc == AP_NO_KEY)
+    if (rc == AP_OK && a->want_wait)
         return 1;
     if (rc != AP_OK)
         return -1;
@@ -1633,7 +1842,41 @@ const char *wp_applier_last_error(const wp_applier_t *a)
                                                                                  : PQerrorMessage(a->conn);
 }
 
-/* The staging clock now (before asking for a read): only a read recorded after it counts (see need_columns). */
+bool wp_applier_may_wait_keys(wp_applier_t *a, bool may_wait)
+{
+    bool was = a->may_wait;
+    a->may_wait = may_wait;
+    return was;
+}
+
+/* NOTIFY walpipe_discover with key (table_key()): `walpipe run` reads that table's key and columns soon. */
+static int request_table(wp_applier_t *a, const char *key, const char *schema, const char *table)
+{
+    const char *params[] = {key};
+    PGresult *res = PQexecParams(a->conn, "SELECT pg_notify('walpipe_discover', $1)", 1, NULL, params, NULL, NULL, 0);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_warn("staging: could not ask `walpipe run` to read \"%s\".\"%s\": %s", schema, table,
+                PQerrorMessage(a->conn));
+        rc = -1;
+    }
+    PQclear(res);
+    return rc;
+}
+
+int wp_applier_request_keys(wp_applier_t *a)
+{
+    int rc = 0;
+    for (size_t i = 0; i < a->ntfails && rc == 0; i++) {
+        if (a->tfails[i].fail == WP_FAIL_NO_KEY || a->tfails[i].fail == WP_FAIL_DEFER)
+            rc = request_table(a, a->tfails[i].key, a->tfails[i].schema, a->tfails[i].table);
+    }
+    for (size_t i = 0; i < a->nneed_cols && rc == 0; i++)
+        rc = request_table(a, a->need_cols[i].key, a->need_cols[i].schema, a->need_cols[i].table);
+    return rc;
+}
+
+/* The staging clock now (before asking for a read): only a column catalog read recorded after it counts. */
 static void columns_since(wp_applier_t *a, char *since, size_t len)
 {
     snprintf(since, len, "infinity");
@@ -1645,121 +1888,92 @@ static void columns_since(wp_applier_t *a, char *since, size_t len)
     PQclear(res);
 }
 
-/*
- * Waits until `walpipe run` has read the column catalogs the last claim
- * asked for (each past the LSN it needs, recorded after since), or
- * deadline.  A table whose catalog is still not read is remembered: its new
- * columns are added without it for a while (and the mirror recorded as
- * diverged, mirror.c).
- */
-static void wait_columns(wp_applier_t *a, int64_t deadline, const char *since)
+/* Whether `walpipe run` recorded a read of cn's column catalog after since, at or past the LSN it needs. */
+static bool columns_read(wp_applier_t *a, const col_need_t *cn, const char *since)
 {
-    while (a->nneed_cols > 0 && !wp_stop_requested()) {
-        size_t left = 0;
-        for (size_t i = 0; i < a->nneed_cols; i++) {
-            char *key = a->need_cols[i], lsn[WP_LSN_STRLEN];
-            char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
-            bool fresh = t2 == NULL; /* malformed: nothing to wait for */
-            if (!fresh) {
-                *t1 = *t2 = '\0';
-                const char *params[] = {key, t1 + 1, t2 + 1, wp_lsn_format(a->need_cols_lsn[i], lsn), since};
-                PGresult *res = PQexecParams(a->conn,
-                                             "SELECT coalesce(min(read_lsn) >= $4::pg_lsn AND min(read_at) > "
-                                             "$5::timestamptz, false) FROM walpipe.source_columns WHERE source = $1 "
-                                             "AND schema_name = $2 AND table_name = $3",
-                                             5, NULL, params, NULL, NULL, 0);
-                fresh = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
-                PQclear(res);
-                *t1 = *t2 = '\t';
-            }
-            if (fresh) {
-                free(key);
-            } else {
-                a->need_cols_lsn[left] = a->need_cols_lsn[i];
-                a->need_cols[left++] = key;
-            }
-        }
-        a->nneed_cols = left;
-        if (left == 0 || wp_now_ms() >= deadline)
-            break;
-        struct timespec ts = {0, 200 * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    size_t kept = 0; /* forget what expired */
-    for (size_t i = 0; i < a->ncwaited; i++) {
-        if (wp_now_ms() - a->cwaited[i].at_ms < COLUMNS_WAIT_MEMORY_MS)
-            a->cwaited[kept++] = a->cwaited[i];
-        else
-            free(a->cwaited[i].key);
-    }
-    a->ncwaited = kept;
-    for (size_t i = 0; i < a->nneed_cols; i++) {
-        char *key = a->need_cols[i];
-        char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
-        if (t2)
-            wp_info("`walpipe run` has not read the columns of table \"%.*s\".\"%s\" of source \"%.*s\" since they "
-                    "changed: its new columns get no default for the rows that existed",
-                    (int)(t2 - t1 - 1), t1 + 1, t2 + 1, (int)(t1 - key), key);
-        if (a->ncwaited == a->cwaited_cap) {
-            a->cwaited_cap = a->cwaited_cap ? a->cwaited_cap * 2 : 8;
-            a->cwaited = wp_realloc(a->cwaited, a->cwaited_cap * sizeof *a->cwaited);
-        }
-        a->cwaited[a->ncwaited].key = key;
-        a->cwaited[a->ncwaited++].at_ms = wp_now_ms();
-    }
-    a->nneed_cols = 0;
+    char lsn[WP_LSN_STRLEN];
+    const char *params[] = {cn->source, cn->schema, cn->table, wp_lsn_format(cn->lsn, lsn), since};
+    PGresult *res = PQexecParams(a->conn,
+                                 "SELECT coalesce(min(read_lsn) >= $4::pg_lsn AND min(read_at) > $5::timestamptz, "
+                                 "false) FROM walpipe.source_columns WHERE source = $1 AND schema_name = $2 AND "
+                                 "table_name = $3",
+                                 5, NULL, params, NULL, NULL, 0);
+    bool read = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+    PQclear(res);
+    return read;
 }
 
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
 {
     int64_t deadline = wp_now_ms() + wait_ms;
+    size_t left = 0;
     char since[64];
     columns_since(a, since, sizeof since);
-    PGresult *res = PQexec(a->conn, "NOTIFY walpipe_discover");
-    PQclear(res);
-    for (size_t i = 0; i < a->nneed; i++) {
-        char *key = a->need_keys[i], *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
-        if (t2)
-            wp_info("waiting for `walpipe run` to record the key of table \"%.*s\".\"%s\" of source \"%.*s\"",
-                    (int)(t2 - t1 - 1), t1 + 1, t2 + 1, (int)(t1 - key), key);
+    wp_applier_request_keys(a);
+    for (size_t i = 0; i < a->ntfails; i++) {
+        table_fail_t *tf = &a->tfails[i];
+        if (tf->fail != WP_FAIL_NO_KEY)
+            continue;
+        wp_info("waiting up to %d ms for `walpipe run` to record the key of table \"%s\".\"%s\" of source \"%s\"",
+                wait_ms, tf->schema, tf->table, tf->source);
+        left++;
     }
-    while (a->nneed > 0 && wp_now_ms() < deadline && !wp_stop_requested()) {
-        size_t left = 0;
-        for (size_t i = 0; i < a->nneed; i++) {
-            char *key = a->need_keys[i];
-            char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
-            bool found = false;
-            if (t2) {
-                *t1 = *t2 = '\0';
-                const char *params[] = {key, t1 + 1, t2 + 1};
-                res = PQexecParams(a->conn,
-                                   "SELECT 1 FROM walpipe.source_tables WHERE source = $1 AND schema_name = $2 "
-                                   "AND table_name = $3",
-                                   3, NULL, params, NULL, NULL, 0);
-                found = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
-                PQclear(res);
-                *t1 = *t2 = '\t';
-            }
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        col_need_t *cn = &a->need_cols[i];
+        wp_info("waiting up to %d ms for `walpipe run` to read the columns of table \"%s\".\"%s\" of source \"%s\"",
+                wait_ms, cn->schema, cn->table, cn->source);
+        left++;
+    }
+    /* one wait for all of them: keys and column catalogs together */
+    while (left > 0 && wp_now_ms() < deadline && !wp_stop_requested()) {
+        left = 0;
+        for (size_t i = 0; i < a->ntfails; i++) {
+            table_fail_t *tf = &a->tfails[i];
+            if (tf->fail != WP_FAIL_NO_KEY)
+                continue;
+            const char *params[] = {tf->source, tf->schema, tf->table};
+            PGresult *res = PQexecParams(a->conn,
+                                         "SELECT 1 FROM walpipe.source_tables WHERE source = $1 AND schema_name = $2 "
+                                         "AND table_name = $3",
+                                         3, NULL, params, NULL, NULL, 0);
+            bool found = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
+            PQclear(res);
             if (found)
-                free(key);
+                tf->fail = WP_FAIL_NONE; /* recorded: nothing more to wait for */
             else
-                a->need_keys[left++] = key;
+                left++;
         }
-        a->nneed = left;
+        for (size_t i = 0; i < a->nneed_cols; i++) {
+            col_need_t *cn = &a->need_cols[i];
+            if (!cn->read && !(cn->read = columns_read(a, cn, since)))
+                left++;
+        }
         if (left > 0) {
             struct timespec ts = {0, 200 * 1000000L};
             nanosleep(&ts, NULL);
         }
     }
-    /* what is still missing is dead-lettered next time instead of waited for again */
-    for (size_t i = 0; i < a->nneed; i++) {
-        if (a->nwaited == a->waited_cap) {
-            a->waited_cap = a->waited_cap ? a->waited_cap * 2 : 8;
-            a->waited = wp_realloc(a->waited, a->waited_cap * sizeof *a->waited);
-        }
-        a->waited[a->nwaited].key = a->need_keys[i];
-        a->waited[a->nwaited++].at_ms = wp_now_ms();
+    /*
+     * Waited once: the next attempt dead-letters a key still missing instead
+     * of waiting again, and adds columns without a catalog still not read
+     * (recording the mirror as diverged, mirror.c).  A table waited for for
+     * its key counts as waited for for its columns too: `walpipe run` reads
+     * a requested table's columns before its key (worker.c), so when the key
+     * came, so did the columns, if they could be read at all.
+     */
+    for (size_t i = 0; i < a->ntfails; i++) {
+        remember_waited(&a->waited, &a->nwaited, &a->waited_cap, a->tfails[i].key, KEY_WAIT_MEMORY_MS);
+        if (a->tfails[i].fail == WP_FAIL_NO_KEY || a->tfails[i].fail == WP_FAIL_NONE)
+            remember_waited(&a->cwaited, &a->ncwaited, &a->cwaited_cap, a->tfails[i].key, COLUMNS_WAIT_MEMORY_MS);
     }
-    a->nneed = 0;
-    wait_columns(a, deadline, since);
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        col_need_t *cn = &a->need_cols[i];
+        if (!cn->read)
+            wp_info("`walpipe run` has not read the columns of table \"%s\".\"%s\" of source \"%s\" since they "
+                    "changed: its new columns get no default for the rows that existed",
+                    cn->schema, cn->table, cn->source);
+        remember_waited(&a->cwaited, &a->ncwaited, &a->cwaited_cap, cn->key, COLUMNS_WAIT_MEMORY_MS);
+    }
+    tfails_clear(a);
+    needs_clear(a);
 }

@@ -53,6 +53,12 @@ static const char SESSION_SQL[] = "SET DateStyle = 'ISO, MDY'; SET TimeZone = 'U
 
 int wp_columns_discover(const wp_source_config_t *source, PGconn *staging)
 {
+    return wp_columns_discover_tables(source, staging, NULL, 0, false);
+}
+
+int wp_columns_discover_tables(const wp_source_config_t *source, PGconn *staging, const wp_keys_request_t *req,
+                               size_t nreq, bool only)
+{
     int rc = -1;
     PGresult *res = NULL, *lsn = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
@@ -80,17 +86,25 @@ int wp_columns_discover(const wp_source_config_t *source, PGconn *staging)
         res = NULL;
         goto out;
     }
-    if (source->tables != NULL) {
-        const char **items = wp_calloc(source->ntables + 1, sizeof *items);
-        for (size_t i = 0; i < source->ntables; i++)
-            items[i] = source->tables[i].schema;
-        wp_pg_text_array(&schemas, items, source->ntables);
-        for (size_t i = 0; i < source->ntables; i++)
-            items[i] = source->tables[i].table;
-        wp_pg_text_array(&tables, items, source->ntables);
-        free(items);
+    /* the tables: those requested, with the captured ones unless only; all when no list says */
+    bool filter = only || source->tables != NULL;
+    if (filter) {
+        size_t ncap = only ? 0 : source->ntables, n = 0;
+        const char **sch = wp_calloc(ncap + nreq + 1, sizeof *sch), **tab = wp_calloc(ncap + nreq + 1, sizeof *tab);
+        for (size_t i = 0; i < ncap; i++, n++) {
+            sch[n] = source->tables[i].schema;
+            tab[n] = source->tables[i].table;
+        }
+        for (size_t i = 0; i < nreq; i++, n++) {
+            sch[n] = req[i].schema;
+            tab[n] = req[i].table;
+        }
+        wp_pg_text_array(&schemas, sch, n);
+        wp_pg_text_array(&tables, tab, n);
+        free(sch);
+        free(tab);
     }
-    const char *params[] = {source->tables ? schemas.data : NULL, source->tables ? tables.data : NULL};
+    const char *params[] = {filter ? schemas.data : NULL, filter ? tables.data : NULL};
     res = PQexecParams(conn, COLUMNS_SQL, 2, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         wp_warn("could not read the columns of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
@@ -114,10 +128,14 @@ int wp_columns_discover(const wp_source_config_t *source, PGconn *staging)
         wp_warn("staging: could not record the columns of source \"%s\": %s", source->name, PQerrorMessage(staging));
         goto out;
     }
-    /* columns of tables no longer there (or no longer captured) go */
+    /* columns of tables no longer there (or no longer captured) go; of a read of some tables, theirs only */
     PQclear(ins);
-    ins = PQexecParams(staging, "DELETE FROM walpipe.source_columns WHERE source = $1 AND read_lsn <> $2::pg_lsn", 2,
-                       NULL, p, NULL, NULL, 0);
+    const char *pp[] = {source->name, PQgetvalue(lsn, 0, 0), only ? schemas.data : NULL, only ? tables.data : NULL};
+    ins = PQexecParams(staging,
+                       "DELETE FROM walpipe.source_columns WHERE source = $1 AND read_lsn <> $2::pg_lsn AND "
+                       "($3::text[] IS NULL OR (schema_name, table_name) IN (SELECT * FROM unnest($3::text[], "
+                       "$4::text[])))",
+                       4, NULL, pp, NULL, NULL, 0);
     if (PQresultStatus(ins) != PGRES_COMMAND_OK) {
         wp_warn("staging: could not prune the columns of source \"%s\": %s", source->name, PQerrorMessage(staging));
         goto out;

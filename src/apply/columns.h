@@ -11,6 +11,7 @@
 #include <libpq-fe.h>
 
 #include "config.h"
+#include "keys.h"
 
 /*
  * Reads the columns of every captured table of source from the source's
@@ -21,5 +22,13 @@
  * with them in one transaction.  Returns 0, or -1 after logging why.
  */
 int wp_columns_discover(const wp_source_config_t *source, PGconn *staging);
+
+/*
+ * wp_columns_discover, also reading the requested tables req[0..nreq) (the
+ * tables workers asked for: see keys.h); only those when only is set (then
+ * only their rows are replaced: cheap whatever the size of the catalog).
+ */
+int wp_columns_discover_tables(const wp_source_config_t *source, PGconn *staging, const wp_keys_request_t *req,
+                               size_t nreq, bool only);
 
 #endif /* WP_COLUMNS_H */

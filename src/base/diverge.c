@@ -1,7 +1,8 @@
 /*
  * diverge.c: the record of mirrors that missed changes (walpipe.divergences).
  *
- * Job: one INSERT ... ON CONFLICT DO NOTHING per report, one UPDATE per
+ * Job: one INSERT ... ON CONFLICT DO NOTHING per report (and a NOTIFY
+ * walpipe_diverged, payload the source, when it is new), one UPDATE per
  * resolution, on the caller's connection and in its transaction, so that a
  * divergence commits with whatever revealed it (the stager's batch, a
  * claim's dead letters) or not at all.
@@ -49,10 +50,21 @@ int wp_diverge_record(PGconn *conn, const char *source, const char *schema, cons
         goto out;
     }
     rc = strcmp(PQcmdTuples(res), "1") == 0 ? 1 : 0;
-    if (rc == 1)
+    if (rc == 1) {
+        /* wakes `walpipe run`'s automatic resync when the caller's transaction commits */
+        PQclear(res);
+        const char *p1[] = {source};
+        res = PQexecParams(conn, "SELECT pg_notify('walpipe_diverged', $1)", 1, NULL, p1, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            wp_error("[diverge] could not notify that the mirror of \"%s\".\"%s\" of source \"%s\" diverged: %s",
+                     schema, table, source, PQerrorMessage(conn));
+            rc = -1;
+            goto out;
+        }
         wp_warn("[diverge] the mirror of \"%s\".\"%s\" of source \"%s\" has diverged from its source (%s at %s): %s; "
                 "it stays marked in walpipe.divergences until a resync at a later position",
                 schema, table, source, kind, lsn == WP_LSN_INVALID ? "an unknown position" : lsnbuf, why);
+    }
 out:
     PQclear(res);
     free(why);
@@ -87,5 +99,21 @@ int wp_diverge_resolve(PGconn *conn, const char *source, const char *schema, con
 out:
     PQclear(res);
     free(what);
+    return rc;
+}
+
+int wp_diverge_count_open(PGconn *conn, long long *n)
+{
+    PGresult *res = PQexec(conn, "SELECT count(*) FROM (SELECT DISTINCT source, schema_name, table_name "
+                                 "FROM walpipe.divergences WHERE resolved_at IS NULL) d");
+    int rc = -1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_error("[diverge] could not count the diverged mirrors: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    *n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    rc = 0;
+out:
+    PQclear(res);
     return rc;
 }

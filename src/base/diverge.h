@@ -30,7 +30,8 @@
  * known) for reason (UTF-8; cut to 1000 bytes on a character boundary).  The
  * same (table, kind, lsn) while still open is one row: recording it again
  * changes nothing and logs nothing.  A new divergence is logged once as a
- * WARNING here.  Every value is passed as a parameter.  Returns 1 when a new
+ * WARNING here, and sends NOTIFY walpipe_diverged (payload: the source) at
+ * the caller's commit, which wakes `walpipe run`'s automatic resync.  Every value is passed as a parameter.  Returns 1 when a new
  * row was recorded, 0 when it was already open, -1 on error (logged; the
  * caller's transaction is then aborted).
  */
@@ -45,5 +46,12 @@ int wp_diverge_record(PGconn *conn, const char *source, const char *schema, cons
  */
 int wp_diverge_resolve(PGconn *conn, const char *source, const char *schema, const char *table, wp_lsn_t upto,
                        const char *by);
+
+/*
+ * Sets *n to the number of diverged mirrors (tables with an open
+ * divergence), read from the open-divergence index.  Returns 0, or -1
+ * (logged).
+ */
+int wp_diverge_count_open(PGconn *conn, long long *n);
 
 #endif /* WP_DIVERGE_H */

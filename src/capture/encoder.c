@@ -132,6 +132,28 @@ void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *
     segment->rows++;
 }
 
+void wp_encoder_add_event(wp_encoder_t *encoder, wp_segment_t *segment, const char *event_type, const char *payload,
+                          wp_lsn_t lsn, int seq, const char *schema, const char *table)
+{
+    wp_buf_t *out = &segment->copy;
+    size_t plen = strlen(payload);
+    put_be(out, 10, 2); /* fields */
+    field_text(out, encoder->source, encoder->source_len);
+    field_text(out, event_type, strlen(event_type));
+    put_be(out, plen + 1, 4);
+    wp_buf_putc(out, 1); /* jsonb binary format version */
+    wp_buf_append(out, payload, plen);
+    field_int8(out, (int64_t)lsn);
+    field_null(out); /* xid */
+    field_null(out); /* commit_ts */
+    put_be(out, 4, 4);
+    put_be(out, (uint32_t)seq, 4);
+    field_text_or_null(out, schema);
+    field_text_or_null(out, table);
+    field_null(out); /* shape_id */
+    segment->rows++;
+}
+
 void wp_encoder_set_shape_id(wp_segment_t *segment, const wp_shape_t *shape, int64_t id)
 {
     for (size_t i = 0; i < shape->nrefs; i++) {

@@ -28,6 +28,14 @@ void wp_encoder_destroy(wp_encoder_t *encoder); /* NULL is a no-op */
 void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *decoder, const wp_change_t *change,
                     const char *event_type, wp_lsn_t lsn, int seq);
 
+/*
+ * Appends a raw_events row walpipe makes itself (no source change behind
+ * it, so no xid, commit time or shape): event_type, payload (JSON text),
+ * lsn, seq, schema and table.  A resync's truncate is one (snapshot.c).
+ */
+void wp_encoder_add_event(wp_encoder_t *encoder, wp_segment_t *segment, const char *event_type, const char *payload,
+                          wp_lsn_t lsn, int seq, const char *schema, const char *table);
+
 /* Rewrites the shape_id of every row of segment that uses shape (shape->refs) to id. */
 void wp_encoder_set_shape_id(wp_segment_t *segment, const wp_shape_t *shape, int64_t id);
 

@@ -33,6 +33,13 @@ void wp_segment_destroy(wp_segment_t *segment)
         free(d->reason);
         free(d);
     }
+    for (wp_dropped_t *d = segment->dropped, *n; d; d = n) {
+        n = d->next;
+        free(d->schema);
+        free(d->table);
+        free(d->names);
+        free(d);
+    }
     for (wp_shape_t *s = segment->shapes, *n; s; s = n) {
         n = s->next;
         free(s->schema);
@@ -69,6 +76,36 @@ void wp_segment_add_dead(wp_segment_t *segment, wp_lsn_t lsn, int seq, const cha
     *tail = dead;
 }
 
+static bool same_text(const char *a, const char *b)
+{
+    return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
+}
+
+void wp_segment_add_dropped(wp_segment_t *segment, wp_lsn_t lsn, bool is_update, const char *schema,
+                            const char *table, const char *names)
+{
+    wp_dropped_t **tail = &segment->dropped;
+    for (wp_dropped_t *d = segment->dropped; d; d = d->next) {
+        if (d->lsn == lsn && same_text(d->schema, schema) && same_text(d->table, table) &&
+            strcmp(d->names, names) == 0) {
+            d->updates |= is_update;
+            d->deletes |= !is_update;
+            d->count++;
+            return;
+        }
+        tail = &d->next;
+    }
+    wp_dropped_t *d = wp_calloc(1, sizeof *d);
+    d->lsn = lsn;
+    d->schema = schema ? wp_strdup(schema) : NULL;
+    d->table = table ? wp_strdup(table) : NULL;
+    d->names = wp_strdup(names);
+    d->updates = is_update;
+    d->deletes = !is_update;
+    d->count = 1;
+    *tail = d;
+}
+
 bool wp_shape_is(const wp_shape_t *shape, const char *schema, const char *table, const char *columns,
                  size_t columns_len)
 {
@@ -99,7 +136,7 @@ wp_shape_t *wp_segment_shape(wp_segment_t *segment, int64_t id, const char *sche
 
 bool wp_segment_empty(const wp_segment_t *segment)
 {
-    return segment->rows == 0 && segment->dead == NULL && segment->shapes == NULL;
+    return segment->rows == 0 && segment->dead == NULL && segment->shapes == NULL && segment->dropped == NULL;
 }
 
 void wp_queue_init(wp_queue_t *queue, size_t max)

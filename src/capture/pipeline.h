@@ -67,10 +67,28 @@ typedef struct wp_shape {
     struct wp_shape *next;
 } wp_shape_t;
 
+/*
+ * Changes wal2json dropped (no replica identity: it sends only a WARNING
+ * notice, see reader.c) of one table in one transaction.  The stager records
+ * each as a "dropped_change" divergence in the batch that commits the
+ * segment, so the record is as durable as the checkpoint that passes it.
+ */
+typedef struct wp_dropped {
+    wp_lsn_t lsn;  /* commit end LSN (nextlsn) of the transaction, WP_LSN_INVALID if not known */
+    char *schema;  /* owned, or NULL when the notice's names could not be split (then see names) */
+    char *table;   /* owned, or NULL */
+    char *names;   /* owned: the notice's quoted names as received ("schema"."table") */
+    bool updates;  /* an UPDATE was dropped */
+    bool deletes;  /* a DELETE was dropped */
+    unsigned count; /* notices merged into this one */
+    struct wp_dropped *next;
+} wp_dropped_t;
+
 typedef struct wp_segment {
     wp_buf_t copy; /* raw_events rows in binary COPY format (encoder.c) */
     size_t rows;
     wp_dead_letter_t *dead; /* in stream order */
+    wp_dropped_t *dropped;  /* changes wal2json dropped, in stream order */
     wp_shape_t *shapes;     /* every table shape the segment's rows use, each once */
     wp_position_t pos;      /* position once this segment is committed */
     bool final;             /* the reader stops after this segment */
@@ -84,6 +102,15 @@ typedef struct wp_segment {
  */
 void wp_segment_add_dead(wp_segment_t *segment, wp_lsn_t lsn, int seq, const char *schema, const char *table,
                          const char *raw, size_t raw_len, const char *reason);
+
+/*
+ * Notes on segment that wal2json dropped an UPDATE (is_update) or a DELETE
+ * of schema.table (copied; both NULL when names could not be split) in the
+ * transaction ending at lsn; names is the notice's text for the table.
+ * Notices of one table and transaction merge into one note.
+ */
+void wp_segment_add_dropped(wp_segment_t *segment, wp_lsn_t lsn, bool is_update, const char *schema,
+                            const char *table, const char *names);
 
 /*
  * The segment's shape of (id, schema, table, columns[0..columns_len)),

@@ -187,11 +187,89 @@ static void log_result_error(const char *what, PGconn *conn, const PGresult *res
     log_source_error(what, PQerrorMessage(conn), res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL, needs_fix);
 }
 
-static void notice_processor(void *arg, const char *message)
+static wp_segment_t *current_segment(wp_reader_t *reader);
+
+#define DROPPED_PREFIX "no tuple identifier for "
+#define DROPPED_TABLE " in table "
+
+bool wp_reader_parse_dropped(const char *message, bool *is_update, char **schema, char **table, char **names)
 {
-    (void)arg;
-    /* wal2json reports skipped UPDATE/DELETEs (no replica identity) only as a WARNING notice */
-    wp_warn("source says: %s", message);
+    *schema = *table = *names = NULL;
+    size_t plen = strlen(DROPPED_PREFIX);
+    if (strncmp(message, DROPPED_PREFIX, plen) != 0)
+        return false;
+    const char *p = message + plen;
+    if (strncmp(p, "UPDATE", 6) == 0)
+        *is_update = true;
+    else if (strncmp(p, "DELETE", 6) == 0)
+        *is_update = false;
+    else
+        return false;
+    p += 6;
+    size_t tlen = strlen(DROPPED_TABLE);
+    if (strncmp(p, DROPPED_TABLE, tlen) != 0)
+        return false;
+    p += tlen;
+    *names = wp_strdup(p);
+    /*
+     * wal2json prints "%s"."%s" with the names as they are, unescaped: a
+     * name may hold quotes and dots itself.  The split is only certain when
+     * the separator "." occurs once between the outer quotes.
+     */
+    size_t len = strlen(p);
+    if (len < 5 || p[0] != '"' || p[len - 1] != '"')
+        return true;
+    const char *inner = p + 1, *end = p + len - 1, *sep = NULL;
+    int seps = 0;
+    for (const char *q = inner; q + 3 <= end; q++) {
+        if (q[0] == '"' && q[1] == '.' && q[2] == '"') {
+            sep = q;
+            seps++;
+        }
+    }
+    if (seps != 1)
+        return true;
+    *schema = wp_strndup(inner, (size_t)(sep - inner));
+    *table = wp_strndup(sep + 3, (size_t)(end - (sep + 3)));
+    return true;
+}
+
+/*
+ * libpq calls this from inside PQgetCopyData, in stream order: a notice the
+ * walsender sent while decoding a transaction arrives after that
+ * transaction's B message was handled and before its C.  wal2json reports an
+ * UPDATE or DELETE it dropped (no replica identity) only this way, so the
+ * reader notes it on the current segment against the transaction being
+ * decoded; the stager records it as a divergence with the checkpoint.
+ */
+static void notice_receiver(void *arg, const PGresult *res)
+{
+    wp_reader_t *reader = arg;
+    const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *message = PQresultErrorMessage(res);
+    char line[1024];
+    snprintf(line, sizeof line, "%s", message ? message : "");
+    for (size_t n = strlen(line); n > 0 && (line[n - 1] == '\n' || line[n - 1] == ' '); n--)
+        line[n - 1] = '\0';
+    wp_warn("source says: %s", line);
+
+    bool is_update;
+    char *schema, *table, *names;
+    if (severity == NULL || strcmp(severity, "WARNING") != 0 || primary == NULL ||
+        !wp_reader_parse_dropped(primary, &is_update, &schema, &table, &names))
+        return;
+    if (reader->in_txn && reader->skipping)
+        goto out; /* the transaction was staged before a restart, and its note with it */
+    if (!reader->in_txn)
+        wp_warn("wal2json dropped a change outside a transaction it was decoding; recording it at an unknown "
+                "position");
+    wp_segment_add_dropped(current_segment(reader), reader->in_txn ? reader->txn_end : WP_LSN_INVALID, is_update,
+                           schema, table, names);
+out:
+    free(schema);
+    free(table);
+    free(names);
 }
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */
@@ -262,7 +340,7 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
         }
         goto out;
     }
-    PQsetNoticeProcessor(reader->conn, notice_processor, NULL);
+    PQsetNoticeReceiver(reader->conn, notice_receiver, reader);
 
     res = PQexec(reader->conn, "IDENTIFY_SYSTEM");
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQnfields(res) < 4) {

@@ -38,6 +38,17 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal);
 /* True when name has the form of an exported snapshot's name (hex digits and dashes, shorter than the limit). */
 bool wp_reader_snapshot_name_valid(const char *name);
 
+/*
+ * Reads the primary message of wal2json's notice that it dropped a change,
+ * `no tuple identifier for UPDATE in table "schema"."table"` (the names as
+ * they are, unescaped).  Returns false when message is not one.  Else sets
+ * *is_update (false: a DELETE), *names to the text after "in table ", and
+ * *schema and *table when the names split one way only (NULL when a name's
+ * own quotes and dots make the split ambiguous).  The strings are the
+ * caller's to free.
+ */
+bool wp_reader_parse_dropped(const char *message, bool *is_update, char **schema, char **table, char **names);
+
 typedef struct wp_slot_spec {
     const char *name;     /* NULL: the source's configured slot */
     bool temporary;       /* dropped when the connection ends */

@@ -15,6 +15,9 @@
  * once.  A copy that cannot finish under one snapshot is never completed under
  * another: the initial snapshot starts over (source.c deletes the unfinished
  * attempt's rows first), and every attempt is recorded in walpipe.snapshots.
+ * A resync's truncate of a table, at (consistent point, -1), commits with the
+ * table's first chunk, so it is never staged without rows after it, and it
+ * orders before them by version and by id.
  *
  * Rows are built as wal2json-shaped jansson objects, printed, and read by the
  * same decoder as the stream (wp_decoder_parse), so their payloads follow
@@ -43,6 +46,7 @@
 #include "pg.h"
 #include "pipeline.h"
 #include "reader.h"
+#include "resync.h"
 #include "snapshot.h"
 #include "stager.h"
 
@@ -68,6 +72,7 @@ typedef struct table {
     int64_t pages;
     uint64_t rows; /* copied so far (all chunks), under mu */
     int chunks_left;
+    bool truncated; /* a resync's truncate of the table committed (with its first chunk), under mu */
 } table_t;
 
 typedef struct chunk {
@@ -362,6 +367,12 @@ static int copy_chunk(worker_t *w, const chunk_t *chunk, uint64_t *rows_out)
     char err[WP_ERRLEN];
     bool draining = false;
 
+    if (job->resync && chunk->index == 0) {
+        /* the resync's truncate commits with the table's first rows, ordered before all of them */
+        char payload[64];
+        snprintf(payload, sizeof payload, "{\"snapshot\": %lld}", (long long)w->state->snapshot_id);
+        wp_encoder_add_event(w->encoder, segment, "truncate", payload, job->lsn, -1, t->schema, t->name);
+    }
     wp_buf_printf(&sql, "SELECT * FROM ONLY %s", t->qualified);
     if (chunk->first_page > 0 || chunk->end_page >= 0) {
         wp_buf_printf(&sql, " WHERE ctid >= '(%lld,0)'::tid", (long long)chunk->first_page);
@@ -375,6 +386,11 @@ static int copy_chunk(worker_t *w, const chunk_t *chunk, uint64_t *rows_out)
     draining = true;
     while ((res = PQgetResult(w->source)) != NULL) {
         ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_SINGLE_TUPLE && job->resync && wp_stop_requested()) {
+            wp_error("snapshot: stopping the resync of %s on request", t->qualified);
+            PQclear(res);
+            goto out;
+        }
         if (st == PGRES_SINGLE_TUPLE) {
             /* the row as the wal2json text the stream would carry, read by the same decoder */
             json_t *root = row_message(t, res);
@@ -470,6 +486,8 @@ static void *worker_main(void *p)
         pthread_mutex_lock(&state->mu);
         state->rows += rows;
         chunk->table->rows += rows;
+        if (chunk->index == 0 && state->job->resync)
+            chunk->table->truncated = true;
         bool table_done = --chunk->table->chunks_left == 0;
         uint64_t table_rows = chunk->table->rows;
         pthread_mutex_unlock(&state->mu);
@@ -539,6 +557,8 @@ int wp_snapshot_copy(const wp_snapshot_job_t *job, uint64_t *rows)
     if (wp_stager_open(leader, &fatal) != 0 || wp_stager_snapshot_begin(leader, job->kind, job->lsn,
                                                                           &state.snapshot_id) != 0)
         goto out;
+    if (job->snapshot_id)
+        *job->snapshot_id = state.snapshot_id;
     plan_chunks(&state);
     char lsn[WP_LSN_STRLEN];
     wp_info("%s snapshot at %s: %zu tables in %zu chunks, %d workers", job->kind, wp_lsn_format(job->lsn, lsn),
@@ -573,9 +593,27 @@ int wp_snapshot_copy(const wp_snapshot_job_t *job, uint64_t *rows)
     for (size_t i = 0; i < state.ntables; i++)
         free(qualified[i]);
     free(qualified);
-    if (wp_stager_open(leader, &fatal) != 0 ||
-        wp_stager_snapshot_finish(leader, state.snapshot_id, ok ? "done" : "failed", names.data, state.rows) != 0)
+    if (job->resync) {
+        const char **schemas = wp_calloc(state.ntables ? state.ntables : 1, sizeof *schemas);
+        const char **tnames = wp_calloc(state.ntables ? state.ntables : 1, sizeof *tnames);
+        bool *truncated = wp_calloc(state.ntables ? state.ntables : 1, sizeof *truncated);
+        for (size_t i = 0; i < state.ntables; i++) {
+            schemas[i] = state.tables[i].schema;
+            tnames[i] = state.tables[i].name;
+            truncated[i] = state.tables[i].truncated;
+        }
+        if (wp_stager_open(leader, &fatal) != 0 ||
+            wp_stager_resync_finish(leader, state.snapshot_id, ok, names.data, state.rows, schemas, tnames, truncated,
+                                    state.ntables, job->lsn) != 0)
+            ok = false;
+        free(schemas);
+        free(tnames);
+        free(truncated);
+    } else if (wp_stager_open(leader, &fatal) != 0 ||
+               wp_stager_snapshot_finish(leader, state.snapshot_id, ok ? "done" : "failed", names.data, state.rows) !=
+                   0) {
         ok = false;
+    }
     if (!ok)
         goto out;
     wp_info("%s snapshot done: %llu rows from %zu tables", job->kind, (unsigned long long)state.rows, state.ntables);
@@ -607,9 +645,9 @@ int wp_snapshot_command(const wp_config_t *config, const char *source_name, cons
     const wp_source_config_t *source = NULL;
     wp_table_ref_t *refs = NULL;
     size_t nrefs = 0;
-    wp_reader_t *reader = NULL;
     char err[WP_ERRLEN];
     wp_buf_t list = WP_BUF_INIT;
+    char **schemas = NULL, **names = NULL;
 
     for (size_t i = 0; i < config->nsources; i++)
         if (strcmp(config->sources[i].name, source_name) == 0)
@@ -630,31 +668,18 @@ int wp_snapshot_command(const wp_config_t *config, const char *source_name, cons
         goto out;
     }
     wp_log_set_component("snapshot");
-    reader = wp_reader_create(config, source);
-    wp_slot_info_t info;
-    bool fatal;
-    if (wp_reader_open(reader, &info, &fatal) != 0)
-        goto out;
-    /* a temporary slot: its exported snapshot and consistent point order the copy against the stream */
-    char slot[64], snapshot_name[WP_SNAPSHOT_NAME_LEN];
-    snprintf(slot, sizeof slot, "walpipe_snap_%ld", (long)getpid());
-    wp_slot_spec_t spec = {.name = slot, .temporary = true, .export_snapshot = true};
-    wp_lsn_t lsn;
-    if (wp_reader_create_slot(reader, &spec, &lsn, snapshot_name, &fatal) != 0)
-        goto out;
-    wp_snapshot_job_t job = {.config = config,
-                             .source = source,
-                             .snapshot_name = snapshot_name,
-                             .lsn = lsn,
-                             .kind = "requested",
-                             .tables = refs,
-                             .ntables = nrefs};
-    uint64_t rows;
-    if (wp_snapshot_copy(&job, &rows) != 0)
+    schemas = wp_calloc(nrefs + 1, sizeof *schemas);
+    names = wp_calloc(nrefs + 1, sizeof *names);
+    for (size_t i = 0; i < nrefs; i++) {
+        schemas[i] = refs[i].schema;
+        names[i] = refs[i].table;
+    }
+    if (wp_resync_tables(config, source, schemas, names, nrefs, NULL) != 0)
         goto out;
     rc = 0;
 out:
-    wp_reader_destroy(reader); /* the temporary slot goes with its connection */
+    free(schemas);
+    free(names);
     wp_config_free_tables(refs, nrefs);
     wp_buf_free(&list);
     return rc;

@@ -33,6 +33,7 @@
 
 #include <libpq-fe.h>
 
+#include "diverge.h"
 #include "encoder.h"
 #include "log.h"
 #include "pg.h"
@@ -304,6 +305,43 @@ int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state
                        4, params, NULL, NULL, "record the end of a snapshot");
 }
 
+int wp_stager_resync_finish(wp_stager_t *stager, int64_t id, bool done, const char *tables_literal, uint64_t rows,
+                            const char *const *schemas, const char *const *tables, const bool *truncated, size_t n,
+                            wp_lsn_t cp)
+{
+    int rc = -1;
+    char at[WP_LSN_STRLEN];
+    wp_buf_t by = WP_BUF_INIT, why = WP_BUF_INIT;
+    wp_lsn_format(cp, at);
+    wp_buf_printf(&by, "resync snapshot %lld at %s", (long long)id, at);
+    wp_buf_printf(&why,
+                  "resync snapshot %lld failed after it staged a truncate of the table at %s: the mirror misses rows "
+                  "until a resync of the table completes",
+                  (long long)id, at);
+    if (exec_sql(stager, "BEGIN", "begin recording the end of a resync") != 0)
+        goto out;
+    if (wp_stager_snapshot_finish(stager, id, done ? "done" : "failed", tables_literal, rows) != 0)
+        goto fail;
+    for (size_t i = 0; i < n; i++) {
+        if (done && wp_diverge_resolve(stager->conn, stager->source->name, schemas[i], tables[i], cp, by.data) < 0)
+            goto fail;
+        if (!done && truncated[i] &&
+            wp_diverge_record(stager->conn, stager->source->name, schemas[i], tables[i], WP_DIVERGE_MANUAL, cp,
+                              why.data) < 0)
+            goto fail;
+    }
+    if (exec_sql(stager, "COMMIT", "commit the end of a resync") != 0)
+        goto fail;
+    rc = 0;
+    goto out;
+fail:
+    PQclear(PQexec(stager->conn, "ROLLBACK"));
+out:
+    wp_buf_free(&by);
+    wp_buf_free(&why);
+    return rc;
+}
+
 int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const char *reason)
 {
     int rc = -1;
@@ -502,6 +540,115 @@ static int stage_dead_letters(wp_stager_t *stager, const wp_dead_letter_t *dead)
     return 0;
 }
 
+/*
+ * Names the table of a dropped-change notice whose names did not split one
+ * way only: the table staging knows (from key discovery or a recorded shape)
+ * whose quoted names equal the notice's.  Returns 1 and sets *schema and
+ * *table (owned by the caller), 0 when none or several match, -1 on error.
+ */
+static int resolve_names(wp_stager_t *stager, const char *names, char **schema, char **table)
+{
+    const char *params[] = {stager->source->name, names};
+    PGresult *res = query_params(stager,
+                                 "SELECT schema_name, table_name FROM walpipe.source_tables WHERE source = $1 "
+                                 "AND '\"' || schema_name || '\".\"' || table_name || '\"' = $2 UNION "
+                                 "SELECT schema_name, table_name FROM walpipe.table_schemas WHERE source = $1 "
+                                 "AND '\"' || schema_name || '\".\"' || table_name || '\"' = $2",
+                                 2, params, NULL, NULL, "look up the table of a dropped change");
+    if (res == NULL)
+        return -1;
+    int rc = 0;
+    if (PQntuples(res) == 1) {
+        *schema = wp_strdup(PQgetvalue(res, 0, 0));
+        *table = wp_strdup(PQgetvalue(res, 0, 1));
+        rc = 1;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/*
+ * True (1) when a resync of schema.table finished at a consistent point past
+ * lsn: its copy already holds what the dropped change did (the stream may
+ * reach a transaction after a resync that started later).
+ */
+static int resynced_past(wp_stager_t *stager, const char *schema, const char *table, wp_lsn_t lsn)
+{
+    char l[WP_LSN_STRLEN];
+    wp_buf_t name = WP_BUF_INIT;
+    wp_buf_printf(&name, "%s.%s", schema, table);
+    const char *params[] = {stager->source->name, wp_lsn_format(lsn, l), name.data};
+    PGresult *res = query_params(stager,
+                                 "SELECT EXISTS (SELECT FROM walpipe.snapshots WHERE source = $1 AND kind = 'requested' "
+                                 "AND state = 'done' AND lsn > $2::pg_lsn AND $3 = ANY (tables))",
+                                 3, params, NULL, NULL, "look for a resync past a dropped change");
+    wp_buf_free(&name);
+    if (res == NULL)
+        return -1;
+    int rc = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+    PQclear(res);
+    return rc;
+}
+
+/*
+ * Records each change wal2json dropped as an open "dropped_change"
+ * divergence, in the batch (so with the checkpoint that passes its
+ * transaction: never lost once the slot is acknowledged; a transaction
+ * decoded again after a restart finds its divergence open and adds nothing).
+ */
+static int stage_dropped(wp_stager_t *stager, const wp_dropped_t *dropped)
+{
+    for (; dropped; dropped = dropped->next) {
+        int rc = -1;
+        char *schema = NULL, *table = NULL;
+        wp_buf_t reason = WP_BUF_INIT;
+        const char *what = dropped->updates && dropped->deletes ? "UPDATEs and DELETEs"
+                           : dropped->updates                   ? "UPDATEs"
+                                                                : "DELETEs";
+        if (dropped->schema) {
+            schema = wp_strdup(dropped->schema);
+            table = wp_strdup(dropped->table);
+        } else {
+            int found = resolve_names(stager, dropped->names, &schema, &table);
+            if (found < 0)
+                goto next;
+            if (found == 0) {
+                /* kept as the notice gave it: the record is still there to be seen */
+                schema = wp_strdup("");
+                table = wp_strdup(dropped->names);
+                wp_buf_printf(&reason, "(wal2json named the table %s, which walpipe cannot split into schema and "
+                                       "table) ",
+                              dropped->names);
+            }
+        }
+        int past = dropped->lsn == WP_LSN_INVALID ? 0 : resynced_past(stager, schema, table, dropped->lsn);
+        if (past < 0)
+            goto next;
+        if (past) {
+            rc = 0;
+            goto next;
+        }
+        wp_buf_printf(&reason,
+                      "wal2json dropped %s of this table in this transaction (it sends only a warning): the table "
+                      "has REPLICA IDENTITY NOTHING, or no primary key under REPLICA IDENTITY DEFAULT, so these "
+                      "changes carry no key and the mirror missed them; hint: give the table a primary key and "
+                      "ALTER TABLE ... REPLICA IDENTITY DEFAULT (or USING INDEX, or FULL); a resync (`walpipe "
+                      "snapshot --table`, or [workers] resync = auto) repairs the mirror",
+                      what);
+        rc = wp_diverge_record(stager->conn, stager->source->name, schema, table, WP_DIVERGE_DROPPED_CHANGE,
+                               dropped->lsn, reason.data) < 0
+                 ? -1
+                 : 0;
+    next:
+        free(schema);
+        free(table);
+        wp_buf_free(&reason);
+        if (rc != 0)
+            return -1;
+    }
+    return 0;
+}
+
 static int batch_commit(wp_stager_t *stager, wp_queue_t *queue)
 {
     if (copy_end(stager) != 0)
@@ -527,6 +674,8 @@ static int stage_segment(wp_stager_t *stager, wp_segment_t *segment)
     if (stage_shapes(stager, segment) != 0)
         return -1;
     if (segment->dead && (copy_end(stager) != 0 || stage_dead_letters(stager, segment->dead) != 0))
+        return -1;
+    if (segment->dropped && (copy_end(stager) != 0 || stage_dropped(stager, segment->dropped) != 0))
         return -1;
     if (segment->rows) {
         if (!stager->in_copy && copy_begin(stager) != 0)

@@ -58,6 +58,18 @@ int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state
                               uint64_t rows);
 
 /*
+ * Ends a resync (a requested snapshot that staged a truncate at its
+ * consistent point cp before each table's rows) in one transaction: records
+ * the snapshot's end as done or failed; when done, resolves the open
+ * divergences below cp of each of the n tables (schemas[i].tables[i]); when
+ * failed, records a "manual" divergence at cp for each table whose truncate
+ * committed (truncated[i]): its mirror misses rows until a resync completes.
+ */
+int wp_stager_resync_finish(wp_stager_t *stager, int64_t id, bool done, const char *tables_literal, uint64_t rows,
+                            const char *const *schemas, const char *const *tables, const bool *truncated, size_t n,
+                            wp_lsn_t cp);
+
+/*
  * Snapshot copy, outside the streaming loop: adds a segment's rows to the open
  * staging transaction (opening it if needed), then commits them together with
  * the walpipe.snapshot_chunks row of the chunk they came from.  On error the

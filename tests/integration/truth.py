@@ -165,10 +165,11 @@ def assert_exactly_once(truth, staged, check_images=True):
 
 
 def reconstruct(staged, key="id"):
-    """Replays staged events in commit order (snapshot rows at their snapshot's LSN) into
-    {(schema, table): {key: row}}: what a mirror of the source must hold."""
+    """Replays staged events in version order (lsn, seq) into {(schema, table): {key: row}}: what
+    a mirror of the source must hold.  Snapshot rows are at (their snapshot's LSN, 0), a resync's
+    truncate before them at (that LSN, -1)."""
     state = collections.defaultdict(dict)
-    order = sorted(staged, key=lambda s: (s["lsn"], 0 if s["type"] == "snapshot" else 1, s["seq"]))
+    order = sorted(staged, key=lambda s: (s["lsn"], s["seq"], 0 if s["type"] == "snapshot" else 1))
     for s in order:
         t = (s["schema"], s["table"])
         p = s["payload"]
