@@ -1496,9 +1496,11 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         int frc = wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, columns_waited(a, ev), &changed,
                                    &fail, err, sizeof err);
         if (frc != 0 && fail == WP_FAIL_NO_COLUMNS && !columns_wait(a, ev, se->shape.first_lsn)) {
-            fail = WP_FAIL_NONE; /* without the catalog (see get_mirror) */
+            bool reloaded = changed; /* the first call may have read the mirror's columns anew */
+            fail = WP_FAIL_NONE;     /* without the catalog (see get_mirror) */
             frc = wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, true, &changed, &fail, err,
                                    sizeof err);
+            changed |= reloaded;
         }
         if (frc != 0) {
             wp_event_fail(ev, fail, "%s", err);
