@@ -2,9 +2,11 @@
  * columns.c: the source column catalog: every column of each captured table,
  * by attnum, read from the source's catalog into walpipe.source_columns.
  *
- * Job: run by `walpipe run`'s monitor (worker.c) next to key discovery: at
- * start, on request (NOTIFY walpipe_discover, sent by an applier that adds a
- * column the catalog was not read for yet) and every few minutes.  The
+ * Job: run by `walpipe run`'s monitor (worker.c) next to key discovery, just
+ * before it: at start and every few minutes for every captured table, and on
+ * request (NOTIFY walpipe_discover, sent by an applier that meets a table
+ * without a key, or adds a column the catalog was not read for yet) for the
+ * tables asked for only.  The
  * mirror reads it when it adds a column: ADD COLUMN ... DEFAULT <constant>
  * writes no row changes to the WAL, and the rows that existed read the
  * value PostgreSQL keeps in pg_attribute.attmissingval; the mirror gives its
