@@ -11,7 +11,11 @@
 -- rows) whose consistent point is past `lsn` resolves it.
 --
 -- The mirror of (source, schema_name, table_name) is diverged while it has
--- an open row (resolved_at IS NULL).
+-- an open row (resolved_at IS NULL).  'parked': an event was parked because
+-- of what it carries (a key value it lacks, a lost NaN): a resync repairs
+-- it.  'apply_failed': an event failed max_attempts times on the mirror's
+-- own SQL (a constraint, a type the mirror column cannot hold): a resync
+-- would fail alike, so only fixing the mirror and `walpipe dlq retry` do.
 CREATE TABLE walpipe.divergences (
     id           BIGSERIAL   PRIMARY KEY,
     source       TEXT        NOT NULL,
@@ -23,7 +27,7 @@ CREATE TABLE walpipe.divergences (
     detected_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     resolved_at  TIMESTAMPTZ,                          -- NULL while open
     resolved_by  TEXT,                                 -- what resolved it, e.g. the resync's snapshot and consistent point
-    CONSTRAINT divergences_kind CHECK (kind IN ('dropped_change', 'rewrite', 'parked', 'verify', 'manual'))
+    CONSTRAINT divergences_kind CHECK (kind IN ('dropped_change', 'rewrite', 'parked', 'apply_failed', 'verify', 'manual'))
 );
 -- The same loss reported twice (a transaction decoded again after a restart,
 -- a catalog poll that sees the same rewrite) is one row while it is open.

@@ -43,6 +43,8 @@
 
 #define PIPE_CHUNK 256
 #define KEY_WAIT_MEMORY_MS 60000
+/* After a wait for the source's column catalog, columns it still lacks are added without it for this long. */
+#define COLUMNS_WAIT_MEMORY_MS 60000
 #define OID_FLOAT4 700
 #define OID_FLOAT8 701
 #define OID_NUMERIC 1700
@@ -67,8 +69,18 @@ typedef struct stmt {
     struct stmt *next;
 } stmt_t;
 
+/* A table's shapes recorded with positions, oldest first: the names its columns had over time. */
+typedef struct history {
+    wp_tshape_t *shapes;
+    size_t n;
+    bool loaded;
+    wp_lsn_t upto; /* every shape first seen at or before this LSN is here */
+} history_t;
+
 typedef struct mentry {
     wp_mirror_t *m;
+    history_t hist;
+    unsigned pinned; /* the applier's txn in which the mirror was locked and its generation checked (pin_mirror) */
     stmt_t *stmts;
     wp_buf_t *sweep; /* per key column: "{...}" literal of the keys this pass wrote */
     size_t nsweepbufs;
@@ -83,6 +95,9 @@ typedef struct shape_entry {
     char error[256];
     int followed_mirror; /* wp_mirror_follow already ran for this mirror at this generation */
     int followed_gen;
+    ssize_t *src;        /* per mirror column: the shape column it is (by attnum, else name), or -1 */
+    size_t src_n;        /* ... for the mirror src_mirror at generation src_gen with src_n columns */
+    int src_mirror, src_gen;
 } shape_entry_t;
 
 /* One event of a claim: what orders and groups it (see plan_cmp and coalesce). */
@@ -95,6 +110,7 @@ typedef struct plan {
     bool deletes; /* removes the key: a delete, or an update that moves the row away */
     bool late;    /* a key change that carries TOAST values: after everything else */
     bool skip;    /* superseded by a later change of the key in this claim */
+    shape_entry_t *se; /* its shape (I/U), or NULL */
 } plan_t;
 
 /* A table whose key this applier asked `walpipe run` for and waited for, and when. */
@@ -117,6 +133,14 @@ typedef struct table_fail {
     char error[400];
 } table_fail_t;
 
+/* A table whose column catalog this claim waits for (with the keys, wp_applier_wait_keys). */
+typedef struct col_need {
+    char *key; /* table_key() */
+    char *source, *schema, *table;
+    wp_lsn_t lsn; /* a read at or past it counts */
+    bool read;
+} col_need_t;
+
 struct wp_applier {
     const wp_config_t *config;
     PGconn *conn;
@@ -129,9 +153,15 @@ struct wp_applier {
     size_t nwaited, waited_cap;
     table_fail_t *tfails; /* tables of the last wp_applier_apply whose mirror could not be opened */
     size_t ntfails, tfails_cap;
+    col_need_t *need_cols; /* column catalogs the last wp_applier_apply wants read (see need_columns) */
+    size_t nneed_cols, need_cols_cap;
+    waited_t *cwaited; /* tables whose column catalog this applier waited for, and when */
+    size_t ncwaited, cwaited_cap;
     bool may_wait;  /* wp_applier_may_wait_keys */
-    bool want_wait; /* the last apply met a table whose key it should wait for */
+    bool want_wait; /* the last apply met a table whose key or column catalog it should wait for */
     bool alive_known, alive; /* discovery_alive(), asked in this apply */
+    const wp_event_t *events; /* the claim being applied */
+    size_t nevents;
     wp_payload_t payload;
     unsigned next_stmt;
     bool careful;
@@ -147,9 +177,21 @@ struct wp_applier {
     size_t nowned;
     size_t cap_cols;
     unsigned changes; /* bumped when the cache learns of a mirror created or altered in this transaction */
+    unsigned txn;     /* bumped per claim and per rollback to a savepoint: the locks pin_mirror took are gone */
     plan_t *plans;
     size_t plans_cap;
 };
+
+static void needs_clear(wp_applier_t *a)
+{
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        free(a->need_cols[i].key);
+        free(a->need_cols[i].source);
+        free(a->need_cols[i].schema);
+        free(a->need_cols[i].table);
+    }
+    a->nneed_cols = 0;
+}
 
 static void tfails_clear(wp_applier_t *a)
 {
@@ -270,10 +312,19 @@ static void free_stmts(stmt_t *s)
 }
 
 
+static void history_clear(history_t *h)
+{
+    for (size_t i = 0; i < h->n; i++)
+        wp_tshape_clear(&h->shapes[i]);
+    free(h->shapes);
+    memset(h, 0, sizeof *h);
+}
+
 static void free_mentry(mentry_t *me)
 {
     if (me == NULL)
         return;
+    history_clear(&me->hist);
     wp_mirror_destroy(me->m);
     free_stmts(me->stmts);
     for (size_t k = 0; k < me->nsweepbufs; k++)
@@ -312,6 +363,7 @@ void wp_applier_destroy(wp_applier_t *a)
         free(a->shapes[i]->source);
         free(a->shapes[i]->id);
         wp_tshape_clear(&a->shapes[i]->shape);
+        free(a->shapes[i]->src);
         free(a->shapes[i]);
     }
     free(a->shapes);
@@ -320,6 +372,11 @@ void wp_applier_destroy(wp_applier_t *a)
     free(a->waited);
     tfails_clear(a);
     free(a->tfails);
+    needs_clear(a);
+    free(a->need_cols);
+    for (size_t i = 0; i < a->ncwaited; i++)
+        free(a->cwaited[i].key);
+    free(a->cwaited);
     free_owned(a);
     free(a->owned);
     wp_payload_free(&a->payload);
@@ -650,24 +707,27 @@ static bool waited_recently(wp_applier_t *a, const char *key)
     return false;
 }
 
-/* Remembers that the applier waited for key now; forgets what it waited for too long ago to matter. */
-static void remember_waited(wp_applier_t *a, const char *key)
+/*
+ * Remembers in list that the applier waited for key now; forgets what it
+ * waited for longer than memory_ms ago (it no longer matters).
+ */
+static void remember_waited(waited_t **list, size_t *n, size_t *cap, const char *key, int64_t memory_ms)
 {
     int64_t now = wp_now_ms();
     size_t keep = 0;
-    for (size_t i = 0; i < a->nwaited; i++) {
-        if (now - a->waited[i].at_ms >= KEY_WAIT_MEMORY_MS || strcmp(a->waited[i].key, key) == 0)
-            free(a->waited[i].key);
+    for (size_t i = 0; i < *n; i++) {
+        if (now - (*list)[i].at_ms >= memory_ms || strcmp((*list)[i].key, key) == 0)
+            free((*list)[i].key);
         else
-            a->waited[keep++] = a->waited[i];
+            (*list)[keep++] = (*list)[i];
     }
-    a->nwaited = keep;
-    if (a->nwaited == a->waited_cap) {
-        a->waited_cap = a->waited_cap ? a->waited_cap * 2 : 8;
-        a->waited = wp_realloc(a->waited, a->waited_cap * sizeof *a->waited);
+    *n = keep;
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 8;
+        *list = wp_realloc(*list, *cap * sizeof **list);
     }
-    a->waited[a->nwaited].key = wp_strdup(key);
-    a->waited[a->nwaited++].at_ms = now;
+    (*list)[*n].key = wp_strdup(key);
+    (*list)[(*n)++].at_ms = now;
 }
 
 static table_fail_t *find_tfail(wp_applier_t *a, const wp_event_t *ev)
@@ -696,6 +756,48 @@ static void add_tfail(wp_applier_t *a, const wp_event_t *ev, char *key)
     snprintf(tf->error, sizeof tf->error, "%s", ev->error); /* ev->error is as long, and valid UTF-8 */
 }
 
+/* Whether the column catalog of ev's table was waited for lately: then a column it lacks is added without it. */
+static bool columns_waited(wp_applier_t *a, const wp_event_t *ev)
+{
+    char *key = table_key(ev->source, ev->schema, ev->table);
+    int64_t now = wp_now_ms();
+    bool waited = false;
+    for (size_t i = 0; i < a->ncwaited && !waited; i++)
+        waited = strcmp(a->cwaited[i].key, key) == 0 && now - a->cwaited[i].at_ms < COLUMNS_WAIT_MEMORY_MS;
+    free(key);
+    return waited;
+}
+
+/*
+ * After WP_FAIL_NO_COLUMNS, when the claim waits: it rolls back and waits
+ * (wp_applier_wait_keys, with the keys) until the catalog of ev's table was
+ * read again, past lsn (a read that did not have what the mirror needs is not
+ * enough, whatever its position).
+ */
+static void need_columns(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
+{
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        col_need_t *cn = &a->need_cols[i];
+        if (strcmp(cn->table, ev->table) == 0 && strcmp(cn->schema, ev->schema) == 0 &&
+            strcmp(cn->source, ev->source) == 0) {
+            if (lsn > cn->lsn)
+                cn->lsn = lsn;
+            return;
+        }
+    }
+    if (a->nneed_cols == a->need_cols_cap) {
+        a->need_cols_cap = a->need_cols_cap ? a->need_cols_cap * 2 : 4;
+        a->need_cols = wp_realloc(a->need_cols, a->need_cols_cap * sizeof *a->need_cols);
+    }
+    col_need_t *cn = &a->need_cols[a->nneed_cols++];
+    cn->key = table_key(ev->source, ev->schema, ev->table);
+    cn->source = wp_strdup(ev->source);
+    cn->schema = wp_strdup(ev->schema);
+    cn->table = wp_strdup(ev->table);
+    cn->lsn = lsn;
+    cn->read = false;
+}
+
 static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
 {
     mentry_t *me = a->last_mirror;
@@ -709,6 +811,56 @@ static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
             return a->last_mirror = me;
     }
     return NULL;
+}
+
+/*
+ * Pins the mirror's columns for the rest of the transaction, before its
+ * first statement on the mirror: a ROW EXCLUSIVE lock on the mirror table
+ * (which an ALTER of another worker's wp_mirror_follow waits for, and which
+ * waits for an ALTER in progress), then the generation read under it.  When
+ * another worker altered the mirror since this claim read its columns, the
+ * claim is rolled back and claimed again: a statement made for the columns
+ * of another generation could write into a column that has taken a name
+ * since (DROP COLUMN x, ADD COLUMN x; two names swapped), so it never runs.
+ * Taken when the claim writes, after every follow of its prepare step, so
+ * a worker never waits for the registry row while holding the table.
+ */
+static int pin_mirror(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
+{
+    char id[16];
+    wp_buf_t sql = WP_BUF_INIT;
+    if (me->pinned == a->txn)
+        return AP_OK;
+    int rc = go_sync(a);
+    if (rc != AP_OK)
+        return rc;
+    wp_buf_printf(&sql, "LOCK TABLE %s IN ROW EXCLUSIVE MODE", me->m->qmirror);
+    PGresult *res = PQexec(a->conn, sql.data);
+    wp_buf_free(&sql);
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+        PQclear(res);
+        snprintf(id, sizeof id, "%d", me->m->id);
+        const char *params[] = {id};
+        res = PQexecParams(a->conn, "SELECT generation FROM walpipe.mirrors WHERE id = $1", 1, NULL, params, NULL,
+                           NULL, 0);
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_fail_t fail = wp_mirror_classify(res, a->conn);
+        wp_event_fail(ev, fail, "could not lock mirror %s: %s", me->m->qmirror, PQerrorMessage(a->conn));
+        PQclear(res);
+        return sync_failure(a, ev, fail);
+    }
+    bool same = PQntuples(res) == 1 && atoi(PQgetvalue(res, 0, 0)) == me->m->generation;
+    PQclear(res);
+    if (!same) {
+        a->pipe_failed = true;
+        a->pipe_fail = WP_FAIL_TRANSIENT;
+        snprintf(a->pipe_error, sizeof a->pipe_error, "mirror %s was altered by another worker meanwhile",
+                 me->m->qmirror);
+        return AP_TRANSIENT;
+    }
+    me->pinned = a->txn;
+    return AP_OK;
 }
 
 /*
@@ -730,6 +882,23 @@ static bool discovery_alive(wp_applier_t *a)
     return a->alive;
 }
 
+/*
+ * After WP_FAIL_NO_COLUMNS (the source's column catalog was not read since a
+ * column the mirror adds appeared): whether this claim waits for a read.  It
+ * does, in its one wait with the keys (need_columns), unless it may not wait,
+ * waited for this table's columns lately, or no `walpipe run` discovers
+ * (nobody would read the catalog): then the caller adds the columns without
+ * the catalog at once, as after a wait that was not answered.
+ */
+static bool columns_wait(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
+{
+    if (!a->may_wait || columns_waited(a, ev) || !discovery_alive(a))
+        return false;
+    need_columns(a, ev, lsn);
+    a->want_wait = true;
+    return true;
+}
+
 /* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
 static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
 {
@@ -746,8 +915,12 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
         return NULL;
     wp_fail_t fail = WP_FAIL_NONE;
     char err[512];
-    wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, &fail, err,
-                                    sizeof err);
+    wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape,
+                                    columns_waited(a, ev), &fail, err, sizeof err);
+    if (m == NULL && fail == WP_FAIL_NO_COLUMNS && !columns_wait(a, ev, shape ? shape->first_lsn : ev->lsn)) {
+        fail = WP_FAIL_NONE; /* the new columns get no default, and the mirror is recorded as diverged */
+        m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, true, &fail, err, sizeof err);
+    }
     if (m == NULL) {
         char *key = table_key(ev->source, ev->schema, ev->table);
         if (fail == WP_FAIL_NO_KEY) {
@@ -765,7 +938,8 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
         }
         wp_event_fail(ev, fail, "%s", err);
         *rc = sync_failure(a, ev, fail);
-        if (*rc == AP_OK && (fail == WP_FAIL_NO_KEY || fail == WP_FAIL_DEFER || fail == WP_FAIL_PARK))
+        if (*rc == AP_OK && (fail == WP_FAIL_NO_KEY || fail == WP_FAIL_NO_COLUMNS || fail == WP_FAIL_DEFER ||
+                             fail == WP_FAIL_PARK))
             add_tfail(a, ev, key); /* a failure of the table, not of this event: the same for all its events */
         else
             free(key);
@@ -839,6 +1013,150 @@ static shape_entry_t *get_shape(wp_applier_t *a, wp_event_t *ev, int *rc)
     return se;
 }
 
+/* ---------------------------------------------------------------- column identity */
+
+/*
+ * Which shape column each mirror column is, for events of shape se: by
+ * attnum where the shape has positions and the mirror knows the attnum (so
+ * an event from before a rename finds its column under the old name), else
+ * by name (shapes recorded by an older walpipe).
+ */
+static void map_shape(const wp_mirror_t *m, shape_entry_t *se)
+{
+    free(se->src);
+    se->src = wp_calloc(m->ncols + 1, sizeof *se->src);
+    se->src_n = m->ncols;
+    se->src_mirror = m->id;
+    se->src_gen = m->generation;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (se->shape.positioned && m->cols[i].attnum > 0)
+            se->src[i] = wp_tshape_at(&se->shape, m->cols[i].attnum);
+        else
+            se->src[i] = wp_tshape_named(&se->shape, m->cols[i].name);
+    }
+}
+
+static bool shape_mapped(const wp_mirror_t *m, const shape_entry_t *se)
+{
+    return se->src && se->src_mirror == m->id && se->src_gen == m->generation && se->src_n == m->ncols;
+}
+
+/* The name mirror column i has in an event of shape se (NULL: the shape lacks it); its own name without a shape. */
+static const char *shape_name(const wp_mirror_t *m, const shape_entry_t *se, size_t i)
+{
+    if (se == NULL || !shape_mapped(m, se))
+        return m->cols[i].name;
+    return se->src[i] >= 0 ? se->shape.cols[se->src[i]].name : NULL;
+}
+
+/* The newest LSN among the claim's events of ev's source: every shape first seen at or before it is committed. */
+static wp_lsn_t claim_upto(const wp_applier_t *a, const wp_event_t *ev)
+{
+    wp_lsn_t upto = ev->lsn;
+    for (size_t i = 0; i < a->nevents; i++)
+        if (a->events[i].lsn > upto && strcmp(a->events[i].source, ev->source) == 0)
+            upto = a->events[i].lsn;
+    return upto;
+}
+
+/* Loads the shapes with positions of me's table, unless those loaded already cover ev. */
+static int history_load(wp_applier_t *a, mentry_t *me, wp_event_t *ev)
+{
+    history_t *h = &me->hist;
+    if (h->loaded && ev->lsn <= h->upto)
+        return AP_OK;
+    int rc = go_sync(a);
+    if (rc != AP_OK)
+        return rc;
+    wp_lsn_t upto = claim_upto(a, ev);
+    const char *params[] = {ev->source, me->m->schema, me->m->table};
+    PGresult *res = PQexecParams(a->conn,
+                                 "SELECT columns::text, first_lsn::text FROM walpipe.table_schemas WHERE source = $1 "
+                                 "AND schema_name = $2 AND table_name = $3 AND columns::text LIKE '%\"position\"%' "
+                                 "ORDER BY first_lsn",
+                                 3, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_fail_t fail = wp_mirror_classify(res, a->conn);
+        wp_event_fail(ev, fail, "could not read the table's shapes: %s", PQerrorMessage(a->conn));
+        PQclear(res);
+        return sync_failure(a, ev, fail);
+    }
+    history_clear(h);
+    h->shapes = wp_calloc((size_t)PQntuples(res) + 1, sizeof *h->shapes);
+    for (int r = 0; r < PQntuples(res); r++) {
+        char err[128];
+        wp_tshape_t *t = &h->shapes[h->n];
+        const char *l = PQgetvalue(res, r, 1);
+        if (wp_tshape_parse(PQgetvalue(res, r, 0), t, err, sizeof err) == 0 && t->positioned &&
+            wp_lsn_parse(l, strlen(l), &t->first_lsn))
+            h->n++;
+        else
+            wp_tshape_clear(t);
+    }
+    PQclear(res);
+    h->loaded = true;
+    h->upto = upto;
+    return AP_OK;
+}
+
+/*
+ * The name mirror column i had in events at lsn (their key and before
+ * images carry no positions): from the newest shape first seen at or before
+ * lsn that has its attnum, else the oldest after it (a change between the
+ * rename and the first insert or update that showed it); the mirror's name
+ * when no shape says.
+ */
+static const char *name_at(const mentry_t *me, size_t i, wp_lsn_t lsn)
+{
+    const history_t *h = &me->hist;
+    const char *best = NULL;
+    for (size_t s = 0; s < h->n && me->m->cols[i].attnum > 0; s++) {
+        ssize_t j = wp_tshape_at(&h->shapes[s], me->m->cols[i].attnum);
+        if (j < 0)
+            continue;
+        if (h->shapes[s].first_lsn > lsn && best)
+            break;
+        best = h->shapes[s].cols[j].name;
+        if (h->shapes[s].first_lsn > lsn)
+            break;
+    }
+    return best ? best : me->m->cols[i].name;
+}
+
+/*
+ * The names ev's key (or before) image gives the mirror's key columns: an
+ * update's own shape names them as its identity does; otherwise the table's
+ * shape history (a delete's identity has no positions).  The history is
+ * loaded also when before_image asks (REPLICA IDENTITY FULL: any column).
+ */
+static int key_names(wp_applier_t *a, mentry_t *me, wp_event_t *ev, const shape_entry_t *se, bool before_image,
+                     const char **out)
+{
+    const wp_mirror_t *m = me->m;
+    bool hist = false, any_attnum = false;
+    for (size_t i = 0; i < m->ncols; i++)
+        any_attnum |= m->cols[i].attnum > 0;
+    for (size_t k = 0; k < m->nkeys; k++) {
+        out[k] = se ? shape_name(m, se, m->keys[k]) : NULL;
+        hist |= out[k] == NULL && m->cols[m->keys[k]].attnum > 0;
+    }
+    if ((hist || before_image) && any_attnum) {
+        int rc = history_load(a, me, ev);
+        if (rc != AP_OK || ev->fail != WP_FAIL_NONE)
+            return rc;
+    }
+    for (size_t k = 0; k < m->nkeys; k++)
+        if (out[k] == NULL)
+            out[k] = name_at(me, m->keys[k], ev->lsn);
+    return AP_OK;
+}
+
+/* The name mirror column i has in the before image of a change at lsn (REPLICA IDENTITY FULL). */
+static const char *before_name(const mentry_t *me, size_t i, wp_lsn_t lsn)
+{
+    return me->hist.loaded ? name_at(me, i, lsn) : me->m->cols[i].name;
+}
+
 /* ---------------------------------------------------------------- applying one event */
 
 /* "a", "b" (the names in o, quoted, comma-separated) into b, for a reason. */
@@ -848,35 +1166,57 @@ static void field_names(const wp_jobject_t *o, wp_buf_t *b)
         wp_buf_printf(b, "%s\"%s\"", i ? ", " : "", o->fields[i].name);
 }
 
-static void key_names(const wp_mirror_t *m, wp_buf_t *b)
+static void key_list(const wp_mirror_t *m, wp_buf_t *b)
 {
     for (size_t k = 0; k < m->nkeys; k++)
         wp_buf_printf(b, "%s\"%s\"", k ? ", " : "", m->cols[m->keys[k]].name);
 }
 
 /*
+ * The key column at index i of the mirror in image o under another name it
+ * had (newest first), or under its name now: a DELETE between a rename and
+ * the first insert or update after it names the column anew before any
+ * shape does.
+ */
+static const wp_jfield_t *key_other_name(const mentry_t *me, size_t i, const wp_jobject_t *o)
+{
+    const wp_mcol_t *c = &me->m->cols[i];
+    for (size_t s = me->hist.n; s-- > 0 && c->attnum > 0;) {
+        ssize_t j = wp_tshape_at(&me->hist.shapes[s], c->attnum);
+        const wp_jfield_t *f = j >= 0 ? wp_jobject_get(o, me->hist.shapes[s].cols[j].name, NULL) : NULL;
+        if (f)
+            return f;
+    }
+    return wp_jobject_get(o, c->name, NULL);
+}
+
+/*
  * Fills out[0..nkeys) with the mirror's key values from the old-row identity
  * o (the payload's key, or before for REPLICA IDENTITY FULL) of an update or
- * delete (what).  When the event does not carry them, fails it with a reason
- * about this event alone: which columns it identifies its row by (the
- * table's replica identity when the change was made, which may differ from
- * the one the catalog shows now) and which key column they lack.  Parked:
- * nothing can tell which row it changed; the dead-letter queue marks the
- * mirror diverged, and a resync repairs it.
+ * delete (what), where they are named knames[k] (key_names) or another name
+ * the column had (key_other_name).  When the event does not carry them,
+ * fails it with a reason about this event alone: which columns it
+ * identifies its row by (the table's replica identity when the change was
+ * made, which may differ from the one the catalog shows now) and which key
+ * column they lack.  Parked: nothing can tell which row it changed; the
+ * dead-letter queue marks the mirror diverged, and a resync repairs it.
  */
-static bool key_values(const wp_mirror_t *m, const wp_jobject_t *o, const char **out, wp_event_t *ev,
-                       const char *what)
+static bool key_values(const mentry_t *me, const char *const *knames, const wp_jobject_t *o, const char **out,
+                       wp_event_t *ev, const char *what)
 {
+    const wp_mirror_t *m = me->m;
     size_t hint = 0;
     for (size_t k = 0; k < m->nkeys; k++) {
         const wp_mcol_t *c = &m->cols[m->keys[k]];
-        const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, c->name, &hint) : NULL;
+        const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, knames[k], &hint) : NULL;
+        if (f == NULL && o && o->present)
+            f = key_other_name(me, m->keys[k], o);
         if (f != NULL && f->value != NULL) {
             out[k] = f->value;
             continue;
         }
         wp_buf_t carried = WP_BUF_INIT, keys = WP_BUF_INIT;
-        key_names(m, &keys);
+        key_list(m, &keys);
         if (o == NULL || !o->present || o->n == 0)
             wp_event_fail(ev, WP_FAIL_PARK,
                           "this %s carries no old-row identity, so nothing tells which row of \"%s\".\"%s\" it "
@@ -1039,9 +1379,11 @@ static int carry_absent(wp_applier_t *a, mentry_t *me, wp_event_t *ev, const cha
  * old and new key values.  Returns false with ev failed when the event cannot
  * be applied (no key values, a lost NaN).
  */
-static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_event_t *ev, const char **vals,
-                      bool *absent, const char **oldkey, const char **newkey, bool *any_absent, bool *key_changed)
+static bool row_image(wp_applier_t *a, const mentry_t *me, const shape_entry_t *se, const char *const *knames,
+                      ev_kind_t kind, wp_event_t *ev, const char **vals, bool *absent, const char **oldkey,
+                      const char **newkey, bool *any_absent, bool *key_changed)
 {
+    const wp_mirror_t *m = me->m;
     const wp_jobject_t *after = &a->payload.after, *before = &a->payload.before;
     size_t hint = 0, bhint = 0;
     *any_absent = *key_changed = false;
@@ -1049,14 +1391,23 @@ static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_
         wp_event_fail(ev, WP_FAIL_PARK, "%s payload has no \"after\"", ev->type);
         return false;
     }
-    if (kind == K_UPDATE && !key_values(m, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
+    if (kind == K_UPDATE &&
+        !key_values(me, knames, a->payload.key.present ? &a->payload.key : before, oldkey, ev, "update"))
         return false;
     for (size_t i = 0; i < m->ncols; i++) {
-        const wp_jfield_t *f = wp_jobject_get(after, m->cols[i].name, &hint);
+        const char *name = shape_name(m, se, i);
+        const wp_jfield_t *f = name ? wp_jobject_get(after, name, &hint) : NULL;
         if (f == NULL && kind == K_UPDATE && before->present) /* REPLICA IDENTITY FULL: the old row has it */
-            f = wp_jobject_get(before, m->cols[i].name, &bhint);
-        /* an insert lacks only columns its shape did not have yet: NULL; an update's are unchanged TOAST */
-        absent[i] = f == NULL && kind == K_UPDATE;
+            f = wp_jobject_get(before, name ? name : before_name(me, i, ev->lsn), &bhint);
+        /*
+         * Left out, it keeps the mirror's value.  An update leaves out only
+         * unchanged TOAST columns.  An insert lacks only columns its shape did
+         * not have yet: that row existed before they were added and reads on
+         * the source what such rows read, which the mirror column has as its
+         * DEFAULT (the source's missing value, see mirror.c), so a new mirror
+         * row gets it too.
+         */
+        absent[i] = f == NULL;
         *any_absent |= absent[i];
         vals[i] = f ? f->value : NULL;
         if (f && f->value == NULL && lost_special(m, i, ev))
@@ -1066,7 +1417,7 @@ static bool row_image(wp_applier_t *a, const wp_mirror_t *m, ev_kind_t kind, wp_
         size_t i = m->keys[k];
         if (absent[i]) { /* a TOASTed key column left out: unchanged */
             absent[i] = false;
-            vals[i] = oldkey[k];
+            vals[i] = kind == K_UPDATE ? oldkey[k] : NULL;
         }
         if (vals[i] == NULL) {
             wp_event_fail(ev, WP_FAIL_PARK, "%s of \"%s\".\"%s\" has no value for key column \"%s\"", ev->type, m->schema,
@@ -1111,6 +1462,7 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
     free(pl->key);
     pl->key = NULL;
     pl->full = pl->deletes = pl->late = pl->skip = false;
+    pl->se = NULL;
     if (pl->kind == K_OTHER)
         return AP_OK; /* messages are not rows */
     if (ev->schema == NULL || ev->table == NULL) {
@@ -1141,7 +1493,16 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         if ((rc = go_sync(a)) != AP_OK)
             return rc;
         /* an insert's shape lists every column; an update's may leave unchanged TOAST columns out */
-        if (wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, &changed, &fail, err, sizeof err) != 0) {
+        int frc = wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, columns_waited(a, ev), &changed,
+                                   &fail, err, sizeof err);
+        if (frc != 0 && fail == WP_FAIL_NO_COLUMNS && !columns_wait(a, ev, se->shape.first_lsn)) {
+            bool reloaded = changed; /* the first call may have read the mirror's columns anew */
+            fail = WP_FAIL_NONE;     /* without the catalog (see get_mirror) */
+            frc = wp_mirror_follow(a->conn, m, &se->shape, pl->kind == K_INSERT, true, &changed, &fail, err,
+                                   sizeof err);
+            changed |= reloaded;
+        }
+        if (frc != 0) {
             wp_event_fail(ev, fail, "%s", err);
             return sync_failure(a, ev, fail);
         }
@@ -1154,20 +1515,29 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         se->followed_mirror = m->id;
         se->followed_gen = m->generation;
     }
+    if (se && !shape_mapped(m, se))
+        map_shape(m, se);
+    pl->se = se;
     pl->mirror = m->id;
     if (pl->kind == K_TRUNCATE || m->nkeys > 64)
         return AP_OK;
+    const char *knames[64];
+    if (pl->kind != K_INSERT &&
+        ((rc = key_names(a, me, ev, se, a->payload.before.present, knames)) != AP_OK || ev->fail != WP_FAIL_NONE))
+        return rc;
     reserve_cols(a, m->ncols);
     const char **vals = wp_calloc(m->ncols ? m->ncols : 1, sizeof *vals);
     const char *oldkey[64], *newkey[64];
     bool any_absent = false, key_changed = false;
     wp_event_t probe = *ev; /* failures show up again, with their reason, when the event is applied */
     if (pl->kind == K_DELETE) {
-        if (key_values(m, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe, "delete")) {
+        if (key_values(me, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, &probe,
+                       "delete")) {
             pl->key = key_text(m, oldkey);
             pl->deletes = true;
         }
-    } else if (row_image(a, m, pl->kind, &probe, vals, a->absent, oldkey, newkey, &any_absent, &key_changed)) {
+    } else if (row_image(a, me, se, knames, pl->kind, &probe, vals, a->absent, oldkey, newkey, &any_absent,
+                         &key_changed)) {
         pl->key = key_text(m, pl->kind == K_UPDATE ? oldkey : newkey);
         pl->full = !key_changed && !any_absent;
         pl->deletes = key_changed; /* of the old key */
@@ -1191,15 +1561,25 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
     mentry_t *me = get_mirror(a, ev, NULL, &rc);
     if (me == NULL)
         return rc;
+    if ((rc = pin_mirror(a, me, ev)) != AP_OK || ev->fail != WP_FAIL_NONE)
+        return rc;
     wp_mirror_t *m = me->m;
+    shape_entry_t *se = pl->se;
+    if (se && !shape_mapped(m, se))
+        map_shape(m, se); /* a later event of the claim altered the mirror after this one was prepared */
     reserve_cols(a, m->ncols);
     const char **vals = wp_calloc(m->ncols ? m->ncols : 1, sizeof *vals);
     bool *absent = a->absent;
-    const char *oldkey[64], *newkey[64];
+    const char *oldkey[64], *newkey[64], *knames[64];
     bool any_absent = false, key_changed = false;
     if (m->nkeys > 64) {
         wp_event_fail(ev, WP_FAIL_PARK, "mirror %s has more than 64 key columns", m->qmirror);
         goto out;
+    }
+    if (pl->kind == K_UPDATE || pl->kind == K_DELETE) {
+        rc = key_names(a, me, ev, se, a->payload.before.present, knames);
+        if (rc != AP_OK || ev->fail != WP_FAIL_NONE)
+            goto out;
     }
 
     switch (pl->kind) {
@@ -1214,11 +1594,11 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
         break;
     }
     case K_INSERT:
-        if (row_image(a, m, K_INSERT, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
+        if (row_image(a, me, se, knames, K_INSERT, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
             rc = write_row(a, me, ev, vals, absent);
         break;
     case K_UPDATE:
-        if (!row_image(a, m, K_UPDATE, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
+        if (!row_image(a, me, se, knames, K_UPDATE, ev, vals, absent, oldkey, newkey, &any_absent, &key_changed))
             break;
         if (key_changed) {
             /* the old key's row goes (as a delete at this version); the new key gets the row */
@@ -1236,7 +1616,8 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
         rc = write_row(a, me, ev, vals, absent);
         break;
     case K_DELETE:
-        if (key_values(m, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev, "delete"))
+        if (key_values(me, knames, a->payload.key.present ? &a->payload.key : &a->payload.before, oldkey, ev,
+                       "delete"))
             rc = delete_key(a, me, ev, oldkey);
         break;
     case K_OTHER:
@@ -1368,6 +1749,7 @@ static int apply_pass(wp_applier_t *a, wp_event_t *events, size_t n)
             if (ev->fail == WP_FAIL_NONE)
                 wp_event_fail(ev, WP_FAIL_RETRY, "statement failed");
             rc = exec_simple(a, "ROLLBACK TO SAVEPOINT wp_event");
+            a->txn++; /* the rollback released the registry locks taken since the savepoint */
             if (a->changes != changes)
                 wp_applier_reset(a); /* the cache may describe a mirror the rollback undid */
         } else if (rc == AP_OK) {
@@ -1393,8 +1775,12 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
 {
     int rc;
     tfails_clear(a);
+    needs_clear(a);
     a->want_wait = false;
     a->alive_known = false;
+    a->events = events;
+    a->nevents = n;
+    a->txn++;
     if (exec_simple(a, "SAVEPOINT wp_apply") != AP_OK)
         return -1;
     a->careful = false;
@@ -1411,9 +1797,11 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
     wp_debug("claim of %zu events failed (%s); applying them one by one", n, a->pipe_failed ? a->pipe_error : "");
     if (exec_simple(a, "ROLLBACK TO SAVEPOINT wp_apply") != AP_OK)
         return -1;
+    a->txn++;
     wp_applier_reset(a);
     a->careful = true;
     tfails_clear(a);
+    needs_clear(a);
     rc = apply_pass(a, events, n);
     a->careful = false;
     if (rc == AP_OK && a->want_wait)
@@ -1463,29 +1851,66 @@ bool wp_applier_may_wait_keys(wp_applier_t *a, bool may_wait)
     return was;
 }
 
+/* NOTIFY walpipe_discover with key (table_key()): `walpipe run` reads that table's key and columns soon. */
+static int request_table(wp_applier_t *a, const char *key, const char *schema, const char *table)
+{
+    const char *params[] = {key};
+    PGresult *res = PQexecParams(a->conn, "SELECT pg_notify('walpipe_discover', $1)", 1, NULL, params, NULL, NULL, 0);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_warn("staging: could not ask `walpipe run` to read \"%s\".\"%s\": %s", schema, table,
+                PQerrorMessage(a->conn));
+        rc = -1;
+    }
+    PQclear(res);
+    return rc;
+}
+
 int wp_applier_request_keys(wp_applier_t *a)
 {
     int rc = 0;
     for (size_t i = 0; i < a->ntfails && rc == 0; i++) {
-        if (a->tfails[i].fail != WP_FAIL_NO_KEY && a->tfails[i].fail != WP_FAIL_DEFER)
-            continue;
-        const char *params[] = {a->tfails[i].key};
-        PGresult *res = PQexecParams(a->conn, "SELECT pg_notify('walpipe_discover', $1)", 1, NULL, params, NULL,
-                                     NULL, 0);
-        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-            wp_warn("staging: could not ask `walpipe run` for the key of \"%s\".\"%s\": %s", a->tfails[i].schema,
-                    a->tfails[i].table, PQerrorMessage(a->conn));
-            rc = -1;
-        }
-        PQclear(res);
+        if (a->tfails[i].fail == WP_FAIL_NO_KEY || a->tfails[i].fail == WP_FAIL_DEFER)
+            rc = request_table(a, a->tfails[i].key, a->tfails[i].schema, a->tfails[i].table);
     }
+    for (size_t i = 0; i < a->nneed_cols && rc == 0; i++)
+        rc = request_table(a, a->need_cols[i].key, a->need_cols[i].schema, a->need_cols[i].table);
     return rc;
+}
+
+/* The staging clock now (before asking for a read): only a column catalog read recorded after it counts. */
+static void columns_since(wp_applier_t *a, char *since, size_t len)
+{
+    snprintf(since, len, "infinity");
+    if (a->nneed_cols == 0)
+        return;
+    PGresult *res = PQexec(a->conn, "SELECT clock_timestamp()::text");
+    if (PQresultStatus(res) == PGRES_TUPLES_OK)
+        snprintf(since, len, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+}
+
+/* Whether `walpipe run` recorded a read of cn's column catalog after since, at or past the LSN it needs. */
+static bool columns_read(wp_applier_t *a, const col_need_t *cn, const char *since)
+{
+    char lsn[WP_LSN_STRLEN];
+    const char *params[] = {cn->source, cn->schema, cn->table, wp_lsn_format(cn->lsn, lsn), since};
+    PGresult *res = PQexecParams(a->conn,
+                                 "SELECT coalesce(min(read_lsn) >= $4::pg_lsn AND min(read_at) > $5::timestamptz, "
+                                 "false) FROM walpipe.source_columns WHERE source = $1 AND schema_name = $2 AND "
+                                 "table_name = $3",
+                                 5, NULL, params, NULL, NULL, 0);
+    bool read = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+    PQclear(res);
+    return read;
 }
 
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
 {
     int64_t deadline = wp_now_ms() + wait_ms;
     size_t left = 0;
+    char since[64];
+    columns_since(a, since, sizeof since);
     wp_applier_request_keys(a);
     for (size_t i = 0; i < a->ntfails; i++) {
         table_fail_t *tf = &a->tfails[i];
@@ -1495,6 +1920,13 @@ void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
                 wait_ms, tf->schema, tf->table, tf->source);
         left++;
     }
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        col_need_t *cn = &a->need_cols[i];
+        wp_info("waiting up to %d ms for `walpipe run` to read the columns of table \"%s\".\"%s\" of source \"%s\"",
+                wait_ms, cn->schema, cn->table, cn->source);
+        left++;
+    }
+    /* one wait for all of them: keys and column catalogs together */
     while (left > 0 && wp_now_ms() < deadline && !wp_stop_requested()) {
         left = 0;
         for (size_t i = 0; i < a->ntfails; i++) {
@@ -1513,13 +1945,37 @@ void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
             else
                 left++;
         }
+        for (size_t i = 0; i < a->nneed_cols; i++) {
+            col_need_t *cn = &a->need_cols[i];
+            if (!cn->read && !(cn->read = columns_read(a, cn, since)))
+                left++;
+        }
         if (left > 0) {
             struct timespec ts = {0, 200 * 1000000L};
             nanosleep(&ts, NULL);
         }
     }
-    /* waited once: the next claim dead-letters what is still missing instead of waiting again */
-    for (size_t i = 0; i < a->ntfails; i++)
-        remember_waited(a, a->tfails[i].key);
+    /*
+     * Waited once: the next attempt dead-letters a key still missing instead
+     * of waiting again, and adds columns without a catalog still not read
+     * (recording the mirror as diverged, mirror.c).  A table waited for for
+     * its key counts as waited for for its columns too: `walpipe run` reads
+     * a requested table's columns before its key (worker.c), so when the key
+     * came, so did the columns, if they could be read at all.
+     */
+    for (size_t i = 0; i < a->ntfails; i++) {
+        remember_waited(&a->waited, &a->nwaited, &a->waited_cap, a->tfails[i].key, KEY_WAIT_MEMORY_MS);
+        if (a->tfails[i].fail == WP_FAIL_NO_KEY || a->tfails[i].fail == WP_FAIL_NONE)
+            remember_waited(&a->cwaited, &a->ncwaited, &a->cwaited_cap, a->tfails[i].key, COLUMNS_WAIT_MEMORY_MS);
+    }
+    for (size_t i = 0; i < a->nneed_cols; i++) {
+        col_need_t *cn = &a->need_cols[i];
+        if (!cn->read)
+            wp_info("`walpipe run` has not read the columns of table \"%s\".\"%s\" of source \"%s\" since they "
+                    "changed: its new columns get no default for the rows that existed",
+                    cn->schema, cn->table, cn->source);
+        remember_waited(&a->cwaited, &a->ncwaited, &a->cwaited_cap, cn->key, COLUMNS_WAIT_MEMORY_MS);
+    }
     tfails_clear(a);
+    needs_clear(a);
 }

@@ -72,9 +72,14 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
      * A parked event is a change its mirror has missed until someone acts:
      * the mirror is marked diverged, in this transaction.  A table that has no
      * mirror (it cannot be mirrored: no key, or gone) is no mirror to mark.
+     * Parked at once (WP_FAIL_PARK) is for what the event carries, which a
+     * resync repairs; parked after max_attempts is an error of the mirror's
+     * own SQL, which a resync would meet again (kind apply_failed, not
+     * resynced automatically).
      */
     if (ev->schema && ev->table && PQgetvalue(res, 0, 0)[0] == 't' && PQgetvalue(res, 0, 2)[0] == 't' &&
-        wp_diverge_record(conn, ev->source, ev->schema, ev->table, WP_DIVERGE_PARKED, ev->lsn, ev->error) < 0)
+        wp_diverge_record(conn, ev->source, ev->schema, ev->table,
+                          ev->fail == WP_FAIL_PARK ? WP_DIVERGE_PARKED : WP_DIVERGE_APPLY_FAILED, ev->lsn, ev->error) < 0)
         goto out;
     rc = 0;
     if (ev->fail == WP_FAIL_DEFER && atoi(PQgetvalue(res, 0, 1)) > 1)
@@ -163,7 +168,7 @@ static int retry_rows(wp_applier_t *a, PGconn *conn, const wp_config_t *config, 
                              "WITH gone AS (DELETE FROM walpipe.dead_letters WHERE id = $1 RETURNING id, source, "
                              "schema_name, table_name, lsn) "
                              "UPDATE walpipe.divergences v SET resolved_at = now(), resolved_by = 'walpipe dlq retry "
-                             "applied the parked event' FROM gone g WHERE v.resolved_at IS NULL AND v.kind = 'parked' "
+                             "applied the parked event' FROM gone g WHERE v.resolved_at IS NULL AND v.kind IN ('parked', 'apply_failed') "
                              "AND (v.source, v.schema_name, v.table_name, v.lsn) = (g.source, g.schema_name, "
                              "g.table_name, g.lsn) AND NOT EXISTS (SELECT 1 FROM walpipe.dead_letters d WHERE d.kind = "
                              "'apply' AND d.next_attempt_at IS NULL AND d.id <> g.id AND (d.source, d.schema_name, "

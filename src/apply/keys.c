@@ -35,7 +35,12 @@
  * staged changes were made; the applier judges each change by the key
  * values it carries (applier.c), so a key that identifies rows is all the
  * mirror needs.  Inserts carry every column; the UPDATEs and DELETEs that
- * wal2json drops for want of an identity are the stager's to detect.
+ * wal2json drops for want of an identity are the stager's to detect.  Each
+ * key column is recorded with its attnum ("position", as shapes carry it):
+ * the mirror matches key columns by attnum, so a key column renamed since a
+ * shape named it is still found without asking for the column catalog
+ * (mirror.c).  Readers take entries with or without it (wp_tshape_parse):
+ * rows recorded by an older walpipe have none until the next discovery.
  */
 static const char DISCOVER_SQL[] =
     "WITH t AS ("
@@ -54,7 +59,7 @@ static const char DISCOVER_SQL[] =
     "SELECT t.nspname, t.relname,"
     "  CASE t.relreplident WHEN 'd' THEN 'default' WHEN 'i' THEN 'index' WHEN 'f' THEN 'full' ELSE 'nothing' END,"
     "  (SELECT json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod), "
-    "'typeoid', a.atttypid::int8) ORDER BY k.o)::text"
+    "'typeoid', a.atttypid::int8, 'position', a.attnum) ORDER BY k.o)::text"
     "     FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o), pg_attribute a"
     "    WHERE i.indexrelid = idx.indexrelid AND a.attrelid = t.oid AND a.attnum = k.attnum),"
     "  (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a"

@@ -58,12 +58,20 @@
  * LOCK TABLE ... IN EXCLUSIVE MODE, which waits for every transaction writing
  * the mirror and makes new writers wait until it commits.
  *
+ * Columns are the source's columns by identity: each mirror column keeps the
+ * source attnum it mirrors (walpipe.mirrors.column_attnums), which a rename
+ * keeps and no other column ever gets, so following a newer shape renames,
+ * adds and drops by attnum (wp_mirror_follow), and the applier reads an
+ * older shape's values by attnum (applier.c).  A column added to the source
+ * with a constant DEFAULT gets, as its mirror DEFAULT, the value the rows
+ * that existed read (attmissingval, from walpipe.source_columns): every row
+ * the mirror holds or receives without that column is such a row.
+ *
  * Limits (README, "Transform workers"): a key-changing UPDATE that leaves a
  * TOASTed column out copies that value from the old key's mirror row, so an
  * older change to that column applied later does not follow the row to its
- * new key; rows that exist when a column is added with a DEFAULT read NULL in
- * the mirror until they change (ADD COLUMN writes no row changes to the WAL);
- * tables need a key (see keys.c).
+ * new key; a volatile DEFAULT or ALTER COLUMN TYPE ... USING rewrites rows
+ * without row changes in the WAL; tables need a key (see keys.c).
  *
  * Every identifier in generated SQL is quoted with PQescapeIdentifier and
  * every name used as a value with PQescapeLiteral or passed as a parameter.
@@ -74,8 +82,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "diverge.h"
 #include "log.h"
 #include "mirror.h"
+#include "pg.h"
 
 #define OID_TEXT 25
 #define OID_INT4 23
@@ -184,7 +194,8 @@ int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen)
     PGresult *res = run(conn,
                         "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, "
                         "       a.attname = ANY (r.key_columns), r.generation, r.shape_lsn, "
-                        "       coalesce(a.attname = ANY (st.not_null_columns), false) "
+                        "       coalesce(a.attname = ANY (st.not_null_columns), false), "
+                        "       coalesce((r.column_attnums ->> a.attname)::int, -1), a.atthasdef "
                         "FROM walpipe.mirrors r "
                         "JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', r.mirror_schema, "
                         "r.mirror_table)) "
@@ -212,6 +223,8 @@ int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen)
         cols[i].typoid = (unsigned)strtoul(PQgetvalue(res, (int)i, 2), NULL, 10);
         cols[i].is_key = PQgetvalue(res, (int)i, 3)[0] == 't';
         cols[i].src_not_null = PQgetvalue(res, (int)i, 6)[0] == 't';
+        cols[i].attnum = atoi(PQgetvalue(res, (int)i, 7));
+        cols[i].has_default = PQgetvalue(res, (int)i, 8)[0] == 't';
         cols[i].qname = quote_ident(conn, cols[i].name);
         cols[i].lit = quote_literal(conn, cols[i].name);
     }
@@ -378,30 +391,208 @@ static wp_mirror_t *mirror_load(PGconn *conn, const char *source, const char *sc
     return m;
 }
 
-/* One column definition of a CREATE TABLE: "name" type. */
-static bool append_coldef(PGconn *conn, wp_buf_t *sql, const char *name, const char *type, bool not_null)
+/* " DEFAULT 'value'::type" for a column whose existing rows read value (escaped, never spliced raw). */
+static bool append_default(PGconn *conn, wp_buf_t *sql, const char *type, const char *value)
+{
+    if (value == NULL)
+        return true;
+    char *lit = quote_literal(conn, value);
+    if (lit == NULL)
+        return false;
+    wp_buf_printf(sql, " DEFAULT %s::%s", lit, type);
+    free(lit);
+    return true;
+}
+
+/* One column definition of a CREATE TABLE: "name" type [DEFAULT value]. */
+static bool append_coldef(PGconn *conn, wp_buf_t *sql, const char *name, const char *type, bool not_null,
+                          const char *def)
 {
     char *q = quote_ident(conn, name);
     if (q == NULL)
         return false;
-    wp_buf_printf(sql, "%s %s%s, ", q, type, not_null ? " NOT NULL" : "");
+    wp_buf_printf(sql, "%s %s%s", q, type, not_null ? " NOT NULL" : "");
     free(q);
+    if (!append_default(conn, sql, type, def))
+        return false;
+    wp_buf_puts(sql, ", ");
     return true;
+}
+
+/* ---------------------------------------------------------------- the source's column catalog */
+
+/*
+ * What walpipe.source_columns says about one table's columns (written by
+ * `walpipe run`, columns.c).  read_lsn is the oldest of its rows' reads:
+ * every column added by a transaction that committed before it is there.
+ */
+typedef struct srccat {
+    PGresult *res; /* attnum, name, dropped, has_missing, missing_value */
+    wp_lsn_t read_lsn;
+} srccat_t;
+
+static int catalog_load(PGconn *conn, const char *source, const char *schema, const char *table, srccat_t *cat,
+                        wp_fail_t *fail, char *err, size_t errlen)
+{
+    const char *params[] = {source, schema, table};
+    cat->read_lsn = 0;
+    cat->res = run(conn,
+                   "SELECT attnum, name, dropped, has_missing, missing_value, min(read_lsn) OVER ()::text "
+                   "FROM walpipe.source_columns WHERE source = $1 AND schema_name = $2 AND table_name = $3",
+                   3, params, PGRES_TUPLES_OK, "could not read walpipe.source_columns", fail, err, errlen);
+    if (cat->res == NULL)
+        return -1;
+    if (PQntuples(cat->res) > 0) {
+        const char *l = PQgetvalue(cat->res, 0, 5);
+        wp_lsn_parse(l, strlen(l), &cat->read_lsn);
+    }
+    return 0;
+}
+
+/* The catalog's row of the column at attnum, or -1. */
+static int catalog_row(const srccat_t *cat, int attnum)
+{
+    for (int r = 0; cat->res && attnum > 0 && r < PQntuples(cat->res); r++)
+        if (atoi(PQgetvalue(cat->res, r, 0)) == attnum)
+            return r;
+    return -1;
+}
+
+/* The attnum of the column the source calls name now (key discovery names key columns so), or -1. */
+static int catalog_attnum(const srccat_t *cat, const char *name)
+{
+    for (int r = 0; cat->res && r < PQntuples(cat->res); r++)
+        if (PQgetvalue(cat->res, r, 2)[0] == 'f' && strcmp(PQgetvalue(cat->res, r, 1), name) == 0)
+            return atoi(PQgetvalue(cat->res, r, 0));
+    return -1;
+}
+
+/* What the rows that existed when a column was added read for it. */
+typedef enum missing {
+    MISSING_KNOWN,   /* *value: the catalog's attmissingval, or NULL: they read NULL */
+    MISSING_UNKNOWN, /* the catalog does not say (column dropped since, never read): record a divergence */
+    MISSING_ASK,     /* the catalog was not read since the column appeared: ask for a read, then retry */
+} missing_t;
+
+/*
+ * For the column at attnum, first seen in a shape at first_lsn: the catalog
+ * knows it when it was read after first_lsn (the column was added before
+ * that shape's first change committed).  An attnum is never reused, so the
+ * row found is this very column, whatever it is called now.
+ */
+static missing_t catalog_missing(const srccat_t *cat, int attnum, wp_lsn_t first_lsn, bool waited, const char **value)
+{
+    *value = NULL;
+    if (cat->res == NULL || PQntuples(cat->res) == 0 || cat->read_lsn < first_lsn)
+        return waited ? MISSING_UNKNOWN : MISSING_ASK;
+    int r = catalog_row(cat, attnum);
+    if (r < 0 || PQgetvalue(cat->res, r, 2)[0] == 't')
+        return MISSING_UNKNOWN;
+    if (PQgetvalue(cat->res, r, 3)[0] == 't') {
+        if (PQgetisnull(cat->res, r, 4))
+            return MISSING_UNKNOWN; /* a value columns.c could not render */
+        *value = PQgetvalue(cat->res, r, 4);
+    }
+    return MISSING_KNOWN;
+}
+
+static void catalog_ask(wp_fail_t *fail, char *err, size_t errlen, const char *source, const char *schema,
+                        const char *table, const char *column)
+{
+    *fail = WP_FAIL_NO_COLUMNS;
+    snprintf(err, errlen,
+             "column \"%s\" of \"%s\".\"%s\" (source \"%s\") is new: the value existing rows read for it is in the "
+             "source's catalog, which `walpipe run` has not read since the column appeared; hint: make sure `walpipe "
+             "run` is running and can connect to the source, then `walpipe dlq retry`",
+             column, schema, table, source);
+}
+
+/* Records that the mirror's existing rows read NULL for a column whose value on the source is not known. */
+static int diverge_missing(PGconn *conn, const char *source, const char *schema, const char *table, const char *column,
+                           int attnum, wp_lsn_t lsn, wp_fail_t *fail, char *err, size_t errlen)
+{
+    wp_buf_t reason = WP_BUF_INIT;
+    wp_buf_printf(&reason,
+                  "column \"%s\" (attnum %d) was added while rows existed; the value they read for it on the source "
+                  "(pg_attribute.attmissingval) could not be read from the source's catalog (not reachable, or the "
+                  "column was dropped since), so the mirror's rows from before hold NULL there",
+                  column, attnum);
+    int rc = wp_diverge_record(conn, source, schema, table, WP_DIVERGE_REWRITE, lsn, reason.data) < 0 ? -1 : 0;
+    wp_buf_free(&reason);
+    if (rc != 0) {
+        *fail = PQstatus(conn) != CONNECTION_OK ? WP_FAIL_TRANSIENT : WP_FAIL_RETRY;
+        snprintf(err, errlen, "could not record the divergence of \"%s\".\"%s\"", schema, table);
+    }
+    return rc;
+}
+
+/* One column of a mirror being created. */
+typedef struct newcol {
+    const char *name;
+    const char *type; /* the source's */
+    int64_t typeoid;
+    int position;     /* attnum, -1 when not known */
+    bool is_key;
+    char *mtype;      /* the mirror's type (owned) */
+    const char *def;  /* the value rows from before the column read, or NULL */
+} newcol_t;
+
+/*
+ * Whether some shape of the table older than first_lsn, recorded with
+ * positions, lacks attnum: rows written by its changes existed before the
+ * column was added, so they read the column's missing value.
+ */
+static int older_shapes(PGconn *conn, const char *source, const char *schema, const char *table, wp_lsn_t first_lsn,
+                        wp_tshape_t **out, size_t *nout, wp_fail_t *fail, char *err, size_t errlen)
+{
+    char lsn[WP_LSN_STRLEN];
+    wp_lsn_format(first_lsn, lsn);
+    const char *params[] = {source, schema, table, lsn};
+    *out = NULL;
+    *nout = 0;
+    PGresult *res = run(conn,
+                        "SELECT columns::text FROM walpipe.table_schemas WHERE source = $1 AND schema_name = $2 "
+                        "AND table_name = $3 AND first_lsn < $4 AND columns::text LIKE '%\"position\"%'",
+                        4, params, PGRES_TUPLES_OK, "could not read the table's older shapes", fail, err, errlen);
+    if (res == NULL)
+        return -1;
+    *out = wp_calloc((size_t)PQntuples(res) + 1, sizeof **out);
+    for (int r = 0; r < PQntuples(res); r++) {
+        char e[128];
+        if (wp_tshape_parse(PQgetvalue(res, r, 0), &(*out)[*nout], e, sizeof e) == 0 && (*out)[*nout].positioned)
+            (*nout)++;
+        else
+            wp_tshape_clear(&(*out)[*nout]);
+    }
+    PQclear(res);
+    return 0;
+}
+
+static void free_shapes(wp_tshape_t *shapes, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        wp_tshape_clear(&shapes[i]);
+    free(shapes);
 }
 
 /* Creates the registry row, the mirror table and its tombstone table.  The caller holds the creation lock. */
 static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
-                                  const char *table, const wp_tshape_t *shape, wp_fail_t *fail, char *err,
-                                  size_t errlen)
+                                  const char *table, const wp_tshape_t *shape, bool catalog_waited, wp_fail_t *fail,
+                                  char *err, size_t errlen)
 {
     const char *params[6] = {source, schema, table};
     wp_tshape_t key = {0};
     wp_mirror_t *m = NULL;
-    wp_buf_t sql = WP_BUF_INIT, keylist = WP_BUF_INIT, keyarr = WP_BUF_INIT;
+    wp_buf_t sql = WP_BUF_INIT, keylist = WP_BUF_INIT, keyarr = WP_BUF_INIT, namearr = WP_BUF_INIT,
+             attarr = WP_BUF_INIT;
     char *name = NULL, *qschema = NULL;
-    char **types = NULL;
-    size_t ncols = 0;
-    const wp_tshape_col_t **cols = NULL;
+    size_t ncols = 0, nolder = 0;
+    newcol_t *cols = NULL;
+    size_t *keyidx = NULL;
+    wp_tshape_t *older = NULL;
+    srccat_t cat = {0};
+    const char **names = NULL;
+    int64_t *attnums = NULL;
     PGresult *res = run(conn,
                         "SELECT key_columns::text, problem FROM walpipe.source_tables "
                         "WHERE source = $1 AND schema_name = $2 AND table_name = $3",
@@ -432,29 +623,77 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     }
     PQclear(res);
     res = NULL;
+    if (catalog_load(conn, source, schema, table, &cat, fail, err, errlen) != 0)
+        goto out;
 
-    /* the columns: the shape's, then any key column the shape lacks (a delete's shape is the key alone) */
+    /*
+     * The columns: the shape's, then any key column the shape lacks (a
+     * delete's shape is the key alone).  Key discovery names key columns as
+     * the source does now, the shape as it did then (a rename may lie
+     * between): a key column is the shape's column at its attnum.
+     */
     cols = wp_calloc((shape ? shape->ncols : 0) + key.ncols, sizeof *cols);
-    for (size_t i = 0; shape && i < shape->ncols; i++)
-        cols[ncols++] = &shape->cols[i];
-    for (size_t k = 0; k < key.ncols; k++) {
-        bool have = false;
-        for (size_t i = 0; i < ncols && !have; i++)
-            have = strcmp(cols[i]->name, key.cols[k].name) == 0;
-        if (!have)
-            cols[ncols++] = &key.cols[k];
+    keyidx = wp_calloc(key.ncols, sizeof *keyidx);
+    for (size_t i = 0; shape && i < shape->ncols; i++) {
+        const wp_tshape_col_t *c = &shape->cols[i];
+        cols[ncols++] = (newcol_t){.name = c->name, .type = c->type, .typeoid = c->typeoid, .position = c->position};
     }
-    types = wp_calloc(ncols, sizeof *types);
+    for (size_t k = 0; k < key.ncols; k++) {
+        const wp_tshape_col_t *kc = &key.cols[k];
+        int pos = kc->position > 0 ? kc->position : catalog_attnum(&cat, kc->name);
+        ssize_t at = -1;
+        for (size_t i = 0; i < ncols && at < 0 && pos > 0; i++)
+            if (cols[i].position == pos)
+                at = (ssize_t)i;
+        for (size_t i = 0; i < ncols && at < 0; i++)
+            if (strcmp(cols[i].name, kc->name) == 0 && (cols[i].position <= 0 || pos <= 0 || cols[i].position == pos))
+                at = (ssize_t)i;
+        if (at < 0 && pos <= 0 && shape && shape->positioned && !catalog_waited) {
+            /* a key named as the source does now, which the shape names otherwise: its attnum is in a newer read */
+            catalog_ask(fail, err, errlen, source, schema, table, kc->name);
+            goto out;
+        }
+        if (at < 0) {
+            at = (ssize_t)ncols;
+            cols[ncols++] = (newcol_t){.name = kc->name, .type = kc->type, .typeoid = kc->typeoid, .position = pos};
+        }
+        cols[at].is_key = true;
+        keyidx[k] = (size_t)at;
+    }
     for (size_t i = 0; i < ncols; i++) {
-        if (is_reserved(cols[i]->name)) {
+        if (is_reserved(cols[i].name)) {
             *fail = WP_FAIL_PARK;
             snprintf(err, errlen,
                      "table \"%s\".\"%s\" of source \"%s\" has a column named \"%s\", which the mirror reserves for "
                      "itself; hint: rename the column on the source",
-                     schema, table, source, cols[i]->name);
+                     schema, table, source, cols[i].name);
             goto out;
         }
-        types[i] = map_type(conn, cols[i]->type, cols[i]->typeoid);
+        cols[i].mtype = map_type(conn, cols[i].type, cols[i].typeoid);
+    }
+
+    /* a column older shapes lack was added while rows existed: they read its missing value */
+    if (shape && shape->positioned &&
+        older_shapes(conn, source, schema, table, shape->first_lsn, &older, &nolder, fail, err, errlen) != 0)
+        goto out;
+    for (size_t i = 0; i < ncols; i++) {
+        bool added = false;
+        for (size_t o = 0; o < nolder && !added && !cols[i].is_key && cols[i].position > 0; o++)
+            added = wp_tshape_at(&older[o], cols[i].position) < 0;
+        if (!added)
+            continue;
+        switch (catalog_missing(&cat, cols[i].position, shape->first_lsn, catalog_waited, &cols[i].def)) {
+        case MISSING_KNOWN:
+            break;
+        case MISSING_ASK:
+            catalog_ask(fail, err, errlen, source, schema, table, cols[i].name);
+            goto out;
+        case MISSING_UNKNOWN:
+            if (diverge_missing(conn, source, schema, table, cols[i].name, cols[i].position, shape->first_lsn, fail,
+                                err, errlen) != 0)
+                goto out;
+            break;
+        }
     }
 
     /* the name: the pattern's, or with a hash when that is taken by another mirror */
@@ -506,22 +745,25 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     snprintf(tomb, sizeof tomb, "tombstones_%d", id);
     snprintf(idtext, sizeof idtext, "%d", id);
     wp_lsn_format(shape ? shape->first_lsn : 0, shape_lsn);
-    wp_buf_append(&keyarr, "{", 1);
-    for (size_t k = 0; k < key.ncols; k++) {
-        wp_buf_puts(&keyarr, k ? ",\"" : "\"");
-        for (const char *s = key.cols[k].name; *s; s++) {
-            if (*s == '"' || *s == '\\')
-                wp_buf_putc(&keyarr, '\\');
-            wp_buf_putc(&keyarr, *s);
-        }
-        wp_buf_putc(&keyarr, '"');
+    names = wp_calloc(ncols + 1, sizeof *names);
+    attnums = wp_calloc(ncols + 1, sizeof *attnums);
+    for (size_t k = 0; k < key.ncols; k++)
+        names[k] = cols[keyidx[k]].name;
+    wp_pg_text_array(&keyarr, names, key.ncols);
+    for (size_t i = 0; i < ncols; i++) {
+        names[i] = cols[i].name;
+        attnums[i] = cols[i].position;
     }
-    wp_buf_putc(&keyarr, '}');
-    const char *p7[] = {idtext, source, schema, table, config->mirror_schema, name, tomb, keyarr.data, shape_lsn};
+    wp_pg_text_array(&namearr, names, ncols);
+    wp_pg_int8_array(&attarr, attnums, ncols);
+    const char *p7[] = {idtext, source, schema, table, config->mirror_schema, name, tomb, keyarr.data, shape_lsn,
+                        namearr.data, attarr.data};
     res = run(conn,
               "INSERT INTO walpipe.mirrors (id, source, schema_name, table_name, mirror_schema, mirror_table, "
-              "tombstones, key_columns, shape_lsn) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-              9, p7, PGRES_COMMAND_OK, "could not register the mirror", fail, err, errlen);
+              "tombstones, key_columns, shape_lsn, column_attnums) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+              "(SELECT coalesce(jsonb_object_agg(n, a), '{}') FROM unnest($10::text[], $11::int[]) u(n, a) "
+              "WHERE a > 0))",
+              11, p7, PGRES_COMMAND_OK, "could not register the mirror", fail, err, errlen);
     if (res == NULL)
         goto out;
     PQclear(res);
@@ -534,15 +776,12 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     }
     wp_buf_printf(&sql, "CREATE SCHEMA IF NOT EXISTS %s; CREATE TABLE %s (", qschema, m->qmirror);
     for (size_t i = 0; i < ncols; i++) {
-        bool is_key = false;
-        for (size_t k = 0; k < key.ncols && !is_key; k++)
-            is_key = strcmp(key.cols[k].name, cols[i]->name) == 0;
-        if (!append_coldef(conn, &sql, cols[i]->name, types[i], is_key))
+        if (!append_coldef(conn, &sql, cols[i].name, cols[i].mtype, cols[i].is_key, cols[i].def))
             goto quote_failed;
     }
     wp_buf_puts(&sql, "_walpipe_lsn pg_lsn NOT NULL, _walpipe_seq integer NOT NULL, _walpipe_stale jsonb, PRIMARY KEY (");
     for (size_t k = 0; k < key.ncols; k++) {
-        char *q = quote_ident(conn, key.cols[k].name);
+        char *q = quote_ident(conn, cols[keyidx[k]].name);
         if (q == NULL)
             goto quote_failed;
         wp_buf_printf(&keylist, "%s%s", k ? ", " : "", q);
@@ -550,10 +789,7 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     }
     wp_buf_printf(&sql, "%s)); CREATE TABLE %s (", keylist.data, m->qtomb);
     for (size_t k = 0; k < key.ncols; k++) {
-        size_t i = 0;
-        while (strcmp(cols[i]->name, key.cols[k].name) != 0)
-            i++;
-        if (!append_coldef(conn, &sql, key.cols[k].name, types[i], true))
+        if (!append_coldef(conn, &sql, cols[keyidx[k]].name, cols[keyidx[k]].mtype, true, NULL))
             goto quote_failed;
     }
     wp_buf_printf(&sql, "_walpipe_lsn pg_lsn NOT NULL, _walpipe_seq integer NOT NULL, PRIMARY KEY (%s))",
@@ -581,21 +817,28 @@ quote_failed:
     m = NULL;
 out:
     PQclear(res);
-    for (size_t i = 0; types && i < ncols; i++)
-        free(types[i]);
-    free(types);
+    PQclear(cat.res);
+    for (size_t i = 0; cols && i < ncols; i++)
+        free(cols[i].mtype);
     free(cols);
+    free(keyidx);
+    free(names);
+    free(attnums);
+    free_shapes(older, nolder);
     free(name);
     free(qschema);
     wp_tshape_clear(&key);
     wp_buf_free(&sql);
     wp_buf_free(&keylist);
     wp_buf_free(&keyarr);
+    wp_buf_free(&namearr);
+    wp_buf_free(&attarr);
     return m;
 }
 
 wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
-                            const char *table, const wp_tshape_t *shape, wp_fail_t *fail, char *err, size_t errlen)
+                            const char *table, const wp_tshape_t *shape, bool catalog_waited, wp_fail_t *fail,
+                            char *err, size_t errlen)
 {
     bool found;
     *fail = WP_FAIL_NONE;
@@ -611,72 +854,263 @@ wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char 
     m = mirror_load(conn, source, schema, table, &found, fail, err, errlen);
     if (m != NULL || found || *fail != WP_FAIL_NONE)
         return m;
-    return mirror_create(conn, config, source, schema, table, shape, fail, err, errlen);
+    return mirror_create(conn, config, source, schema, table, shape, catalog_waited, fail, err, errlen);
 }
 
 /* ---------------------------------------------------------------- schema changes */
 
-static ssize_t find_col(const wp_mirror_t *m, const char *name)
+/*
+ * How the mirror's columns meet a newer shape.  match[i]: the shape column
+ * mirror column i is (by attnum where both know it, else by name), or -1;
+ * owner[j]: the mirror column shape column j is, or -1 (a new column).
+ */
+typedef struct fplan {
+    ssize_t *match;
+    ssize_t *owner;
+    char **final;  /* per mirror column: its name afterwards (owned), NULL when dropped */
+    int *attnum;   /* per mirror column: its attnum afterwards */
+    bool *drop;
+    int changes;   /* DDL statements and registry changes needed */
+    bool renames;
+} fplan_t;
+
+static void fplan_free(fplan_t *f, size_t ncols)
 {
-    for (size_t i = 0; i < m->ncols; i++)
-        if (strcmp(m->cols[i].name, name) == 0)
-            return (ssize_t)i;
-    return -1;
+    for (size_t i = 0; f->final && i < ncols; i++)
+        free(f->final[i]);
+    free(f->final);
+    free(f->match);
+    free(f->owner);
+    free(f->attnum);
+    free(f->drop);
+    memset(f, 0, sizeof *f);
 }
 
-/* Appends the ALTERs that bring m to shape; returns how many. */
-static int plan_alters(PGconn *conn, const wp_mirror_t *m, const wp_tshape_t *shape, bool full, wp_buf_t *sql,
-                       bool *quote_failed)
+static void plan_follow(const wp_mirror_t *m, const wp_tshape_t *shape, bool full, fplan_t *f)
+{
+    size_t nm = m->ncols, ns = shape->ncols;
+    f->match = wp_calloc(nm + 1, sizeof *f->match);
+    f->owner = wp_calloc(ns + 1, sizeof *f->owner);
+    f->final = wp_calloc(nm + 1, sizeof *f->final);
+    f->attnum = wp_calloc(nm + 1, sizeof *f->attnum);
+    f->drop = wp_calloc(nm + 1, sizeof *f->drop);
+    for (size_t i = 0; i < nm; i++)
+        f->match[i] = -1;
+    for (size_t j = 0; j < ns; j++)
+        f->owner[j] = -1;
+    /* by attnum: a column keeps its attnum whatever it is called */
+    for (size_t i = 0; i < nm; i++) {
+        ssize_t j = wp_tshape_at(shape, m->cols[i].attnum);
+        if (j >= 0 && f->owner[j] < 0 && !is_reserved(shape->cols[j].name)) {
+            f->match[i] = j;
+            f->owner[j] = (ssize_t)i;
+        }
+    }
+    /* by name, where one side does not know the attnum; two known attnums that differ are two columns
+       (DROP COLUMN x, ADD COLUMN x is not a rename) */
+    for (size_t j = 0; j < ns; j++) {
+        if (f->owner[j] >= 0 || is_reserved(shape->cols[j].name))
+            continue;
+        for (size_t i = 0; i < nm; i++) {
+            if (f->match[i] < 0 && strcmp(m->cols[i].name, shape->cols[j].name) == 0 &&
+                (m->cols[i].attnum <= 0 || shape->cols[j].position <= 0)) {
+                f->match[i] = (ssize_t)j;
+                f->owner[j] = (ssize_t)i;
+                break;
+            }
+        }
+    }
+    for (size_t i = 0; i < nm; i++) {
+        const wp_mcol_t *c = &m->cols[i];
+        f->attnum[i] = c->attnum;
+        if (f->match[i] >= 0) {
+            const wp_tshape_col_t *sc = &shape->cols[f->match[i]];
+            f->final[i] = wp_strdup(sc->name);
+            if (strcmp(sc->name, c->name) != 0) {
+                f->renames = true;
+                f->changes++;
+            }
+            if (sc->position > 0 && sc->position != c->attnum) {
+                f->attnum[i] = sc->position; /* learnt: the registry records it */
+                f->changes++;
+            }
+            continue;
+        }
+        /* not in the shape: dropped on the source (an insert's shape lists every column), or left out */
+        if (full && !c->is_key) {
+            f->drop[i] = true;
+            f->changes++;
+            continue;
+        }
+        bool wanted = false; /* its name goes to another column */
+        for (size_t j = 0; j < ns && !wanted; j++)
+            wanted = strcmp(shape->cols[j].name, c->name) == 0;
+        if (wanted && c->attnum > 0) {
+            wp_buf_t b = WP_BUF_INIT;
+            wp_buf_printf(&b, "_walpipe_att%d", c->attnum);
+            f->final[i] = b.data;
+            f->renames = true;
+            f->changes++;
+        } else {
+            f->final[i] = wp_strdup(c->name);
+        }
+    }
+}
+
+/*
+ * Appends the ALTERs that bring m to shape as f planned; returns how many, or
+ * -1 when a name cannot be quoted.  defs[j]: the DEFAULT of new shape column
+ * j; tdefs[i]: the DEFAULT mirror column i gets again after a type change.
+ */
+static int render_alters(PGconn *conn, const wp_mirror_t *m, const wp_tshape_t *shape, const fplan_t *f,
+                         const char *const *defs, const char *const *tdefs, wp_buf_t *sql)
 {
     int n = 0;
-    for (size_t i = 0; i < shape->ncols; i++) {
-        const wp_tshape_col_t *c = &shape->cols[i];
-        ssize_t at = find_col(m, c->name);
-        if (is_reserved(c->name))
-            continue;
-        char *type = map_type(conn, c->type, c->typeoid);
-        char *q = quote_ident(conn, c->name);
-        if (q == NULL) {
-            *quote_failed = true;
-        } else if (at < 0) {
-            wp_buf_printf(sql, "ALTER TABLE %s ADD COLUMN IF NOT EXISTS %s %s; ", m->qmirror, q, type);
+    char *q = NULL;
+    wp_buf_t from = WP_BUF_INIT, to = WP_BUF_INIT;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (f->drop[i]) {
+            wp_buf_printf(sql, "ALTER TABLE %s DROP COLUMN IF EXISTS %s; ", m->qmirror, m->cols[i].qname);
+            wp_buf_printf(&from, "%s%s", from.len ? ", " : "", m->cols[i].lit);
+            wp_buf_printf(&to, "%sNULL", to.len ? ", " : "");
             n++;
-        } else if (strcmp(m->cols[at].type, type) != 0) {
+        }
+    }
+    if (f->renames) {
+        /* in two steps, through names of their own, so that names may swap */
+        for (int step = 0; step < 2; step++) {
+            for (size_t i = 0; i < m->ncols; i++) {
+                if (f->drop[i] || strcmp(f->final[i], m->cols[i].name) == 0)
+                    continue;
+                char tmp[40];
+                snprintf(tmp, sizeof tmp, "_walpipe_tmp%zu", i);
+                free(q);
+                q = quote_ident(conn, f->final[i]);
+                if (q == NULL) {
+                    n = -1;
+                    goto out;
+                }
+                const char *a = step == 0 ? m->cols[i].qname : tmp, *b = step == 0 ? tmp : q;
+                wp_buf_printf(sql, "ALTER TABLE %s RENAME COLUMN %s TO %s; ", m->qmirror, a, b);
+                if (m->cols[i].is_key)
+                    wp_buf_printf(sql, "ALTER TABLE %s RENAME COLUMN %s TO %s; ", m->qtomb, a, b);
+                if (step == 1) {
+                    char *lit = quote_literal(conn, f->final[i]);
+                    if (lit == NULL) {
+                        n = -1;
+                        goto out;
+                    }
+                    wp_buf_printf(&from, "%s%s", from.len ? ", " : "", m->cols[i].lit);
+                    wp_buf_printf(&to, "%s%s", to.len ? ", " : "", lit);
+                    free(lit);
+                    n++;
+                }
+            }
+        }
+    }
+    if (from.len)
+        wp_buf_printf(sql, "UPDATE %s SET _walpipe_stale = walpipe.stale_rename(_walpipe_stale, ARRAY[%s]::text[], "
+                           "ARRAY[%s]::text[]) WHERE _walpipe_stale IS NOT NULL; ",
+                      m->qmirror, from.data, to.data);
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (f->match[i] < 0)
+            continue;
+        const wp_tshape_col_t *c = &shape->cols[f->match[i]];
+        char *type = map_type(conn, c->type, c->typeoid);
+        if (strcmp(m->cols[i].type, type) != 0) {
+            free(q);
+            q = quote_ident(conn, f->final[i]);
+            if (q == NULL) {
+                free(type);
+                n = -1;
+                goto out;
+            }
+            /* a default (the source's missing value) is set again for the new type: the cast of the old one
+               may not exist or may not be the source's */
+            if (m->cols[i].has_default)
+                wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s DROP DEFAULT; ", m->qmirror, q);
             wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s TYPE %s USING %s::text::%s; ", m->qmirror, q, type, q,
                           type);
-            if (m->cols[at].is_key)
+            if (m->cols[i].has_default && tdefs && tdefs[i]) {
+                wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s SET", m->qmirror, q);
+                if (!append_default(conn, sql, type, tdefs[i])) {
+                    free(type);
+                    n = -1;
+                    goto out;
+                }
+                wp_buf_puts(sql, "; ");
+            }
+            if (m->cols[i].is_key)
                 wp_buf_printf(sql, "ALTER TABLE %s ALTER COLUMN %s TYPE %s USING %s::text::%s; ", m->qtomb, q, type,
                               q, type);
             n++;
         }
-        free(q);
         free(type);
     }
-    if (full) {
-        for (size_t i = 0; i < m->ncols; i++) {
-            bool in_shape = false;
-            for (size_t k = 0; k < shape->ncols && !in_shape; k++)
-                in_shape = strcmp(shape->cols[k].name, m->cols[i].name) == 0;
-            if (!in_shape && !m->cols[i].is_key) {
-                wp_buf_printf(sql, "ALTER TABLE %s DROP COLUMN IF EXISTS %s; ", m->qmirror, m->cols[i].qname);
-                n++;
-            }
+    for (size_t j = 0; j < shape->ncols; j++) {
+        const wp_tshape_col_t *c = &shape->cols[j];
+        if (f->owner[j] >= 0 || is_reserved(c->name))
+            continue;
+        char *type = map_type(conn, c->type, c->typeoid);
+        free(q);
+        q = quote_ident(conn, c->name);
+        if (q == NULL) {
+            free(type);
+            n = -1;
+            goto out;
         }
+        wp_buf_printf(sql, "ALTER TABLE %s ADD COLUMN IF NOT EXISTS %s %s", m->qmirror, q, type);
+        bool ok = append_default(conn, sql, type, defs ? defs[j] : NULL);
+        free(type);
+        if (!ok) {
+            n = -1;
+            goto out;
+        }
+        wp_buf_puts(sql, "; ");
+        n++;
     }
+out:
+    free(q);
+    wp_buf_free(&from);
+    wp_buf_free(&to);
     return n;
 }
 
-int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, bool full, bool *changed, wp_fail_t *fail,
-                     char *err, size_t errlen)
+/* How many new columns the plan adds (and so may need the catalog's missing values). */
+static size_t plan_adds(const wp_tshape_t *shape, const fplan_t *f)
 {
-    wp_buf_t sql = WP_BUF_INIT;
-    bool quote_failed = false;
+    size_t n = 0;
+    for (size_t j = 0; j < shape->ncols; j++)
+        n += f->owner[j] < 0 && !is_reserved(shape->cols[j].name);
+    return n;
+}
+
+int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, bool full, bool catalog_waited,
+                     bool *changed, wp_fail_t *fail, char *err, size_t errlen)
+{
+    wp_buf_t sql = WP_BUF_INIT, namearr = WP_BUF_INIT, attarr = WP_BUF_INIT, keyarr = WP_BUF_INIT;
+    fplan_t f = {0};
+    size_t planned_cols = 0;
+    srccat_t cat = {0};
+    const char **defs = NULL, **tdefs = NULL, **names = NULL;
+    int64_t *attnums = NULL;
     int rc = -1;
     PGresult *res = NULL;
     *changed = false;
     if (shape->first_lsn <= m->shape_lsn)
-        return 0; /* an older shape: its changes apply to the columns both have */
-    if (plan_alters(conn, m, shape, full, &sql, &quote_failed) == 0 && !quote_failed) {
+        return 0; /* an older shape: its changes apply to the columns both have, by attnum */
+    plan_follow(m, shape, full, &f);
+    bool needed = f.changes > 0 || plan_adds(shape, &f) > 0;
+    for (size_t i = 0; i < m->ncols && !needed; i++) {
+        const wp_tshape_col_t *c = f.match[i] >= 0 ? &shape->cols[f.match[i]] : NULL;
+        if (c) {
+            char *type = map_type(conn, c->type, c->typeoid);
+            needed = strcmp(type, m->cols[i].type) != 0;
+            free(type);
+        }
+    }
+    fplan_free(&f, m->ncols);
+    if (!needed) {
         rc = 0;
         goto out;
     }
@@ -684,8 +1118,8 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
     char id[16], lsn[WP_LSN_STRLEN];
     snprintf(id, sizeof id, "%d", m->id);
     wp_lsn_format(shape->first_lsn, lsn);
-    const char *params[] = {id, lsn};
-    res = run(conn, "SELECT 1 FROM walpipe.mirrors WHERE id = $1 FOR UPDATE", 1, params, PGRES_TUPLES_OK,
+    const char *lock[] = {id};
+    res = run(conn, "SELECT 1 FROM walpipe.mirrors WHERE id = $1 FOR UPDATE", 1, lock, PGRES_TUPLES_OK,
               "could not lock the mirror's registry row", fail, err, errlen);
     if (res == NULL)
         goto out;
@@ -700,10 +1134,60 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
         rc = 0; /* another worker got there first */
         goto out;
     }
-    wp_buf_reset(&sql);
-    quote_failed = false;
-    int n = plan_alters(conn, m, shape, full, &sql, &quote_failed);
-    if (quote_failed) {
+    plan_follow(m, shape, full, &f);
+    planned_cols = m->ncols;
+
+    /* new columns, and retyped columns that have one: the value rows from before read for them */
+    defs = wp_calloc(shape->ncols + 1, sizeof *defs);
+    tdefs = wp_calloc(m->ncols + 1, sizeof *tdefs);
+    bool retyped_default = false;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (f.match[i] < 0 || !m->cols[i].has_default || m->cols[i].attnum <= 0)
+            continue;
+        const wp_tshape_col_t *c = &shape->cols[f.match[i]];
+        char *type = map_type(conn, c->type, c->typeoid);
+        retyped_default |= strcmp(type, m->cols[i].type) != 0;
+        free(type);
+    }
+    if ((plan_adds(shape, &f) > 0 || retyped_default) &&
+        catalog_load(conn, m->source, m->schema, m->table, &cat, fail, err, errlen) != 0)
+        goto out;
+    for (size_t i = 0; i < m->ncols && retyped_default; i++) {
+        if (f.match[i] < 0 || !m->cols[i].has_default || m->cols[i].attnum <= 0)
+            continue;
+        /* (a rewrite of the source table, which a retyping may be, clears the missing value: then none) */
+        switch (catalog_missing(&cat, m->cols[i].attnum, shape->first_lsn, catalog_waited, &tdefs[i])) {
+        case MISSING_KNOWN:
+            break;
+        case MISSING_ASK:
+            catalog_ask(fail, err, errlen, m->source, m->schema, m->table, f.final[i]);
+            goto out;
+        case MISSING_UNKNOWN:
+            if (diverge_missing(conn, m->source, m->schema, m->table, f.final[i], m->cols[i].attnum,
+                                shape->first_lsn, fail, err, errlen) != 0)
+                goto out;
+            break;
+        }
+    }
+    for (size_t j = 0; j < shape->ncols; j++) {
+        const wp_tshape_col_t *c = &shape->cols[j];
+        if (f.owner[j] >= 0 || is_reserved(c->name) || c->position <= 0)
+            continue; /* a shape without positions (older staging) is followed by name, as before */
+        switch (catalog_missing(&cat, c->position, shape->first_lsn, catalog_waited, &defs[j])) {
+        case MISSING_KNOWN:
+            break;
+        case MISSING_ASK:
+            catalog_ask(fail, err, errlen, m->source, m->schema, m->table, c->name);
+            goto out;
+        case MISSING_UNKNOWN:
+            if (diverge_missing(conn, m->source, m->schema, m->table, c->name, c->position, shape->first_lsn, fail,
+                                err, errlen) != 0)
+                goto out;
+            break;
+        }
+    }
+    int n = render_alters(conn, m, shape, &f, defs, tdefs, &sql);
+    if (n < 0) {
         *fail = WP_FAIL_PARK;
         snprintf(err, errlen, "could not quote a column name of \"%s\".\"%s\"", m->schema, m->table);
         goto out;
@@ -717,8 +1201,33 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
         res = NULL;
         wp_info("mirror %s follows a new shape of \"%s\".\"%s\": %s", m->qmirror, m->schema, m->table, sql.data);
     }
-    res = run(conn, "UPDATE walpipe.mirrors SET shape_lsn = $2, generation = generation + 1 WHERE id = $1", 2, params,
-              PGRES_COMMAND_OK, "could not record the mirror's shape", fail, err, errlen);
+    /* the registry: attnums and key names as they are now */
+    names = wp_calloc(m->ncols + shape->ncols + 1, sizeof *names);
+    attnums = wp_calloc(m->ncols + shape->ncols + 1, sizeof *attnums);
+    size_t na = 0;
+    for (size_t i = 0; i < m->ncols; i++) {
+        if (!f.drop[i]) {
+            names[na] = f.final[i];
+            attnums[na++] = f.attnum[i];
+        }
+    }
+    for (size_t j = 0; j < shape->ncols; j++) {
+        if (f.owner[j] < 0 && !is_reserved(shape->cols[j].name)) {
+            names[na] = shape->cols[j].name;
+            attnums[na++] = shape->cols[j].position;
+        }
+    }
+    wp_pg_text_array(&namearr, names, na);
+    wp_pg_int8_array(&attarr, attnums, na);
+    for (size_t k = 0; k < m->nkeys; k++)
+        names[k] = f.final[m->keys[k]];
+    wp_pg_text_array(&keyarr, names, m->nkeys);
+    const char *params[] = {id, lsn, namearr.data, attarr.data, keyarr.data};
+    res = run(conn,
+              "UPDATE walpipe.mirrors SET shape_lsn = $2, generation = generation + 1, key_columns = $5::text[], "
+              "column_attnums = (SELECT coalesce(jsonb_object_agg(n, a), '{}') FROM unnest($3::text[], $4::int[]) "
+              "u(n, a) WHERE a > 0) WHERE id = $1",
+              5, params, PGRES_COMMAND_OK, "could not record the mirror's shape", fail, err, errlen);
     if (res == NULL)
         goto out;
     if (wp_mirror_reload(conn, m, err, errlen) != 0) {
@@ -728,7 +1237,16 @@ int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, boo
     rc = 0;
 out:
     PQclear(res);
+    PQclear(cat.res);
+    fplan_free(&f, planned_cols);
+    free(defs);
+    free(tdefs);
+    free(names);
+    free(attnums);
     wp_buf_free(&sql);
+    wp_buf_free(&namearr);
+    wp_buf_free(&attarr);
+    wp_buf_free(&keyarr);
     return rc;
 }
 

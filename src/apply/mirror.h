@@ -30,6 +30,8 @@ typedef enum wp_fail {
     WP_FAIL_NO_KEY,    /* the table's key is not discovered yet: ask `walpipe run`, then retry */
     WP_FAIL_TRANSIENT, /* deadlock, lost connection: roll back the claim and claim again */
     WP_FAIL_DEFER,     /* must wait for older changes: dead-letter it, retry with backoff, never park */
+    WP_FAIL_NO_COLUMNS, /* the source's column catalog is older than a column the mirror adds: ask `walpipe run`
+                           to read it (walpipe.source_columns), then retry */
 } wp_fail_t;
 
 /* One column of a mirror table, as the mirror's catalog says. */
@@ -41,6 +43,8 @@ typedef struct wp_mcol {
     unsigned typoid; /* parameter type of values for this column */
     bool is_key;
     bool src_not_null; /* NOT NULL on the source (walpipe.source_tables) */
+    int attnum;        /* the source column's attnum (walpipe.mirrors.column_attnums); -1 when not known */
+    bool has_default;  /* the mirror column has a DEFAULT: the source's missing value (mirror.c) */
 } wp_mcol_t;
 
 typedef struct wp_mirror {
@@ -62,9 +66,17 @@ typedef struct wp_mirror {
  * does not exist yet.  shape, when not NULL, gives the columns to create it
  * with; otherwise it starts with the key columns alone.  Returns the mirror,
  * or NULL with *fail and err set.  Runs inside the caller's transaction.
+ *
+ * A column that older shapes of the table lack was added to the source
+ * while rows existed: it gets the value those rows read
+ * (walpipe.source_columns) as its DEFAULT.  When the catalog was not read
+ * since the column appeared, this fails with WP_FAIL_NO_COLUMNS, unless
+ * catalog_waited (the caller asked for a read and waited already): then the
+ * column gets no default and the mirror is recorded as diverged.
  */
 wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
-                            const char *table, const wp_tshape_t *shape, wp_fail_t *fail, char *err, size_t errlen);
+                            const char *table, const wp_tshape_t *shape, bool catalog_waited, wp_fail_t *fail,
+                            char *err, size_t errlen);
 
 /* Re-reads the mirror's columns from the catalog.  Returns 0 or -1 (err set). */
 int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen);
@@ -73,13 +85,19 @@ void wp_mirror_destroy(wp_mirror_t *m);
 
 /*
  * Brings the mirror's columns to shape when shape is newer than the one they
- * follow: adds new columns, changes types, and (full: the shape is an
- * insert's, not an update's that may leave TOAST columns out) drops columns
- * the source no longer has.  Sets *changed when it altered the table.
- * Returns 0, or -1 with *fail and err set.
+ * follow.  Columns are matched by attnum where both sides know it, else by
+ * name: a known attnum under a new name is renamed (key columns too, with
+ * the tombstone table and the registry), a new attnum is added (with the
+ * value existing rows read, as for wp_mirror_open; catalog_waited likewise),
+ * a changed type is altered, and (full: the shape is an insert's, not an
+ * update's that may leave TOAST columns out) a column the source no longer
+ * has is dropped.  A name taken by a new column from one that is neither
+ * dropped nor known (a non-full shape) is freed by renaming that one to
+ * "_walpipe_att<attnum>" until a later shape says.  Sets *changed when it
+ * altered the table or the registry.  Returns 0, or -1 with *fail and err set.
  */
-int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, bool full, bool *changed, wp_fail_t *fail,
-                     char *err, size_t errlen);
+int wp_mirror_follow(PGconn *conn, wp_mirror_t *m, const wp_tshape_t *shape, bool full, bool catalog_waited,
+                     bool *changed, wp_fail_t *fail, char *err, size_t errlen);
 
 /* Applies a TRUNCATE at version (lsn, seq).  Returns 0, or -1 with *fail and err set. */
 int wp_mirror_truncate(PGconn *conn, wp_mirror_t *m, wp_lsn_t lsn, int seq, wp_fail_t *fail, char *err,

@@ -10,14 +10,17 @@
  * stager NOTIFYs with each commit.  Every second it also retries the dead
  * letters that are due.  A monitor thread logs progress, runs key
  * discovery (keys.c: at start, every 5 minutes, and for the tables workers
- * ask for with NOTIFY walpipe_discover) and polls the sources' catalogs for
- * rewritten tables (rewrites.c).
+ * ask for with NOTIFY walpipe_discover) and with it the source column
+ * catalog (columns.c), and polls the sources' catalogs for rewritten tables
+ * (rewrites.c).
  *
- * Unknown keys: a claim that meets tables with no key recorded rolls back,
- * asks for all of them at once and waits once (only if a `walpipe run`
- * holds the discovery lock, i.e. someone will answer); its next attempt
- * dead-letters what is still unknown as deferred.  So every claim ends, and
- * a table that is gone is recorded as such by the discovery it asked for.
+ * Unknown keys and column catalogs: a claim that meets tables with no key
+ * recorded, or a new column whose catalog was not read since it appeared,
+ * rolls back, asks for all of them at once and waits once (only if a
+ * `walpipe run` holds the discovery lock, i.e. someone will answer); its
+ * next attempt dead-letters what is still unknown as deferred and adds
+ * columns without the catalog.  So every claim ends, and a table that is
+ * gone is recorded as such by the discovery it asked for.
  *
  * Invariant: an event is marked processed in the same transaction that
  * applies it or records its dead letter.  A worker that dies mid-claim
@@ -46,6 +49,7 @@
 #include <time.h>
 
 #include "applier.h"
+#include "columns.h"
 #include "diverge.h"
 #include "dlq.h"
 #include "keys.h"
@@ -422,8 +426,8 @@ static void requests_add(requests_t *r, const char *payload)
 }
 
 /*
- * Reads every source's keys (all = true) or only those of the tables
- * workers asked for, and the tables workers asked for in either case;
+ * Reads every source's keys and columns (all = true) or only those of the
+ * tables workers asked for, and the tables workers asked for in either case;
  * forgets the requests once tried.
  */
 static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, bool all, wp_buf_t *named)
@@ -438,8 +442,11 @@ static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, bool a
                 mine[n++].table = req->table[k];
             }
         }
-        if (all || n > 0)
+        if (all || n > 0) {
+            /* columns first: a worker that waited for a key then finds the columns read too (applier.c) */
+            wp_columns_discover_tables(src, conn, mine, n, !all);
             wp_keys_discover_tables(src, conn, named, mine, n, !all);
+        }
     }
     free(mine);
     requests_clear(req); /* read or failed (logged): a table still unknown is asked for again by its retries */

@@ -20,7 +20,9 @@
 /* Kinds, as walpipe.divergences.kind holds them (sql/007_divergences.sql). */
 #define WP_DIVERGE_DROPPED_CHANGE "dropped_change" /* wal2json dropped an UPDATE/DELETE (no replica identity) */
 #define WP_DIVERGE_REWRITE "rewrite"               /* the source rewrote the table without row changes in the WAL */
-#define WP_DIVERGE_PARKED "parked"                 /* an event of the table is parked in the dead-letter queue */
+#define WP_DIVERGE_PARKED "parked"                 /* an event was parked for what it carries: a resync repairs it */
+#define WP_DIVERGE_APPLY_FAILED "apply_failed"     /* an event failed max_attempts times on the mirror's own SQL:
+                                                      fix the mirror, `walpipe dlq retry` (a resync would fail alike) */
 #define WP_DIVERGE_VERIFY "verify"                 /* `walpipe verify` found rows that differ */
 #define WP_DIVERGE_MANUAL "manual"                 /* an operator asked for a resync */
 

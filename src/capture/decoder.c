@@ -110,18 +110,20 @@ typedef enum ckey {
     CK_TYPE,
     CK_TYPEOID,
     CK_VALUE,
+    CK_POSITION,
     CK_COUNT,
 } ckey_t;
 
 /* One entry of "columns" or "identity". */
 typedef struct col {
-    jval_t key[CK_COUNT]; /* name, type, typeoid, value as kept */
+    jval_t key[CK_COUNT]; /* name, type, typeoid, value, position as kept */
     bool not_object;      /* the array element is no object */
     const char *name;     /* the rest is set by parse_columns() */
     size_t name_len;
     const char *type;
     size_t type_len;
     int64_t typeoid; /* 0..UINT32_MAX, or -1 when "typeoid" is absent */
+    int64_t position; /* the column's attnum (1..32767, include-column-positions), or -1 when absent */
     const jval_t *value;
     vclass_t vclass;
 } col_t;
@@ -155,7 +157,8 @@ static const known_key_t field_keys[F_COUNT] = {
     KEY("action"), KEY("xid"),   KEY("timestamp"), KEY("lsn"),           KEY("nextlsn"), KEY("schema"),
     KEY("table"),  KEY("columns"), KEY("identity"), KEY("transactional"), KEY("prefix"), KEY("content"),
 };
-static const known_key_t column_keys[CK_COUNT] = {KEY("name"), KEY("type"), KEY("typeoid"), KEY("value")};
+static const known_key_t column_keys[CK_COUNT] = {KEY("name"), KEY("type"), KEY("typeoid"), KEY("value"),
+                                                  KEY("position")};
 #undef KEY
 
 typedef struct shape {
@@ -163,8 +166,9 @@ typedef struct shape {
     size_t ncols;
     wp_buf_t sig;    /* per column: name NUL type NUL (names and types never hold NUL) */
     int64_t *oids;   /* ncols typeoids, -1 for absent */
+    int64_t *positions; /* ncols positions (attnums), -1 for absent */
     size_t oids_cap;
-    wp_buf_t json;   /* [{"name":..,"type":..,"typeoid":N|null},...] */
+    wp_buf_t json;   /* [{"name":..,"type":..,"typeoid":N|null[,"position":P]},...] */
     int64_t id;
 } shape_t;
 
@@ -476,6 +480,7 @@ static void shape_free(shape_t *s)
     wp_buf_free(&s->sig);
     wp_buf_free(&s->json);
     WP_FREE(s->oids);
+    WP_FREE(s->positions);
 }
 
 static void table_free(table_entry_t *t)
@@ -1066,6 +1071,7 @@ static int parse_columns(const char *what, jkind_t kind, col_list_t *list, char 
         const jval_t *type = &col->key[CK_TYPE];
         const jval_t *typeoid = &col->key[CK_TYPEOID];
         const jval_t *value = &col->key[CK_VALUE];
+        const jval_t *position = &col->key[CK_POSITION];
 
         if (col->not_object)
             return fail(errbuf, errlen, "\"%s\" entry %zu is not an object", what, i + 1);
@@ -1091,6 +1097,13 @@ static int parse_columns(const char *what, jkind_t kind, col_list_t *list, char 
                 return fail(errbuf, errlen, "\"%s\" entry %zu: \"typeoid\" %" PRId64 " is not an OID", what, i + 1,
                             oid);
             col->typeoid = oid < 0 ? oid + (INT64_C(1) << 32) : oid;
+        }
+        col->position = -1;
+        if (position->kind != JK_ABSENT) {
+            /* an attnum: a positive int2 */
+            if (!jval_int64(position, &col->position) || col->position < 1 || col->position > 32767)
+                return fail(errbuf, errlen, "\"%s\" entry %zu: \"position\" is not an attribute number", what,
+                            i + 1);
         }
         switch (value->kind) {
         case JK_ABSENT:
@@ -1557,7 +1570,7 @@ static bool shape_matches(const shape_t *s, const col_t *cols, size_t n)
     const char *end = p + s->sig.len;
     for (size_t i = 0; i < n; i++) {
         const col_t *col = &cols[i];
-        if (s->oids[i] != col->typeoid)
+        if (s->oids[i] != col->typeoid || s->positions[i] != col->position)
             return false;
         if ((size_t)(end - p) < col->name_len + 1 || memcmp(p, col->name, col->name_len) != 0 ||
             p[col->name_len] != '\0')
@@ -1581,11 +1594,13 @@ static void shape_build(shape_t *s, const wp_change_t *c, const col_t *cols, siz
     if (n > s->oids_cap) {
         s->oids_cap = n;
         s->oids = wp_realloc(s->oids, n * sizeof *s->oids);
+        s->positions = wp_realloc(s->positions, n * sizeof *s->positions);
     }
     wp_buf_putc(&s->json, '[');
     for (size_t i = 0; i < n; i++) {
         const col_t *col = &cols[i];
         s->oids[i] = col->typeoid;
+        s->positions[i] = col->position;
         wp_buf_append(&s->sig, col->name, col->name_len);
         wp_buf_putc(&s->sig, '\0');
         wp_buf_append(&s->sig, col->type, col->type_len);
@@ -1602,6 +1617,10 @@ static void shape_build(shape_t *s, const wp_change_t *c, const col_t *cols, siz
             wp_buf_put_i64(&s->json, col->typeoid);
         else
             wp_buf_append(&s->json, "null", 4);
+        if (col->position >= 0) { /* only when wal2json sent it: shapes without positions keep their ids */
+            wp_buf_append(&s->json, ",\"position\":", 12);
+            wp_buf_put_i64(&s->json, col->position);
+        }
         wp_buf_putc(&s->json, '}');
     }
     wp_buf_putc(&s->json, ']');

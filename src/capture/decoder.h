@@ -105,8 +105,11 @@ void wp_decoder_payload(wp_decoder_t *decoder, const wp_change_t *change, wp_buf
 /*
  * Describes the column set of the last parsed I/U/D change (the new row's
  * columns for I/U, the identity columns for D): appends
- * [{"name":..,"type":..,"typeoid":N},...] to out and returns a stable
- * 63-bit id of (schema, table, that JSON).  Returns 0 for T and M.  The id
+ * [{"name":..,"type":..,"typeoid":N[,"position":P]},...] to out and returns a
+ * stable 63-bit id of (schema, table, that JSON).  "position" is the
+ * column's attnum, present when wal2json sent it (include-column-positions:
+ * I/U columns only, never the identity); it is what lets the mirror tell a
+ * renamed column from a dropped and added one.  Returns 0 for T and M.  The id
  * is a proposal (FNV-1a, which anyone can aim at): the stager records the
  * shape by content and may use another id (sql/006_shape_ids.sql).
  */

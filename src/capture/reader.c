@@ -718,7 +718,8 @@ static int start_replication(wp_reader_t *reader, bool *fatal)
     char lsn[WP_LSN_STRLEN];
     wp_buf_printf(&sql,
                   "START_REPLICATION SLOT \"%s\" LOGICAL %s (\"format-version\" '2', \"include-xids\" '1', "
-                  "\"include-timestamp\" '1', \"include-lsn\" '1', \"include-type-oids\" '1'",
+                  "\"include-timestamp\" '1', \"include-lsn\" '1', \"include-type-oids\" '1', "
+                  "\"include-column-positions\" '1'",
                   reader->source->slot, wp_lsn_format(reader->start.lsn, lsn));
     put_table_option(&sql, "add-tables", reader->source->tables, reader->source->ntables);
     /* applied by wal2json before add-tables: an excluded table is never sent */

@@ -12,7 +12,8 @@
  * never blocks or reorders streaming; the mirror's max-merge orders its
  * truncate and rows against streamed changes by version alone.  The resyncer
  * leaves alone tables that cannot be mirrored (walpipe.source_tables.problem,
- * logged once), and resyncs a table at most once per backoff window (1 min,
+ * logged once) and divergences of kind apply_failed (an error of the
+ * mirror's own SQL, which the resync's rows would meet again), and resyncs a table at most once per backoff window (1 min,
  * doubling up to 1 h while the table keeps diverging), so a divergence that
  * a resync cannot cure does not loop.
  *
@@ -205,7 +206,7 @@ static int poll_divergences(wp_resyncer_t *r)
     PGresult *res = PQexecParams(r->conn,
                                  "SELECT d.source, d.schema_name, d.table_name, s.problem, s.source IS NOT NULL "
                                  "FROM (SELECT DISTINCT source, schema_name, table_name FROM walpipe.divergences "
-                                 "      WHERE resolved_at IS NULL AND source = ANY ($1::text[])) d "
+                                 "      WHERE resolved_at IS NULL AND source = ANY ($1::text[]) AND kind <> 'apply_failed') d "
                                  "LEFT JOIN walpipe.source_tables s USING (source, schema_name, table_name) "
                                  "ORDER BY 1, 2, 3",
                                  1, NULL, params, NULL, NULL, 0);

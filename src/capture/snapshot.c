@@ -60,6 +60,7 @@ typedef struct column {
     char *name;
     char *type;
     int64_t typeoid;
+    int64_t attnum; /* its position, as wal2json's include-column-positions gives it */
 } column_t;
 
 typedef struct table {
@@ -247,7 +248,7 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
         const char *oid = PQgetvalue(res, (int)i, 0);
         const char *params[] = {oid};
         PGresult *cols = PQexecParams(conn,
-                                      "SELECT attname, format_type(atttypid, atttypmod), atttypid FROM pg_attribute "
+                                      "SELECT attname, format_type(atttypid, atttypmod), atttypid, attnum FROM pg_attribute "
                                       "WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
                                       1, NULL, params, NULL, NULL, 0);
         if (PQresultStatus(cols) != PGRES_TUPLES_OK) {
@@ -262,6 +263,7 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
             tables[i].columns[k].name = wp_strdup(PQgetvalue(cols, (int)k, 0));
             tables[i].columns[k].type = wp_strdup(PQgetvalue(cols, (int)k, 1));
             tables[i].columns[k].typeoid = strtoll(PQgetvalue(cols, (int)k, 2), NULL, 10);
+            tables[i].columns[k].attnum = strtoll(PQgetvalue(cols, (int)k, 3), NULL, 10);
         }
         PQclear(cols);
     }
@@ -345,6 +347,7 @@ static json_t *row_message(const table_t *t, PGresult *res)
         json_object_set_new(c, "name", json_string(col->name));
         json_object_set_new(c, "type", json_string(col->type));
         json_object_set_new(c, "typeoid", json_integer(col->typeoid));
+        json_object_set_new(c, "position", json_integer(col->attnum));
         json_t *v = column_value(col, PQgetvalue(res, 0, (int)k), PQgetisnull(res, 0, (int)k));
         json_object_set_new(c, "value", v ? v : json_null());
         json_array_append_new(columns, c);

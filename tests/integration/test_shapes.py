@@ -25,8 +25,9 @@ def proposed_shape_id(schema, table, columns):
     return (h & 0x7FFFFFFFFFFFFFFF) or 1
 
 
-B_COLUMNS = ('[{"name":"id","type":"integer","typeoid":23},{"name":"v","type":"text","typeoid":25},'
-             '{"name":"w","type":"integer","typeoid":23}]')
+# as the decoder writes it: "position" is the column's attnum (wal2json's include-column-positions)
+B_COLUMNS = ('[{"name":"id","type":"integer","typeoid":23,"position":1},{"name":"v","type":"text","typeoid":25,'
+             '"position":2},{"name":"w","type":"integer","typeoid":23,"position":3}]')
 CRAFTED = '[{"name":"id","type":"integer","typeoid":23}]'  # would make the mirror drop v and w
 
 

@@ -589,6 +589,63 @@ static void test_shape(void **state)
     wp_decoder_destroy(d);
 }
 
+/*
+ * include-column-positions: each new-tuple column's attnum goes into the
+ * shape (never the payload), changes the shape's id, and must be an attnum.
+ */
+static void test_shape_positions(void **state)
+{
+    (void)state;
+    static const char with[] =
+        "{\"action\":\"U\",\"lsn\":\"0/10\",\"schema\":\"public\",\"table\":\"t\",\"columns\":["
+        "{\"name\":\"id\",\"type\":\"integer\",\"typeoid\":23,\"value\":1,\"position\":1},"
+        "{\"name\":\"bee\",\"type\":\"text\",\"typeoid\":25,\"value\":\"x\",\"position\":3}],"
+        "\"identity\":[{\"name\":\"id\",\"type\":\"integer\",\"typeoid\":23,\"value\":1}]}";
+    static const char without[] =
+        "{\"action\":\"U\",\"lsn\":\"0/10\",\"schema\":\"public\",\"table\":\"t\",\"columns\":["
+        "{\"name\":\"id\",\"type\":\"integer\",\"typeoid\":23,\"value\":1},"
+        "{\"name\":\"bee\",\"type\":\"text\",\"typeoid\":25,\"value\":\"x\"}],"
+        "\"identity\":[{\"name\":\"id\",\"type\":\"integer\",\"typeoid\":23,\"value\":1}]}";
+    wp_decoder_t *d = wp_decoder_create();
+    wp_change_t c;
+    char *json, err[WP_ERRLEN];
+
+    parse_ok(d, with, &c);
+    check_payload(d, &c, "{\"after\":{\"id\":1,\"bee\":\"x\"},\"key\":{\"id\":1}}");
+    int64_t id1 = shape(d, &c, &json);
+    assert_string_equal(json, "[{\"name\":\"id\",\"type\":\"integer\",\"typeoid\":23,\"position\":1},"
+                              "{\"name\":\"bee\",\"type\":\"text\",\"typeoid\":25,\"position\":3}]");
+    free(json);
+    parse_ok(d, without, &c);
+    check_payload(d, &c, "{\"after\":{\"id\":1,\"bee\":\"x\"},\"key\":{\"id\":1}}");
+    int64_t id2 = shape(d, &c, &json);
+    assert_true(id1 != id2);
+    assert_null(strstr(json, "position"));
+    free(json);
+    /* the same names at other positions (a column dropped and added again) are another shape */
+    char *moved = wp_strdup(with);
+    *strstr(moved, "\"position\":3") = '\0';
+    wp_buf_t b = WP_BUF_INIT;
+    wp_buf_printf(&b, "%s\"position\":4%s", moved, strstr(with, "\"position\":3") + 12);
+    parse_ok(d, b.data, &c);
+    assert_true(shape(d, &c, NULL) != id1);
+    wp_buf_free(&b);
+    free(moved);
+
+    static const char *const bad[] = {"0", "-1", "32768", "1.5", "\"3\"", "null"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        wp_buf_t m = WP_BUF_INIT;
+        wp_buf_printf(&m,
+                      "{\"action\":\"I\",\"table\":\"t\",\"columns\":[{\"name\":\"id\",\"type\":\"integer\","
+                      "\"value\":1,\"position\":%s}]}",
+                      bad[i]);
+        assert_int_equal(parse_n(d, m.data, m.len, &c, err, sizeof err), -1);
+        assert_non_null(strstr(err, "\"position\" is not an attribute number"));
+        wp_buf_free(&m);
+    }
+    wp_decoder_destroy(d);
+}
+
 /* Shapes of I, U and D of one table, the cache, and what changes an id. */
 static void test_shape_cache(void **state)
 {
@@ -1221,6 +1278,7 @@ int main(void)
         cmocka_unit_test(test_a5_types_as_string_oids),
         cmocka_unit_test(test_shape),
         cmocka_unit_test(test_shape_cache),
+        cmocka_unit_test(test_shape_positions),
         cmocka_unit_test(test_many_tables),
         cmocka_unit_test(test_value_rules),
         cmocka_unit_test(test_escaping),

@@ -148,6 +148,25 @@ static void test_shapes(void **state)
     assert_string_equal(s.cols[1].type, "numeric(10,2)");
     assert_int_equal(s.cols[1].typeoid, 1700);
     assert_int_equal(s.cols[2].typeoid, -1);
+    assert_int_equal(s.cols[0].position, -1); /* recorded by a walpipe before positions */
+    assert_false(s.positioned);
+    assert_int_equal(wp_tshape_named(&s, "e"), 2);
+    assert_int_equal(wp_tshape_at(&s, 1), -1);
+    wp_tshape_clear(&s);
+    /* positions (attnums) as shapes carry them; key discovery may name them "attnum" */
+    assert_int_equal(wp_tshape_parse("[{\"name\": \"id\", \"type\": \"integer\", \"position\": 1}, "
+                                     "{\"name\": \"b\", \"type\": \"text\", \"attnum\": 4}]",
+                                     &s, err, sizeof err),
+                     0);
+    assert_true(s.positioned);
+    assert_int_equal(wp_tshape_at(&s, 4), 1);
+    assert_int_equal(wp_tshape_at(&s, 2), -1);
+    wp_tshape_clear(&s);
+    assert_int_equal(wp_tshape_parse("[{\"name\": \"id\", \"type\": \"integer\", \"position\": 1}, "
+                                     "{\"name\": \"b\", \"type\": \"text\", \"position\": 0}]",
+                                     &s, err, sizeof err),
+                     0);
+    assert_false(s.positioned); /* 0 is no attnum */
     wp_tshape_clear(&s);
     assert_int_equal(wp_tshape_parse("{}", &s, err, sizeof err), -1);
     assert_non_null(strstr(err, "not a JSON array"));
