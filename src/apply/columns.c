@@ -27,7 +27,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "columns.h"
+#include "filter.h"
 #include "log.h"
 #include "mem.h"
 #include "pg.h"
@@ -49,6 +52,52 @@ static const char COLUMNS_SQL[] =
     "  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_)' "
     "  AND ($1::text[] IS NULL OR (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[])))";
 
+/*
+ * Applies the source's filters and masks (filter.h) to the catalog read, a
+ * JSON array of {s, t, name, type, v, ...}: what the stream never stages
+ * (excluded tables and columns) is left out, and a masked column's type and
+ * missing value are what the stream stages for it.  Returns a new JSON text
+ * the caller frees, or NULL (logged) when it cannot be read.
+ */
+static char *filter_catalog(const wp_source_config_t *source, const char *text)
+{
+    char *out = NULL;
+    json_error_t jerr;
+    json_t *all = json_loads(text, 0, &jerr);
+    json_t *kept = json_array();
+    wp_filter_t *filter = wp_filter_create(source);
+
+    if (!json_is_array(all)) {
+        wp_warn("could not read source \"%s\"'s column catalog: %s", source->name, jerr.text);
+        goto out;
+    }
+    size_t i;
+    json_t *col;
+    json_array_foreach(all, i, col) {
+        const char *schema = json_string_value(json_object_get(col, "s"));
+        const char *table = json_string_value(json_object_get(col, "t"));
+        const char *name = json_string_value(json_object_get(col, "name"));
+        const char *type = json_string_value(json_object_get(col, "type"));
+        const char *value = json_string_value(json_object_get(col, "v"));
+        char digest[WP_FILTER_SHA256_HEX + 1];
+        if (schema == NULL || table == NULL || name == NULL || type == NULL) {
+            wp_warn("could not read source \"%s\"'s column catalog: an entry lacks its names or type", source->name);
+            goto out;
+        }
+        if (!wp_filter_catalog_column(filter, schema, table, name, &type, &value, digest))
+            continue;
+        json_object_set_new(col, "type", json_string(type));
+        json_object_set_new(col, "v", value ? json_string(value) : json_null());
+        json_array_append(kept, col);
+    }
+    out = json_dumps(kept, JSON_COMPACT);
+out:
+    json_decref(all);
+    json_decref(kept);
+    wp_filter_destroy(filter);
+    return out;
+}
+
 /* The walsender's pinned settings (reader.c), so missing values read like event values. */
 static const char SESSION_SQL[] = "SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = postgres; "
                                   "SET bytea_output = hex; SET extra_float_digits = 3";
@@ -68,6 +117,7 @@ int wp_columns_discover_tables(const wp_source_config_t *source, PGconn *staging
     const char *vals[] = {source->conninfo, "walpipe_columns", "10", "UTF8", NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     bool in_txn = false;
+    char *catalog = NULL; /* the catalog read, filtered (filter_catalog) */
 
     if (PQstatus(conn) != CONNECTION_OK) {
         wp_warn("could not connect to source \"%s\" to read its tables' columns: %s", source->name,
@@ -115,7 +165,10 @@ int wp_columns_discover_tables(const wp_source_config_t *source, PGconn *staging
     if (wp_pg_exec(staging, "staging", "BEGIN", "begin recording table columns") != 0)
         goto out;
     in_txn = true;
-    const char *p[] = {source->name, PQgetvalue(lsn, 0, 0), PQgetvalue(res, 0, 0)};
+    catalog = filter_catalog(source, PQgetvalue(res, 0, 0));
+    if (catalog == NULL)
+        goto out;
+    const char *p[] = {source->name, PQgetvalue(lsn, 0, 0), catalog};
     ins = PQexecParams(staging,
                        "INSERT INTO walpipe.source_columns (source, schema_name, table_name, attnum, name, type, "
                        "dropped, has_missing, missing_value, read_lsn) "
@@ -154,6 +207,7 @@ out:
     PQclear(res);
     PQclear(lsn);
     PQfinish(conn);
+    free(catalog);
     wp_buf_free(&schemas);
     wp_buf_free(&tables);
     return rc;

@@ -80,9 +80,10 @@ def test_excluded_tables_never_staged(source_pg, staging_pg, walpipe_factory):
     snapshot = names("SELECT DISTINCT schema_name, table_name FROM walpipe.raw_events WHERE event_type = 'snapshot'")
     mirrors = names("SELECT schema_name, table_name FROM walpipe.mirrors")
     keys = names("SELECT schema_name, table_name FROM walpipe.source_tables")
+    catalog = names("SELECT DISTINCT schema_name, table_name FROM walpipe.source_columns")
     copied = staging_pg.scalar("SELECT tables::text FROM walpipe.snapshots", dbname="staging")
     for what, got in [("raw_events", events), ("table_schemas", shapes), ("snapshot rows", snapshot),
-                      ("mirrors", mirrors), ("source_tables", keys)]:
+                      ("mirrors", mirrors), ("source_tables", keys), ("source_columns", catalog)]:
         assert got == set(KEPT), (what, got)
     for schema, table in EXCLUDED:
         assert f"{schema}.{table}" not in copied, copied
@@ -114,6 +115,8 @@ CREATE TABLE "Wide T" (id int PRIMARY KEY, "Kept Col" text, secret text, other i
 INSERT INTO users VALUES (1, 'one@example.com', '+1 555', '111-11-1111', '1990-01-01', 'note 1', 42,
                           '\\x00ff', true, 1.50, NULL, 'odd 1');
 INSERT INTO "Wide T" VALUES (1, 'k1', 'hidden 1', 7);
+CREATE TABLE kv (id int PRIMARY KEY);
+INSERT INTO kv VALUES (1);
 """
 
 SECTIONS = """
@@ -123,9 +126,13 @@ mask = email:sha256, phone:redact, notes:null, n:sha256, b:sha256, flag:sha256, 
 
 [table app.public."Wide T"]
 include_columns = id, "Kept Col"
+
+[table app.public.kv]
+exclude_columns = hidden
+mask = token:sha256
 """
 
-SECRETS = ["111-11-1111", "222-22-2222", "1990-01-01", "1985-05-05", "hidden 1", "hidden 2", "odd 1", "odd 2",
+SECRETS = ["tok-secret", "hidden default", "111-11-1111", "222-22-2222", "1990-01-01", "1985-05-05", "hidden 1", "hidden 2", "odd 1", "odd 2",
            "one@example.com", "two@example.com", "+1 555", "+2 555", "note 1", "note 2", "note 3"]
 
 
@@ -157,7 +164,11 @@ def test_columns_excluded_and_masked_everywhere(source_pg, staging_pg, walpipe_f
         INSERT INTO "Wide T" VALUES (2, 'k2', 'hidden 2', 8);
         UPDATE "Wide T" SET secret = 'hidden 3', "Kept Col" = 'k3' WHERE id = 1;
         DELETE FROM "Wide T" WHERE id = 2;
+        ALTER TABLE kv ADD COLUMN token text DEFAULT 'tok-secret', ADD COLUMN hidden text DEFAULT 'hidden default';
+        ALTER TABLE "Wide T" ADD COLUMN extra text DEFAULT 'hidden default';
     """, dbname="app")
+    # the mirror gives rows that existed before ADD COLUMN ... DEFAULT the source's missing value: masked too
+    source_pg.sql("INSERT INTO kv VALUES (2)", dbname="app")
     wait_applied(source_pg, staging_pg, w)
     # score is NOT NULL on the source: its null is the mask's, not a NaN wal2json lost (no parked event)
     assert staging_pg.sql("SELECT reason FROM walpipe.dead_letters", dbname="staging") == []
@@ -185,11 +196,12 @@ def test_columns_excluded_and_masked_everywhere(source_pg, staging_pg, walpipe_f
     # no excluded or unmasked value anywhere in staging, no excluded column in any shape
     dump = "\n".join(r[0] for r in staging_pg.sql(
         "SELECT payload::text FROM walpipe.raw_events UNION ALL SELECT columns::text FROM walpipe.table_schemas "
-        "UNION ALL SELECT coalesce(convert_from(raw, 'UTF8'), '') FROM walpipe.dead_letters", dbname="staging"))
+        "UNION ALL SELECT coalesce(convert_from(raw, 'UTF8'), '') FROM walpipe.dead_letters "
+        "UNION ALL SELECT s::text FROM walpipe.source_columns s", dbname="staging"))
     for secret in SECRETS + ['"ssn"', '"dob"', "Odd, col", '"secret"', '"other"']:
         assert secret not in dump, secret
     shapes = staging_pg.sql("SELECT table_name, columns::text FROM walpipe.table_schemas", dbname="staging")
-    seen = {"users": set(), "Wide T": set()}
+    seen = {"users": set(), "Wide T": set(), "kv": set()}
     for table, cols in shapes:
         cols = {c["name"]: c["type"] for c in json.loads(cols)}
         seen[table] |= set(cols)
@@ -199,7 +211,7 @@ def test_columns_excluded_and_masked_everywhere(source_pg, staging_pg, walpipe_f
             assert cols.get("notes", "text") == "text" and cols["id"] == "integer", cols
     # each shape is a subset (a delete's shape is the key); together they are the columns staged
     assert seen == {"users": {"id", "email", "phone", "notes", "n", "b", "flag", "price", "big", "score"},
-                    "Wide T": {"id", "Kept Col"}}, seen
+                    "Wide T": {"id", "Kept Col"}, "kv": {"id", "token"}}, seen
 
     # the mirrors hold the masked values and have no excluded column
     mcols = [r[0] for r in staging_pg.sql(
@@ -215,6 +227,11 @@ def test_columns_excluded_and_masked_everywhere(source_pg, staging_pg, walpipe_f
         "AND table_name = 'public_Wide T' AND column_name NOT LIKE '\\_walpipe\\_%'", dbname="staging")}
     assert wcols == {"id", "Kept Col"}, wcols
     assert staging_pg.sql('SELECT id, "Kept Col" FROM analytics."public_Wide T"', dbname="staging") == [(1, "k3")]
+    assert staging_pg.sql("SELECT id, token FROM analytics.public_kv ORDER BY id", dbname="staging") == [
+        (1, sha("tok-secret")), (2, sha("tok-secret"))]
+    kvcols = staging_pg.sql("SELECT name, type, missing_value FROM walpipe.source_columns WHERE table_name = 'kv' "
+                            "ORDER BY attnum", dbname="staging")
+    assert kvcols == [("id", "integer", None), ("token", "text", sha("tok-secret"))], kvcols
     # verify skips the excluded and masked columns (and says so) and compares the rest
     r = w.command("verify", extra_env={"WP_TEST_SALT": SALT}, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
