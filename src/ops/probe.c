@@ -31,8 +31,15 @@ PGconn *wp_probe_connect(const char *conninfo, const char *appname, char *err, s
     const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
     const char *vals[] = {"5", appname, conninfo, NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
-    if (conn && PQstatus(conn) == CONNECTION_OK)
-        return conn;
+    if (conn && PQstatus(conn) == CONNECTION_OK) {
+        /* a look never waits long behind a lock (a locked raw_events must not freeze the lag guard) */
+        PGresult *res = PQexec(conn, "SET lock_timeout = '500ms'; SET statement_timeout = '5s'; "
+                                     "SET default_transaction_read_only = on");
+        bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+        PQclear(res);
+        if (ok)
+            return conn;
+    }
     first_line(err, errlen, conn ? PQerrorMessage(conn) : "out of memory");
     PQfinish(conn);
     return NULL;
@@ -107,9 +114,7 @@ static void probe_source_staging(const wp_source_config_t *source, PGconn *stagi
     char err[256];
     const char *params[] = {source->name};
     PGresult *res = query(staging,
-                          "SELECT lsn, staged_events, extract(epoch FROM last_commit_ts), snapshot_state, "
-                          "(SELECT count(*) FROM walpipe.raw_events r WHERE r.source = $1 AND r.event_type <> "
-                          "'snapshot' AND r.received_at > now() - interval '60 seconds') "
+                          "SELECT lsn, staged_events, extract(epoch FROM last_commit_ts), snapshot_state "
                           "FROM (SELECT 1) one LEFT JOIN walpipe.checkpoints c ON c.source = $1",
                           1, params, err, sizeof err);
     if (res) {
@@ -118,7 +123,15 @@ static void probe_source_staging(const wp_source_config_t *source, PGconn *stagi
         out->staged_events = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
         out->last_commit_unix = PQgetisnull(res, 0, 2) ? 0 : strtod(PQgetvalue(res, 0, 2), NULL);
         snprintf(out->checkpoint_snapshot, sizeof out->checkpoint_snapshot, "%s", PQgetvalue(res, 0, 3));
-        out->rate_per_s = (double)strtoll(PQgetvalue(res, 0, 4), NULL, 10) / 60.0;
+        PQclear(res);
+    }
+    /* apart: raw_events may be locked (then the rate stays 0) */
+    res = query(staging,
+                "SELECT count(*) FROM walpipe.raw_events WHERE source = $1 AND event_type <> 'snapshot' "
+                "AND received_at > now() - interval '60 seconds'",
+                1, params, err, sizeof err);
+    if (res) {
+        out->rate_per_s = (double)strtoll(PQgetvalue(res, 0, 0), NULL, 10) / 60.0;
         PQclear(res);
     }
     res = query(staging,
