@@ -164,6 +164,9 @@ def test_prometheus_sees_the_workload(source_pg, staging_pg, walpipe_factory, pr
     prom.wait_value('walpipe_dead_letters{kind="waiting"}', 1.0, w)
     prom.wait_value('walpipe_dead_letters{kind="undecodable"}', dead("kind = 'decode'"), w)
     prom.wait_value('walpipe_consumer_backlog_events{consumer="mirror"}', 0.0, w)
+    # the workers applied the 355 changes of t and dead-lettered the other 4
+    prom.wait_value('walpipe_events_applied_total{consumer="mirror"}', 355.0, w)
+    prom.wait_value('walpipe_events_dead_lettered_total{consumer="mirror"}', 4.0, w)
 
     # caught up: the slot's lag falls back to (about) nothing, lag seconds to 0
     wait_caught_up(source_pg, w)
