@@ -35,7 +35,9 @@
 #include <time.h>
 
 #include "applier.h"
+#include "keys.h"
 #include "log.h"
+#include "rewrites.h"
 #include "runtime.h"
 #include "utf8.h"
 
@@ -50,7 +52,6 @@ enum {
     AP_OK = 0,         /* applied, or failed on its own (ev->fail set) with the transaction intact */
     AP_SQL = -1,       /* a statement failed: the transaction is aborted */
     AP_TRANSIENT = -2, /* deadlock, lost connection, ...: roll back and claim again */
-    AP_NO_KEY = -3,    /* a table's key is not discovered yet: roll back, wait for it */
 };
 
 typedef enum ev_kind { K_OTHER, K_INSERT, K_UPDATE, K_DELETE, K_TRUNCATE } ev_kind_t;
@@ -96,10 +97,25 @@ typedef struct plan {
     bool skip;    /* superseded by a later change of the key in this claim */
 } plan_t;
 
+/* A table whose key this applier asked `walpipe run` for and waited for, and when. */
 typedef struct waited {
-    char *key; /* "source\tschema\ttable" */
+    char *key; /* table_key() */
     int64_t at_ms;
 } waited_t;
+
+/*
+ * A table whose mirror could not be opened in this wp_applier_apply, and
+ * why: every other event of it fails the same way without asking staging
+ * again.  NO_KEY: no key recorded yet, and this claim will wait for it
+ * (wp_applier_wait_keys); DEFER: no key recorded, and waiting again would not
+ * help; PARK: the table cannot be mirrored (source_tables.problem).
+ */
+typedef struct table_fail {
+    char *key; /* table_key() */
+    char *source, *schema, *table;
+    wp_fail_t fail;
+    char error[400];
+} table_fail_t;
 
 struct wp_applier {
     const wp_config_t *config;
@@ -111,8 +127,11 @@ struct wp_applier {
     size_t nshapes, shapes_cap;
     waited_t *waited;
     size_t nwaited, waited_cap;
-    char **need_keys; /* tables of the last AP_NO_KEY */
-    size_t nneed, need_cap;
+    table_fail_t *tfails; /* tables of the last wp_applier_apply whose mirror could not be opened */
+    size_t ntfails, tfails_cap;
+    bool may_wait;  /* wp_applier_may_wait_keys */
+    bool want_wait; /* the last apply met a table whose key it should wait for */
+    bool alive_known, alive; /* discovery_alive(), asked in this apply */
     wp_payload_t payload;
     unsigned next_stmt;
     bool careful;
@@ -131,6 +150,17 @@ struct wp_applier {
     plan_t *plans;
     size_t plans_cap;
 };
+
+static void tfails_clear(wp_applier_t *a)
+{
+    for (size_t i = 0; i < a->ntfails; i++) {
+        free(a->tfails[i].key);
+        free(a->tfails[i].source);
+        free(a->tfails[i].schema);
+        free(a->tfails[i].table);
+    }
+    a->ntfails = 0;
+}
 
 /* ---------------------------------------------------------------- events */
 
@@ -288,9 +318,8 @@ void wp_applier_destroy(wp_applier_t *a)
     for (size_t i = 0; i < a->nwaited; i++)
         free(a->waited[i].key);
     free(a->waited);
-    for (size_t i = 0; i < a->nneed; i++)
-        free(a->need_keys[i]);
-    free(a->need_keys);
+    tfails_clear(a);
+    free(a->tfails);
     free_owned(a);
     free(a->owned);
     wp_payload_free(&a->payload);
@@ -393,8 +422,6 @@ static int sync_failure(wp_applier_t *a, wp_event_t *ev, wp_fail_t fail)
 {
     if (fail == WP_FAIL_TRANSIENT || PQstatus(a->conn) != CONNECTION_OK)
         return AP_TRANSIENT;
-    if (fail == WP_FAIL_NO_KEY)
-        return AP_NO_KEY;
     if (PQtransactionStatus(a->conn) == PQTRANS_INERROR)
         return AP_SQL;
     (void)ev;
@@ -602,6 +629,18 @@ static void sweep_add(mentry_t *me, const char *const *keyvals)
 
 /* ---------------------------------------------------------------- mirrors and shapes */
 
+/*
+ * "<len>:source<len>:schema<len>:table": a table as one string, unambiguous
+ * whatever bytes the names hold (see key_text).  Also the payload of a
+ * NOTIFY walpipe_discover (worker.c reads it back).  Caller frees.
+ */
+static char *table_key(const char *source, const char *schema, const char *table)
+{
+    wp_buf_t b = WP_BUF_INIT;
+    wp_buf_printf(&b, "%zu:%s%zu:%s%zu:%s", strlen(source), source, strlen(schema), schema, strlen(table), table);
+    return b.data;
+}
+
 static bool waited_recently(wp_applier_t *a, const char *key)
 {
     int64_t now = wp_now_ms();
@@ -609,6 +648,52 @@ static bool waited_recently(wp_applier_t *a, const char *key)
         if (strcmp(a->waited[i].key, key) == 0 && now - a->waited[i].at_ms < KEY_WAIT_MEMORY_MS)
             return true;
     return false;
+}
+
+/* Remembers that the applier waited for key now; forgets what it waited for too long ago to matter. */
+static void remember_waited(wp_applier_t *a, const char *key)
+{
+    int64_t now = wp_now_ms();
+    size_t keep = 0;
+    for (size_t i = 0; i < a->nwaited; i++) {
+        if (now - a->waited[i].at_ms >= KEY_WAIT_MEMORY_MS || strcmp(a->waited[i].key, key) == 0)
+            free(a->waited[i].key);
+        else
+            a->waited[keep++] = a->waited[i];
+    }
+    a->nwaited = keep;
+    if (a->nwaited == a->waited_cap) {
+        a->waited_cap = a->waited_cap ? a->waited_cap * 2 : 8;
+        a->waited = wp_realloc(a->waited, a->waited_cap * sizeof *a->waited);
+    }
+    a->waited[a->nwaited].key = wp_strdup(key);
+    a->waited[a->nwaited++].at_ms = now;
+}
+
+static table_fail_t *find_tfail(wp_applier_t *a, const wp_event_t *ev)
+{
+    for (size_t i = 0; i < a->ntfails; i++) {
+        table_fail_t *tf = &a->tfails[i];
+        if (strcmp(tf->table, ev->table) == 0 && strcmp(tf->schema, ev->schema) == 0 &&
+            strcmp(tf->source, ev->source) == 0)
+            return tf;
+    }
+    return NULL;
+}
+
+static void add_tfail(wp_applier_t *a, const wp_event_t *ev, char *key)
+{
+    if (a->ntfails == a->tfails_cap) {
+        a->tfails_cap = a->tfails_cap ? a->tfails_cap * 2 : 8;
+        a->tfails = wp_realloc(a->tfails, a->tfails_cap * sizeof *a->tfails);
+    }
+    table_fail_t *tf = &a->tfails[a->ntfails++];
+    tf->key = key;
+    tf->source = wp_strdup(ev->source);
+    tf->schema = wp_strdup(ev->schema);
+    tf->table = wp_strdup(ev->table);
+    tf->fail = ev->fail;
+    snprintf(tf->error, sizeof tf->error, "%s", ev->error); /* ev->error is as long, and valid UTF-8 */
 }
 
 static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
@@ -626,6 +711,25 @@ static mentry_t *find_mirror(wp_applier_t *a, const wp_event_t *ev)
     return NULL;
 }
 
+/*
+ * Whether a `walpipe run` discovering keys is connected to staging (it holds
+ * WP_KEYS_DISCOVERY_LOCK shared): if none is, waiting for a key is waiting
+ * for nobody.  Asked once per wp_applier_apply.
+ */
+static bool discovery_alive(wp_applier_t *a)
+{
+    if (a->alive_known)
+        return a->alive;
+    PGresult *res = PQexec(a->conn, "SELECT EXISTS (SELECT 1 FROM pg_locks l, pg_database d "
+                                    "WHERE l.locktype = 'advisory' AND l.database = d.oid AND "
+                                    "d.datname = current_database() AND l.granted AND "
+                                    "(l.classid, l.objid, l.objsubid) = (" WP_KEYS_DISCOVERY_LOCK ", 2))");
+    a->alive = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+    a->alive_known = true;
+    PQclear(res);
+    return a->alive;
+}
+
 /* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
 static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
 {
@@ -633,6 +737,11 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
     *rc = AP_OK;
     if (me)
         return me;
+    table_fail_t *tf = find_tfail(a, ev);
+    if (tf) {
+        wp_event_fail(ev, tf->fail, "%s", tf->error);
+        return NULL;
+    }
     if ((*rc = go_sync(a)) != AP_OK)
         return NULL;
     wp_fail_t fail = WP_FAIL_NONE;
@@ -640,23 +749,26 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
     wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, &fail, err,
                                     sizeof err);
     if (m == NULL) {
+        char *key = table_key(ev->source, ev->schema, ev->table);
         if (fail == WP_FAIL_NO_KEY) {
-            wp_buf_t key = WP_BUF_INIT;
-            wp_buf_printf(&key, "%s\t%s\t%s", ev->source, ev->schema, ev->table);
-            if (waited_recently(a, key.data)) {
-                fail = WP_FAIL_RETRY; /* asked and waited already: dead-letter it, retried with backoff */
-            } else {
-                if (a->nneed == a->need_cap) {
-                    a->need_cap = a->need_cap ? a->need_cap * 2 : 4;
-                    a->need_keys = wp_realloc(a->need_keys, a->need_cap * sizeof *a->need_keys);
-                }
-                a->need_keys[a->nneed++] = key.data;
-                key.data = NULL;
-            }
-            wp_buf_free(&key);
+            /*
+             * At most one wait per claim: this claim waits (the caller rolls
+             * back, wp_applier_wait_keys) only for tables it has not waited
+             * for lately; any other unknown table is dead-lettered as
+             * deferred, retried until `walpipe run` records its key or why it
+             * has none.
+             */
+            if (a->may_wait && !waited_recently(a, key) && discovery_alive(a))
+                a->want_wait = true;
+            else
+                fail = WP_FAIL_DEFER;
         }
         wp_event_fail(ev, fail, "%s", err);
         *rc = sync_failure(a, ev, fail);
+        if (*rc == AP_OK && (fail == WP_FAIL_NO_KEY || fail == WP_FAIL_DEFER || fail == WP_FAIL_PARK))
+            add_tfail(a, ev, key); /* a failure of the table, not of this event: the same for all its events */
+        else
+            free(key);
         return NULL;
     }
     me = wp_calloc(1, sizeof *me);
@@ -729,7 +841,29 @@ static shape_entry_t *get_shape(wp_applier_t *a, wp_event_t *ev, int *rc)
 
 /* ---------------------------------------------------------------- applying one event */
 
-/* Fills a->params[0..) with the key values of identity (key or before) in key order. */
+/* "a", "b" (the names in o, quoted, comma-separated) into b, for a reason. */
+static void field_names(const wp_jobject_t *o, wp_buf_t *b)
+{
+    for (size_t i = 0; i < o->n; i++)
+        wp_buf_printf(b, "%s\"%s\"", i ? ", " : "", o->fields[i].name);
+}
+
+static void key_names(const wp_mirror_t *m, wp_buf_t *b)
+{
+    for (size_t k = 0; k < m->nkeys; k++)
+        wp_buf_printf(b, "%s\"%s\"", k ? ", " : "", m->cols[m->keys[k]].name);
+}
+
+/*
+ * Fills out[0..nkeys) with the mirror's key values from the old-row identity
+ * o (the payload's key, or before for REPLICA IDENTITY FULL) of an update or
+ * delete (what).  When the event does not carry them, fails it with a reason
+ * about this event alone: which columns it identifies its row by (the
+ * table's replica identity when the change was made, which may differ from
+ * the one the catalog shows now) and which key column they lack.  Parked:
+ * nothing can tell which row it changed; the dead-letter queue marks the
+ * mirror diverged, and a resync repairs it.
+ */
 static bool key_values(const wp_mirror_t *m, const wp_jobject_t *o, const char **out, wp_event_t *ev,
                        const char *what)
 {
@@ -737,14 +871,35 @@ static bool key_values(const wp_mirror_t *m, const wp_jobject_t *o, const char *
     for (size_t k = 0; k < m->nkeys; k++) {
         const wp_mcol_t *c = &m->cols[m->keys[k]];
         const wp_jfield_t *f = o && o->present ? wp_jobject_get(o, c->name, &hint) : NULL;
-        if (f == NULL || f->value == NULL) {
-            wp_event_fail(ev, WP_FAIL_PARK,
-                    "%s of \"%s\".\"%s\" has no value for key column \"%s\" of mirror %s (the replica identity "
-                    "changed?); hint: make the mirror's key the table's replica identity again",
-                    what, m->schema, m->table, c->name, m->qmirror);
-            return false;
+        if (f != NULL && f->value != NULL) {
+            out[k] = f->value;
+            continue;
         }
-        out[k] = f->value;
+        wp_buf_t carried = WP_BUF_INIT, keys = WP_BUF_INIT;
+        key_names(m, &keys);
+        if (o == NULL || !o->present || o->n == 0)
+            wp_event_fail(ev, WP_FAIL_PARK,
+                          "this %s carries no old-row identity, so nothing tells which row of \"%s\".\"%s\" it "
+                          "changed: the mirror's key is %s; the mirror missed this change and is marked diverged "
+                          "until the table is resynced",
+                          what, m->schema, m->table, keys.data);
+        else if (f == NULL) {
+            field_names(o, &carried);
+            wp_event_fail(ev, WP_FAIL_PARK,
+                          "this %s identifies its old row by %s (the replica identity of \"%s\".\"%s\" when the "
+                          "change was made), without key column \"%s\" of the mirror's key %s (read from the "
+                          "source's catalog later), so nothing tells which row it changed; the mirror missed this "
+                          "change and is marked diverged until the table is resynced",
+                          what, carried.data, m->schema, m->table, c->name, keys.data);
+        } else
+            wp_event_fail(ev, WP_FAIL_PARK,
+                          "this %s carries null for key column \"%s\" in its old-row identity, so nothing tells "
+                          "which row of \"%s\".\"%s\" it changed; the mirror missed this change and is marked "
+                          "diverged until the table is resynced",
+                          what, c->name, m->schema, m->table);
+        wp_buf_free(&carried);
+        wp_buf_free(&keys);
+        return false;
     }
     return true;
 }
@@ -993,6 +1148,8 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
         if (changed) {
             forget_stmts(a, me);
             a->changes++;
+            /* a newer shape may come with a rewrite (ALTER COLUMN TYPE ... USING): `walpipe run` looks now */
+            PQclear(PQexec(a->conn, "NOTIFY walpipe_discover, '" WP_REWRITES_POLL_NOW "'"));
         }
         se->followed_mirror = m->id;
         se->followed_gen = m->generation;
@@ -1235,18 +1392,20 @@ static int apply_pass(wp_applier_t *a, wp_event_t *events, size_t n)
 int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
 {
     int rc;
-    for (size_t i = 0; i < a->nneed; i++)
-        free(a->need_keys[i]);
-    a->nneed = 0;
+    tfails_clear(a);
+    a->want_wait = false;
+    a->alive_known = false;
     if (exec_simple(a, "SAVEPOINT wp_apply") != AP_OK)
         return -1;
     a->careful = false;
     rc = apply_pass(a, events, n);
+    if (rc == AP_OK && a->want_wait)
+        return 1;
     if (rc == AP_OK)
         return exec_simple(a, "RELEASE SAVEPOINT wp_apply") == AP_OK ? 0 : -1;
     if (rc == AP_TRANSIENT || PQstatus(a->conn) != CONNECTION_OK)
         return -1;
-    if (rc == AP_NO_KEY)
+    if (a->want_wait)
         return 1;
     /* a statement failed: apply again one event at a time to find the ones that fail */
     wp_debug("claim of %zu events failed (%s); applying them one by one", n, a->pipe_failed ? a->pipe_error : "");
@@ -1254,9 +1413,10 @@ int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n)
         return -1;
     wp_applier_reset(a);
     a->careful = true;
+    tfails_clear(a);
     rc = apply_pass(a, events, n);
     a->careful = false;
-    if (rc == AP_NO_KEY)
+    if (rc == AP_OK && a->want_wait)
         return 1;
     if (rc != AP_OK)
         return -1;
@@ -1296,53 +1456,70 @@ const char *wp_applier_last_error(const wp_applier_t *a)
                                                                                  : PQerrorMessage(a->conn);
 }
 
+bool wp_applier_may_wait_keys(wp_applier_t *a, bool may_wait)
+{
+    bool was = a->may_wait;
+    a->may_wait = may_wait;
+    return was;
+}
+
+int wp_applier_request_keys(wp_applier_t *a)
+{
+    int rc = 0;
+    for (size_t i = 0; i < a->ntfails && rc == 0; i++) {
+        if (a->tfails[i].fail != WP_FAIL_NO_KEY && a->tfails[i].fail != WP_FAIL_DEFER)
+            continue;
+        const char *params[] = {a->tfails[i].key};
+        PGresult *res = PQexecParams(a->conn, "SELECT pg_notify('walpipe_discover', $1)", 1, NULL, params, NULL,
+                                     NULL, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            wp_warn("staging: could not ask `walpipe run` for the key of \"%s\".\"%s\": %s", a->tfails[i].schema,
+                    a->tfails[i].table, PQerrorMessage(a->conn));
+            rc = -1;
+        }
+        PQclear(res);
+    }
+    return rc;
+}
+
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms)
 {
     int64_t deadline = wp_now_ms() + wait_ms;
-    PGresult *res = PQexec(a->conn, "NOTIFY walpipe_discover");
-    PQclear(res);
-    for (size_t i = 0; i < a->nneed; i++) {
-        char *key = a->need_keys[i], *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
-        if (t2)
-            wp_info("waiting for `walpipe run` to record the key of table \"%.*s\".\"%s\" of source \"%.*s\"",
-                    (int)(t2 - t1 - 1), t1 + 1, t2 + 1, (int)(t1 - key), key);
+    size_t left = 0;
+    wp_applier_request_keys(a);
+    for (size_t i = 0; i < a->ntfails; i++) {
+        table_fail_t *tf = &a->tfails[i];
+        if (tf->fail != WP_FAIL_NO_KEY)
+            continue;
+        wp_info("waiting up to %d ms for `walpipe run` to record the key of table \"%s\".\"%s\" of source \"%s\"",
+                wait_ms, tf->schema, tf->table, tf->source);
+        left++;
     }
-    while (a->nneed > 0 && wp_now_ms() < deadline && !wp_stop_requested()) {
-        size_t left = 0;
-        for (size_t i = 0; i < a->nneed; i++) {
-            char *key = a->need_keys[i];
-            char *t1 = strchr(key, '\t'), *t2 = t1 ? strchr(t1 + 1, '\t') : NULL;
-            bool found = false;
-            if (t2) {
-                *t1 = *t2 = '\0';
-                const char *params[] = {key, t1 + 1, t2 + 1};
-                res = PQexecParams(a->conn,
-                                   "SELECT 1 FROM walpipe.source_tables WHERE source = $1 AND schema_name = $2 "
-                                   "AND table_name = $3",
-                                   3, NULL, params, NULL, NULL, 0);
-                found = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
-                PQclear(res);
-                *t1 = *t2 = '\t';
-            }
+    while (left > 0 && wp_now_ms() < deadline && !wp_stop_requested()) {
+        left = 0;
+        for (size_t i = 0; i < a->ntfails; i++) {
+            table_fail_t *tf = &a->tfails[i];
+            if (tf->fail != WP_FAIL_NO_KEY)
+                continue;
+            const char *params[] = {tf->source, tf->schema, tf->table};
+            PGresult *res = PQexecParams(a->conn,
+                                         "SELECT 1 FROM walpipe.source_tables WHERE source = $1 AND schema_name = $2 "
+                                         "AND table_name = $3",
+                                         3, NULL, params, NULL, NULL, 0);
+            bool found = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
+            PQclear(res);
             if (found)
-                free(key);
+                tf->fail = WP_FAIL_NONE; /* recorded: nothing more to wait for */
             else
-                a->need_keys[left++] = key;
+                left++;
         }
-        a->nneed = left;
         if (left > 0) {
             struct timespec ts = {0, 200 * 1000000L};
             nanosleep(&ts, NULL);
         }
     }
-    /* what is still missing is dead-lettered next time instead of waited for again */
-    for (size_t i = 0; i < a->nneed; i++) {
-        if (a->nwaited == a->waited_cap) {
-            a->waited_cap = a->waited_cap ? a->waited_cap * 2 : 8;
-            a->waited = wp_realloc(a->waited, a->waited_cap * sizeof *a->waited);
-        }
-        a->waited[a->nwaited].key = a->need_keys[i];
-        a->waited[a->nwaited++].at_ms = wp_now_ms();
-    }
-    a->nneed = 0;
+    /* waited once: the next claim dead-letters what is still missing instead of waiting again */
+    for (size_t i = 0; i < a->ntfails; i++)
+        remember_waited(a, a->tfails[i].key);
+    tfails_clear(a);
 }

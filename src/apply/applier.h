@@ -71,17 +71,36 @@ int wp_applier_session(PGconn *conn);
  * Applies events[0..n) inside the caller's open transaction.  Each event
  * ends applied (fail = WP_FAIL_NONE) or with fail and error set for the
  * dead-letter queue; the transaction stays usable either way.
- * Returns 0; 1 when a table's key is not discovered yet and the caller should
- * roll back, let `walpipe run` discover it (wp_applier_wait_keys) and claim
+ * Returns 0; 1 when some table's key is not recorded yet and this applier
+ * may wait for it (wp_applier_may_wait_keys) and has not lately: the caller
+ * rolls back, calls wp_applier_wait_keys once for all of them, and claims
  * again; -1 on a transient error (the caller rolls back and retries later).
+ * A table whose key is not recorded and was waited for already (or when
+ * waiting is off) fails its events as WP_FAIL_DEFER instead, so a claim
+ * waits at most once and always ends.
  */
 int wp_applier_apply(wp_applier_t *a, wp_event_t *events, size_t n);
 
 /*
+ * Whether wp_applier_apply may return 1 to wait for unknown keys (off by
+ * default; the worker pool sets it for its claims).  Returns the previous
+ * setting.
+ */
+bool wp_applier_may_wait_keys(wp_applier_t *a, bool may_wait);
+
+/*
+ * Asks `walpipe run` (NOTIFY walpipe_discover, one per table) for the keys
+ * of the tables the last wp_applier_apply found none recorded for.  Inside a
+ * transaction the request goes out when it commits.  Returns 0 or -1
+ * (logged; the caller's transaction is then aborted).
+ */
+int wp_applier_request_keys(wp_applier_t *a);
+
+/*
  * After wp_applier_apply returned 1 and the caller rolled back: asks `walpipe
- * run` (NOTIFY walpipe_discover) for the missing keys and waits up to
- * wait_ms for them.  Tables still missing after that are dead-lettered on the
- * next attempt instead of waited for again.
+ * run` for the missing keys and waits up to wait_ms for all of them at once.
+ * Tables still missing after that are dead-lettered (deferred) on the next
+ * attempt instead of waited for again.
  */
 void wp_applier_wait_keys(wp_applier_t *a, int wait_ms);
 

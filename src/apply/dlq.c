@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "diverge.h"
 #include "dlq.h"
 #include "log.h"
 #include "metrics.h"
@@ -59,11 +60,26 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
         "  next_attempt_at = CASE WHEN $10::text = 'park' OR ($10::text = 'retry' AND d.attempt_count + 1 >= $11::int) THEN NULL "
         "    WHEN $10::text = 'defer' THEN now() + least($12::float8 * power(2, d.attempt_count), " DEFER_MAX_MS ") * "
         "interval '1 ms' "
-        "    ELSE now() + least($12::float8 * power(2, d.attempt_count), " MAX_BACKOFF_MS ") * interval '1 ms' END",
+        "    ELSE now() + least($12::float8 * power(2, d.attempt_count), " MAX_BACKOFF_MS ") * interval '1 ms' END "
+        "RETURNING d.next_attempt_at IS NULL, d.attempt_count, "
+        "  EXISTS (SELECT 1 FROM walpipe.mirrors m WHERE (m.source, m.schema_name, m.table_name) = ($1, $7, $8))",
         12, NULL, params, NULL, NULL, 0);
-    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
-    if (rc != 0)
+    int rc = -1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         wp_error("staging: could not record a dead letter: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    /*
+     * A parked event is a change its mirror has missed until someone acts:
+     * the mirror is marked diverged, in this transaction.  A table that has no
+     * mirror (it cannot be mirrored: no key, or gone) is no mirror to mark.
+     */
+    if (ev->schema && ev->table && PQgetvalue(res, 0, 0)[0] == 't' && PQgetvalue(res, 0, 2)[0] == 't' &&
+        wp_diverge_record(conn, ev->source, ev->schema, ev->table, WP_DIVERGE_PARKED, ev->lsn, ev->error) < 0)
+        goto out;
+    rc = 0;
+    if (ev->fail == WP_FAIL_DEFER && atoi(PQgetvalue(res, 0, 1)) > 1)
+        wp_debug("event %lld deferred again: %s", (long long)ev->id, ev->error); /* said once at info */
     else if (ev->fail == WP_FAIL_DEFER)
         wp_info("event %lld (%s on \"%s\".\"%s\" of source \"%s\") deferred: %s", (long long)ev->id, ev->type,
                 ev->schema ? ev->schema : "", ev->table ? ev->table : "", ev->source, ev->error);
@@ -71,6 +87,7 @@ int wp_dlq_record(PGconn *conn, const wp_config_t *config, const wp_event_t *ev)
         wp_warn("event %lld (%s on \"%s\".\"%s\" of source \"%s\") could not be applied%s: %s", (long long)ev->id,
                 ev->type, ev->schema ? ev->schema : "", ev->table ? ev->table : "", ev->source,
                 ev->fail == WP_FAIL_PARK ? " and is parked" : "", ev->error);
+out:
     PQclear(res);
     return rc;
 }
@@ -90,9 +107,8 @@ static void column_array(const PGresult *res, int col, wp_buf_t *out)
  * Applies the events of the dead letters in dl (columns: id, event_id,
  * event_received_at) inside the open transaction, then deletes the dead
  * letters that applied and records another attempt for the others.
- * Returns how many applied (>= 0), or -1 (transient: roll back), or -2 (a
- * key is being discovered: roll back and try again).  verbose prints each
- * outcome to stdout.
+ * Returns how many applied (>= 0), or -1 (transient: roll back).  verbose
+ * prints each outcome to stdout.
  */
 static int retry_rows(wp_applier_t *a, PGconn *conn, const wp_config_t *config, const PGresult *dl, bool verbose,
                       int *still_failing)
@@ -112,11 +128,12 @@ static int retry_rows(wp_applier_t *a, PGconn *conn, const wp_config_t *config, 
         goto out;
     }
     size_t n = wp_events_from_result(res, events);
+    /* a retry never waits for a key: a table still without one stays deferred, and is asked for at commit */
+    bool could_wait = wp_applier_may_wait_keys(a, false);
     int arc = wp_applier_apply(a, events, n);
-    if (arc != 0) {
-        rc = arc == 1 ? -2 : -1;
+    wp_applier_may_wait_keys(a, could_wait);
+    if (arc != 0 || wp_applier_request_keys(a) != 0)
         goto out;
-    }
     for (int r = 0; r < PQntuples(dl); r++) {
         long long event_id = strtoll(PQgetvalue(dl, r, 1), NULL, 10);
         const char *dlid = PQgetvalue(dl, r, 0);
@@ -138,7 +155,21 @@ static int retry_rows(wp_applier_t *a, PGconn *conn, const wp_config_t *config, 
                        event_id);
             ++*still_failing;
         } else if (ev->fail == WP_FAIL_NONE) {
-            u = PQexecParams(conn, "DELETE FROM walpipe.dead_letters WHERE id = $1", 1, NULL, p1, NULL, NULL, 0);
+            /*
+             * Applied: the dead letter goes, and so does the divergence its
+             * parking recorded, unless another parked event of the table at
+             * that position still holds it.
+             */
+            u = PQexecParams(conn,
+                             "WITH gone AS (DELETE FROM walpipe.dead_letters WHERE id = $1 RETURNING id, source, "
+                             "schema_name, table_name, lsn) "
+                             "UPDATE walpipe.divergences v SET resolved_at = now(), resolved_by = 'walpipe dlq retry "
+                             "applied the parked event' FROM gone g WHERE v.resolved_at IS NULL AND v.kind = 'parked' "
+                             "AND (v.source, v.schema_name, v.table_name, v.lsn) = (g.source, g.schema_name, "
+                             "g.table_name, g.lsn) AND NOT EXISTS (SELECT 1 FROM walpipe.dead_letters d WHERE d.kind = "
+                             "'apply' AND d.next_attempt_at IS NULL AND d.id <> g.id AND (d.source, d.schema_name, "
+                             "d.table_name, d.lsn) = (g.source, g.schema_name, g.table_name, g.lsn))",
+                             1, NULL, p1, NULL, NULL, 0);
             wp_info("dead letter %s: event %lld applied on retry", dlid, event_id);
             if (verbose)
                 printf("dead letter %s (event %lld): applied\n", dlid, event_id);
@@ -186,13 +217,6 @@ int wp_dlq_retry_due(wp_applier_t *a, PGconn *conn, const wp_config_t *config)
         goto out;
     }
     int r = retry_rows(a, conn, config, dl, false, &failing);
-    if (r == -2) {
-        PQclear(PQexec(conn, "ROLLBACK"));
-        wp_applier_reset(a);
-        wp_applier_wait_keys(a, 2000);
-        PQclear(dl);
-        return 0;
-    }
     if (r < 0)
         goto out;
     rc = PQntuples(dl);
@@ -286,9 +310,37 @@ static int cmd_list(PGconn *conn, const char *idlit)
             printf("%s%s", c ? "\t" : "", PQgetvalue(res, r, c));
         printf("\n");
     }
-    printf("-- %lld dead letters: %lld waiting for retry, %lld parked, %lld undecodable\n",
-           waiting + parked + undecodable, waiting, parked, undecodable);
     PQclear(res);
+    /*
+     * The mirrors marked diverged (open rows of walpipe.divergences), one
+     * line each, after the dead letters: what may be wrong beyond the queue.
+     * Only when all dead letters are listed (no --id).
+     */
+    int ndiverged = 0;
+    if (idlit == NULL) {
+        res = PQexec(conn, "SELECT source, quote_ident(schema_name) || '.' || quote_ident(table_name), "
+                           "string_agg(DISTINCT kind, ',' ORDER BY kind), min(lsn)::text, "
+                           "replace(replace((array_agg(reason ORDER BY lsn, id))[1], E'\\n', ' '), E'\\t', ' ') "
+                           "FROM walpipe.divergences WHERE resolved_at IS NULL "
+                           "GROUP BY source, schema_name, table_name ORDER BY 1, 2");
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            wp_error("staging: could not list diverged mirrors: %s", PQerrorMessage(conn));
+            PQclear(res);
+            return 1;
+        }
+        ndiverged = PQntuples(res);
+        if (ndiverged > 0)
+            printf("diverged\tsource\ttable\tkinds\toldest_lsn\treason\n");
+        for (int r = 0; r < ndiverged; r++)
+            printf("diverged\t%s\t%s\t%s\t%s\t%s\n", PQgetvalue(res, r, 0), PQgetvalue(res, r, 1),
+                   PQgetvalue(res, r, 2), PQgetvalue(res, r, 3), PQgetvalue(res, r, 4));
+        PQclear(res);
+    }
+    printf("-- %lld dead letters: %lld waiting for retry, %lld parked, %lld undecodable",
+           waiting + parked + undecodable, waiting, parked, undecodable);
+    if (idlit == NULL)
+        printf("; %d diverged mirror%s", ndiverged, ndiverged == 1 ? "" : "s");
+    printf("\n");
     return 0;
 }
 
@@ -338,14 +390,6 @@ static int cmd_retry(const wp_config_t *config, PGconn *conn, const char *idlit)
         long long chunk_last = atoll(PQgetvalue(dl, PQntuples(dl) - 1, 0));
         int chunk_failing = 0;
         int r = retry_rows(a, conn, config, dl, false, &chunk_failing);
-        if (r == -2) {
-            /* a table's key is not known yet: ask `walpipe run` for it, wait, and do this chunk again */
-            PQclear(dl);
-            PQclear(PQexec(conn, "ROLLBACK"));
-            wp_applier_reset(a);
-            wp_applier_wait_keys(a, 5000);
-            continue;
-        }
         if (r < 0) {
             PQclear(dl);
             PQclear(PQexec(conn, "ROLLBACK"));

@@ -4,12 +4,15 @@
  *
  * Job: run by `walpipe run`'s monitor (worker.c) at start, on request
  * (NOTIFY walpipe_discover, sent by an applier that met a table without a
- * recorded key) and every few minutes.  It opens a plain connection to the
- * source (not replication) and writes staging in one transaction.
+ * recorded key: then only the tables asked for are read) and every few
+ * minutes.  It opens a plain connection to the source (not replication) and
+ * writes staging in one transaction.
  *
- * Invariant: every captured table gets a row, with a key or with the
- * problem that keeps it from being mirrored; each problem is logged once
- * per process (the caller's named set).  Names are read with
+ * Invariant: every captured table, and every table asked for, gets a row,
+ * with a key or with the problem that keeps it from being mirrored (a table
+ * asked for that the catalog no longer holds is recorded as gone, so that a
+ * worker never waits for a key that cannot come); each problem is logged
+ * once per process (the caller's named set).  Names are read with
  * client_encoding UTF8, whatever the source database's encoding, so what is
  * written to staging is UTF-8.
  */
@@ -24,12 +27,15 @@
 #include "pg.h"
 
 /*
- * The mirror keys each table on the columns that identify its rows in the
- * change stream: the replica identity index (REPLICA IDENTITY USING INDEX),
- * else the primary key; a REPLICA IDENTITY FULL table without a primary key
- * may use a unique index over NOT NULL columns.  Only valid, immediate,
- * non-partial unique indexes on plain NOT NULL columns qualify, as for
- * PostgreSQL's own replica identity.
+ * The mirror keys each table on the replica identity index (REPLICA IDENTITY
+ * USING INDEX), else the primary key, else any unique index, whatever the
+ * replica identity: only valid, immediate, non-partial unique indexes on
+ * plain NOT NULL columns qualify, as for PostgreSQL's own replica identity.
+ * The identity is what the catalog shows now, not what it was when the
+ * staged changes were made; the applier judges each change by the key
+ * values it carries (applier.c), so a key that identifies rows is all the
+ * mirror needs.  Inserts carry every column; the UPDATEs and DELETEs that
+ * wal2json drops for want of an identity are the stager's to detect.
  */
 static const char DISCOVER_SQL[] =
     "WITH t AS ("
@@ -43,7 +49,6 @@ static const char DISCOVER_SQL[] =
     "  WHERE i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL"
     "    AND NOT EXISTS (SELECT FROM unnest(i.indkey) k(attnum) JOIN pg_attribute a ON a.attrelid = t.oid AND "
     "a.attnum = k.attnum WHERE NOT a.attnotnull)"
-    "    AND CASE t.relreplident WHEN 'i' THEN i.indisreplident WHEN 'f' THEN true ELSE i.indisprimary END"
     "  ORDER BY t.oid, i.indisreplident DESC, i.indisprimary DESC, i.indexrelid) "
     "SELECT t.nspname, t.relname,"
     "  CASE t.relreplident WHEN 'd' THEN 'default' WHEN 'i' THEN 'index' WHEN 'f' THEN 'full' ELSE 'nothing' END,"
@@ -55,46 +60,101 @@ static const char DISCOVER_SQL[] =
     "    WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull)::text "
     "FROM t LEFT JOIN idx ON idx.oid = t.oid ORDER BY 1, 2";
 
+/*
+ * Why a table without a usable key cannot be mirrored, true whatever its
+ * changes carry: the mirror applies changes by key, and no set of columns is
+ * known to tell its rows apart.  NULL when it has a key: REPLICA IDENTITY
+ * NOTHING then only means that wal2json drops its UPDATEs and DELETEs, which
+ * the stager detects and records as divergences; the inserts still apply.
+ */
 static const char *key_problem(const char *identity, bool has_key)
 {
-    /* NOTHING with a primary key: mirrored by that key; the UPDATEs and DELETEs wal2json drops are divergences */
-    if (strcmp(identity, "nothing") == 0 && !has_key)
-        return "it has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs carry no key; its changes go to "
-               "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY DEFAULT and give it a primary key";
     if (has_key)
         return NULL;
     if (strcmp(identity, "full") == 0)
         return "it has REPLICA IDENTITY FULL but no primary key or unique index on NOT NULL columns: the mirror "
                "applies changes by key (in any order, any number of times), and rows that are exact duplicates "
                "cannot be told apart; its changes go to walpipe.dead_letters; hint: add a primary key";
+    if (strcmp(identity, "nothing") == 0)
+        return "it has no primary key or unique index on NOT NULL columns, and REPLICA IDENTITY NOTHING (wal2json "
+               "drops its UPDATEs and DELETEs): the mirror applies changes by key; its changes go to "
+               "walpipe.dead_letters; hint: add a primary key and ALTER TABLE ... REPLICA IDENTITY DEFAULT";
     if (strcmp(identity, "index") == 0)
-        return "its replica identity index is not usable (dropped, invalid or deferrable); its changes go to "
+        return "its replica identity index is not usable (dropped, invalid or deferrable) and it has no primary key "
+               "or other unique index on NOT NULL columns: the mirror applies changes by key; its changes go to "
                "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY USING INDEX on a valid unique index";
-    return "it has no usable primary key (none, or DEFERRABLE) and REPLICA IDENTITY DEFAULT, so wal2json drops its "
-           "UPDATEs and DELETEs; its changes go to walpipe.dead_letters; hint: add a primary key";
+    return "it has no usable primary key (none, or DEFERRABLE) and no unique index on NOT NULL columns, and "
+           "REPLICA IDENTITY DEFAULT, so wal2json drops its UPDATEs and DELETEs; its changes go to "
+           "walpipe.dead_letters; hint: add a primary key";
 }
 
-/* Builds the {schema,...} and {table,...} array literals of the configured tables; false if all tables. */
-static bool table_filter(const wp_source_config_t *source, wp_buf_t *schemas, wp_buf_t *tables)
+/* The problem recorded for a table that has changes staged but is not in the source's catalog. */
+static const char GONE_PROBLEM[] =
+    "it no longer exists on the source: walpipe has changes of it, but no table of that name was in the source's "
+    "catalog when walpipe read its key (it was dropped, or renamed, first), so no key is known to apply them by; "
+    "hint: nothing can apply them: `walpipe dlq list` shows them, `walpipe dlq drop --id N` drops them";
+
+/*
+ * Builds the {schema,...} and {table,...} array literals of the tables to
+ * read: the configured ones plus the requested ones (only the requested
+ * ones when only is set).  False when all of the database's tables are to
+ * be read (the requested ones are among them).
+ */
+static bool table_filter(const wp_source_config_t *source, const wp_keys_request_t *req, size_t nreq, bool only,
+                         wp_buf_t *schemas, wp_buf_t *tables)
 {
-    if (source->tables == NULL)
+    if (source->tables == NULL && !only)
         return false;
-    const char **items = wp_calloc(source->ntables + 1, sizeof *items);
-    for (size_t i = 0; i < source->ntables; i++)
+    size_t nconf = only ? 0 : source->ntables;
+    size_t n = nconf + nreq;
+    const char **items = wp_calloc(n + 1, sizeof *items);
+    for (size_t i = 0; i < nconf; i++)
         items[i] = source->tables[i].schema;
-    wp_pg_text_array(schemas, items, source->ntables);
-    for (size_t i = 0; i < source->ntables; i++)
+    for (size_t i = 0; i < nreq; i++)
+        items[nconf + i] = req[i].schema;
+    wp_pg_text_array(schemas, items, n);
+    for (size_t i = 0; i < nconf; i++)
         items[i] = source->tables[i].table;
-    wp_pg_text_array(tables, items, source->ntables);
+    for (size_t i = 0; i < nreq; i++)
+        items[nconf + i] = req[i].table;
+    wp_pg_text_array(tables, items, n);
     free(items);
     return true;
 }
 
+/* Logs that a table cannot be mirrored, once per process (named is the caller's set). */
+static void name_problem(const char *source, const char *schema, const char *table, const char *problem,
+                         wp_buf_t *named)
+{
+    wp_buf_t tag = WP_BUF_INIT;
+    wp_buf_printf(&tag, "\n%zu:%s%zu:%s%zu:%s\n", strlen(source), source, strlen(schema), schema, strlen(table),
+                  table);
+    if (named->data == NULL || strstr(named->data, tag.data) == NULL) {
+        wp_warn("table \"%s\".\"%s\" of source \"%s\" cannot be mirrored: %s", schema, table, source, problem);
+        wp_buf_puts(named, tag.data + (named->len && named->data[named->len - 1] == '\n' ? 1 : 0));
+    }
+    wp_buf_free(&tag);
+}
+
+static bool in_result(const PGresult *res, const char *schema, const char *table)
+{
+    for (int r = 0; r < PQntuples(res); r++)
+        if (strcmp(PQgetvalue(res, r, 0), schema) == 0 && strcmp(PQgetvalue(res, r, 1), table) == 0)
+            return true;
+    return false;
+}
+
 int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named)
+{
+    return wp_keys_discover_tables(source, staging, named, NULL, 0, false);
+}
+
+int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named,
+                            const wp_keys_request_t *req, size_t nreq, bool only)
 {
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
-    wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT, tag = WP_BUF_INIT;
+    wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
     /* UTF8: the source's server converts names from its database's encoding, so staging gets UTF-8 */
     const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
     const char *vals[] = {source->conninfo, "walpipe_discover", "10", "UTF8", NULL};
@@ -106,7 +166,7 @@ int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t
                 PQerrorMessage(conn));
         goto out;
     }
-    bool filtered = table_filter(source, &schemas, &tables);
+    bool filtered = table_filter(source, req, nreq, only, &schemas, &tables);
     const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL};
     res = PQexecParams(conn, DISCOVER_SQL, 2, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -140,15 +200,33 @@ int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t
         }
         PQclear(ins);
         ins = NULL;
-        if (problem) {
-            wp_buf_reset(&tag);
-            wp_buf_printf(&tag, "\n%s\t%s\t%s\n", source->name, p[1], p[2]);
-            if (named->data == NULL || strstr(named->data, tag.data) == NULL) {
-                wp_warn("table \"%s\".\"%s\" of source \"%s\" cannot be mirrored: %s", p[1], p[2], source->name,
-                        problem);
-                wp_buf_puts(named, tag.data + (named->len && named->data[named->len - 1] == '\n' ? 1 : 0));
-            }
+        if (problem)
+            name_problem(source->name, p[1], p[2], problem, named);
+    }
+    /*
+     * A requested table that the catalog does not hold: its changes were
+     * staged, so it existed, and it is gone.  Recorded with that problem, so
+     * that its events are parked with the true reason instead of waiting for
+     * a key that will never come.  A row recorded while it existed (with its
+     * key) stays: the mirror goes on applying the changes it had.
+     */
+    for (size_t i = 0; i < nreq; i++) {
+        if (in_result(res, req[i].schema, req[i].table))
+            continue;
+        const char *p[] = {source->name, req[i].schema, req[i].table, GONE_PROBLEM};
+        ins = PQexecParams(staging,
+                           "INSERT INTO walpipe.source_tables (source, schema_name, table_name, replica_identity, "
+                           "problem) VALUES ($1, $2, $3, 'gone', $4) ON CONFLICT DO NOTHING",
+                           4, NULL, p, NULL, NULL, 0);
+        if (PQresultStatus(ins) != PGRES_COMMAND_OK) {
+            wp_warn("staging: could not record that \"%s\".\"%s\" is gone: %s", p[1], p[2], PQerrorMessage(staging));
+            goto out;
         }
+        bool recorded = strcmp(PQcmdTuples(ins), "1") == 0;
+        PQclear(ins);
+        ins = NULL;
+        if (recorded)
+            name_problem(source->name, p[1], p[2], GONE_PROBLEM, named);
     }
     in_txn = false;
     if (wp_pg_exec(staging, "staging", "COMMIT", "commit the table keys") != 0)
@@ -163,6 +241,5 @@ out:
     PQfinish(conn);
     wp_buf_free(&schemas);
     wp_buf_free(&tables);
-    wp_buf_free(&tag);
     return rc;
 }

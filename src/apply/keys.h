@@ -22,4 +22,29 @@
  */
 int wp_keys_discover(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named);
 
+/*
+ * The advisory lock key (int, int) that a `walpipe run` discovering keys
+ * holds shared on its staging session while it listens for requests: a
+ * worker that finds nobody holding it knows that no one will answer, and
+ * does not wait (the mirror creation lock is (774563, 0)).
+ */
+#define WP_KEYS_DISCOVERY_LOCK "774563, 8"
+
+/* A table a worker asked for (NOTIFY walpipe_discover): it has staged changes and no key recorded. */
+typedef struct wp_keys_request {
+    const char *schema;
+    const char *table;
+} wp_keys_request_t;
+
+/*
+ * wp_keys_discover, also reading the requested tables req[0..nreq) (even
+ * where `tables` does not list them: their changes are staged); only those
+ * when only is set (cheap whatever the size of the catalog).  A requested
+ * table that the source's catalog does not hold is recorded as gone (a
+ * problem: dropped or renamed before walpipe read its key), unless a row
+ * from when it existed is recorded already.
+ */
+int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named,
+                            const wp_keys_request_t *req, size_t nreq, bool only);
+
 #endif /* WP_KEYS_H */

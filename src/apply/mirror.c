@@ -411,9 +411,10 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     if (PQntuples(res) == 0) {
         *fail = WP_FAIL_NO_KEY;
         snprintf(err, errlen,
-                 "the key of table \"%s\".\"%s\" of source \"%s\" is not known yet: `walpipe run` reads it from the "
-                 "source's catalog into walpipe.source_tables; hint: make sure `walpipe run` is running and can "
-                 "connect to the source, then `walpipe dlq retry`",
+                 "no key is recorded for table \"%s\".\"%s\" of source \"%s\" in walpipe.source_tables: `walpipe "
+                 "run` reads each table's key from the source's catalog when a worker asks, and has not recorded "
+                 "this one; retried (and asked again) until it does; hint: check that `walpipe run` is running "
+                 "and can connect to the source",
                  schema, table, source);
         goto out;
     }

@@ -8,8 +8,16 @@
  * says why any order is fine); dead-letter those that fail (dlq.c); commit.
  * When nothing is left it sleeps on LISTEN walpipe_raw_events, which the
  * stager NOTIFYs with each commit.  Every second it also retries the dead
- * letters that are due.  A monitor thread logs progress and runs key
- * discovery (keys.c).
+ * letters that are due.  A monitor thread logs progress, runs key
+ * discovery (keys.c: at start, every 5 minutes, and for the tables workers
+ * ask for with NOTIFY walpipe_discover) and polls the sources' catalogs for
+ * rewritten tables (rewrites.c).
+ *
+ * Unknown keys: a claim that meets tables with no key recorded rolls back,
+ * asks for all of them at once and waits once (only if a `walpipe run`
+ * holds the discovery lock, i.e. someone will answer); its next attempt
+ * dead-letters what is still unknown as deferred.  So every claim ends, and
+ * a table that is gone is recorded as such by the discovery it asked for.
  *
  * Invariant: an event is marked processed in the same transaction that
  * applies it or records its dead letter.  A worker that dies mid-claim
@@ -45,6 +53,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "pg.h"
+#include "rewrites.h"
 #include "runtime.h"
 #include "worker.h"
 
@@ -53,6 +62,10 @@
 #define PROGRESS_LOG_MS 10000
 #define DISCOVER_EVERY_MS (300 * 1000)
 #define DISCOVER_MIN_GAP_MS 1000
+#define REQUEST_MIN_GAP_MS 200 /* between reads of just the tables workers asked for (cheap: those alone) */
+#define REWRITE_POLL_MS 5000 /* how often `walpipe run` reads pg_class for rewritten tables (rewrites.c) */
+#define FIRST_DISCOVERY_WAIT_MS 10000 /* workers of `walpipe run` wait this long at most for the keys read at start */
+#define KEY_WAIT_MS 5000 /* a claim waits at most this long, once, for keys `walpipe run` has not recorded */
 #define BACKOFF_MIN_MS 500
 #define BACKOFF_MAX_MS 30000
 
@@ -76,6 +89,7 @@ struct wp_workers {
     atomic_int stop;
     atomic_int fatal;
     atomic_int running;
+    atomic_int keys_read; /* the monitor's first discovery is done (or it gave up waiting for staging) */
     atomic_ullong applied;
     atomic_ullong failed;
     wp_metric_t *m_applied, *m_failed; /* metrics.h: looked up once */
@@ -209,7 +223,7 @@ static int claim_and_apply(worker_t *w)
     if (rc == 1) {
         PQclear(PQexec(w->conn, "ROLLBACK"));
         wp_applier_reset(w->applier);
-        wp_applier_wait_keys(w->applier, 5000);
+        wp_applier_wait_keys(w->applier, KEY_WAIT_MS);
         PQclear(res);
         return (int)count; /* claim again at once */
     }
@@ -223,6 +237,8 @@ static int claim_and_apply(worker_t *w)
             goto rollback;
         failed++;
     }
+    if (failed > 0 && wp_applier_request_keys(w->applier) != 0) /* for deferred unknown tables, sent at commit */
+        goto rollback;
     if (wp_pg_exec(w->conn, "staging", "COMMIT", "commit a claim") != 0)
         goto rollback;
     atomic_fetch_add(&w->pool->applied, (unsigned long long)count - failed);
@@ -252,6 +268,10 @@ static void *worker_main(void *arg)
     snprintf(appname, sizeof appname, "walpipe_worker_%d", w->index + 1);
     wp_log_set_component(name);
     w->events = wp_calloc((size_t)p->config->claim_size, sizeof *w->events);
+    /* `walpipe run`: the keys read at start spare the first claims a wait, or a deferral */
+    for (int64_t until = wp_now_ms() + FIRST_DISCOVERY_WAIT_MS;
+         p->discover && !atomic_load(&p->keys_read) && wp_now_ms() < until && !stopping(p);)
+        sleep_ms(p, 50);
 
     while (!stopping(p)) {
         if (w->conn == NULL) {
@@ -277,6 +297,7 @@ static void *worker_main(void *arg)
                 continue;
             }
             w->applier = wp_applier_create(p->config, w->conn);
+            wp_applier_may_wait_keys(w->applier, true);
             told_old = false;
         }
         int n = claim_and_apply(w);
@@ -341,12 +362,91 @@ static void log_progress(struct wp_workers *p, PGconn *conn, int64_t *last_ms, u
     *last_diverged = diverged;
 }
 
-static void discover(struct wp_workers *p, PGconn *conn, const char *only, wp_buf_t *named)
+/* Tables workers asked for (NOTIFY walpipe_discover payloads), until the next discovery reads them. */
+typedef struct requests {
+    char **source, **schema, **table; /* owned */
+    size_t n, cap;
+} requests_t;
+
+static void requests_clear(requests_t *r)
 {
-    for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
-        if (only == NULL || only[0] == '\0' || strcmp(only, p->config->sources[i].name) == 0)
-            wp_keys_discover(&p->config->sources[i], conn, named);
+    for (size_t i = 0; i < r->n; i++) {
+        free(r->source[i]);
+        free(r->schema[i]);
+        free(r->table[i]);
     }
+    r->n = 0;
+}
+
+static void requests_free(requests_t *r)
+{
+    requests_clear(r);
+    free(r->source);
+    free(r->schema);
+    free(r->table);
+}
+
+/* Reads one "<len>:text" of a payload into a new string; NULL when malformed. */
+static char *payload_part(const char **pp)
+{
+    char *end;
+    unsigned long len = strtoul(*pp, &end, 10);
+    if (end == *pp || *end != ':' || strlen(end + 1) < len)
+        return NULL;
+    char *out = wp_malloc(len + 1);
+    memcpy(out, end + 1, len);
+    out[len] = '\0';
+    *pp = end + 1 + len;
+    return out;
+}
+
+/* Adds the table a payload "<len>:source<len>:schema<len>:table" names (see applier.c, table_key). */
+static void requests_add(requests_t *r, const char *payload)
+{
+    const char *pp = payload;
+    char *src = payload_part(&pp), *schema = src ? payload_part(&pp) : NULL, *table = schema ? payload_part(&pp) : NULL;
+    bool dup = false;
+    for (size_t i = 0; table && i < r->n && !dup; i++)
+        dup = strcmp(r->source[i], src) == 0 && strcmp(r->schema[i], schema) == 0 && strcmp(r->table[i], table) == 0;
+    if (table == NULL || dup || r->n >= 10000) {
+        free(src);
+        free(schema);
+        free(table);
+        return;
+    }
+    if (r->n == r->cap) {
+        r->cap = r->cap ? r->cap * 2 : 16;
+        r->source = wp_realloc(r->source, r->cap * sizeof *r->source);
+        r->schema = wp_realloc(r->schema, r->cap * sizeof *r->schema);
+        r->table = wp_realloc(r->table, r->cap * sizeof *r->table);
+    }
+    r->source[r->n] = src;
+    r->schema[r->n] = schema;
+    r->table[r->n++] = table;
+}
+
+/*
+ * Reads every source's keys (all = true) or only those of the tables
+ * workers asked for, and the tables workers asked for in either case;
+ * forgets the requests once tried.
+ */
+static void discover(struct wp_workers *p, PGconn *conn, requests_t *req, bool all, wp_buf_t *named)
+{
+    wp_keys_request_t *mine = wp_calloc(req->n + 1, sizeof *mine);
+    for (size_t i = 0; i < p->config->nsources && !stopping(p); i++) {
+        const wp_source_config_t *src = &p->config->sources[i];
+        size_t n = 0;
+        for (size_t k = 0; k < req->n; k++) {
+            if (strcmp(req->source[k], src->name) == 0) {
+                mine[n].schema = req->schema[k];
+                mine[n++].table = req->table[k];
+            }
+        }
+        if (all || n > 0)
+            wp_keys_discover_tables(src, conn, named, mine, n, !all);
+    }
+    free(mine);
+    requests_clear(req); /* read or failed (logged): a table still unknown is asked for again by its retries */
 }
 
 static void *monitor_main(void *arg)
@@ -354,7 +454,11 @@ static void *monitor_main(void *arg)
     struct wp_workers *p = arg;
     PGconn *conn = NULL;
     wp_buf_t named = WP_BUF_INIT;
-    int64_t last_log = wp_now_ms(), last_discover = 0;
+    requests_t req = {0};
+    wp_rewrites_t *rewrites = p->discover ? wp_rewrites_create(p->config) : NULL;
+    bool want_poll = false;
+    int64_t last_poll = 0;
+    int64_t last_log = wp_now_ms(), last_discover = 0, last_request = 0;
     unsigned long long last_applied = 0;
     long long last_dead = -1, last_diverged = 0;
     bool want_discover = p->discover, told_old = false;
@@ -372,7 +476,9 @@ static void *monitor_main(void *arg)
                 continue;
             }
             if (p->discover &&
-                wp_pg_exec(conn, "staging", "LISTEN walpipe_discover", "listen for key discovery requests") != 0) {
+                (wp_pg_exec(conn, "staging", "LISTEN walpipe_discover", "listen for key discovery requests") != 0 ||
+                 wp_pg_exec(conn, "staging", "SELECT pg_advisory_lock_shared(" WP_KEYS_DISCOVERY_LOCK ")",
+                            "show the workers that keys are discovered") != 0)) {
                 PQfinish(conn);
                 conn = NULL;
                 sleep_ms(p, 5000);
@@ -390,9 +496,21 @@ static void *monitor_main(void *arg)
         int64_t now = wp_now_ms();
         if (p->discover && (want_discover || now - last_discover >= DISCOVER_EVERY_MS) &&
             now - last_discover >= DISCOVER_MIN_GAP_MS) {
-            discover(p, conn, NULL, &named);
+            discover(p, conn, &req, true, &named);
+            atomic_store(&p->keys_read, 1);
             last_discover = wp_now_ms();
             want_discover = false;
+        } else if (p->discover && req.n > 0 && now - last_request >= REQUEST_MIN_GAP_MS) {
+            discover(p, conn, &req, false, &named);
+            last_request = wp_now_ms();
+        }
+        now = wp_now_ms();
+        if (rewrites && (want_poll || now - last_poll >= REWRITE_POLL_MS)) {
+            bool rediscover = false;
+            wp_rewrites_poll(rewrites, conn, &rediscover);
+            want_discover |= rediscover;
+            last_poll = wp_now_ms();
+            want_poll = false;
         }
         if (now - last_log >= PROGRESS_LOG_MS)
             log_progress(p, conn, &last_log, &last_applied, &last_dead, &last_diverged);
@@ -404,7 +522,13 @@ static void *monitor_main(void *arg)
         PQconsumeInput(conn);
         PGnotify *note;
         while ((note = PQnotifies(conn)) != NULL) {
-            want_discover = true;
+            if (note->extra && strcmp(note->extra, WP_REWRITES_POLL_NOW) == 0) {
+                want_poll = true;
+            } else if (note->extra && note->extra[0]) {
+                requests_add(&req, note->extra); /* a worker's request: read those tables soon */
+            } else {
+                want_discover = true;
+            }
             PQfreemem(note);
         }
         if (PQstatus(conn) != CONNECTION_OK) {
@@ -415,6 +539,8 @@ static void *monitor_main(void *arg)
     if (conn)
         PQfinish(conn);
     wp_buf_free(&named);
+    requests_free(&req);
+    wp_rewrites_destroy(rewrites);
     return NULL;
 }
 

@@ -339,13 +339,14 @@ def test_apply_failure_dead_letter_and_retry(source_pg, staging_pg, walpipe_fact
                walpipe=w)
     assert "dead-letter queue grew" in w.log()
 
-    # ... and in dlq list
+    # ... and in dlq list, with the mirror they leave diverged
     r = w.command("dlq", "list")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("id\tkind\tsource\ttable\tevent_id")
-    assert len(lines) == 4 and "check constraint" in lines[1] and "\tparked\t" in lines[1]
-    assert lines[-1] == "-- 2 dead letters: 0 waiting for retry, 2 parked, 0 undecodable"
+    assert len(lines) == 6 and "check constraint" in lines[1] and "\tparked\t" in lines[1]
+    assert lines[4].startswith("diverged\tapp\tpublic.orders\tparked\t") and "check constraint" in lines[4], lines
+    assert lines[-1] == "-- 2 dead letters: 0 waiting for retry, 2 parked, 0 undecodable; 1 diverged mirror"
 
     # retrying before the cause is fixed fails again, counted
     r = w.command("dlq", "retry")
@@ -361,6 +362,9 @@ def test_apply_failure_dead_letter_and_retry(source_pg, staging_pg, walpipe_fact
     assert r.returncode == 0 and "1 applied, 0 still failing" in r.stdout, r.stdout + r.stderr
     assert dead_letters(staging_pg) == []
     assert assert_mirrored(source_pg, staging_pg, "orders", ["id"])[0] == 12
+    # applied: the mirror no longer misses them
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.divergences WHERE resolved_at IS NULL",
+                             dbname="staging") == 0
 
     # drop: needs --id or --all; an unknown id is an error; undecodable messages cannot be retried
     staging_pg.sql("INSERT INTO walpipe.dead_letters (source, lsn, seq, raw, reason) "
@@ -411,8 +415,8 @@ def test_unmirrorable_tables_are_named_and_parked(source_pg, staging_pg, walpipe
     assert re.search(r'table "public"\."nokey" of source "app" cannot be mirrored: it has no usable primary key.*'
                      r'hint: add a primary key', log)
     assert re.search(r'"public"\."fullnokey" .*REPLICA IDENTITY FULL but no primary key or unique index', log)
-    # REPLICA IDENTITY NOTHING with a primary key is mirrored by it (its dropped UPDATEs and DELETEs
-    # are divergences: test_resync.py)
+    # REPLICA IDENTITY NOTHING with a primary key is mirrored: its inserts apply (test_keys.py); its
+    # dropped UPDATEs and DELETEs are divergences (test_resync.py)
     assert '"fulluq"' not in log and '"byindex"' not in log and '"nothing"' not in log
     for stmt in [
         "INSERT INTO nokey VALUES (1, 'x')", "INSERT INTO fullnokey VALUES (1, 'x')",
