@@ -96,6 +96,7 @@ typedef struct copy_state {
     bool failed;
     int64_t estimated;        /* rows expected in all (sum of known estimates); 0 unknown */
     int64_t started_ms, progress_ms; /* for the progress log, under mu */
+    int progress_quarter;            /* quarters of the estimate already logged, under mu */
 } copy_state_t;
 
 static void free_tables(table_t *tables, size_t n)
@@ -514,8 +515,12 @@ static void *worker_main(void *p)
         bool table_done = --chunk->table->chunks_left == 0;
         uint64_t table_rows = chunk->table->rows;
         int64_t now = wp_now_ms();
-        bool report = now - state->progress_ms >= PROGRESS_LOG_MS;
         uint64_t copied = state->rows;
+        /* every PROGRESS_LOG_MS, and each time a quarter of the estimate is passed (short of the end) */
+        int quarter = state->estimated > 0 ? (int)(4 * copied / (uint64_t)state->estimated) : 0;
+        bool report = now - state->progress_ms >= PROGRESS_LOG_MS || (quarter > state->progress_quarter && quarter < 4);
+        if (quarter > state->progress_quarter)
+            state->progress_quarter = quarter;
         if (report)
             state->progress_ms = now;
         pthread_mutex_unlock(&state->mu);

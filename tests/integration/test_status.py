@@ -3,6 +3,7 @@
 table and --watch."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -208,3 +209,36 @@ def test_status_watch(source_pg, staging_pg, walpipe_factory):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_snapshot_progress_in_log_and_status(source_pg, staging_pg, walpipe_factory):
+    """A snapshot of three 16 MB chunks, copied by one worker: the log reports its progress
+    (rows copied of the estimate, share, rows/s, time left) as it passes each quarter."""
+    source_pg.createdb("app")
+    source_pg.sql("CREATE TABLE big (id int PRIMARY KEY, v text); "
+                  "INSERT INTO big SELECT g, repeat('x', 1500) FROM generate_series(1, 25000) g; ANALYZE big",
+                  dbname="app")
+    estimate = source_pg.scalar("SELECT reltuples::bigint FROM pg_class WHERE relname = 'big'", dbname="app")
+    staging_pg.createdb("staging")
+    w = walpipe_factory("[placeholder]\n")
+    wptest.write_config(w.config_path, staging_pg.conninfo("staging"),
+                        {"app": {"conninfo": source_pg.conninfo("app"), "slot": "walpipe_app",
+                                 "snapshot_workers": 1}})
+    with open(w.config_path, "a") as f:
+        f.write("\n[workers]\ncount = 0\n")
+    assert w.init().returncode == 0
+    w.start()
+    wait_until(lambda: "initial snapshot done: 25000 rows" in w.log(), what="snapshot done", walpipe=w)
+    lines = [ln for ln in w.log().splitlines() if "snapshot progress:" in ln]
+    assert lines, w.log()
+    for ln in lines:
+        m = re.search(r"snapshot progress: (\d+) of ~(\d+) rows copied \((\d+) %\), (\d+) rows/s, about (\d+) s left",
+                      ln)
+        assert m, ln
+        copied, est, pct = int(m[1]), int(m[2]), int(m[3])
+        assert est == estimate and 0 < copied < 25000 and pct == round(100 * copied / est)
+    rc, s = status_json(w)
+    snap = s["sources"][0]["snapshot"]
+    assert (snap["state"], snap["rows_copied"], snap["rows_estimated"], snap["progress"]) == \
+        ("done", 25000, estimate, 1.0)
+    assert w.stop() == 0
