@@ -137,9 +137,10 @@ static int cmd_work(wp_config_t *config, int workers)
     if (workers <= 0)
         workers = config->workers > 0 ? config->workers : 1;
     bool failed;
+    /* `work` may share its config (and so the port) with a `run` on the same machine: metrics are then its loss */
     wp_exporter_t *exporter = wp_exporter_start(config, &failed);
     if (failed)
-        return WP_EXIT_FATAL;
+        wp_warn("walpipe work goes on without metrics; give it a config of its own with another [metrics] listen");
     wp_info("walpipe %s starting %d transform worker(s)", WALPIPE_VERSION, workers);
     wp_lagguard_t *guard = wp_lagguard_start(config, false); /* staging's gauges: backlog, dead letters */
     wp_workers_t *pool = wp_workers_start(config, workers, false);

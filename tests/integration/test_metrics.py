@@ -251,3 +251,21 @@ def test_lag_guard_warns_before_the_slot_is_lost(source_pg, staging_pg, walpipe_
     for reason in ("stalled", "retained_wal", "lag_seconds"):
         assert f"{reason} cleared" in log, log
     assert w.stop() == 0
+
+
+def test_listen_address_taken(walpipe_factory, tmp_path):
+    """`run` refuses to start when [metrics] listen cannot be bound (nothing else is started)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    try:
+        w = walpipe_factory("[staging]\nconninfo = host=127.0.0.1 port=1 dbname=x\n[source app]\n"
+                            f"conninfo = host=127.0.0.1 port=1 dbname=x\n[metrics]\nlisten = 127.0.0.1:{port}\n")
+        w.start()
+        assert w.wait_exit(60) == 1
+        assert f"metrics: could not listen on 127.0.0.1 port {port}" in w.log()
+        assert "starting with" not in w.log()
+    finally:
+        s.close()
