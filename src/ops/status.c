@@ -210,7 +210,7 @@ static void print_table(const wp_config_t *config, const look_t *look)
             printf("%-16s %-24s %-7s %-11s %10s %10s %9s %10lld %8.1f\n", src->name, src->slot,
                    p->active ? "yes" : "no", p->wal_status[0] ? p->wal_status : "-",
                    p->has_safe_wal_size ? human_bytes(p->safe_wal_size, a, sizeof a) : "-",
-                   human_bytes(p->lag_bytes, b, sizeof b), p->lag_seconds >= 0 ? c : "-",
+                   p->lag_bytes >= 0 ? human_bytes(p->lag_bytes, b, sizeof b) : "-", p->lag_seconds >= 0 ? c : "-",
                    (long long)p->staged_events, p->rate_per_s);
         }
         if (p->has_snapshot) {
