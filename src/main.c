@@ -7,6 +7,7 @@
  *   walpipe dlq list|retry|drop [--id N]... [--all] --config FILE
  *   walpipe verify --config FILE [--source S] [--table T]... [--resync]
  *   walpipe status --config FILE [--json] [--watch SECONDS]
+ *   walpipe check --config FILE [--json]
  *
  * Signal handlers only call wp_stop_request(); each source notices it within
  * one poll interval, commits the batch in hand, acknowledges it and exits.
@@ -20,6 +21,7 @@
 
 #include <walpipe/walpipe.h>
 
+#include "check.h"
 #include "config.h"
 #include "dlq.h"
 #include "exporter.h"
@@ -63,6 +65,9 @@ static void usage(FILE *out)
             "                               every source's slot, lag, staged events and snapshot, the consumers'\n"
             "                               backlog, dead letters, diverged mirrors and staging; read only; exit 0\n"
             "                               when staging and every source answered, 1 when one did not\n"
+            "  walpipe check --config FILE [--json]\n"
+            "                               the production checklist: every source and staging, one line per check\n"
+            "                               (pass, warn or fail, and the fix); exit 0 when nothing fails, 1 otherwise\n"
             "  walpipe --help | --version\n"
             "\n"
             "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
@@ -254,7 +259,7 @@ int main(int argc, char **argv)
     if (command == NULL ||
         (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0 &&
          strcmp(command, "work") != 0 && strcmp(command, "dlq") != 0 && strcmp(command, "verify") != 0 &&
-         strcmp(command, "status") != 0)) {
+         strcmp(command, "status") != 0 && strcmp(command, "check") != 0)) {
         if (command)
             fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
         usage(stderr);
@@ -269,11 +274,12 @@ int main(int argc, char **argv)
         goto out;
     }
     if (resync && strcmp(command, "verify") != 0) {
-        fprintf(stderr, "walpipe: --resync and --json go with the verify command\n");
+        fprintf(stderr, "walpipe: --resync goes with the verify command\n");
         goto out;
     }
-    if (json && strcmp(command, "verify") != 0 && strcmp(command, "status") != 0) {
-        fprintf(stderr, "walpipe: --json goes with the verify and status commands\n");
+    if (json && strcmp(command, "verify") != 0 && strcmp(command, "check") != 0 &&
+        strcmp(command, "status") != 0) {
+        fprintf(stderr, "walpipe: --json goes with the verify, check and status commands\n");
         goto out;
     }
     if (watch_seconds && strcmp(command, "status") != 0) {
@@ -300,6 +306,7 @@ int main(int argc, char **argv)
         }
     }
     wp_log_set_level(config->log_level);
+    wp_log_set_format(config->log_format);
     if (strcmp(command, "init") == 0)
         rc = wp_migrate_apply(config) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
     else if (strcmp(command, "snapshot") == 0)
@@ -319,7 +326,8 @@ int main(int argc, char **argv)
                                .range_rows = (long)range_rows,
                                .wait_seconds = (long)wait_seconds};
         rc = wp_verify_command(config, &vo);
-    }
+    } else if (strcmp(command, "check") == 0)
+        rc = wp_check_command(config, json);
     else
         rc = cmd_run(config, accept_gap, naccept_gap);
 out:

@@ -243,3 +243,24 @@ out:
     wp_buf_free(&tables);
     return rc;
 }
+
+PGresult *wp_keys_read(PGconn *conn, const wp_source_config_t *source)
+{
+    wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
+    bool filtered = table_filter(source, NULL, 0, false, &schemas, &tables);
+    const char *params[] = {filtered ? schemas.data : NULL, filtered ? tables.data : NULL};
+    PGresult *res = PQexecParams(conn, DISCOVER_SQL, 2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_warn("could not read the keys of source \"%s\"'s tables: %s", source->name, PQerrorMessage(conn));
+        PQclear(res);
+        res = NULL;
+    }
+    wp_buf_free(&schemas);
+    wp_buf_free(&tables);
+    return res;
+}
+
+const char *wp_keys_problem(const char *identity, bool has_key)
+{
+    return key_problem(identity, has_key);
+}

@@ -47,4 +47,18 @@ typedef struct wp_keys_request {
 int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, wp_buf_t *named,
                             const wp_keys_request_t *req, size_t nreq, bool only);
 
+/*
+ * The read half of wp_keys_discover, for `walpipe check`: runs the same
+ * catalog query on conn (a plain connection to source, client_encoding
+ * UTF8) and writes nothing.  Returns the result, one row per captured table
+ * in name order: schema, table, replica identity (default, index, full,
+ * nothing), the key columns the mirror would use as JSON [{name, type,
+ * typeoid}] (NULL: no usable key), the NOT NULL columns; the caller
+ * PQclears it.  NULL after logging why.
+ */
+PGresult *wp_keys_read(PGconn *conn, const wp_source_config_t *source);
+
+/* Why a table of that replica identity, with or without a usable key, cannot be mirrored; NULL when it can. */
+const char *wp_keys_problem(const char *identity, bool has_key);
+
 #endif /* WP_KEYS_H */

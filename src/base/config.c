@@ -58,6 +58,7 @@ typedef enum key_type {
     TYPE_NAME,    /* an SQL identifier, taken as written (quoted when used) */
     TYPE_PATTERN, /* mirror table name pattern: {source}, {schema}, {table} */
     TYPE_LISTEN,  /* [metrics] listen: PORT, HOST:PORT or [IPV6]:PORT; only a port means 127.0.0.1 */
+    TYPE_LOG_FORMAT, /* text | json */
 } key_type_t;
 
 typedef struct key_spec {
@@ -94,6 +95,7 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "max_lag_seconds", TYPE_INT, offsetof(wp_source_config_t, max_lag_seconds), 1, 86400 * 7},
     {SECTION_SOURCE, "max_stall_seconds", TYPE_INT, offsetof(wp_source_config_t, max_stall_seconds), 1, 86400 * 7},
     {SECTION_SOURCE, "min_safe_wal_size", TYPE_BYTES, offsetof(wp_source_config_t, min_safe_wal_size), 0, 1LL << 40},
+    {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 
@@ -235,6 +237,7 @@ static wp_config_t *config_new(const char *path)
 
     config->path = wp_strdup(path);
     config->log_level = WP_LOG_INFO;
+    config->log_format = WP_LOG_FORMAT_TEXT;
     config->batch_rows = 10000;
     config->batch_bytes = (size_t)8 << 20;
     config->batch_ms = 50;
@@ -827,6 +830,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
             return false;
         }
         *(bool *)field = strcmp(value, "initial") == 0;
+        return true;
+
+    case TYPE_LOG_FORMAT:
+        if (strcmp(value, "text") != 0 && strcmp(value, "json") != 0) {
+            fail(p, p->lineno, "log_format in %s must be text or json (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(wp_log_format_t *)field = strcmp(value, "json") == 0 ? WP_LOG_FORMAT_JSON : WP_LOG_FORMAT_TEXT;
         return true;
 
     case TYPE_RESYNC:

@@ -1,7 +1,7 @@
 /*
  * config.h: the walpipe configuration file (INI, parsed with libinih).
  *
- *   [walpipe]            optional: log_level
+ *   [walpipe]            optional: log_level, log_format
  *   [staging]            conninfo, batch_rows, batch_bytes, batch_ms, payload_gin_index, partitions_ahead
  *   [source NAME]        conninfo, slot, tables, status_interval_ms, snapshot, snapshot_workers
  *                        (any number of sections)
@@ -56,9 +56,15 @@ typedef enum wp_log_level {
     WP_LOG_ERROR = 3,
 } wp_log_level_t;
 
+typedef enum wp_log_format {
+    WP_LOG_FORMAT_TEXT = 0, /* "TIME LEVEL [component] message" */
+    WP_LOG_FORMAT_JSON = 1, /* one JSON object per line: time, level, component, message */
+} wp_log_format_t;
+
 typedef struct wp_config {
     char *path;
     wp_log_level_t log_level;     /* [walpipe] log_level = debug|info|warning|error; default info */
+    wp_log_format_t log_format;   /* [walpipe] log_format = text|json; default text */
     char *staging_conninfo;       /* required */
     int batch_rows;               /* default 10000 */
     size_t batch_bytes;           /* default 8MB; accepts kB/MB/GB suffixes */

@@ -1,7 +1,8 @@
 /*
  * log.h: one logger for the whole process, safe from any thread.
  *
- * Lines go to stderr as "TIME LEVEL [component] message".  Messages follow
+ * Lines go to stderr as "TIME LEVEL [component] message" (or one JSON object
+ * per line, wp_log_set_format).  Messages follow
  * PostgreSQL's style: lower-case, no trailing period, names quoted, LSNs as
  * X/Y.  Never pass a conninfo or password to these functions.
  */
@@ -13,6 +14,9 @@
 #include "config.h"
 
 void wp_log_set_level(wp_log_level_t level);
+
+/* text (default): "TIME LEVEL [component] message"; json: {"time","level","component","message"} per line. */
+void wp_log_set_format(wp_log_format_t format);
 bool wp_log_enabled(wp_log_level_t level);
 
 /* Names the current thread's component ("main", "source app", ...) in its lines. */

@@ -210,11 +210,16 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
         goto out;
     }
     n = (size_t)PQntuples(res);
-    if (refs && n == 0) {
+    if (refs && n == 0 && strcmp(job->kind, "initial") != 0) {
         wp_error("snapshot: none of the tables named exists on the source; hint: check schema and table names "
                  "(case matters)");
         goto out;
     }
+    if (refs && n == 0)
+        /* the source's `tables` may name tables created later: they are streamed once they exist */
+        wp_warn("snapshot: none of the tables in `tables` exists on the source yet, so the initial snapshot has "
+                "nothing to copy; their changes are captured once they exist; hint: check schema and table names "
+                "(case matters)");
     tables = wp_calloc(n ? n : 1, sizeof *tables);
     for (size_t i = 0; i < n; i++) {
         tables[i].schema = wp_strdup(PQgetvalue(res, (int)i, 1));

@@ -139,6 +139,7 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
     *needs_fix = false;
     *streamed_ms = 0;
 
+    bool restarted = false; /* the initial snapshot of a previous run is started over */
     if (wp_stager_open(stager, fatal) != 0)
         goto out;
     int found = wp_stager_checkpoint_read(stager, &ckpt);
@@ -158,7 +159,9 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
             goto out;
         }
         wp_warn("the initial snapshot of a previous run did not finish and its exported snapshot is gone; "
-                "discarding its rows and starting it over with a new slot");
+                "discarding its rows and starting it over with a new slot (as a resync: mirrors may hold rows "
+                "of the discarded attempt)");
+        restarted = true;
         if (wp_stager_snapshot_discard(stager) != 0)
             goto out;
         if (slot.exists && wp_reader_drop_slot(reader) != 0)
@@ -218,7 +221,10 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
                                      .source = s->source,
                                      .snapshot_name = snapshot_name,
                                      .lsn = ckpt.pos.lsn,
-                                     .kind = "initial"};
+                                     .kind = "initial",
+                                     /* workers may have applied rows of the discarded attempt that the source
+                                        has deleted since: a truncate at the new consistent point removes them */
+                                     .resync = restarted};
             if (wp_snapshot_copy(&job, &rows) != 0 || wp_stager_snapshot_done(stager) != 0)
                 goto out;
         }

@@ -102,13 +102,13 @@ def test_snapshot_interrupted_starts_over_cleanly(source_pg, staging_pg, walpipe
     staging_pg.createdb("staging")
     r = w.init()
     assert r.returncode == 0, r.stderr
-    # The kill must land after the first chunk committed and before the last: a trigger makes
-    # every chunk after the first wait for an advisory lock this test holds, so the copy is
+    # The kill must land after big's first chunk committed and before its last: a trigger makes
+    # every chunk of big after its first wait for an advisory lock this test holds, so the copy is
     # stopped in the middle by a condition, not by the test being quicker than the copy.
     staging_pg.sql("""
         CREATE FUNCTION public.hold_second_chunk() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-          IF (SELECT count(*) FROM walpipe.snapshot_chunks) > 1 THEN
+          IF (SELECT count(*) FROM walpipe.snapshot_chunks WHERE table_name = 'big') > 1 THEN
             PERFORM pg_advisory_xact_lock(7745);
           END IF;
           RETURN NULL;
@@ -123,7 +123,16 @@ def test_snapshot_interrupted_starts_over_cleanly(source_pg, staging_pg, walpipe
         wait_until(lambda: staging_pg.scalar(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7745 AND NOT granted",
             dbname="staging") == 1, timeout=300, interval=0.05, what="the second chunk waiting", walpipe=w)
-        assert staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks", dbname="staging") == 1
+        assert staging_pg.scalar("SELECT count(*) FROM walpipe.snapshot_chunks WHERE table_name = 'big'",
+                                 dbname="staging") == 1
+        # the worker has applied the first chunk to the mirror before the kill
+        wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE NOT processed",
+                                             dbname="staging") == 0
+                   and staging_pg.scalar("SELECT to_regclass('analytics.public_big') IS NOT NULL",
+                                         dbname="staging")
+                   and staging_pg.scalar("SELECT count(*) FROM analytics.public_big WHERE id <= 5",
+                                         dbname="staging") == 5,
+                   timeout=120, what="the first chunk applied to the mirror", walpipe=w)
         w.kill()
         # the killed walpipe's waiting chunk must not commit when the lock goes: end its session
         staging_pg.sql("SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' "
@@ -139,19 +148,31 @@ def test_snapshot_interrupted_starts_over_cleanly(source_pg, staging_pg, walpipe
     partial = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
     assert 0 < partial < 60000
     source_pg.sql("UPDATE big SET n = -1 WHERE id <= 10", dbname="app")
+    # rows the discarded attempt copied (and the worker mirrored) that the source deletes before
+    # the new attempt: in neither the new snapshot nor the stream
+    source_pg.sql("DELETE FROM big WHERE id <= 5", dbname="app")
     w.start()
     wait_until(lambda: "initial snapshot done" in w.log(since_start=True), timeout=300, what="snapshot done",
                walpipe=w)
     wait_caught_up(source_pg, w)
+    wait_until(lambda: staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE NOT processed",
+                                         dbname="staging") == 0, timeout=120, what="every event applied", walpipe=w)
     assert w.stop() == 0
     assert "starting it over" in w.log()
     states = staging_pg.sql("SELECT state FROM walpipe.snapshots ORDER BY id", dbname="staging")
     assert states == [("superseded",), ("done",)]
     # only the second attempt's rows are left, each row once
     n = staging_pg.sql("SELECT count(*), count(DISTINCT payload->'after'->>'id'), count(DISTINCT lsn) "
-                       "FROM walpipe.raw_events WHERE table_name = 'big'", dbname="staging")[0]
-    assert n == (60000, 60000, 1)
+                       "FROM walpipe.raw_events WHERE table_name = 'big' AND event_type = 'snapshot'",
+                       dbname="staging")[0]
+    assert n == (59995, 59995, 1)
+    # the new attempt truncates at its consistent point, before its rows
+    assert staging_pg.sql("SELECT event_type, seq FROM walpipe.raw_events WHERE table_name = 'big' "
+                          "AND event_type <> 'snapshot'", dbname="staging") == [("truncate", -1)]
     assert mirror_of_big(staging_pg) == source_state(source_pg)
+    # and the mirror the worker keeps no longer holds the deleted rows of the discarded attempt
+    mirror = staging_pg.sql("SELECT id, n, v FROM analytics.public_big", dbname="staging")
+    assert {r[0]: {"id": r[0], "n": r[1], "v": r[2]} for r in mirror} == source_state(source_pg)
 
 
 def test_requested_snapshot_while_streaming(source_pg, staging_pg, walpipe_factory):
@@ -197,3 +218,22 @@ def test_snapshot_command_errors(source_pg, staging_pg, walpipe_factory, tmp_pat
     assert r.returncode == 2 and "schema.table" in r.stderr, r.stderr
     r = w.command("snapshot", "--source", "app", "--table", "public.nosuch")
     assert r.returncode == 1 and "none of the tables named exists" in r.stdout + r.stderr
+
+
+def test_initial_snapshot_of_tables_not_created_yet(source_pg, staging_pg, walpipe_factory):
+    """`tables` may name tables that do not exist yet: the initial snapshot copies nothing, says
+    so, and streaming captures them once they exist (it used to fail, drop the slot and start
+    over, forever)."""
+    source_pg.createdb("app")
+    w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
+                                                            "tables": "public.later"}})
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming", walpipe=w)
+    assert "nothing to copy" in w.log()
+    assert staging_pg.sql("SELECT kind, state, rows FROM walpipe.snapshots", dbname="staging") == [
+        ("initial", "done", 0)]
+    source_pg.sql("CREATE TABLE later (id int PRIMARY KEY); INSERT INTO later SELECT generate_series(1, 10)",
+                  dbname="app")
+    wait_caught_up(source_pg, w)
+    assert staged_count(staging_pg) == 10
+    assert w.stop() == 0
+    assert w.log().count("created slot") == 1

@@ -620,7 +620,32 @@ static void test_example_file(void **state)
     assert_string_equal(c->metrics_listen, "127.0.0.1:9187");
     assert_int_equal(c->sources[0].max_lag_bytes, 1024 * 1024 * 1024);
     assert_int_equal(c->sources[0].max_stall_seconds, 300);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
     wp_config_destroy(c);
+}
+
+/* [walpipe] log_format = text | json; text when absent */
+static void test_log_format(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    wp_config_t *c = parse(STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
+    wp_config_destroy(c);
+    c = parse("[walpipe]\nlog_format = json\n" STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_JSON);
+    wp_config_destroy(c);
+    c = parse("[walpipe]\nlog_format = text\nlog_level = debug\n" STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
+    wp_config_destroy(c);
+    expect_error("[walpipe]\nlog_format = JSONL\n" STAGING SOURCE, 2, "log_format in [walpipe] must be text or json");
+    expect_error(STAGING "log_format = json\n" SOURCE, 3, "unknown key \"log_format\" in [staging]");
 }
 
 static void test_observe_keys(void **state)
@@ -670,7 +695,9 @@ int main(void)
         cmocka_unit_test(test_section_errors), cmocka_unit_test(test_key_errors),   cmocka_unit_test(test_value_errors),
         cmocka_unit_test(test_missing_errors), cmocka_unit_test(test_slot_clashes), cmocka_unit_test(test_long_line),
         cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted), cmocka_unit_test(test_example_file),
-        cmocka_unit_test(test_workers),       cmocka_unit_test(test_observe_keys),
+        cmocka_unit_test(test_workers),
+        cmocka_unit_test(test_log_format),
+        cmocka_unit_test(test_observe_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
