@@ -146,6 +146,9 @@ def test_status_json_fields(source_pg, staging_pg, walpipe_factory):
 def test_status_unreachable_source_and_table(source_pg, staging_pg, walpipe_factory, tmp_path):
     w = make_walpipe(source_pg, staging_pg, walpipe_factory, workers=1)
     w.start()
+    # streaming, so the slot is active (it is not while the initial snapshot copies) and the insert
+    # is streamed, not copied
+    wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming", walpipe=w)
     source_pg.sql("INSERT INTO t VALUES (1000, 'x')", dbname="app")
     wait_caught_up(source_pg, w)
     # a second source nobody listens for: status shows it unreachable, prints the rest, exits 1
