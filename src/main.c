@@ -6,6 +6,7 @@
  *   walpipe work --config FILE   transform workers only, against the same staging database
  *   walpipe dlq list|retry|drop [--id N]... [--all] --config FILE
  *   walpipe verify --config FILE [--source S] [--table T]... [--resync]
+ *   walpipe status --config FILE [--json] [--watch SECONDS]
  *   walpipe check --config FILE [--json]
  *
  * Signal handlers only call wp_stop_request(); each source notices it within
@@ -23,13 +24,17 @@
 #include "check.h"
 #include "config.h"
 #include "dlq.h"
+#include "exporter.h"
+#include "lagguard.h"
 #include "log.h"
 #include "mem.h"
 #include "migrate.h"
 #include "pipeline.h"
 #include "resync.h"
+#include "metrics.h"
 #include "snapshot.h"
 #include "source.h"
+#include "status.h"
 #include "verify.h"
 #include "worker.h"
 
@@ -56,6 +61,10 @@ static void usage(FILE *out)
             "                               compare each mirror with its source table by checksums over key ranges,\n"
             "                               at one source position the mirror has reached; exit 0 all equal, 1 not;\n"
             "                               --resync: re-snapshot the tables that differ and verify them again\n"
+            "  walpipe status --config FILE [--json] [--watch SECONDS]\n"
+            "                               every source's slot, lag, staged events and snapshot, the consumers'\n"
+            "                               backlog, dead letters, diverged mirrors and staging; read only; exit 0\n"
+            "                               when staging and every source answered, 1 when one did not\n"
             "  walpipe check --config FILE [--json]\n"
             "                               the production checklist: every source and staging, one line per check\n"
             "                               (pass, warn or fail, and the fix); exit 0 when nothing fails, 1 otherwise\n"
@@ -95,8 +104,13 @@ static bool listed(const char *name, const char *const *names, int n)
 static int cmd_run(wp_config_t *config, const char *const *accept_gap, int naccept_gap)
 {
     int rc = WP_EXIT_OK;
+    bool failed;
+    wp_exporter_t *exporter = wp_exporter_start(config, &failed);
+    if (failed)
+        return WP_EXIT_FATAL;
     wp_source_t **sources = wp_calloc(config->nsources, sizeof *sources);
     wp_info("walpipe %s starting with %zu source(s)", WALPIPE_VERSION, config->nsources);
+    wp_lagguard_t *guard = wp_lagguard_start(config, true);
     for (size_t i = 0; i < config->nsources; i++) {
         char *where = wp_config_conninfo_redacted(config->sources[i].conninfo);
         wp_info("source \"%s\": %s, slot \"%s\"", config->sources[i].name, where, config->sources[i].slot);
@@ -116,6 +130,8 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
     wp_stop_request(); /* a source that ended on a fatal error ends the resyncer too */
     wp_resyncer_stop(resyncer);
     wp_workers_stop(workers);
+    wp_lagguard_stop(guard);
+    wp_exporter_stop(exporter);
     free(sources);
     wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
     return rc;
@@ -125,10 +141,18 @@ static int cmd_work(wp_config_t *config, int workers)
 {
     if (workers <= 0)
         workers = config->workers > 0 ? config->workers : 1;
+    bool failed;
+    /* `work` may share its config (and so the port) with a `run` on the same machine: metrics are then its loss */
+    wp_exporter_t *exporter = wp_exporter_start(config, &failed);
+    if (failed)
+        wp_warn("walpipe work goes on without metrics; give it a config of its own with another [metrics] listen");
     wp_info("walpipe %s starting %d transform worker(s)", WALPIPE_VERSION, workers);
+    wp_lagguard_t *guard = wp_lagguard_start(config, false); /* staging's gauges: backlog, dead letters */
     wp_workers_t *pool = wp_workers_start(config, workers, false);
     wp_workers_wait(pool);
     int rc = wp_workers_stop(pool) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
+    wp_lagguard_stop(guard);
+    wp_exporter_stop(exporter);
     wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
     return rc;
 }
@@ -165,7 +189,7 @@ int main(int argc, char **argv)
     bool all = false;
     long long workers = 0;
     bool resync = false, json = false;
-    long long range_rows = 10000, wait_seconds = 300;
+    long long range_rows = 10000, wait_seconds = 300, watch_seconds = 0;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -213,6 +237,10 @@ int main(int argc, char **argv)
                              argv[i][2] == 'r' ? &range_rows : &wait_seconds))
                 goto out;
             i++;
+        } else if (strcmp(argv[i], "--watch") == 0 && i + 1 < argc) {
+            if (!parse_count(argv[i], argv[i + 1], 86400, &watch_seconds))
+                goto out;
+            i++;
         } else if (strcmp(argv[i], "--resync") == 0) {
             resync = true;
         } else if (strcmp(argv[i], "--json") == 0) {
@@ -231,7 +259,7 @@ int main(int argc, char **argv)
     if (command == NULL ||
         (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0 &&
          strcmp(command, "work") != 0 && strcmp(command, "dlq") != 0 && strcmp(command, "verify") != 0 &&
-         strcmp(command, "check") != 0)) {
+         strcmp(command, "status") != 0 && strcmp(command, "check") != 0)) {
         if (command)
             fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
         usage(stderr);
@@ -249,8 +277,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "walpipe: --resync goes with the verify command\n");
         goto out;
     }
-    if (json && strcmp(command, "verify") != 0 && strcmp(command, "check") != 0) {
-        fprintf(stderr, "walpipe: --json goes with the verify and check commands\n");
+    if (json && strcmp(command, "verify") != 0 && strcmp(command, "check") != 0 &&
+        strcmp(command, "status") != 0) {
+        fprintf(stderr, "walpipe: --json goes with the verify, check and status commands\n");
+        goto out;
+    }
+    if (watch_seconds && strcmp(command, "status") != 0) {
+        fprintf(stderr, "walpipe: --watch goes with the status command\n");
         goto out;
     }
     if (config_path == NULL) {
@@ -280,6 +313,8 @@ int main(int argc, char **argv)
         rc = wp_snapshot_command(config, source_name, tables, ntables);
     else if (strcmp(command, "work") == 0)
         rc = cmd_work(config, (int)workers);
+    else if (strcmp(command, "status") == 0)
+        rc = wp_status_command(config, json, (long)watch_seconds);
     else if (strcmp(command, "dlq") == 0)
         rc = wp_dlq_command(config, action, ids, nids, all);
     else if (strcmp(command, "verify") == 0) {
@@ -296,6 +331,7 @@ int main(int argc, char **argv)
     else
         rc = cmd_run(config, accept_gap, naccept_gap);
 out:
+    wp_metrics_reset();
     free(ids);
     wp_config_destroy(config);
     free(accept_gap);

@@ -32,6 +32,7 @@
 #include "diverge.h"
 #include "dlq.h"
 #include "log.h"
+#include "metrics.h"
 #include "pg.h"
 
 #define RETRY_CHUNK 100
@@ -232,6 +233,10 @@ out:
         wp_applier_reset(a);
         return -1;
     }
+    if (rc > 0)
+        wp_metric_add(wp_metric(WP_METRIC_COUNTER, "walpipe_dead_letter_retries_total",
+                                "Automatic retries of dead letters (each due one retried once)", NULL),
+                      rc);
     return rc;
 }
 

@@ -50,6 +50,7 @@
 
 #include "applier.h"
 #include "columns.h"
+#include "metrics.h"
 #include "diverge.h"
 #include "dlq.h"
 #include "keys.h"
@@ -95,6 +96,7 @@ struct wp_workers {
     atomic_int keys_read; /* the monitor's first discovery is done (or it gave up waiting for staging) */
     atomic_ullong applied;
     atomic_ullong failed;
+    wp_metric_t *m_applied, *m_failed; /* metrics.h: looked up once */
     worker_t *workers;
     pthread_t monitor;
     bool monitor_started;
@@ -245,6 +247,8 @@ static int claim_and_apply(worker_t *w)
         goto rollback;
     atomic_fetch_add(&w->pool->applied, (unsigned long long)count - failed);
     atomic_fetch_add(&w->pool->failed, failed);
+    wp_metric_add(w->pool->m_applied, (double)(count - failed));
+    wp_metric_add(w->pool->m_failed, (double)failed);
     n = (int)count;
     PQclear(res);
     return n;
@@ -556,6 +560,12 @@ wp_workers_t *wp_workers_start(const wp_config_t *config, int count, bool discov
     p->count = count;
     p->discover = discover_keys;
     p->fatal_on_old_schema = !discover_keys;
+    p->m_applied = wp_metric(WP_METRIC_COUNTER, "walpipe_events_applied_total",
+                             "Staged events the consumer processed (applied or dead-lettered apart)", "consumer",
+                             "mirror", NULL);
+    p->m_failed = wp_metric(WP_METRIC_COUNTER, "walpipe_events_dead_lettered_total",
+                            "Staged events the consumer could not apply and dead-lettered", "consumer", "mirror",
+                            NULL);
     p->workers = wp_calloc(count > 0 ? (size_t)count : 1, sizeof *p->workers);
     atomic_store(&p->running, count);
     for (int i = 0; i < count; i++) {

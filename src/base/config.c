@@ -43,6 +43,7 @@ typedef enum section_kind {
     SECTION_SOURCE,
     SECTION_WORKERS,
     SECTION_TABLE, /* [table SOURCE.SCHEMA.TABLE] */
+    SECTION_METRICS,
 } section_kind_t;
 
 typedef enum key_type {
@@ -61,6 +62,7 @@ typedef enum key_type {
     TYPE_SECRET,  /* a salt: never quoted back in a message */
     TYPE_COLUMNS, /* a list of column names into a char ** at offset, its count after it */
     TYPE_MASKS,   /* col:kind, ... */
+    TYPE_LISTEN,  /* [metrics] listen: PORT, HOST:PORT or [IPV6]:PORT; only a port means 127.0.0.1 */
     TYPE_LOG_FORMAT, /* text | json */
 } key_type_t;
 
@@ -98,6 +100,11 @@ static const key_spec_t key_specs[] = {
     {SECTION_TABLE, "include_columns", TYPE_COLUMNS, offsetof(wp_table_rule_t, include), 0, 0},
     {SECTION_TABLE, "exclude_columns", TYPE_COLUMNS, offsetof(wp_table_rule_t, exclude), 0, 0},
     {SECTION_TABLE, "mask", TYPE_MASKS, 0, 0, 0},
+    {SECTION_METRICS, "listen", TYPE_LISTEN, offsetof(wp_config_t, metrics_listen), 0, 0},
+    {SECTION_SOURCE, "max_lag_bytes", TYPE_BYTES, offsetof(wp_source_config_t, max_lag_bytes), 1LL << 20, 1LL << 40},
+    {SECTION_SOURCE, "max_lag_seconds", TYPE_INT, offsetof(wp_source_config_t, max_lag_seconds), 1, 86400 * 7},
+    {SECTION_SOURCE, "max_stall_seconds", TYPE_INT, offsetof(wp_source_config_t, max_stall_seconds), 1, 86400 * 7},
+    {SECTION_SOURCE, "min_safe_wal_size", TYPE_BYTES, offsetof(wp_source_config_t, min_safe_wal_size), 0, 1LL << 40},
     {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
@@ -136,6 +143,7 @@ typedef struct parser {
     int walpipe_line;       /* header lines; 0 = section absent */
     int staging_line;
     int workers_line;
+    int metrics_line;
     int global_key_line[N_KEYS];
 
     wp_buf_t value; /* current value after ${VAR} expansion */
@@ -234,6 +242,8 @@ static const char *section_label(const parser_t *p, char *buf, size_t size)
         return "[staging]";
     case SECTION_WORKERS:
         return "[workers]";
+    case SECTION_METRICS:
+        return "[metrics]";
     case SECTION_SOURCE:
         snprintf(buf, size, "[source %s]", p->config->sources[p->source].name);
         return buf;
@@ -316,6 +326,7 @@ void wp_config_destroy(wp_config_t *config)
     free(config->staging_conninfo);
     free(config->mirror_schema);
     free(config->mirror_table);
+    free(config->metrics_listen);
     free(config->path);
     free(config);
 }
@@ -335,6 +346,10 @@ static void add_source(parser_t *p, const char *name, int line)
     source->status_interval_ms = 1000;
     source->snapshot_initial = true;
     source->snapshot_workers = 2;
+    source->max_lag_bytes = (size_t)1 << 30;
+    source->max_lag_seconds = 300;
+    source->max_stall_seconds = 300;
+    source->min_safe_wal_size = (size_t)1 << 30;
     source->line = line;
     memset(&p->states[config->nsources], 0, sizeof p->states[0]);
     p->source = config->nsources;
@@ -454,6 +469,15 @@ static bool begin_section(parser_t *p, const char *line)
         p->section = SECTION_WORKERS;
         return true;
     }
+    if (strcmp(name, "metrics") == 0) {
+        if (p->metrics_line) {
+            fail(p, lineno, "duplicate section [metrics] (first at line %d); merge the two sections", p->metrics_line);
+            return false;
+        }
+        p->metrics_line = lineno;
+        p->section = SECTION_METRICS;
+        return true;
+    }
     if (strncmp(name, "source", 6) == 0 && (name[6] == '\0' || is_space(name[6]))) {
         const char *source_name = name + 6;
         while (is_space(*source_name))
@@ -481,7 +505,8 @@ static bool begin_section(parser_t *p, const char *line)
     if (strncmp(name, "table", 5) == 0 && (name[5] == '\0' || is_space(name[5])))
         return begin_table_section(p, name + 5, lineno);
     fail(p, lineno,
-         "unknown section [%s]; expected [walpipe], [staging], [workers], [source NAME] or [table SOURCE.SCHEMA.TABLE]",
+         "unknown section [%s]; expected [walpipe], [staging], [workers], [metrics], [source NAME] or "
+         "[table SOURCE.SCHEMA.TABLE]",
          name);
     return false;
 }
@@ -1037,10 +1062,16 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
 
     case TYPE_BYTES:
         if (!parse_bytes(value, spec->min, spec->max, &n)) {
-            fail(p, p->lineno,
-                 "%s in %s must be a size from 64kB to 1GB: a number of bytes, or a number followed by kB, MB or GB "
-                 "(got \"%.40s\")",
-                 spec->name, label, value);
+            if (spec->min == 64LL << 10 && spec->max == 1LL << 30)
+                fail(p, p->lineno,
+                     "%s in %s must be a size from 64kB to 1GB: a number of bytes, or a number followed by kB, MB or "
+                     "GB (got \"%.40s\")",
+                     spec->name, label, value);
+            else
+                fail(p, p->lineno,
+                     "%s in %s must be a size from %lld to %lld bytes: a number of bytes, or a number followed by kB, "
+                     "MB or GB (got \"%.40s\")",
+                     spec->name, label, spec->min, spec->max, value);
             return false;
         }
         *(size_t *)field = (size_t)n;
@@ -1102,6 +1133,21 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
         free(*(char **)field);
         *(char **)field = wp_strdup(value);
         return true;
+
+    case TYPE_LISTEN: {
+        char host[64];
+        int port;
+        if (wp_config_parse_listen(value, host, sizeof host, &port) != 0) {
+            fail(p, p->lineno,
+                 "listen in %s must be PORT, HOST:PORT or [IPV6]:PORT with a port from 1 to 65535 and a numeric "
+                 "address (got \"%.60s\"); e.g. listen = 127.0.0.1:9187",
+                 label, value);
+            return false;
+        }
+        free(*(char **)field);
+        *(char **)field = wp_strdup(value);
+        return true;
+    }
 
     case TYPE_PATTERN:
         if (!check_pattern(p, spec, label, value))
@@ -1548,4 +1594,33 @@ int wp_config_parse_tables(const char *text, wp_table_ref_t **tables, size_t *nt
 void wp_config_free_tables(wp_table_ref_t *tables, size_t ntables)
 {
     free_tables(tables, ntables);
+}
+
+int wp_config_parse_listen(const char *value, char *host, size_t hostlen, int *port)
+{
+    const char *colon = strrchr(value, ':');
+    const char *portstr = colon ? colon + 1 : value;
+    size_t n = colon ? (size_t)(colon - value) : 0;
+    long long v;
+    if (!parse_int(portstr, 1, 65535, &v))
+        return -1;
+    if (colon == NULL) {
+        snprintf(host, hostlen, "127.0.0.1"); /* listeners are on loopback unless told otherwise */
+    } else {
+        const char *h = value;
+        if (n >= 2 && h[0] == '[' && h[n - 1] == ']') {
+            h++;
+            n -= 2;
+        }
+        if (n == 0 || n >= hostlen)
+            return -1;
+        memcpy(host, h, n);
+        host[n] = '\0';
+        for (size_t i = 0; i < n; i++)
+            if (!(is_digit(host[i]) || host[i] == '.' || host[i] == ':' || (host[i] >= 'a' && host[i] <= 'f') ||
+                  (host[i] >= 'A' && host[i] <= 'F')))
+                return -1;
+    }
+    *port = (int)v;
+    return 0;
 }

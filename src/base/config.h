@@ -8,6 +8,8 @@
  *   [table SOURCE.SCHEMA.TABLE]  optional, any number: include_columns | exclude_columns, mask
  *                        (column filters and masks of one captured table; see filter.h)
  *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms, resync
+ *   [metrics]            optional: listen (PORT or HOST:PORT; a bare port listens on 127.0.0.1)
+ *   [source NAME] also:  max_lag_bytes, max_lag_seconds, max_stall_seconds, min_safe_wal_size (lag guard)
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
@@ -73,6 +75,11 @@ typedef struct wp_source_config {
     int status_interval_ms; /* feedback timer; default 1000 */
     bool snapshot_initial;  /* snapshot = initial (default) | never: copy existing rows when walpipe creates the slot */
     int snapshot_workers;   /* connections copying a snapshot in parallel; default 2 */
+    size_t max_lag_bytes;   /* lag guard: warn when the slot retains more WAL (current - restart_lsn); default 1GB */
+    int max_lag_seconds;    /* lag guard: warn when staging is this far behind the source's commits; default 300 */
+    int max_stall_seconds;  /* lag guard: warn when confirmed_flush_lsn stands still this long while the source
+                               writes; default 300 */
+    size_t min_safe_wal_size; /* lag guard: warn when the slot's safe_wal_size drops below; default 1GB */
     int line;               /* line of the section header, for messages */
     wp_table_ref_t *exclude_tables; /* exclude_tables (wal2json filter-tables); NULL = none */
     size_t nexclude_tables;
@@ -110,6 +117,7 @@ typedef struct wp_config {
     int max_attempts;             /* automatic apply attempts before a dead letter is parked; default 5 */
     int retry_backoff_ms;         /* delay before the first retry, doubled per attempt; default 1000 */
     bool resync_auto;             /* resync = auto (default): `run` re-snapshots a diverged mirror's table | off */
+    char *metrics_listen;         /* [metrics] listen: address of the Prometheus /metrics listener; NULL = off */
     wp_source_config_t *sources;
     size_t nsources;
 } wp_config_t;
@@ -141,5 +149,11 @@ void wp_config_free_tables(wp_table_ref_t *tables, size_t ntables);
  * (never password or other keys).  Caller frees.
  */
 char *wp_config_conninfo_redacted(const char *conninfo);
+
+/*
+ * Splits a [metrics] listen value: "9187" (host 127.0.0.1), "HOST:9187" or
+ * "[::1]:9187" (numeric addresses only).  Returns 0, or -1 if malformed.
+ */
+int wp_config_parse_listen(const char *value, char *host, size_t hostlen, int *port);
 
 #endif /* WP_CONFIG_H */

@@ -130,6 +130,7 @@ void wp_encoder_add(wp_encoder_t *encoder, wp_segment_t *segment, wp_decoder_t *
         field_null(out);
     }
     segment->rows++;
+    wp_segment_count(segment, type, change->timestamp ? change->commit_time : 0);
 }
 
 void wp_encoder_add_event(wp_encoder_t *encoder, wp_segment_t *segment, const char *event_type, const char *payload,
@@ -152,6 +153,7 @@ void wp_encoder_add_event(wp_encoder_t *encoder, wp_segment_t *segment, const ch
     field_text_or_null(out, table);
     field_null(out); /* shape_id */
     segment->rows++;
+    wp_segment_count(segment, event_type, 0);
 }
 
 void wp_encoder_set_shape_id(wp_segment_t *segment, const wp_shape_t *shape, int64_t id)

@@ -20,11 +20,36 @@ wp_segment_t *wp_segment_create(void)
     return segment;
 }
 
+const char *const wp_event_type_names[WP_EVENT_TYPES] = {"insert",   "update",  "delete",
+                                                         "truncate", "message", "snapshot"};
+
+void wp_segment_count(wp_segment_t *segment, const char *event_type, int64_t commit_time)
+{
+    for (int i = 0; i < WP_EVENT_TYPES; i++) {
+        if (strcmp(event_type, wp_event_type_names[i]) == 0) {
+            segment->type_rows[i]++;
+            break;
+        }
+    }
+    if (commit_time == 0)
+        return;
+    if (segment->ncommit_runs && segment->commit_runs[segment->ncommit_runs - 1].commit_time == commit_time) {
+        segment->commit_runs[segment->ncommit_runs - 1].rows++;
+        return;
+    }
+    if (segment->ncommit_runs == segment->commit_runs_cap) {
+        segment->commit_runs_cap = segment->commit_runs_cap ? segment->commit_runs_cap * 2 : 8;
+        segment->commit_runs = wp_realloc(segment->commit_runs, segment->commit_runs_cap * sizeof *segment->commit_runs);
+    }
+    segment->commit_runs[segment->ncommit_runs++] = (wp_commit_run_t){commit_time, 1};
+}
+
 void wp_segment_destroy(wp_segment_t *segment)
 {
     if (segment == NULL)
         return;
     wp_buf_free(&segment->copy);
+    free(segment->commit_runs);
     for (wp_dead_letter_t *d = segment->dead, *n; d; d = n) {
         n = d->next;
         free(d->schema);

@@ -84,9 +84,22 @@ typedef struct wp_dropped {
     struct wp_dropped *next;
 } wp_dropped_t;
 
+/* Event types of raw_events, in the order of wp_event_type_names (for per-type counts). */
+#define WP_EVENT_TYPES 6
+extern const char *const wp_event_type_names[WP_EVENT_TYPES];
+
+/* A run of rows of one source commit time (PostgreSQL µs since 2000), for the commit -> staged latency. */
+typedef struct wp_commit_run {
+    int64_t commit_time;
+    uint64_t rows;
+} wp_commit_run_t;
+
 typedef struct wp_segment {
     wp_buf_t copy; /* raw_events rows in binary COPY format (encoder.c) */
     size_t rows;
+    uint64_t type_rows[WP_EVENT_TYPES]; /* rows per event type */
+    wp_commit_run_t *commit_runs;       /* owned: rows with a commit time, one run per transaction */
+    size_t ncommit_runs, commit_runs_cap;
     wp_dead_letter_t *dead; /* in stream order */
     wp_dropped_t *dropped;  /* changes wal2json dropped, in stream order */
     wp_shape_t *shapes;     /* every table shape the segment's rows use, each once */
@@ -123,6 +136,9 @@ wp_shape_t *wp_segment_shape(wp_segment_t *segment, int64_t id, const char *sche
 /* True when shape describes (schema, table, columns[0..columns_len)). */
 bool wp_shape_is(const wp_shape_t *shape, const char *schema, const char *table, const char *columns,
                  size_t columns_len);
+
+/* Counts a row of event_type with commit_time (0: none) for metrics (encoder.c calls it per row). */
+void wp_segment_count(wp_segment_t *segment, const char *event_type, int64_t commit_time);
 
 wp_segment_t *wp_segment_create(void);
 void wp_segment_destroy(wp_segment_t *segment); /* NULL is a no-op */

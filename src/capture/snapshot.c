@@ -47,11 +47,13 @@
 #include "pipeline.h"
 #include "reader.h"
 #include "resync.h"
+#include "runtime.h"
 #include "snapshot.h"
 #include "stager.h"
 
 #define CHUNK_PAGES 2048 /* 16 MB of heap per chunk */
 #define CHUNK_RETRIES 5
+#define PROGRESS_LOG_MS 5000 /* a running snapshot logs its progress at most this often */
 #define SEGMENT_BYTES (256 * 1024)
 #define SOURCE_OPTIONS \
     "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres -c bytea_output=hex -c extra_float_digits=3"
@@ -70,6 +72,7 @@ typedef struct table {
     column_t *columns;
     size_t ncolumns;
     int64_t pages;
+    int64_t estimated; /* pg_class.reltuples when listed; -1 never analyzed */
     uint64_t rows; /* copied so far (all chunks), under mu */
     int chunks_left;
     bool truncated; /* a resync's truncate of the table committed (with its first chunk), under mu */
@@ -92,6 +95,9 @@ typedef struct copy_state {
     size_t next_chunk;
     uint64_t rows;
     bool failed;
+    int64_t estimated;        /* rows expected in all (sum of known estimates); 0 unknown */
+    int64_t started_ms, progress_ms; /* for the progress log, under mu */
+    int progress_quarter;            /* quarters of the estimate already logged, under mu */
 } copy_state_t;
 
 static void free_tables(table_t *tables, size_t n)
@@ -176,7 +182,8 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
     const wp_table_ref_t *refs = job->tables ? job->tables : job->source->tables;
     size_t nrefs = job->tables ? job->ntables : job->source->ntables;
 
-    wp_buf_puts(&sql, "SELECT c.oid, n.nspname, c.relname, pg_relation_size(c.oid) / current_setting('block_size')::int "
+    wp_buf_puts(&sql, "SELECT c.oid, n.nspname, c.relname, pg_relation_size(c.oid) / current_setting('block_size')::int, "
+                      "c.reltuples::bigint "
                       "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
                       "AND c.relpersistence = 'p' ");
     if (refs) {
@@ -229,6 +236,7 @@ static int list_tables(PGconn *conn, const wp_snapshot_job_t *job, table_t **out
         tables[i].schema = wp_strdup(PQgetvalue(res, (int)i, 1));
         tables[i].name = wp_strdup(PQgetvalue(res, (int)i, 2));
         tables[i].pages = strtoll(PQgetvalue(res, (int)i, 3), NULL, 10);
+        tables[i].estimated = strtoll(PQgetvalue(res, (int)i, 4), NULL, 10);
         char *qs = PQescapeIdentifier(conn, tables[i].schema, strlen(tables[i].schema));
         char *qt = PQescapeIdentifier(conn, tables[i].name, strlen(tables[i].name));
         if (qs == NULL || qt == NULL) {
@@ -461,6 +469,25 @@ static void sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
+/*
+ * Logs a running snapshot's progress: rows copied, rows/s, the share of the
+ * estimated rows (planner statistics: approximate) and the time left at this pace.
+ */
+static void log_progress(const copy_state_t *state, uint64_t copied, int64_t now)
+{
+    double secs = (double)(now - state->started_ms) / 1000.0;
+    double rate = secs > 0 ? (double)copied / secs : 0;
+    if (state->estimated <= 0) {
+        wp_info("snapshot progress: %llu rows copied, %.0f rows/s (no row estimate: tables never analyzed)",
+                (unsigned long long)copied, rate);
+        return;
+    }
+    double share = (double)copied / (double)state->estimated;
+    double left = rate > 0 && share < 1 ? ((double)state->estimated - (double)copied) / rate : 0;
+    wp_info("snapshot progress: %llu of ~%lld rows copied (%.0f %%), %.0f rows/s, about %.0f s left",
+            (unsigned long long)copied, (long long)state->estimated, share > 1 ? 100 : share * 100, rate, left);
+}
+
 static void *worker_main(void *p)
 {
     worker_t *w = p;
@@ -505,7 +532,18 @@ static void *worker_main(void *p)
             chunk->table->truncated = true;
         bool table_done = --chunk->table->chunks_left == 0;
         uint64_t table_rows = chunk->table->rows;
+        int64_t now = wp_now_ms();
+        uint64_t copied = state->rows;
+        /* every PROGRESS_LOG_MS, and each time a quarter of the estimate is passed (short of the end) */
+        int quarter = state->estimated > 0 ? (int)(4 * copied / (uint64_t)state->estimated) : 0;
+        bool report = now - state->progress_ms >= PROGRESS_LOG_MS || (quarter > state->progress_quarter && quarter < 4);
+        if (quarter > state->progress_quarter)
+            state->progress_quarter = quarter;
+        if (report)
+            state->progress_ms = now;
         pthread_mutex_unlock(&state->mu);
+        if (report)
+            log_progress(state, copied, now);
         if (table_done)
             wp_info("copied %s: %llu rows", chunk->table->qualified, (unsigned long long)table_rows);
     }
@@ -577,6 +615,11 @@ int wp_snapshot_copy(const wp_snapshot_job_t *job, uint64_t *rows)
     if (job->snapshot_id)
         *job->snapshot_id = state.snapshot_id;
     plan_chunks(&state);
+    for (size_t i = 0; i < state.ntables; i++)
+        state.estimated += state.tables[i].estimated > 0 ? state.tables[i].estimated : 0;
+    state.started_ms = state.progress_ms = wp_now_ms();
+    if (wp_stager_snapshot_estimate(leader, state.snapshot_id, state.estimated) != 0)
+        goto out;
     char lsn[WP_LSN_STRLEN];
     wp_info("%s snapshot at %s: %zu tables in %zu chunks, %d workers", job->kind, wp_lsn_format(job->lsn, lsn),
             state.ntables, state.nchunks, nworkers);

@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "reader.h"
 #include "snapshot.h"
 #include "source.h"
@@ -235,6 +236,9 @@ static int run_session(wp_source_t *s, wp_stager_t *stager, wp_reader_t *reader,
     }
 
     wp_queue_init(&queue, QUEUE_SEGMENTS);
+    wp_metric_set(wp_metric(WP_METRIC_GAUGE, "walpipe_queue_capacity_segments",
+                            "Segments the reader -> stager queue holds at most", "source", s->source->name, NULL),
+                  QUEUE_SEGMENTS);
     queue_ready = true;
     stager_arg_t arg = {.stager = stager, .queue = &queue, .rc = -1};
     pthread_t thread;
@@ -297,6 +301,10 @@ static void *source_main(void *p)
                     backoff, s->staged_before ? "has staged from before" : "could not reach at its first attempt");
         else
             wp_info("retrying in %d ms", backoff);
+        wp_metric_add(wp_metric(WP_METRIC_COUNTER, "walpipe_reconnects_total",
+                                "Sessions with the source that ended in an error and were retried", "source",
+                                s->source->name, NULL),
+                      1);
         sleep_ms_interruptible(backoff);
         backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
     }

@@ -30,12 +30,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
 #include "diverge.h"
 #include "encoder.h"
 #include "log.h"
+#include "metrics.h"
 #include "pg.h"
 #include "shapes.h"
 #include "stager.h"
@@ -65,7 +67,20 @@ struct wp_stager {
     int64_t last_progress_ms;
     uint64_t last_progress_rows;
     int64_t last_partition_ms;
+    /* metrics of the batch in progress, published when it commits */
+    uint64_t batch_type_rows[WP_EVENT_TYPES];
+    wp_commit_run_t *runs; /* owned */
+    size_t nruns, runs_cap;
+    int64_t batch_newest_commit; /* PostgreSQL µs, 0 = none */
+    /* this source's series (metrics.h), looked up once */
+    wp_metric_t *m_events[WP_EVENT_TYPES], *m_bytes, *m_commits, *m_latency, *m_last_commit, *m_queue;
 };
+
+/* Unix seconds of a PostgreSQL timestamp (µs since 2000-01-01 UTC). */
+static double unix_seconds(int64_t pg_us)
+{
+    return (double)pg_us / 1e6 + 946684800.0;
+}
 
 wp_stager_t *wp_stager_create(const wp_config_t *config, const wp_source_config_t *source)
 {
@@ -73,6 +88,23 @@ wp_stager_t *wp_stager_create(const wp_config_t *config, const wp_source_config_
     stager->config = config;
     stager->source = source;
     stager->shapes = wp_shapes_create();
+    const char *name = source->name;
+    for (int i = 0; i < WP_EVENT_TYPES; i++)
+        stager->m_events[i] = wp_metric(WP_METRIC_COUNTER, "walpipe_events_staged_total",
+                                        "Events committed to walpipe.raw_events", "source", name, "type",
+                                        wp_event_type_names[i], NULL);
+    stager->m_bytes = wp_metric(WP_METRIC_COUNTER, "walpipe_staged_bytes_total",
+                                "Bytes of raw_events rows committed (binary COPY format)", "source", name, NULL);
+    stager->m_commits = wp_metric(WP_METRIC_COUNTER, "walpipe_staging_commits_total",
+                                  "Staging transactions committed (batches and snapshot chunks)", "source", name, NULL);
+    stager->m_latency = wp_metric(WP_METRIC_HISTOGRAM, "walpipe_commit_to_staged_seconds",
+                                  "Time from a change's commit on the source to its commit in staging", "source",
+                                  name, NULL);
+    stager->m_last_commit = wp_metric(WP_METRIC_GAUGE, "walpipe_last_staged_commit_timestamp_seconds",
+                                      "Source commit time (Unix seconds) of the newest staged change", "source", name,
+                                      NULL);
+    stager->m_queue = wp_metric(WP_METRIC_GAUGE, "walpipe_queue_segments",
+                                "Segments waiting in the reader -> stager queue", "source", name, NULL);
     return stager;
 }
 
@@ -102,6 +134,7 @@ void wp_stager_destroy(wp_stager_t *stager)
         return;
     wp_stager_close(stager);
     wp_shapes_destroy(stager->shapes);
+    free(stager->runs);
     free(stager);
 }
 
@@ -211,7 +244,7 @@ out:
  * the snapshot state (and snapshot_lsn = pos->lsn unless the state is "none").
  */
 static int write_checkpoint(wp_stager_t *stager, const wp_position_t *pos, const char *snapshot_state,
-                            const char *what)
+                            bool with_batch, const char *what)
 {
     char lsn[WP_LSN_STRLEN], end[WP_LSN_STRLEN], seq[16];
     bool partial = pos->txn_end != WP_LSN_INVALID;
@@ -223,13 +256,23 @@ static int write_checkpoint(wp_stager_t *stager, const wp_position_t *pos, const
                             partial ? wp_lsn_format(pos->txn_end, end) : NULL,
                             partial ? seq : NULL,
                             snapshot_state};
-    if (snapshot_state == NULL)
+    if (snapshot_state == NULL) {
+        /* with the batch's count and newest commit time, which `walpipe status` reads */
+        char staged[32], commit_ts[48];
+        snprintf(staged, sizeof staged, "%zu", with_batch ? stager->batch_rows : 0);
+        snprintf(commit_ts, sizeof commit_ts, "%.6f", unix_seconds(stager->batch_newest_commit));
+        const char *cparams[] = {params[0], params[1], params[2], params[3], params[4], params[5], staged,
+                                 with_batch && stager->batch_newest_commit ? commit_ts : NULL};
         return exec_params(stager,
-                           "INSERT INTO walpipe.checkpoints (source, slot, systemid, lsn, txn_end, txn_seq, updated_at) "
-                           "VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (source) DO UPDATE SET "
+                           "INSERT INTO walpipe.checkpoints AS c (source, slot, systemid, lsn, txn_end, txn_seq, "
+                           "updated_at, staged_events, last_commit_ts) VALUES ($1, $2, $3, $4, $5, $6, now(), $7, "
+                           "to_timestamp($8::float8)) ON CONFLICT (source) DO UPDATE SET "
                            "slot = excluded.slot, systemid = excluded.systemid, lsn = excluded.lsn, "
-                           "txn_end = excluded.txn_end, txn_seq = excluded.txn_seq, updated_at = excluded.updated_at",
-                           6, params, NULL, NULL, what);
+                           "txn_end = excluded.txn_end, txn_seq = excluded.txn_seq, updated_at = excluded.updated_at, "
+                           "staged_events = c.staged_events + excluded.staged_events, "
+                           "last_commit_ts = coalesce(excluded.last_commit_ts, c.last_commit_ts)",
+                           8, cparams, NULL, NULL, what);
+    }
     return exec_params(stager,
                        "INSERT INTO walpipe.checkpoints (source, slot, systemid, lsn, txn_end, txn_seq, snapshot_state, "
                        "snapshot_lsn, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, "
@@ -244,7 +287,7 @@ int wp_stager_checkpoint_init(wp_stager_t *stager, const char *systemid, wp_lsn_
 {
     wp_position_t pos = {.lsn = lsn};
     snprintf(stager->systemid, sizeof stager->systemid, "%s", systemid);
-    return write_checkpoint(stager, &pos, snapshot_state, "write the first checkpoint");
+    return write_checkpoint(stager, &pos, snapshot_state, false, "write the first checkpoint");
 }
 
 int wp_stager_snapshot_done(wp_stager_t *stager)
@@ -290,6 +333,16 @@ int wp_stager_snapshot_begin(wp_stager_t *stager, const char *kind, wp_lsn_t lsn
     *id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     return 0;
+}
+
+int wp_stager_snapshot_estimate(wp_stager_t *stager, int64_t id, int64_t rows)
+{
+    char i[32], n[32];
+    snprintf(i, sizeof i, "%lld", (long long)id);
+    snprintf(n, sizeof n, "%lld", (long long)rows);
+    const char *params[] = {i, rows > 0 ? n : NULL};
+    return exec_params(stager, "UPDATE walpipe.snapshots SET estimated_rows = $2 WHERE id = $1", 2, params, NULL, NULL,
+                       "record a snapshot's estimated rows");
 }
 
 int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state, const char *tables_literal,
@@ -355,7 +408,7 @@ int wp_stager_accept_gap(wp_stager_t *stager, wp_lsn_t from, wp_lsn_t to, const 
                     "INSERT INTO walpipe.accepted_gaps (source, slot, from_lsn, to_lsn, reason) "
                     "VALUES ($1, $2, $3, $4, $5)",
                     5, params, NULL, NULL, "record the accepted gap") != 0 ||
-        write_checkpoint(stager, &pos, NULL, "move the checkpoint over the accepted gap") != 0 ||
+        write_checkpoint(stager, &pos, NULL, false, "move the checkpoint over the accepted gap") != 0 ||
         exec_sql(stager, "COMMIT", "commit the accepted gap") != 0) {
         PQclear(PQexec(stager->conn, "ROLLBACK"));
         goto out;
@@ -405,6 +458,9 @@ static int batch_begin(wp_stager_t *stager)
         return -1;
     stager->in_txn = true;
     stager->batch_rows = stager->batch_bytes = 0;
+    memset(stager->batch_type_rows, 0, sizeof stager->batch_type_rows);
+    stager->nruns = 0;
+    stager->batch_newest_commit = 0;
     stager->batch_started_ms = wp_now_ms();
     stager->batch_has_pos = false;
     return 0;
@@ -649,17 +705,37 @@ static int stage_dropped(wp_stager_t *stager, const wp_dropped_t *dropped)
     return 0;
 }
 
+/* After a commit: adds the batch to this source's metrics. */
+static void publish_batch(wp_stager_t *stager)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    double t = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+    for (int i = 0; i < WP_EVENT_TYPES; i++)
+        if (stager->batch_type_rows[i])
+            wp_metric_add(stager->m_events[i], (double)stager->batch_type_rows[i]);
+    for (size_t i = 0; i < stager->nruns; i++) {
+        double latency = t - unix_seconds(stager->runs[i].commit_time);
+        wp_metric_observe(stager->m_latency, latency > 0 ? latency : 0, stager->runs[i].rows);
+    }
+    wp_metric_add(stager->m_bytes, (double)stager->batch_bytes);
+    wp_metric_add(stager->m_commits, 1);
+    if (stager->batch_newest_commit)
+        wp_metric_set(stager->m_last_commit, unix_seconds(stager->batch_newest_commit));
+}
+
 static int batch_commit(wp_stager_t *stager, wp_queue_t *queue)
 {
     if (copy_end(stager) != 0)
         return -1;
-    if (stager->batch_has_pos && write_checkpoint(stager, &stager->batch_pos, NULL, "write the checkpoint") != 0)
+    if (stager->batch_has_pos && write_checkpoint(stager, &stager->batch_pos, NULL, true, "write the checkpoint") != 0)
         return -1;
     /* NOTIFY wakes idle transform workers at commit */
     if (exec_sql(stager, stager->batch_rows ? "NOTIFY walpipe_raw_events; COMMIT" : "COMMIT", "commit a batch") != 0)
         return -1;
     stager->in_txn = false;
     wp_shapes_commit(stager->shapes);
+    publish_batch(stager);
     stager->total_rows += stager->batch_rows;
     if (stager->batch_has_pos)
         wp_queue_set_durable(queue, &stager->batch_pos, stager->batch_rows);
@@ -685,6 +761,17 @@ static int stage_segment(wp_stager_t *stager, wp_segment_t *segment)
     }
     stager->batch_rows += segment->rows;
     stager->batch_bytes += segment->copy.len;
+    for (int i = 0; i < WP_EVENT_TYPES; i++)
+        stager->batch_type_rows[i] += segment->type_rows[i];
+    if (stager->nruns + segment->ncommit_runs > stager->runs_cap) {
+        stager->runs_cap = (stager->nruns + segment->ncommit_runs) * 2;
+        stager->runs = wp_realloc(stager->runs, stager->runs_cap * sizeof *stager->runs);
+    }
+    for (size_t i = 0; i < segment->ncommit_runs; i++) {
+        stager->runs[stager->nruns++] = segment->commit_runs[i];
+        if (segment->commit_runs[i].commit_time > stager->batch_newest_commit)
+            stager->batch_newest_commit = segment->commit_runs[i].commit_time;
+    }
     stager->batch_pos = segment->pos;
     stager->batch_has_pos = true;
     return 0;
@@ -716,6 +803,7 @@ int wp_stager_commit_chunk(wp_stager_t *stager, int64_t snapshot_id, const char 
         goto out;
     stager->in_txn = false;
     wp_shapes_commit(stager->shapes);
+    publish_batch(stager);
     rc = 0;
 out:
     if (rc != 0)
@@ -754,6 +842,7 @@ int wp_stager_run(wp_stager_t *stager, wp_queue_t *queue)
         wp_segment_t *segment = wp_queue_pop(queue, wait, &failed);
         if (failed)
             goto out;
+        wp_metric_set(stager->m_queue, (double)wp_queue_length(queue));
         if (segment) {
             bool final = segment->final;
             bool more_coming = segment->more_coming;

@@ -54,6 +54,8 @@ int wp_stager_snapshot_discard(wp_stager_t *stager);
 
 /* Records a snapshot (walpipe.snapshots) and returns its id. */
 int wp_stager_snapshot_begin(wp_stager_t *stager, const char *kind, wp_lsn_t lsn, int64_t *id);
+/* Records the rows a snapshot expects to copy (planner estimate; rows <= 0: unknown), for its progress. */
+int wp_stager_snapshot_estimate(wp_stager_t *stager, int64_t id, int64_t rows);
 int wp_stager_snapshot_finish(wp_stager_t *stager, int64_t id, const char *state, const char *tables_literal,
                               uint64_t rows);
 

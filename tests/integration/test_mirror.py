@@ -70,10 +70,9 @@ def test_cut_multibyte_error_lands_in_dead_letters(source_pg, staging_pg, walpip
     cols = ", ".join(f"c{i} text" for i in range(WIDE_COLS))
     setup = f"CREATE TABLE wide (id int PRIMARY KEY, {cols})"
     setup_source(source_pg, schema=setup)
-    # resync = off: the parked events mark the mirror diverged, and an automatic resync would copy
-    # the rows again (into the same CHECK) and replace these dead letters before they are read
+    # (the CHECK makes the events apply_failed: the mirror is marked diverged, not resynced)
     w = start(walpipe_factory, staging_pg, source_pg, workers=1,
-              workers_extra={"max_attempts": 1, "retry_backoff_ms": 100, "resync": "off"})
+              workers_extra={"max_attempts": 1, "retry_backoff_ms": 100})
     source_pg.sql("INSERT INTO wide (id) VALUES (1)", dbname="app")
     wait_applied(source_pg, staging_pg, w)
     # the mirror refuses what the source takes; PostgreSQL's DETAIL quotes the row, each value cut to

@@ -134,6 +134,9 @@ def test_resync_after_identity_fixed(source_pg, staging_pg, walpipe_factory):
     cols = columns(source_pg, "app", "public", "nothing_t")
     assert checksum(source_pg, "app", "nothing_t", cols, ["id"]) != \
         checksum(staging_pg, "staging", "analytics.public_nothing_t", cols, ["id"])
+    # walpipe verify agrees: the mirror differs
+    r = w.command("verify", "--table", "public.nothing_t", timeout=300)
+    assert r.returncode == 1 and "differs" in r.stdout, r.stdout + r.stderr
 
     source_pg.sql("ALTER TABLE nothing_t REPLICA IDENTITY DEFAULT", dbname="app")
     source_pg.sql("UPDATE nothing_t SET n = n + 1000 WHERE id % 5 = 0; DELETE FROM nothing_t WHERE id % 13 = 0",
@@ -160,6 +163,9 @@ def test_resync_after_identity_fixed(source_pg, staging_pg, walpipe_factory):
     assert by.startswith("resync snapshot "), by
     log = w.log(since_start=True)
     assert "resync snapshot" in log and "rows in" in log, w.log_tail()
+    # and agrees that the resynced mirror is equal
+    r = w.command("verify", "--table", "public.nothing_t", timeout=300)
+    assert r.returncode == 0 and "equal" in r.stdout, r.stdout + r.stderr
     assert w.stop() == 0
 
 

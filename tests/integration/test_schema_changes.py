@@ -199,6 +199,8 @@ def test_live_renames_under_several_workers(source_pg, staging_pg, walpipe_facto
     wait_applied(source_pg, staging_pg, w)
     assert dead_letters(staging_pg) == []
     assert_all_mirrored(source_pg, staging_pg)
+    r = w.command("verify", timeout=300)   # walpipe verify agrees, column by column under the new names
+    assert r.returncode == 0, r.stdout + r.stderr
 
     for stmt in REWRITE_STEPS:
         source_pg.sql(stmt, dbname="app")

@@ -161,7 +161,9 @@ def test_equal_then_hand_made_differences_named(source_pg, staging_pg, walpipe_f
     assert verify_usage(w, "--source", "nosuch") == 2
     assert verify_usage(w, "--table", "no_dot") == 2
     r = w.command("run", "--resync")
-    assert r.returncode == 2 and "--resync and --json go with the verify command" in r.stderr
+    assert r.returncode == 2 and "--resync goes with the verify command" in r.stderr
+    r = w.command("run", "--json")
+    assert r.returncode == 2 and "--json goes with the verify, check and status commands" in r.stderr
     assert w.stop() == 0
 
 

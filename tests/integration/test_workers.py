@@ -307,10 +307,10 @@ def wait_dead(staging_pg, n, parked=True, timeout=60, walpipe=None):
 
 def test_apply_failure_dead_letter_and_retry(source_pg, staging_pg, walpipe_factory):
     setup_source(source_pg, schema="CREATE TABLE orders (id int PRIMARY KEY, qty int, note text)")
-    # resync = off: parked events mark the mirror diverged, and an automatic resync would copy the
-    # rows again (into the same CHECK) and replace the dead letters this test follows
+    # resync = auto (the default): events that fail on the mirror's own CHECK are apply_failed, which
+    # marks the mirror diverged but is not resynced (the copy would fail alike)
     w = start(walpipe_factory, staging_pg, source_pg, workers=2,
-              workers_extra={"max_attempts": 3, "retry_backoff_ms": 100, "resync": "off"})
+              workers_extra={"max_attempts": 3, "retry_backoff_ms": 100})
     source_pg.sql("INSERT INTO orders SELECT g, g, 'n' || g FROM generate_series(1, 10) g", dbname="app")
     wait_applied(source_pg, staging_pg, w)
     assert_mirrored(source_pg, staging_pg, "orders", ["id"])
@@ -409,9 +409,7 @@ CREATE TABLE specials (id int PRIMARY KEY, f float8, nn float8 NOT NULL, n numer
 
 def test_unmirrorable_tables_are_named_and_parked(source_pg, staging_pg, walpipe_factory):
     setup_source(source_pg, schema=UNMIRRORABLE_SCHEMA)
-    # resync = off: the parked NaN events mark the mirror diverged, and an automatic resync would
-    # copy the rows (NaN included) and resolve what this test checks is detected and parked
-    w = start(walpipe_factory, staging_pg, source_pg, workers=1, workers_extra={"resync": "off"})
+    w = start(walpipe_factory, staging_pg, source_pg, workers=1)
     # named at start, with the reason and the fix
     wait_until(lambda: w.log().count("cannot be mirrored") >= 2, timeout=90, what="unmirrorable tables named",
                walpipe=w)

@@ -346,7 +346,9 @@ static void test_tables(void **state)
 static void test_section_errors(void **state)
 {
     (void)state;
-    expect_error(STAGING "[stagin]\n" SOURCE, 3, "unknown section [stagin]; expected [walpipe], [staging], [workers], [source NAME] or [table SOURCE.SCHEMA.TABLE]");
+    expect_error(STAGING "[stagin]\n" SOURCE, 3,
+                 "unknown section [stagin]; expected [walpipe], [staging], [workers], [metrics], [source NAME] or "
+                 "[table SOURCE.SCHEMA.TABLE]");
     expect_error(STAGING "[sourceapp]\n" SOURCE, 3, "unknown section [sourceapp]");
     expect_error(STAGING "\n[source]\n" SOURCE, 4, "[source] needs a name");
     expect_error(STAGING "[source a.b]\n", 3, "invalid source name \"a.b\"");
@@ -621,6 +623,9 @@ static void test_example_file(void **state)
     assert_int_equal(c->sources[0].nexclude_tables, 1);
     assert_int_equal(c->sources[0].nrules, 1);
     assert_int_equal(c->sources[0].rules[0].nmasks, 3);
+    assert_string_equal(c->metrics_listen, "127.0.0.1:9187");
+    assert_int_equal(c->sources[0].max_lag_bytes, 1024 * 1024 * 1024);
+    assert_int_equal(c->sources[0].max_stall_seconds, 300);
     assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
     wp_config_destroy(c);
 }
@@ -728,6 +733,45 @@ static void test_log_format(void **state)
     expect_error(STAGING "log_format = json\n" SOURCE, 3, "unknown key \"log_format\" in [staging]");
 }
 
+static void test_observe_keys(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN], host[64];
+    int port = 0;
+    wp_config_t *c = wp_config_parse_string(STAGING SOURCE, "t.conf", err, sizeof err);
+    assert_non_null(c);
+    assert_null(c->metrics_listen); /* off unless set */
+    assert_int_equal(c->sources[0].max_lag_bytes, 1024 * 1024 * 1024);
+    assert_int_equal(c->sources[0].max_lag_seconds, 300);
+    assert_int_equal(c->sources[0].max_stall_seconds, 300);
+    assert_int_equal(c->sources[0].min_safe_wal_size, 1024 * 1024 * 1024);
+    wp_config_destroy(c);
+    c = wp_config_parse_string(STAGING SOURCE "max_lag_bytes = 2MB\nmax_lag_seconds = 7\nmax_stall_seconds = 9\n"
+                               "min_safe_wal_size = 0\n[metrics]\nlisten = 9300\n",
+                               "t.conf", err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->sources[0].max_lag_bytes, 2 * 1024 * 1024);
+    assert_int_equal(c->sources[0].max_lag_seconds, 7);
+    assert_int_equal(c->sources[0].max_stall_seconds, 9);
+    assert_int_equal(c->sources[0].min_safe_wal_size, 0);
+    assert_string_equal(c->metrics_listen, "9300");
+    wp_config_destroy(c);
+    assert_int_equal(wp_config_parse_listen("9300", host, sizeof host, &port), 0);
+    assert_string_equal(host, "127.0.0.1"); /* a bare port listens on loopback */
+    assert_int_equal(port, 9300);
+    assert_int_equal(wp_config_parse_listen("0.0.0.0:80", host, sizeof host, &port), 0);
+    assert_string_equal(host, "0.0.0.0");
+    assert_int_equal(wp_config_parse_listen("[::1]:9187", host, sizeof host, &port), 0);
+    assert_string_equal(host, "::1");
+    assert_int_equal(wp_config_parse_listen("localhost:9187", host, sizeof host, &port), -1);
+    assert_int_equal(wp_config_parse_listen("127.0.0.1:0", host, sizeof host, &port), -1);
+    assert_int_equal(wp_config_parse_listen(":9187", host, sizeof host, &port), -1);
+    expect_error(STAGING SOURCE "[metrics]\nlisten = localhost:http\n", 6, "listen in [metrics] must be PORT");
+    expect_error(STAGING SOURCE "max_lag_bytes = 1kB\n", 5, "max_lag_bytes in [source app] must be a size from");
+    expect_error(STAGING SOURCE "[metrics]\n[metrics]\n", 6, "duplicate section [metrics]");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -738,6 +782,7 @@ int main(void)
         cmocka_unit_test(test_small_errbuf),  cmocka_unit_test(test_load_file),    cmocka_unit_test(test_redacted), cmocka_unit_test(test_example_file),
         cmocka_unit_test(test_workers),       cmocka_unit_test(test_filters),
         cmocka_unit_test(test_log_format),
+        cmocka_unit_test(test_observe_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
