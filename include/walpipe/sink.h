@@ -8,6 +8,8 @@
  *
  * The contract, in the order the core calls it:
  *   open     once per session, with the host (logging, the [sink NAME] keys).
+ *            Exported entry: const wp_sink_plugin_t *wp_sink_plugin_entry(void),
+ *            marked WP_SINK_EXPORT.
  *   deliver  batches of events, in (source, lsn, seq) order per source.  The
  *            plugin may only queue them.  Each event carries a ticket, strictly
  *            increasing over the session.  The event memory is the core's and
@@ -86,6 +88,9 @@ typedef struct wp_sink_host {
 typedef struct wp_sink_plugin {
     uint32_t abi_version;   /* must be WP_SINK_ABI_VERSION */
     const char *name;       /* e.g. "jsonl" */
+    /* the keys of [sink NAME] the plugin reads, NULL-terminated: the core refuses any other key that is
+       not one of its own (plugin, sources, tables, ...) and names the typo */
+    const char *const *keys;
     int (*open)(const wp_sink_host_t *host, void **state, char *err, size_t errlen);
     int (*deliver)(void *state, const wp_sink_event_t *events, size_t n, char *err, size_t errlen);
     int (*poll)(void *state, int timeout_ms, uint64_t *durable, char *err, size_t errlen);
@@ -94,6 +99,7 @@ typedef struct wp_sink_plugin {
 } wp_sink_plugin_t;
 
 /* Every plugin exports this function (and nothing else is required). */
+#define WP_SINK_EXPORT __attribute__((visibility("default")))
 typedef const wp_sink_plugin_t *(*wp_sink_entry_fn)(void);
 
 #ifdef __cplusplus
