@@ -256,10 +256,12 @@ class Load:
         cmd = [str(PGBENCH), "-h", str(source_pg.socket_dir), "-p", str(source_pg.port), "-U", "postgres",
                "-n", "-c", "2", "-j", "2", "-R", "40", "-T", "600", "-f", str(script), "app"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.source_pg = source_pg
 
     def stop(self):
         self.proc.terminate()
         out, _ = self.proc.communicate(timeout=60)
+        wptest.wait_client_gone(self.source_pg, "app")  # its last transaction may commit after it exited
         return out
 
 

@@ -161,9 +161,11 @@ class Load:
     def log(self):
         return wptest._read_text(self.log_path)
 
-    def stop(self, expect_alive=True):
+    def stop(self, expect_alive=True, settle=True):
         """Stops pgbench.  expect_alive: it must still be running (no client
-        aborted): any pgbench error is a workload bug, not a walpipe one."""
+        aborted): any pgbench error is a workload bug, not a walpipe one.
+        settle: wait until its sessions are gone from the server (see
+        wptest.wait_client_gone); off only when tearing the world down."""
         if self.proc is None:
             return
         alive = self.proc.poll() is None
@@ -175,6 +177,10 @@ class Load:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        # its last transaction may still commit after pgbench exited: the load is over only
+        # when no session of it is left (a WAL position taken sooner would miss that commit)
+        if settle:
+            wptest.wait_client_gone(self.cluster, self.dbname)
         if expect_alive and (not alive or "error" in self.log().lower()):
             raise AssertionError(f"pgbench failed:\n{wptest.tail(self.log(), 20)}")
 
@@ -259,7 +265,7 @@ class World:
         self._sampling.set()
         for ld in self.loads:
             try:
-                ld.stop(expect_alive=False)
+                ld.stop(expect_alive=False, settle=False)
             except Exception:
                 pass
         for w in self.walpipes:
@@ -492,7 +498,7 @@ def scenario_source_crash(x):
         retries = w.log().count("retrying in")
         streams = w.log().count("streaming from slot")
         src.stop("immediate")
-        load.stop(expect_alive=False)     # its clients lost the server
+        load.stop(expect_alive=False, settle=False)  # its clients lost the server (and it is down)
         x.wait_log(w, "retrying in", retries + 1)
         time.sleep(1)
         src.start()

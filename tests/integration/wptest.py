@@ -710,6 +710,18 @@ def wait_until(predicate, timeout=90, interval=0.05, what="condition", walpipe=N
 # --------------------------------------------------------------------------
 # wal2json ground truth
 
+def wait_client_gone(cluster, dbname, application_name="pgbench", timeout=120):
+    """Waits until no session of a stopped client is left on the server.  A client
+    killed mid-statement leaves its backend running: the backend notices the lost
+    connection only when it next writes to it, after the statement and (in
+    autocommit) its COMMIT.  So a transaction of a stopped pgbench can still commit
+    after pgbench has exited, and a WAL position taken before that misses it."""
+    wait_until(lambda: cluster.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        (dbname, application_name)) == 0,
+        timeout=timeout, interval=0.05, what=f"the sessions of {application_name} on {dbname} to end")
+
+
 def create_slot(cluster, dbname, slot, plugin="wal2json", temporary=False):
     """pg_create_logical_replication_slot; returns the consistent-point LSN."""
     return cluster.scalar("SELECT lsn FROM pg_create_logical_replication_slot(%s, %s, %s)",
