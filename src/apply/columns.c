@@ -113,9 +113,7 @@ int wp_columns_discover_tables(const wp_source_config_t *source, PGconn *staging
     int rc = -1;
     PGresult *res = NULL, *lsn = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
-    const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
-    const char *vals[] = {source->conninfo, "walpipe_columns", "10", "UTF8", NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    PGconn *conn = wp_pg_connect_source(source->conninfo, "walpipe_columns");
     bool in_txn = false;
     char *catalog = NULL; /* the catalog read, filtered (filter_catalog) */
 

@@ -227,10 +227,7 @@ int wp_keys_discover_tables(const wp_source_config_t *source, PGconn *staging, w
     int rc = -1;
     PGresult *res = NULL, *ins = NULL;
     wp_buf_t schemas = WP_BUF_INIT, tables = WP_BUF_INIT;
-    /* UTF8: the source's server converts names from its database's encoding, so staging gets UTF-8 */
-    const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
-    const char *vals[] = {source->conninfo, "walpipe_discover", "10", "UTF8", NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    PGconn *conn = wp_pg_connect_source(source->conninfo, "walpipe_discover");
     bool in_txn = false;
 
     if (PQstatus(conn) != CONNECTION_OK) {

@@ -138,9 +138,7 @@ static PGconn *source_conn(wp_rewrites_t *r, size_t i)
         return r->conns[i];
     if (r->conns[i])
         PQfinish(r->conns[i]);
-    const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
-    const char *vals[] = {src->conninfo, "walpipe_rewrites", "10", "UTF8", NULL};
-    r->conns[i] = PQconnectdbParams(keys, vals, 1);
+    r->conns[i] = wp_pg_connect_source(src->conninfo, "walpipe_rewrites");
     if (PQstatus(r->conns[i]) != CONNECTION_OK) {
         if (!r->told[i])
             wp_warn("could not connect to source \"%s\" to watch its tables for rewrites (tried again every few "

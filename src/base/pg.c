@@ -29,6 +29,14 @@ PGconn *wp_pg_connect(const char *conninfo, const char *appname, const char *opt
     return conn;
 }
 
+PGconn *wp_pg_connect_source(const char *conninfo, const char *appname)
+{
+    /* later keys win: these override the conninfo's own */
+    const char *keys[] = {"dbname", "application_name", "connect_timeout", "client_encoding", NULL};
+    const char *vals[] = {conninfo, appname, "10", "UTF8", NULL};
+    return PQconnectdbParams(keys, vals, 1);
+}
+
 /* True if p starts a SQLSTATE as libpq's verbose format prints it: five of [0-9A-Z], then ": ". */
 static bool at_sqlstate(const char *p)
 {

@@ -27,6 +27,15 @@
  */
 PGconn *wp_pg_connect(const char *conninfo, const char *appname, const char *options, const char *what);
 
+/*
+ * A plain (non-replication) connection to a source for catalog reads: names
+ * arrive as UTF-8 whatever the source database's encoding, and the connect
+ * attempt gives up after 10 s (over the conninfo's own keys).  Returns the
+ * connection whatever its status (NULL only when out of memory): the caller
+ * checks PQstatus and logs the failure once, in the words of its job.
+ */
+PGconn *wp_pg_connect_source(const char *conninfo, const char *appname);
+
 /* Why a connection attempt failed (wp_pg_connect_params). */
 typedef struct wp_pg_conn_error {
     char sqlstate[6];    /* the SQLSTATE the server answered with, or "" (no server, refused, timeout, ...) */
