@@ -120,6 +120,11 @@ def test_catchup_after_outage(source_pg, staging_pg, walpipe_factory, tmp_path):
         assert s["rate_bytes_per_second"] is not None and s["rate_bytes_per_second"] <= 0
         assert s["rate_seconds"] >= 1
         assert s["eta_seconds"] is None
+        table = subprocess.run([str(w.binary), "status", "--config", str(w.config_path)], capture_output=True,
+                               text=True, timeout=60, stdin=subprocess.DEVNULL).stdout
+        row = next(ln.split() for ln in table.splitlines() if ln.startswith("app "))
+        assert row[-1] == "catching_up", table
+        assert re.search(r"^ +catching up: [0-9.]+ MB \([0-9]+ s\) behind the source, 0 B/s net$", table, re.M), table
         assert metric(port, "walpipe_source_catching_up") == 1
         assert metric(port, "walpipe_source_behind_bytes") >= BACKLOG
 
