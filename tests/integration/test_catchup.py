@@ -71,7 +71,8 @@ class RawEventsLock:
         self.conn.commit()
 
 
-def test_catchup_after_outage(source_pg, staging_pg, walpipe_factory, tmp_path):
+def start_streaming(source_pg, staging_pg, walpipe_factory):
+    """walpipe streaming table big (empty) to staging, no workers, /metrics on a port of its own."""
     source_pg.createdb("app")
     # autovacuum off: the source writes nothing but the backlog, so behind only shrinks
     source_pg.sql("CREATE TABLE big (id int PRIMARY KEY, pad text) WITH (autovacuum_enabled = false)", dbname="app")
@@ -89,19 +90,29 @@ def test_catchup_after_outage(source_pg, staging_pg, walpipe_factory, tmp_path):
     source_pg.sql("INSERT INTO big VALUES (0, 'x')", dbname="app")
     wait_caught_up(source_pg, w)
     assert status_json(w)["catchup"]["state"] == "streaming"
+    return w, port
 
-    # the outage: walpipe stopped while the source writes ~100 MB of WAL in transactions of 2000 rows
-    # (rows of 960 bytes, stored as they are: under the TOAST threshold)
-    assert w.stop() == 0
-    assert status_json(w)["catchup"]["state"] == "inactive"
-    confirmed = source_pg.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots", dbname="app")
-    n = 1
-    while source_pg.scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (confirmed,),
+
+def write_backlog(source_pg, since_lsn, start):
+    """Inserts rows of 960 bytes (under the TOAST threshold: stored as they are) from id start on, in
+    transactions of 2000, until the source wrote BACKLOG bytes of WAL past since_lsn; the next id."""
+    n = start
+    while source_pg.scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (since_lsn,),
                            dbname="app") < BACKLOG:
         source_pg.sql("INSERT INTO big SELECT g, repeat(md5(g::text), 30) FROM generate_series(%s, %s) g",
                       (n, n + 1999), dbname="app")
         n += 2000
-    rows = n - 1
+    return n
+
+
+def test_catchup_after_outage(source_pg, staging_pg, walpipe_factory, tmp_path):
+    w, port = start_streaming(source_pg, staging_pg, walpipe_factory)
+
+    # the outage: walpipe stopped while the source writes ~100 MB of WAL
+    assert w.stop() == 0
+    assert status_json(w)["catchup"]["state"] == "inactive"
+    confirmed = source_pg.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots", dbname="app")
+    rows = write_backlog(source_pg, confirmed, 1) - 1
     down = status_json(w)["catchup"]
     assert down["state"] == "inactive" and down["behind_bytes"] >= BACKLOG
 
@@ -171,6 +182,36 @@ def test_catchup_after_outage(source_pg, staging_pg, walpipe_factory, tmp_path):
     assert s["state"] == "streaming" and s["behind_bytes"] < 16 * MB and s["eta_seconds"] == 0
     assert s["behind_seconds"] == 0
     wait_until(lambda: metric(port, "walpipe_source_catching_up") == 0, what="metric: caught up", walpipe=w)
+    wait_caught_up(source_pg, w)
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE table_name = 'big' "
+                             "AND event_type = 'insert'", dbname="staging") == rows + 1
+    assert w.stop() == 0
+
+
+def test_catchup_after_staging_outage(source_pg, staging_pg, walpipe_factory):
+    """Staging down while the source writes: walpipe keeps running, its lag guard (which reads the
+    slot's confirmed_flush_lsn when it cannot read the checkpoint) reports catching up, and once
+    staging is back walpipe stages the backlog and says it caught up."""
+    w, port = start_streaming(source_pg, staging_pg, walpipe_factory)
+    staging_pg.stop()
+    confirmed = source_pg.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots", dbname="app")
+    rows = write_backlog(source_pg, confirmed, 1) - 1
+    first = wait_until(lambda: catching_lines(w), what="a catching-up line while staging is down", walpipe=w)[0]
+    assert float(first.group(1)) * MB >= 64 * MB, first.group(0)
+    assert metric(port, "walpipe_source_catching_up") == 1
+    # status: staging unreachable (exit 1), but how far behind the slot is comes from the source
+    r = subprocess.run([str(w.binary), "status", "--config", str(w.config_path), "--json"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["staging"]["reachable"] is False
+    c = doc["sources"][0]["catchup"]
+    assert c["state"] in ("catching_up", "inactive") and c["behind_bytes"] >= BACKLOG, c
+
+    staging_pg.start()
+    caught = wait_until(lambda: CAUGHT.search(w.log(since_start=True)), timeout=180, what="caught up", walpipe=w)
+    assert float(caught.group(2)) * MB >= float(first.group(1)) * MB - 16 * MB - 0.1 * MB, caught.group(0)
+    assert status_json(w)["catchup"]["state"] == "streaming"
     wait_caught_up(source_pg, w)
     assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE table_name = 'big' "
                              "AND event_type = 'insert'", dbname="staging") == rows + 1
