@@ -228,10 +228,13 @@ static const char *human_bytes(int64_t v, char *buf, size_t len)
 static void print_catchup(const catchup_view_t *v)
 {
     char a[32], b[32];
-    if (v->state == NULL || strcmp(v->state, "streaming") == 0 || v->behind < WP_CATCHUP_LEAVE_BYTES)
+    if (v->state == NULL || strcmp(v->state, "streaming") == 0)
         return;
+    bool inactive = strcmp(v->state, "inactive") == 0;
+    if (inactive && v->behind < WP_CATCHUP_LEAVE_BYTES)
+        return; /* stopped, but with little to catch up */
     snprintf(b, sizeof b, "%.0f", v->behind_seconds);
-    printf("%-16s %s: %s (%s s) behind the source", "", strcmp(v->state, "inactive") == 0 ? "not streaming" : "catching up",
+    printf("%-16s %s: %s (%s s) behind the source", "", inactive ? "not streaming" : "catching up",
            human_bytes(v->behind, a, sizeof a), v->behind_seconds >= 0 ? b : "?");
     if (v->rate.known)
         printf(", %s/s net", human_bytes((int64_t)(v->rate.net < 0 ? -v->rate.net : v->rate.net), a, sizeof a));

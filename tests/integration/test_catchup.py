@@ -148,7 +148,7 @@ def test_catchup_after_outage(source_pg, staging_pg, walpipe_factory, tmp_path):
         # behind by less than the one before (one may come between the release and the stager's commit:
         # it shows no progress yet), and its rate since the report before is positive, with a time left
         reports = [first]
-        for _ in range(3):
+        for _ in range(2):
             prev = reports[-1]
             before = len(catching_lines(w))
             cp = checkpoint(staging_pg)
