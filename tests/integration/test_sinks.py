@@ -205,3 +205,69 @@ def test_jsonl_exactly_once_in_order_across_sigkills(source_pg, staging_pg, walp
     pos = staging_pg.sql("SELECT lsn::text, events_delivered FROM walpipe.sink_positions WHERE sink = 'j' "
                          "AND source = 'app'", dbname="staging")
     assert pos[0][0] == lines[-1]["lsn"]
+
+
+# --------------------------------------------------------------------------
+# the jsonl plugin's tail: redelivered events are skipped, a torn line is cut; the initial snapshot
+
+def test_jsonl_skips_what_its_file_holds_and_sees_the_initial_snapshot(source_pg, staging_pg, walpipe_factory,
+                                                                       tmp_path):
+    source_pg.createdb("app")
+    source_pg.sql(SCHEMA + "INSERT INTO t1 (v) SELECT 'old' || g FROM generate_series(1, 250) g;"
+                  "INSERT INTO t2 (w) SELECT 'old' FROM generate_series(1, 30) g;", dbname="app")
+    out = tmp_path / "events.jsonl"
+    # walpipe creates the slot: the rows above come as the initial snapshot
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out, "batch_events": 64}})
+    wait_until(lambda: staging_pg.scalar("SELECT snapshot_state = 'done' FROM walpipe.checkpoints",
+                                         dbname="staging"), timeout=120, what="the initial snapshot", walpipe=w)
+    for i in range(20):
+        source_pg.sql(f"INSERT INTO t1 (v) VALUES ('new{i}'); UPDATE t2 SET w = 'u' WHERE id = {i + 1}", dbname="app")
+    wait_caught_up(source_pg, w)
+    total = len(staged(staging_pg))
+    assert total == 250 + 30 + 40
+    wait_until(lambda: count_lines(out) >= total, timeout=120, what=f"{total} events in the file", walpipe=w)
+    assert w.stop() == 0
+    lines = read_jsonl(out)
+    assert as_rows(lines) == staged(staging_pg)
+    snap = [e for e in lines if e["op"] == "snapshot"]
+    assert len(snap) == 280 and [e["seq"] for e in snap] == list(range(1, 281))
+    assert len({e["lsn"] for e in snap}) == 1 and lines[:280] == snap  # one transaction, before the stream
+    before = out.read_bytes()
+
+    # the position forgotten: everything is delivered again, and all of it is already in the file;
+    # a crash's torn last line is cut off first
+    staging_pg.sql("UPDATE walpipe.sink_positions SET lsn = '0/0', seq = -2147483648, event_id = 0",
+                   dbname="staging")
+    with open(out, "a") as f:
+        f.write('{"source":"app","lsn":"0/')
+    w.start(subcommand="sink")
+    last = lines[-1]["lsn"]
+    wait_until(lambda: staging_pg.scalar("SELECT lsn::text FROM walpipe.sink_positions WHERE sink = 'j'",
+                                         dbname="staging") == last,
+               timeout=120, what="the position to come back to the end", walpipe=w)
+    assert w.stop() == 0
+    assert out.read_bytes() == before
+    assert "cut a torn last line" in w.log(since_start=True)
+
+
+# --------------------------------------------------------------------------
+# (d) a plugin that is not there, a key nobody knows
+
+def test_missing_plugin_and_unknown_key_are_refused_clearly(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    w = start(walpipe_factory, staging_pg, source_pg, {"k": {"plugin": "nosuch"}}, run=False)
+    for cmd in ("run", "sink"):
+        w.start(subcommand=cmd)
+        assert w.wait_exit(60) == 2
+        log = w.log(since_start=True)
+        assert 'no plugin "nosuch" (walpipe_sink_nosuch.so) in ' in log, log
+        assert "build it (plugins/nosuch/" in log
+    conf = w.config_path.read_text().replace("plugin = nosuch", f"plugin = jsonl\npath = {tmp_path}/x.jsonl\n"
+                                             "rotate_byte = 10")
+    w.config_path.write_text(conf)
+    w.start(subcommand="sink")
+    assert w.wait_exit(60) == 2
+    log = w.log(since_start=True)
+    assert 'unknown key "rotate_byte" in [sink k] (plugin jsonl); valid keys are: ' in log, log
+    assert "rotate_bytes" in log
+    assert not (tmp_path / "x.jsonl").exists()
