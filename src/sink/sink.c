@@ -43,7 +43,7 @@
 #include "sink.h"
 
 #define BACKOFF_MIN_MS 500
-#define BACKOFF_MAX_MS 30000
+#define BACKOFF_MAX_MS 10000 /* reopening a plugin is cheap; a sink back up resumes within 10 s */
 #define IDLE_WAIT_MS 1000
 #define BUSY_POLL_MS 50      /* poll timeout while events wait to become durable */
 #define FLUSH_MS 5000        /* a stopping sink waits this long for its plugin */
@@ -395,16 +395,60 @@ static void sink_free(sink_t *k)
     wp_plugin_unload(k->lib);
 }
 
+size_t wp_sink_nsources(const wp_config_t *config, size_t i)
+{
+    return config->sinks[i].sources ? config->sinks[i].nsources : config->nsources;
+}
+
+const char *wp_sink_source(const wp_config_t *config, size_t i, size_t k)
+{
+    return config->sinks[i].sources ? config->sinks[i].sources[k] : config->sources[k].name;
+}
+
+int wp_sink_look(PGconn *conn, const wp_config_t *config, size_t i, size_t k, wp_sink_look_t *out, char *err,
+                 size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    out->sink = config->sinks[i].name;
+    out->plugin = config->sinks[i].plugin;
+    out->source = wp_sink_source(config, i, k);
+    out->backlog = -1;
+    const char *params[] = {out->sink, out->source};
+    PGresult *res = PQexecParams(conn,
+                                 "SELECT lsn::text, seq, event_id, events_delivered, extract(epoch FROM updated_at) "
+                                 "FROM walpipe.sink_positions WHERE sink = $1 AND source = $2",
+                                 2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(err, errlen, "could not read the position of sink \"%s\": %s", out->sink, PQerrorMessage(conn));
+        PQclear(res);
+        return -1;
+    }
+    wp_sink_pos_t pos = WP_SINK_POS_START;
+    if (PQntuples(res) == 1) {
+        out->has_position = true;
+        wp_lsn_parse(PQgetvalue(res, 0, 0), strlen(PQgetvalue(res, 0, 0)), &pos.lsn);
+        pos.seq = (int32_t)strtol(PQgetvalue(res, 0, 1), NULL, 10);
+        pos.id = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+        out->lsn = pos.lsn;
+        out->seq = pos.seq;
+        out->delivered = strtoll(PQgetvalue(res, 0, 3), NULL, 10);
+        out->updated_unix = strtod(PQgetvalue(res, 0, 4), NULL);
+    }
+    PQclear(res);
+    out->backlog = wp_feed_backlog(conn, out->source, &pos);
+    return 0;
+}
+
 /* The sources of sc (its list, or every configured source), with their feeds and metrics. */
 static void sink_sources(sink_t *k)
 {
     const wp_sink_config_t *sc = k->sc;
-    size_t n = sc->sources ? sc->nsources : k->config->nsources;
+    size_t n = wp_sink_nsources(k->config, (size_t)(sc - k->config->sinks));
     k->sources = wp_calloc(n ? n : 1, sizeof *k->sources);
     k->nsources = n;
     for (size_t i = 0; i < n; i++) {
         sink_source_t *s = &k->sources[i];
-        s->name = sc->sources ? sc->sources[i] : k->config->sources[i].name;
+        s->name = wp_sink_source(k->config, (size_t)(sc - k->config->sinks), i);
         s->feed = wp_feed_create(s->name, sc->tables, sc->ntables);
         s->durable = s->read = WP_SINK_POS_START;
         s->m_events = wp_metric(WP_METRIC_COUNTER, "walpipe_sink_events_total",

@@ -271,3 +271,105 @@ def test_missing_plugin_and_unknown_key_are_refused_clearly(source_pg, staging_p
     assert 'unknown key "rotate_byte" in [sink k] (plugin jsonl); valid keys are: ' in log, log
     assert "rotate_bytes" in log
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# --------------------------------------------------------------------------
+# (b) a sink down while staging and the mirrors go on
+
+def sink_status(w):
+    r = w.command("status", "--json")
+    doc = json.loads(r.stdout)
+    return {(s["name"], s["source"]): s for s in doc["sinks"]}
+
+
+def test_sink_down_then_catches_up_while_staging_and_mirrors_go_on(source_pg, staging_pg, walpipe_factory, tmp_path):
+    down_s = 60 if LONG else 20
+    setup_source(source_pg, schema=SCHEMA)
+    out = tmp_path / "later" / "events.jsonl"  # the directory does not exist yet: the sink is down
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out}}, workers=1)
+    writers = Writers(source_pg).start()
+    try:
+        wait_until(lambda: "does not exist; create it" in w.log(), timeout=60, what="the sink to say it is down",
+                   walpipe=w)
+        t0 = time.monotonic()
+        staged0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
+        mirror0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE processed", dbname="staging")
+        backlogs = []
+        while time.monotonic() - t0 < down_s:
+            st = sink_status(w)[("j", "app")]
+            assert st["position_lsn"] is None and st["events_delivered"] == 0
+            backlogs.append(st["backlog_events"])
+            time.sleep(2)
+        staged1 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
+        mirror1 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE processed", dbname="staging")
+        # staging and the mirror went on the whole time, and the backlog grew
+        assert staged1 > staged0 + 100 and mirror1 > mirror0 + 100, (staged0, staged1, mirror0, mirror1)
+        assert backlogs[-1] > backlogs[0] > 0, backlogs
+        assert w.running
+        out.parent.mkdir()
+        wait_until(lambda: sink_status(w)[("j", "app")]["events_delivered"] > 0, timeout=90,
+                   what="the sink to deliver once its directory is there", walpipe=w)
+    finally:
+        writers.stop()
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: sink_status(w)[("j", "app")]["backlog_events"] == 0, timeout=120,
+               what="the sink's backlog to drain", walpipe=w)
+    assert w.stop() == 0
+    assert as_rows(read_jsonl(out)) == staged(staging_pg)
+    text = w.log()
+    assert "sink j" in text and "delivering again" not in text  # down at open: it never delivered half
+
+
+# --------------------------------------------------------------------------
+# (c) replay
+
+def test_replay_delivers_exactly_the_range_in_order(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    out = tmp_path / "events.jsonl"
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out, "batch_events": 50}})
+    writers = Writers(source_pg).start()
+    try:
+        wait_until(lambda: count_lines(out) > 600, timeout=120, what="600 events in the file", walpipe=w)
+        events = staged(staging_pg)
+        lo, hi = events[100][1], events[400][1]
+        # while `run` goes on streaming into the same file
+        r = w.command("replay", "--sink", "j", "--source", "app", "--from", lo, "--to", hi)
+        assert r.returncode == 0, r.stderr
+        assert "replay done: " in r.stderr
+        # a time: the first event committed at or after it
+        ts = staging_pg.scalar("SELECT commit_ts::text FROM walpipe.raw_events WHERE lsn = %s::pg_lsn LIMIT 1",
+                               (events[500][1],), dbname="staging")
+        r = w.command("replay", "--sink", "j", "--source", "app", "--from-time", ts, "--to", events[550][1],
+                      "--table", "public.t2")
+        assert r.returncode == 0, r.stderr
+    finally:
+        writers.stop()
+    wait_caught_up(source_pg, w)
+    total = len(staged(staging_pg))
+    lines = read_jsonl(out)
+    wait_until(lambda: sum(1 for e in read_jsonl(out) if not e.get("replay")) >= total, timeout=120,
+               what="the stream to be delivered", walpipe=w)
+    lines = read_jsonl(out)
+    stream = [e for e in lines if not e.get("replay")]
+    replayed = [e for e in lines if e.get("replay")]
+    assert as_rows(stream) == staged(staging_pg)  # the replay moved nothing of the stream
+    want1 = staged(staging_pg, f"AND r.lsn BETWEEN '{lo}' AND '{hi}'")
+    want2 = staged(staging_pg, f"AND r.lsn >= (SELECT min(lsn) FROM walpipe.raw_events WHERE commit_ts >= '{ts}') "
+                               f"AND r.lsn <= '{events[550][1]}' AND r.table_name = 't2'")
+    assert len(want1) >= 300 and want1[0][1] == lo and want1[-1][1] == hi
+    assert want2 and all(e[5] == "t2" for e in want2)
+    assert as_rows(replayed) == want1 + want2
+
+    # the replay did not move the position, and a range staging no longer holds is refused
+    assert w.stop() == 0
+    pos = staging_pg.sql("SELECT * FROM walpipe.sink_positions", dbname="staging")
+    r = w.command("replay", "--sink", "j", "--source", "app", "--from", "0/1", "--to", hi)
+    assert r.returncode == 1
+    oldest = staged(staging_pg)[0][1]
+    assert f"--from 0/1 is older than what staging still holds of source \"app\": its oldest event is at lsn " \
+           f"{oldest}, committed " in r.stderr, r.stderr
+    r = w.command("replay", "--sink", "j", "--source", "app", "--from-time", "2000-01-01 00:00:00+00")
+    assert r.returncode == 1 and "older than what staging still holds" in r.stderr, r.stderr
+    r = w.command("replay", "--sink", "j", "--source", "app", "--from", lo)
+    assert r.returncode == 0, r.stderr
+    assert staging_pg.sql("SELECT * FROM walpipe.sink_positions", dbname="staging") == pos
