@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg2
@@ -276,6 +277,14 @@ def test_missing_plugin_and_unknown_key_are_refused_clearly(source_pg, staging_p
 # --------------------------------------------------------------------------
 # (b) a sink down while staging and the mirrors go on
 
+def metric(port, series):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
 def sink_status(w):
     r = w.command("status", "--json")
     doc = json.loads(r.stdout)
@@ -286,11 +295,17 @@ def test_sink_down_then_catches_up_while_staging_and_mirrors_go_on(source_pg, st
     down_s = 60 if LONG else 20
     setup_source(source_pg, schema=SCHEMA)
     out = tmp_path / "later" / "events.jsonl"  # the directory does not exist yet: the sink is down
-    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out}}, workers=1)
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out}}, workers=1, run=False)
+    port = wptest.free_port()
+    with open(w.config_path, "a") as f:
+        f.write(f"\n[metrics]\nlisten = {port}\n")
+    w.start()
     writers = Writers(source_pg).start()
     try:
         wait_until(lambda: "does not exist; create it" in w.log(), timeout=60, what="the sink to say it is down",
                    walpipe=w)
+        wait_until(lambda: metric(port, 'walpipe_sink_lag_events{sink="j",source="app"}') > 0, timeout=60,
+                   what="the sink's backlog gauge", walpipe=w)
         t0 = time.monotonic()
         staged0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
         mirror0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE processed", dbname="staging")
@@ -314,6 +329,9 @@ def test_sink_down_then_catches_up_while_staging_and_mirrors_go_on(source_pg, st
     wait_caught_up(source_pg, w)
     wait_until(lambda: sink_status(w)[("j", "app")]["backlog_events"] == 0, timeout=120,
                what="the sink's backlog to drain", walpipe=w)
+    assert metric(port, 'walpipe_sink_lag_events{sink="j",source="app"}') >= 0
+    assert metric(port, 'walpipe_sink_up{sink="j"}') == 1
+    assert metric(port, 'walpipe_sink_events_total{sink="j",source="app"}') > 0
     assert w.stop() == 0
     assert as_rows(read_jsonl(out)) == staged(staging_pg)
     text = w.log()
