@@ -233,6 +233,23 @@ def test_jsonl_skips_what_its_file_holds_and_sees_the_initial_snapshot(source_pg
     snap = [e for e in lines if e["op"] == "snapshot"]
     assert len(snap) == 280 and [e["seq"] for e in snap] == list(range(1, 281))
     assert len({e["lsn"] for e in snap}) == 1 and lines[:280] == snap  # one transaction, before the stream
+
+    # a requested snapshot (a resync) while the sink streams: staged, but not delivered (README "Sinks")
+    w.start()
+    r = w.command("snapshot", "--source", "app", "--table", "public.t2", timeout=120)
+    assert r.returncode == 0, r.stderr
+    source_pg.sql("INSERT INTO t1 (v) VALUES ('after the resync')", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE event_type = 'snapshot' AND lsn > %s",
+                             (snap[0]["lsn"],), dbname="staging") == 30
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE seq = -1", dbname="staging") == 1
+    total = len(staged(staging_pg))
+    wait_until(lambda: count_lines(out) >= total, timeout=120, what=f"{total} events in the file", walpipe=w)
+    assert w.stop() == 0
+    lines = read_jsonl(out)
+    assert as_rows(lines) == staged(staging_pg)
+    assert lines[-1]["payload"]["after"]["v"] == "after the resync"
+    assert sum(1 for e in lines if e["op"] == "snapshot") == 280
     before = out.read_bytes()
 
     # the position forgotten: everything is delivered again, and all of it is already in the file;
