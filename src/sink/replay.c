@@ -267,7 +267,7 @@ int wp_replay_command(const wp_config_t *config, const wp_replay_opts_t *opts)
     }
     rc = WP_EXIT_FATAL;
     wp_log_set_component("replay");
-    if (wp_pg_connect_staging(config, "walpipe_replay", NULL, true, &conn) != WP_STAGING_OK)
+    if (wp_pg_connect_staging(config, "walpipe_replay", WP_FEED_PG_OPTIONS, true, &conn) != WP_STAGING_OK)
         goto out;
     wp_lsn_t from = 0, to = 0;
     int r = resolve_range(conn, opts, &from, &to);

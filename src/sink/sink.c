@@ -229,10 +229,15 @@ static void end_session(sink_t *k)
         k->sources[s].read = k->sources[s].durable;
 }
 
-static void stats(sink_t *k, int64_t *last_ms, unsigned long long *last_delivered)
+/*
+ * Every STATS_MS: the backlog gauge and a progress line.  Counting a backlog
+ * scans the index from the position, so a sink far behind counts less often
+ * (20 times the count's own duration apart): a sink must not load staging.
+ */
+static void stats(sink_t *k, int64_t *last_ms, int64_t *next_ms, unsigned long long *last_delivered)
 {
     int64_t now = wp_now_ms();
-    if (now - *last_ms < STATS_MS || k->conn == NULL)
+    if (now < *next_ms || k->conn == NULL)
         return;
     long long backlog = 0;
     for (size_t s = 0; s < k->nsources; s++) {
@@ -242,10 +247,12 @@ static void stats(sink_t *k, int64_t *last_ms, unsigned long long *last_delivere
             backlog += n;
         }
     }
+    int64_t took = wp_now_ms() - now;
     if (k->delivered != *last_delivered || backlog > 0)
         wp_info("delivered %llu events (%.0f/s), %lld behind", k->delivered,
                 (double)(k->delivered - *last_delivered) * 1000.0 / (double)(now - *last_ms), backlog);
     *last_ms = now;
+    *next_ms = now + (took * 20 > STATS_MS ? took * 20 : STATS_MS);
     *last_delivered = k->delivered;
 }
 
@@ -273,7 +280,7 @@ static void *sink_main(void *arg)
     sink_t *k = arg;
     char name[96], appname[96], err[WP_ERRLEN];
     int backoff = BACKOFF_MIN_MS;
-    int64_t last_stats = wp_now_ms();
+    int64_t last_stats = wp_now_ms(), next_stats = last_stats + STATS_MS;
     unsigned long long last_delivered = 0;
     bool told_locked = false;
     int batch = k->sc->batch_events;
@@ -285,7 +292,7 @@ static void *sink_main(void *arg)
 
     while (!stopping(k)) {
         if (k->conn == NULL) {
-            if (wp_pg_connect_staging(k->config, appname, NULL, true, &k->conn) != WP_STAGING_OK ||
+            if (wp_pg_connect_staging(k->config, appname, WP_FEED_PG_OPTIONS, true, &k->conn) != WP_STAGING_OK ||
                 wp_pg_exec(k->conn, "staging", "LISTEN walpipe_raw_events", "listen for new events") != 0 ||
                 !lock_sink(k, &told_locked) || load_positions(k) != 0) {
                 close_conn(k);
@@ -296,7 +303,7 @@ static void *sink_main(void *arg)
             told_locked = false;
             save_positions(k); /* what became durable while staging was away */
         }
-        stats(k, &last_stats, &last_delivered); /* also while the plugin is down: the backlog grows */
+        stats(k, &last_stats, &next_stats, &last_delivered); /* also while the plugin is down */
         if (!wp_session_is_open(k->session)) {
             int rc = wp_session_open(k->session, err, sizeof err);
             if (rc == WP_SINK_FATAL) {
@@ -374,7 +381,7 @@ static void *sink_main(void *arg)
         wp_session_close(k->session);
     }
     if (k->conn == NULL)
-        wp_pg_connect_staging(k->config, appname, NULL, false, &k->conn);
+        wp_pg_connect_staging(k->config, appname, WP_FEED_PG_OPTIONS, false, &k->conn);
     if (save_positions(k) == 0)
         wp_info("stopped after delivering %llu events", k->delivered);
     else
