@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """sink_jsonl.py: how fast a sink drains a staged backlog into the jsonl plugin.
 
-walpipe stages N inserts (100 per transaction) into workload (a)'s orders table (no sink running), then
+walpipe stages N inserts (100 per transaction) into workload (a)'s orders table (no sink configured), then `walpipe init` with a sink (the index sinks read by), then
 `walpipe sink` drains that backlog into a jsonl file, once with fsync on and once off (each into a
 fresh file from a reset position), timed from process start until the sink's position reaches the
 last event.  Prints events/s and the sink process's CPU.
@@ -59,6 +59,7 @@ def main():
             out = work / f"out-{fsync}.jsonl"
             cfg.write_text(base + f"\n[sink j]\nplugin = jsonl\npath = {out}\nfsync = {fsync}\n"
                            f"batch_events = {a.batch_events}\n")
+            wp.init()  # creates the index sinks read by (before the clock starts)
             t0 = time.monotonic()
             wp.start(subcommand="sink")
             wptest.wait_until(lambda: stg.scalar("SELECT coalesce(sum(events_delivered), 0) FROM "

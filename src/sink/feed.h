@@ -70,6 +70,12 @@ void wp_feed_destroy(wp_feed_t *feed);
 int wp_feed_read(wp_feed_t *feed, PGconn *conn, const wp_sink_pos_t *after, wp_lsn_t upto, int limit,
                  wp_feed_row_t **rows);
 
+/*
+ * 1 when staging has the index feeds read by (walpipe init makes it for a
+ * configuration with sinks), 0 when not, -1 after logging an error.
+ */
+int wp_feed_index_ready(PGconn *conn);
+
 /* Forgets the cached shapes and keys (a new session). */
 void wp_feed_forget(wp_feed_t *feed);
 

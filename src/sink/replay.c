@@ -269,6 +269,13 @@ int wp_replay_command(const wp_config_t *config, const wp_replay_opts_t *opts)
     wp_log_set_component("replay");
     if (wp_pg_connect_staging(config, "walpipe_replay", WP_FEED_PG_OPTIONS, true, &conn) != WP_STAGING_OK)
         goto out;
+    int ready = wp_feed_index_ready(conn);
+    if (ready == 0)
+        fprintf(stderr, "walpipe: staging has no index for sinks to read by (walpipe.raw_events_source_order); run "
+                        "`walpipe init --config %s`, which creates it for a configuration with [sink] sections\n",
+                config->path);
+    if (ready != 1)
+        goto out;
     wp_lsn_t from = 0, to = 0;
     int r = resolve_range(conn, opts, &from, &to);
     if (r != 0)

@@ -256,6 +256,19 @@ static void stats(sink_t *k, int64_t *last_ms, int64_t *next_ms, unsigned long l
     *last_delivered = k->delivered;
 }
 
+/* True when staging has the index sinks read by; says once that `walpipe init` makes it. */
+static bool index_ready(sink_t *k, bool *told)
+{
+    int ready = wp_feed_index_ready(k->conn);
+    if (ready == 0 && !*told) {
+        wp_error("staging has no index for sinks to read by (walpipe.raw_events_source_order); the sink waits: run "
+                 "`walpipe init --config %s`, which creates it for a configuration with [sink] sections",
+                 k->config->path ? k->config->path : "FILE");
+        *told = true;
+    }
+    return ready == 1;
+}
+
 /* Takes the sink's lock in staging: true when held, false when another process holds it (or an error). */
 static bool lock_sink(sink_t *k, bool *told)
 {
@@ -282,7 +295,7 @@ static void *sink_main(void *arg)
     int backoff = BACKOFF_MIN_MS;
     int64_t last_stats = wp_now_ms(), next_stats = last_stats + STATS_MS;
     unsigned long long last_delivered = 0;
-    bool told_locked = false;
+    bool told_locked = false, told_index = false;
     int batch = k->sc->batch_events;
 
     snprintf(name, sizeof name, "sink %s", k->sc->name);
@@ -294,7 +307,7 @@ static void *sink_main(void *arg)
         if (k->conn == NULL) {
             if (wp_pg_connect_staging(k->config, appname, WP_FEED_PG_OPTIONS, true, &k->conn) != WP_STAGING_OK ||
                 wp_pg_exec(k->conn, "staging", "LISTEN walpipe_raw_events", "listen for new events") != 0 ||
-                !lock_sink(k, &told_locked) || load_positions(k) != 0) {
+                !index_ready(k, &told_index) || !lock_sink(k, &told_locked) || load_positions(k) != 0) {
                 close_conn(k);
                 sleep_ms(k, backoff);
                 backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;

@@ -411,7 +411,8 @@ def test_replay_delivers_exactly_the_range_in_order(source_pg, staging_pg, walpi
 
 
 # --------------------------------------------------------------------------
-# the ordered read walks the index, also before the day's partition has statistics
+# the ordered read walks the index (made by `walpipe init` for a configuration with sinks), also before the
+# day's partition has statistics
 
 @pytest.mark.staging_settings(autovacuum="off")
 def test_sink_reads_walk_the_index_without_statistics(source_pg, staging_pg, walpipe_factory, tmp_path):
@@ -426,7 +427,13 @@ def test_sink_reads_walk_the_index_without_statistics(source_pg, staging_pg, wal
                                  "pg_stat_user_tables WHERE relname LIKE 'raw_events%'", dbname="staging")
     out = tmp_path / "events.jsonl"
     sink_config(w, "j", path=out, batch_events=100)
+    # staging initialized without sinks has no index for them: the sink waits for `walpipe init`
     w.start(subcommand="sink")
+    wait_until(lambda: "staging has no index for sinks to read by" in w.log(since_start=True), timeout=60,
+               what="the sink to ask for walpipe init", walpipe=w)
+    r = w.init()
+    assert r.returncode == 0, r.stderr
+    assert "creating the index sinks read by" in r.stderr
     wait_until(lambda: staging_pg.scalar("SELECT events_delivered FROM walpipe.sink_positions", dbname="staging")
                == n, timeout=300, what="the sink to drain 20 000 events", walpipe=w)
     assert w.stop() == 0
