@@ -368,6 +368,7 @@ static void *sink_main(void *arg)
         } else if (rc == WP_SINK_FATAL) {
             wp_error("sink \"%s\" stopped: %s", k->sc->name, err);
             atomic_store(&k->fatal, 1);
+            end_session(k); /* no flush: the plugin refused; what it made durable before is saved below */
             break;
         } else {
             wp_warn("%s; delivering again from the durable position in %d ms", err, backoff);
