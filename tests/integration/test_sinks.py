@@ -443,3 +443,18 @@ def test_sink_reads_walk_the_index_without_statistics(source_pg, staging_pg, wal
                              "WHERE indexrelname LIKE 'raw_events%source_lsn_seq_id_idx'", dbname="staging")
     assert read < 10 * n, read
     assert count_lines(out) == n
+
+
+def test_fatal_plugin_error_stops_that_sink_only(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    good = tmp_path / "good.jsonl"
+    w = start(walpipe_factory, staging_pg, source_pg,
+              {"bad": {"path": tmp_path / "bad.jsonl", "fsync": "sometimes"}, "good": {"path": good}})
+    wait_until(lambda: 'sink "bad" stopped: fsync of [sink bad] must be on or off' in w.log(), timeout=60,
+               what="the bad sink to stop with its reason", walpipe=w)
+    source_pg.sql("INSERT INTO t1 (v) SELECT 'x' FROM generate_series(1, 50)", dbname="app")
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: count_lines(good) == 50, timeout=60, what="the good sink to deliver", walpipe=w)
+    assert w.running
+    assert w.stop() == 1  # `run` says one of its parts ended on an error ... after finishing everything else
+    assert not (tmp_path / "bad.jsonl").exists()
