@@ -135,7 +135,8 @@ static receiver_t *rx_start(const reply_t *script, int nscript)
     receiver_t *rx = calloc(1, sizeof *rx);
     const union MHD_DaemonInfo *info;
     pthread_mutex_init(&rx->lock, NULL);
-    memcpy(rx->script, script, (size_t)nscript * sizeof *script);
+    if (nscript > 0)
+        memcpy(rx->script, script, (size_t)nscript * sizeof *script);
     rx->nscript = nscript;
     rx->daemon = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL, handle, rx,
                                   MHD_OPTION_END);
