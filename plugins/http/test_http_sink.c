@@ -413,6 +413,7 @@ static void test_redirect_is_fatal(void **state)
     assert_int_equal(plugin->deliver(st, ev, 1, err, sizeof err), WP_SINK_OK);
     assert_int_equal(poll_until(st, 1, &durable, err, sizeof err), WP_SINK_FATAL);
     assert_non_null(strstr(err, "HTTP 308"));
+    assert_non_null(strstr(err, "redirect"));
     plugin->close(st);
     rx_stop(rx);
 }
