@@ -321,6 +321,60 @@ static void test_batches_signed_in_order(void **state)
     rx_stop(rx);
 }
 
+/* Names with quotes, backslashes and control characters stay JSON; a payload that is no object is refused. */
+static void test_escaping_and_bad_payload(void **state)
+{
+    receiver_t *rx = rx_start(NULL, 0);
+    host_data_t hd = {0};
+    wp_sink_host_t host = {WP_SINK_ABI_VERSION, "t", cfg_get, host_log, &hd};
+    char url[128], err[512] = "";
+    wp_sink_event_t ev[2];
+    uint64_t durable = 0;
+    void *st = NULL;
+    json_t *arr, *e;
+    json_error_t jerr;
+    const char *odd = "we\"ird\\ta\tb\x01\xc3\xa9";
+
+    (void)state;
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/hook", rx->port);
+    set_key(&hd, "url", url);
+    assert_int_equal(plugin->open(&host, &st, err, sizeof err), WP_SINK_OK);
+    make_events(ev, 2, 1);
+    ev[0].table = odd;
+    ev[0].xid = -1;
+    ev[0].commit_us = 0;
+    ev[0].replay = 1;
+    ev[1].op = "message";
+    ev[1].schema = NULL;
+    ev[1].table = NULL;
+    ev[1].seq = 0;
+    ev[1].payload = " {\"prefix\":\"p\",\"content\":\"c\",\"transactional\":false}\n";
+    ev[1].payload_len = strlen(ev[1].payload);
+    assert_int_equal(plugin->deliver(st, ev, 2, err, sizeof err), WP_SINK_OK);
+    assert_int_equal(poll_until(st, 2, &durable, err, sizeof err), WP_SINK_OK);
+    arr = json_loads(rx->req[0].body, 0, &jerr);
+    if (arr == NULL)
+        fail_msg("body is not JSON: %s: %s", jerr.text, rx->req[0].body);
+    e = json_array_get(arr, 0);
+    assert_string_equal(json_string_value(json_object_get(e, "table")), odd);
+    assert_true(json_is_null(json_object_get(e, "xid")));
+    assert_true(json_is_null(json_object_get(e, "commit_ts")));
+    assert_true(json_is_true(json_object_get(e, "replay")));
+    e = json_array_get(arr, 1);
+    assert_true(json_is_null(json_object_get(e, "schema")));
+    assert_int_equal(json_integer_value(json_object_get(e, "seq")), 0);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(e, "payload"), "prefix")), "p");
+    json_decref(arr);
+
+    make_events(ev, 1, 3);
+    ev[0].payload = "[1,2]";
+    ev[0].payload_len = 5;
+    assert_int_equal(plugin->deliver(st, ev, 1, err, sizeof err), WP_SINK_FATAL);
+    assert_non_null(strstr(err, "not a JSON object"));
+    plugin->close(st);
+    rx_stop(rx);
+}
+
 static void test_retries_hold_position(void **state)
 {
     reply_t script[] = {{500, NULL, "down"}, {429, "1", "slow down"}, {503, NULL, ""}};
@@ -479,7 +533,8 @@ static void test_config_refused(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_batches_signed_in_order), cmocka_unit_test(test_retries_hold_position),
+        cmocka_unit_test(test_batches_signed_in_order), cmocka_unit_test(test_escaping_and_bad_payload),
+        cmocka_unit_test(test_retries_hold_position),
         cmocka_unit_test(test_4xx_is_fatal),             cmocka_unit_test(test_redirect_is_fatal),
         cmocka_unit_test(test_refused_is_retried),       cmocka_unit_test(test_config_refused),
     };
