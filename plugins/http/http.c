@@ -1,7 +1,7 @@
 /*
  * plugins/http/http.c: the http sink plugin (webhooks).
  *
- * Job: POST the events the core delivers, in batches of up to batch_events
+ * Job: POST the events the core delivers, in batches of up to post_events
  * events of one source, as a JSON array to one URL, signed with HMAC-SHA256,
  * and report a batch durable only when the receiver answered it with a 2xx.
  *
@@ -82,7 +82,7 @@ typedef struct http_sink {
     size_t secret_len;
     char *header;       /* the extra "Name: value" header or NULL; its value is never logged */
     long timeout_ms;
-    size_t batch_events;
+    size_t post_events;
     long max_backoff_ms;
     int tls_verify;
     /* curl */
@@ -106,10 +106,12 @@ typedef struct http_sink {
     int64_t retry_at;   /* monotonic ms before which the batch is not sent again */
     uint64_t durable;
     unsigned rng;
+    char fatal[512];    /* set once a request failed for good: the session sends nothing more */
 } http_sink_t;
 
+/* post_events, not batch_events: that one is the core's (events read from staging per batch) */
 static const char *const http_keys[] = {
-    "url", "secret", "timeout_ms", "batch_events", "max_backoff_ms", "header", "tls_verify", "ca_file", NULL,
+    "url", "secret", "timeout_ms", "post_events", "max_backoff_ms", "header", "tls_verify", "ca_file", NULL,
 };
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
@@ -439,14 +441,14 @@ static void batch_pop(http_sink_t *sink)
     sink->attempts = 0;
 }
 
-/* Forms the next batch from the queue's head: up to batch_events events of the head's source. */
+/* Forms the next batch from the queue's head: up to post_events events of the head's source. */
 static void batch_build(http_sink_t *sink)
 {
     const http_entry_t *first = &sink->q[sink->head];
     size_t n = 0, len = 2;
     char *p;
 
-    while (n < sink->count && n < sink->batch_events && strcmp(sink->q[sink->head + n].source, first->source) == 0) {
+    while (n < sink->count && n < sink->post_events && strcmp(sink->q[sink->head + n].source, first->source) == 0) {
         len += sink->q[sink->head + n].len + 1;
         n++;
     }
@@ -682,8 +684,13 @@ static int request_done(http_sink_t *sink, CURLcode cc, char *err, size_t errlen
  * Serves the requests until deadline (monotonic ms), or until the queue is
  * empty.  A batch that ends is followed at once by the next.
  */
-static int pump(http_sink_t *sink, int64_t deadline, char *err, size_t errlen)
+static int pump_once(http_sink_t *sink, int64_t deadline, char *err, size_t errlen)
 {
+    if (sink->fatal[0] != '\0') {
+        /* refused for good: a flush at stop must not send the refused batch again */
+        set_err(err, errlen, "%s", sink->fatal);
+        return WP_SINK_FATAL;
+    }
     for (;;) {
         int64_t now = now_ms();
         int running = 0, left = 0, rc;
@@ -720,6 +727,15 @@ static int pump(http_sink_t *sink, int64_t deadline, char *err, size_t errlen)
             return WP_SINK_OK;
         curl_multi_poll(sink->multi, NULL, 0, (int)(deadline - now < 1000 ? deadline - now : 1000), NULL);
     }
+}
+
+/* pump_once, and a fatal answer is final for the session (it is kept and returned again). */
+static int pump(http_sink_t *sink, int64_t deadline, char *err, size_t errlen)
+{
+    int rc = pump_once(sink, deadline, err, errlen);
+    if (rc == WP_SINK_FATAL)
+        snprintf(sink->fatal, sizeof sink->fatal, "%s", err);
+    return rc;
 }
 
 /* --- the ABI ------------------------------------------------------------ */
@@ -772,7 +788,7 @@ static int http_open(const wp_sink_host_t *host, void **state, char *err, size_t
         abort();
     sink->host = host;
     sink->timeout_ms = 10000;
-    sink->batch_events = 500;
+    sink->post_events = 500;
     sink->max_backoff_ms = 30000;
     sink->tls_verify = 1;
     sink->rng = (unsigned)time(NULL) ^ (unsigned)getpid();
@@ -802,11 +818,11 @@ static int http_open(const wp_sink_host_t *host, void **state, char *err, size_t
             goto out;
         sink->timeout_ms = n;
     }
-    v = host->config_get(host, "batch_events");
+    v = host->config_get(host, "post_events");
     if (v != NULL) {
-        if (parse_long("batch_events", v, 1, 100000, &n, err, errlen) != 0)
+        if (parse_long("post_events", v, 1, 100000, &n, err, errlen) != 0)
             goto out;
-        sink->batch_events = (size_t)n;
+        sink->post_events = (size_t)n;
     }
     v = host->config_get(host, "max_backoff_ms");
     if (v != NULL) {
@@ -856,7 +872,7 @@ static int http_open(const wp_sink_host_t *host, void **state, char *err, size_t
         logf_(sink, WP_SINK_LOG_WARN, "no secret: requests to %s are not signed (set secret to sign them)",
               sink->url_log);
     logf_(sink, WP_SINK_LOG_INFO, "posting to %s, %zu events per request, timeout %ld ms", sink->url_log,
-          sink->batch_events, sink->timeout_ms);
+          sink->post_events, sink->timeout_ms);
     *state = sink;
     sink = NULL;
     rc = WP_SINK_OK;
@@ -868,6 +884,10 @@ out:
 static int http_deliver(void *state, const wp_sink_event_t *events, size_t n, char *err, size_t errlen)
 {
     http_sink_t *sink = state;
+    if (sink->fatal[0] != '\0') {
+        set_err(err, errlen, "%s", sink->fatal);
+        return WP_SINK_FATAL;
+    }
     for (size_t i = 0; i < n; i++) {
         char *json = NULL;
         size_t len = 0;

@@ -281,7 +281,7 @@ static void test_batches_signed_in_order(void **state)
     snprintf(url, sizeof url, "http://127.0.0.1:%u/hook", rx->port);
     set_key(&hd, "url", url);
     set_key(&hd, "secret", "k3y-value");
-    set_key(&hd, "batch_events", "4");
+    set_key(&hd, "post_events", "4");
     set_key(&hd, "header", "X-Extra: tok-123");
     assert_int_equal(plugin->open(&host, &st, err, sizeof err), WP_SINK_OK);
     make_events(ev, 10, 1);
@@ -444,6 +444,11 @@ static void test_4xx_is_fatal(void **state)
     assert_non_null(strstr(err, "HTTP 400"));
     assert_non_null(strstr(err, "column \"x\" unknown"));
     assert_null(strchr(err, '\n'));
+    /* final: a flush after it sends nothing and says the same */
+    err[0] = '\0';
+    assert_int_equal(plugin->flush(st, 300, &durable, err, sizeof err), WP_SINK_FATAL);
+    assert_non_null(strstr(err, "HTTP 400"));
+    assert_int_equal(rx_count(rx), 2);
     plugin->close(st);
     rx_stop(rx);
 }
@@ -508,7 +513,7 @@ static void test_config_refused(void **state)
         {"url", "ftp://127.0.0.1/x", "not http or https"},
         {"url", "not a url", "not a valid"},
         {"timeout_ms", "10s", "timeout_ms"},
-        {"batch_events", "0", "batch_events"},
+        {"post_events", "0", "post_events"},
         {"tls_verify", "maybe", "tls_verify"},
         {"header", "X-A: b\r\nX-B: c", "one \"Name: value\" line"},
         {"ca_file", "/nonexistent/ca.pem", "cannot be read"},
