@@ -209,8 +209,9 @@ def write_load(source_pg, dbname, txns, rows, start=0):
 
 
 def test_every_event_arrives_through_failures(source_pg, staging_pg, walpipe_factory, receivers):
-    """Two sources under a write load; the receiver fails one request in four, by turns a 500,
-    a dropped connection, an answer slower than timeout_ms and a 429 with Retry-After: 1."""
+    """Two sources under a write load and a SIGKILL of walpipe; the receiver fails one request in
+    four, by turns a 500, a dropped connection, an answer slower than timeout_ms and a 429 with
+    Retry-After: 1."""
     kinds = ["500", "drop", "slow", "429"]
 
     def plan(n):
@@ -227,6 +228,10 @@ def test_every_event_arrives_through_failures(source_pg, staging_pg, walpipe_fac
     loads = [threading.Thread(target=write_load, args=(source_pg, db, 30, 20)) for db in ("app", "app2")]
     for t in loads:
         t.start()
+    # a SIGKILL while events flow: the next run delivers again from the saved position
+    wait_until(lambda: rx.count() >= 200, timeout=120, walpipe=w, what="200 events at the receiver")
+    w.kill()
+    w.start()
     for t in loads:
         t.join()
     wait_caught_up(source_pg, w, "walpipe_app", "app")
