@@ -39,7 +39,8 @@ import bench  # noqa: E402
 import wptest  # noqa: E402
 
 COLS = "source, event_type, payload, lsn, xid, commit_ts, seq, schema_name, table_name, shape_id"
-SECONDARY_INDEXES = ["raw_events_unprocessed", "raw_events_received_brin", "raw_events_source_lsn"]
+SECONDARY_INDEXES = ["raw_events_unprocessed", "raw_events_received_brin", "raw_events_source_lsn",
+                     "raw_events_source_order"]
 
 
 def backend_cpu(pid):
@@ -68,6 +69,11 @@ LEVERS = {
     "no_both_brins": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn"],
                       None),
     "no_secondary_indexes": ([f"DROP INDEX walpipe.{i}" for i in SECONDARY_INDEXES], None),
+    # the btree sinks read each source's events in order with (sql/012_sinks.sql): its cost on staging
+    "no_sink_order_idx": (["DROP INDEX walpipe.raw_events_source_order"], None),
+    # a narrower btree for the same read: (source, lsn) only, ties sorted at read time, without the BRIN
+    "sink_idx_narrow": (["DROP INDEX walpipe.raw_events_source_order", "DROP INDEX walpipe.raw_events_source_lsn",
+                         "CREATE INDEX raw_events_source_order ON walpipe.raw_events (source, lsn)"], None),
     # one BRIN over the three columns instead of two BRINs: a multi-column minmax BRIN answers a condition on
     # any of its columns, and costs one revmap lookup per row instead of two
     "one_brin": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn",

@@ -214,7 +214,8 @@ static int scan_until(jsonl_t *j, const char *source, char *err, size_t errlen)
         if (all == NULL)
             abort();
         memcpy(all, chunk, want);
-        memcpy(all + want, j->scan_carry, j->scan_carry_len);
+        if (j->scan_carry_len)
+            memcpy(all + want, j->scan_carry, j->scan_carry_len);
         size_t end = total;
         for (size_t i = total; i > 0; i--) {
             if (all[i - 1] != '\n')
@@ -227,7 +228,8 @@ static int scan_until(jsonl_t *j, const char *source, char *err, size_t errlen)
         j->scan_carry = malloc(end + 1);
         if (j->scan_carry == NULL)
             abort();
-        memcpy(j->scan_carry, all, end);
+        if (end)
+            memcpy(j->scan_carry, all, end);
         j->scan_carry_len = end;
         free(all);
         t = find_tail(j, source, 1);

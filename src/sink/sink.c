@@ -156,6 +156,7 @@ static int load_positions(sink_t *k)
             char l[WP_LSN_STRLEN];
             src->loaded = true;
             src->read = src->durable;
+            wp_metric_set(src->m_pos, (double)src->durable.lsn);
             wp_info("source \"%s\": from position %s/%d/%lld", src->name, wp_lsn_format(src->durable.lsn, l),
                     src->durable.seq, (long long)src->durable.id);
         }
@@ -295,6 +296,7 @@ static void *sink_main(void *arg)
             told_locked = false;
             save_positions(k); /* what became durable while staging was away */
         }
+        stats(k, &last_stats, &last_delivered); /* also while the plugin is down: the backlog grows */
         if (!wp_session_is_open(k->session)) {
             int rc = wp_session_open(k->session, err, sizeof err);
             if (rc == WP_SINK_FATAL) {
@@ -361,7 +363,6 @@ static void *sink_main(void *arg)
             backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
             continue;
         }
-        stats(k, &last_stats, &last_delivered);
         if (!read_any && wp_session_pending(k->session) == 0)
             wait_notify(k, IDLE_WAIT_MS);
     }

@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg2
@@ -232,6 +233,23 @@ def test_jsonl_skips_what_its_file_holds_and_sees_the_initial_snapshot(source_pg
     snap = [e for e in lines if e["op"] == "snapshot"]
     assert len(snap) == 280 and [e["seq"] for e in snap] == list(range(1, 281))
     assert len({e["lsn"] for e in snap}) == 1 and lines[:280] == snap  # one transaction, before the stream
+
+    # a requested snapshot (a resync) while the sink streams: staged, but not delivered (README "Sinks")
+    w.start()
+    r = w.command("snapshot", "--source", "app", "--table", "public.t2", timeout=120)
+    assert r.returncode == 0, r.stderr
+    source_pg.sql("INSERT INTO t1 (v) VALUES ('after the resync')", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE event_type = 'snapshot' AND lsn > %s",
+                             (snap[0]["lsn"],), dbname="staging") == 30
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE seq = -1", dbname="staging") == 1
+    total = len(staged(staging_pg))
+    wait_until(lambda: count_lines(out) >= total, timeout=120, what=f"{total} events in the file", walpipe=w)
+    assert w.stop() == 0
+    lines = read_jsonl(out)
+    assert as_rows(lines) == staged(staging_pg)
+    assert lines[-1]["payload"]["after"]["v"] == "after the resync"
+    assert sum(1 for e in lines if e["op"] == "snapshot") == 280
     before = out.read_bytes()
 
     # the position forgotten: everything is delivered again, and all of it is already in the file;
@@ -276,6 +294,14 @@ def test_missing_plugin_and_unknown_key_are_refused_clearly(source_pg, staging_p
 # --------------------------------------------------------------------------
 # (b) a sink down while staging and the mirrors go on
 
+def metric(port, series):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
 def sink_status(w):
     r = w.command("status", "--json")
     doc = json.loads(r.stdout)
@@ -286,11 +312,17 @@ def test_sink_down_then_catches_up_while_staging_and_mirrors_go_on(source_pg, st
     down_s = 60 if LONG else 20
     setup_source(source_pg, schema=SCHEMA)
     out = tmp_path / "later" / "events.jsonl"  # the directory does not exist yet: the sink is down
-    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out}}, workers=1)
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out}}, workers=1, run=False)
+    port = wptest.free_port()
+    with open(w.config_path, "a") as f:
+        f.write(f"\n[metrics]\nlisten = {port}\n")
+    w.start()
     writers = Writers(source_pg).start()
     try:
         wait_until(lambda: "does not exist; create it" in w.log(), timeout=60, what="the sink to say it is down",
                    walpipe=w)
+        wait_until(lambda: metric(port, 'walpipe_sink_lag_events{sink="j",source="app"}') > 0, timeout=60,
+                   what="the sink's backlog gauge", walpipe=w)
         t0 = time.monotonic()
         staged0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
         mirror0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE processed", dbname="staging")
@@ -314,6 +346,9 @@ def test_sink_down_then_catches_up_while_staging_and_mirrors_go_on(source_pg, st
     wait_caught_up(source_pg, w)
     wait_until(lambda: sink_status(w)[("j", "app")]["backlog_events"] == 0, timeout=120,
                what="the sink's backlog to drain", walpipe=w)
+    assert metric(port, 'walpipe_sink_lag_events{sink="j",source="app"}') >= 0
+    assert metric(port, 'walpipe_sink_up{sink="j"}') == 1
+    assert metric(port, 'walpipe_sink_events_total{sink="j",source="app"}') > 0
     assert w.stop() == 0
     assert as_rows(read_jsonl(out)) == staged(staging_pg)
     text = w.log()
