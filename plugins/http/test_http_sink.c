@@ -375,6 +375,33 @@ static void test_escaping_and_bad_payload(void **state)
     rx_stop(rx);
 }
 
+/* poll hands a durable batch back at once (the next one sent); flush waits for all. */
+static void test_poll_returns_when_durable_moves(void **state)
+{
+    receiver_t *rx = rx_start(NULL, 0);
+    host_data_t hd = {0};
+    wp_sink_host_t host = {WP_SINK_ABI_VERSION, "t", cfg_get, host_log, &hd};
+    char url[128], err[512] = "";
+    wp_sink_event_t ev[3];
+    uint64_t durable = 0;
+    void *st = NULL;
+
+    (void)state;
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/hook", rx->port);
+    set_key(&hd, "url", url);
+    set_key(&hd, "post_events", "1");
+    assert_int_equal(plugin->open(&host, &st, err, sizeof err), WP_SINK_OK);
+    make_events(ev, 3, 1);
+    assert_int_equal(plugin->deliver(st, ev, 3, err, sizeof err), WP_SINK_OK);
+    assert_int_equal(plugin->poll(st, 10000, &durable, err, sizeof err), WP_SINK_OK);
+    assert_int_equal(durable, 1);
+    assert_int_equal(plugin->flush(st, 10000, &durable, err, sizeof err), WP_SINK_OK);
+    assert_int_equal(durable, 3);
+    assert_int_equal(rx_count(rx), 3);
+    plugin->close(st);
+    rx_stop(rx);
+}
+
 static void test_retries_hold_position(void **state)
 {
     reply_t script[] = {{500, NULL, "down"}, {429, "1", "slow down"}, {503, NULL, ""}};
@@ -539,6 +566,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batches_signed_in_order), cmocka_unit_test(test_escaping_and_bad_payload),
+        cmocka_unit_test(test_poll_returns_when_durable_moves),
         cmocka_unit_test(test_retries_hold_position),
         cmocka_unit_test(test_4xx_is_fatal),             cmocka_unit_test(test_redirect_is_fatal),
         cmocka_unit_test(test_refused_is_retried),       cmocka_unit_test(test_config_refused),
