@@ -278,7 +278,6 @@ def test_400_stops_the_sink_and_staging_goes_on(source_pg, staging_pg, walpipe_f
     assert rx.count() == 1
     assert w.stop() == 0
     assert rx.requests == 2  # the refused batch is not sent again (not even by the flush at stop)
-    print("\n".join(x for x in w.log().splitlines() if "http" in x or "sink" in x))
 
 
 @pytest.fixture
@@ -311,7 +310,6 @@ def test_tls_verified_by_default(source_pg, staging_pg, walpipe_factory, receive
     wait_until(lambda: rx.count() == 1, walpipe=w, what="the event over verified TLS")
     assert rx.bad == []
     assert w.stop() == 0
-    print("\n".join(x for x in w.log().splitlines() if "http" in x or "sink" in x))
 
     # tls_verify = off (no ca_file): it passes, with a warning at every start
     text = w.config_path.read_text().replace(f"ca_file = {cert}\n", "tls_verify = off\n")
