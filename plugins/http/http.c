@@ -12,6 +12,13 @@
  * the receiver has not accepted, and a receiver sees each source's events in
  * (lsn, seq) order (with repeats after a failure).
  *
+ * Request: POST url, body [event,...] (event_render's object), headers
+ *   Content-Type: application/json
+ *   X-Walpipe-Timestamp: <unix seconds, new at each attempt>
+ *   X-Walpipe-Signature: sha256=<hex HMAC-SHA256(secret, timestamp "." body)>
+ *   Idempotency-Key: <source>/<first lsn>:<seq>-<last lsn>:<seq>
+ *   and the configured extra header.
+ *
  * Failures (what class and why):
  *   5xx, 408, 429, a timeout, a refused or dropped connection: passing; the
  *     plugin retries the same batch itself, with capped exponential backoff
