@@ -335,11 +335,13 @@ static void *sink_main(void *arg)
         }
 
         /* read and deliver, a batch per source, while not too far ahead of durable */
-        bool read_any = false, staging_lost = false;
+        bool read_any = false, staging_lost = false, capped = false;
         int rc = WP_SINK_OK;
         for (size_t s = 0; s < k->nsources && rc == WP_SINK_OK; s++) {
-            if (wp_session_pending(k->session) >= (size_t)batch * PENDING_BATCHES)
+            if (wp_session_pending(k->session) >= (size_t)batch * PENDING_BATCHES) {
+                capped = true; /* a backlog may be waiting: no idle wait below */
                 break;
+            }
             sink_source_t *src = &k->sources[s];
             wp_feed_row_t *rows;
             int n = wp_feed_read(src->feed, k->conn, &src->read, 0, batch, &rows);
@@ -384,7 +386,7 @@ static void *sink_main(void *arg)
             backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
             continue;
         }
-        if (!read_any && wp_session_pending(k->session) == 0)
+        if (!read_any && !capped && wp_session_pending(k->session) == 0)
             wait_notify(k, IDLE_WAIT_MS);
     }
 
