@@ -276,7 +276,7 @@ def test_400_stops_the_sink_and_staging_goes_on(source_pg, staging_pg, walpipe_f
     assert w.running
     assert len(staged(staging_pg)) == 3
     assert rx.count() == 1
-    assert w.stop() == 0
+    assert w.stop() == 1  # a sink stopped on a fatal error: run says so in its exit code (README, Sinks)
     assert rx.requests == 2  # the refused batch is not sent again (not even by the flush at stop)
 
 
@@ -301,7 +301,7 @@ def test_tls_verified_by_default(source_pg, staging_pg, walpipe_factory, receive
     wait_until(lambda: "TLS verification" in w.log(), walpipe=w, what="the certificate refused")
     assert "ca_file" in next(x for x in w.log().splitlines() if "TLS verification" in x)
     assert rx.requests == 0
-    assert w.stop() == 0
+    assert w.stop() == 1  # the sink stopped on a fatal error
 
     # the same receiver, its certificate given as the CA: the event arrives
     with open(w.config_path, "a") as f:
