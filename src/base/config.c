@@ -64,6 +64,7 @@ typedef enum key_type {
     TYPE_MASKS,   /* col:kind, ... */
     TYPE_LISTEN,  /* [metrics] listen: PORT, HOST:PORT or [IPV6]:PORT; only a port means 127.0.0.1 */
     TYPE_LOG_FORMAT, /* text | json */
+    TYPE_PLUGIN,  /* wal2json | pgoutput */
 } key_type_t;
 
 typedef struct key_spec {
@@ -106,6 +107,8 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "max_stall_seconds", TYPE_INT, offsetof(wp_source_config_t, max_stall_seconds), 1, 86400 * 7},
     {SECTION_SOURCE, "min_safe_wal_size", TYPE_BYTES, offsetof(wp_source_config_t, min_safe_wal_size), 0, 1LL << 40},
     {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
+    {SECTION_SOURCE, "plugin", TYPE_PLUGIN, offsetof(wp_source_config_t, plugin), 0, 0},
+    {SECTION_SOURCE, "publication", TYPE_NAME, offsetof(wp_source_config_t, publication), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 /* TYPE_COLUMNS stores the count right after the array */
@@ -318,6 +321,7 @@ void wp_config_destroy(wp_config_t *config)
         free_tables(source->tables, source->ntables);
         free_tables(source->exclude_tables, source->nexclude_tables);
         free(source->mask_salt);
+        free(source->publication);
         for (size_t k = 0; k < source->nrules; k++)
             free_rule(&source->rules[k]);
         free(source->rules);
@@ -1108,6 +1112,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
         *(bool *)field = strcmp(value, "initial") == 0;
         return true;
 
+    case TYPE_PLUGIN:
+        if (strcmp(value, "wal2json") != 0 && strcmp(value, "pgoutput") != 0) {
+            fail(p, p->lineno, "plugin in %s must be wal2json or pgoutput (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(wp_plugin_t *)field = strcmp(value, "pgoutput") == 0 ? WP_PLUGIN_PGOUTPUT : WP_PLUGIN_WAL2JSON;
+        return true;
+
     case TYPE_LOG_FORMAT:
         if (strcmp(value, "text") != 0 && strcmp(value, "json") != 0) {
             fail(p, p->lineno, "log_format in %s must be text or json (got \"%.40s\")", label, value);
@@ -1399,6 +1411,14 @@ static void check_complete(parser_t *p)
         if (source->conninfo == NULL) {
             fail(p, source->line, "[source %s] has no conninfo; add conninfo = <libpq connection string>",
                  source->name);
+            return;
+        }
+        source->publication_set = source->publication != NULL;
+        if (source->publication == NULL)
+            source->publication = default_slot(source->name); /* walpipe_<name>, as the slot */
+        if (source->publication_set && source->plugin != WP_PLUGIN_PGOUTPUT) {
+            fail(p, source->line, "[source %s] sets publication, which only plugin = pgoutput reads; add plugin = "
+                 "pgoutput or remove publication", source->name);
             return;
         }
         if (source->slot == NULL) {
