@@ -145,9 +145,8 @@ def test_pgoutput_mirrors_equal_their_sources(source_pg, staging_pg, walpipe_fac
     source_pg.sql(TYPES_SCHEMA + EXTRA_SCHEMA, dbname="app")
     source_pg.sql("INSERT INTO all_types (id, txt) VALUES (9000, 'before the slot')", dbname="app")
     tables = ["public.all_types", "public.kids", "public.trunc_me", "public.t_full"]
-    w = start(walpipe_factory, staging_pg, source_pg, workers=2, tables=tables)
-    # start() writes slot = walpipe_app and no plugin: append ours to the source section
-    w.stop()
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2, tables=tables, run=False)
+    # start() writes slot = walpipe_app and no plugin: add ours to the source section
     text = w.config_path.read_text().replace("[source app]\n", "[source app]\nplugin = pgoutput\n")
     w.config_path.write_text(text)
     w.start()
@@ -161,7 +160,9 @@ def test_pgoutput_mirrors_equal_their_sources(source_pg, staging_pg, walpipe_fac
     for t, k in dict(TABLE_KEYS, t_full=["id"]).items():
         assert_mirrored(source_pg, staging_pg, t, k)
     assert staging_pg.scalar("SELECT count(*) FROM analytics.public_all_types WHERE id = 9000",
-                             dbname="staging") == 1
+                             dbname="staging") == 1  # copied by the initial snapshot
+    assert source_pg.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = 'walpipe_app'") == "pgoutput"
+    assert 'created publication "walpipe_app" for the source\'s tables' in w.log()
     assert w.stop() == 0
 
 
