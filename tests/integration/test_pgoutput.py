@@ -166,6 +166,15 @@ def test_pgoutput_mirrors_equal_their_sources(source_pg, staging_pg, walpipe_fac
     assert w.stop() == 0
 
 
+def check_line(w, check):
+    """`walpipe check --json`'s object for check of source app."""
+    r = w.command("check", "--json", timeout=180)
+    objs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    found = [o for o in objs if o.get("check") == check and o.get("source") == "app"]
+    assert len(found) == 1, r.stdout
+    return found[0]
+
+
 def test_named_publication_must_exist(source_pg, staging_pg, walpipe_factory):
     source_pg.createdb("app")
     source_pg.sql("CREATE TABLE t (id int PRIMARY KEY)", dbname="app")
@@ -181,3 +190,11 @@ def test_named_publication_must_exist(source_pg, staging_pg, walpipe_factory):
     log = w.log()
     assert 'publication "nope" (source "app") does not exist on the source' in log
     assert "CREATE PUBLICATION" in log
+    # walpipe check says the same before a start, and the plugin check is the publication's
+    o = check_line(w, "publication")
+    assert o["status"] == "fail" and 'CREATE PUBLICATION "nope"' in o["fix"], o
+    source_pg.sql("CREATE PUBLICATION nope FOR TABLE t", dbname="app")
+    o = check_line(w, "publication")
+    assert o["status"] == "pass" and "for a list of tables (1 table(s) now)" in o["message"], o
+    r = w.command("check", "--json", timeout=180)
+    assert '"check":"wal2json"' not in r.stdout
