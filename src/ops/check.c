@@ -794,10 +794,16 @@ static void check_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_config_
                 wp_buf_printf(&fix, "ALTER TABLE %s REPLICA IDENTITY USING INDEX <the unique index on (%s)>, or "
                                     "add a primary key", name.data, cols);
             }
-            report(ctx, CHECK_FAIL, "table", fix.data,
-                   "%s: wal2json drops its UPDATEs and DELETEs (%s), with only a warning; the mirror, keyed on "
-                   "(%s), gets its inserts but misses those: each is recorded as a divergence",
-                   name.data, dropped, cols);
+            if (src->plugin == WP_PLUGIN_PGOUTPUT)
+                report(ctx, CHECK_FAIL, "table", fix.data,
+                       "%s: the source refuses its UPDATEs and DELETEs while a publication that publishes them "
+                       "holds it (%s)",
+                       name.data, dropped);
+            else
+                report(ctx, CHECK_FAIL, "table", fix.data,
+                       "%s: wal2json drops its UPDATEs and DELETEs (%s), with only a warning; the mirror, keyed on "
+                       "(%s), gets its inserts but misses those: each is recorded as a divergence",
+                       name.data, dropped, cols);
             free(cols);
         } else {
             good++;
@@ -809,8 +815,8 @@ static void check_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_config_
                "the database has no table to capture (yet)");
     else if (good > 0 || n == 0)
         report(ctx, CHECK_PASS, "tables", NULL,
-               "%d%s captured table(s) can be mirrored, and wal2json sends their UPDATEs and DELETEs with a key",
-               good, good < n ? " other" : "");
+               "%d%s captured table(s) can be mirrored, and %s sends their UPDATEs and DELETEs with a key",
+               good, good < n ? " other" : "", plugin_name(src));
 out:
     free(items);
     PQclear(ident);

@@ -177,7 +177,8 @@ def check_line(w, check):
 
 def test_named_publication_must_exist(source_pg, staging_pg, walpipe_factory):
     source_pg.createdb("app")
-    source_pg.sql("CREATE TABLE t (id int PRIMARY KEY)", dbname="app")
+    source_pg.sql("CREATE TABLE t (id int PRIMARY KEY); "
+                  "CREATE TABLE nokey (v int PRIMARY KEY); ALTER TABLE nokey REPLICA IDENTITY NOTHING", dbname="app")
     w = walpipe_factory("[placeholder]\n")
     wptest.write_config(w.config_path, staging_pg.conninfo("staging"),
                         {"app": {"conninfo": source_pg.conninfo("app"), "plugin": "pgoutput",
@@ -198,3 +199,5 @@ def test_named_publication_must_exist(source_pg, staging_pg, walpipe_factory):
     assert o["status"] == "pass" and "for a list of tables (1 table(s) now)" in o["message"], o
     r = w.command("check", "--json", timeout=180)
     assert '"check":"wal2json"' not in r.stdout
+    o = check_line(w, "table")  # pgoutput's words for a table without a replica identity
+    assert o["status"] == "fail" and "the source refuses its UPDATEs and DELETEs" in o["message"], o
