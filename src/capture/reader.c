@@ -65,6 +65,7 @@ struct wp_reader {
     wp_pgoutput_t *pgoutput;  /* pgoutput only: relation cache and held transaction */
     PGconn *catalog;          /* pgoutput only: plain connection naming types (opened when first needed) */
     bool broken;              /* a message could not be read for a reason of ours (catalog): retry the stream */
+    wp_queue_t *queue;        /* while streaming: where segments go (pgoutput pushes inside a held transaction) */
     wp_decoder_t *decoder;
     wp_encoder_t *encoder;
     wp_filter_t *filter; /* the source's column filters and masks, applied by decoder */
@@ -919,6 +920,11 @@ static void pgoutput_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const ch
         wp_lsn_t mlsn;
         const char *m = wp_pgoutput_held(p, i, &mlen, &mlsn);
         pgoutput_message(reader, mlsn, m, mlen);
+        /* a big transaction goes to staging in segments, as wal2json's does */
+        wp_segment_t *segment = reader->segment;
+        if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
+            push_segment(reader, reader->queue, false, true) != 0)
+            reader->broken = true;
     }
     wp_pgoutput_release(p);
     if (!reader->broken)
@@ -1163,6 +1169,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
     char *buf = NULL;
     *fatal = false;
     reader->start = *start;
+    reader->queue = queue;
     reader->pos = *start;
     reader->pushed = *start;
     reader->in_txn = reader->skipping = false;
