@@ -84,12 +84,27 @@ int wp_pgoutput_next(wp_pgoutput_t *p, wp_decoder_t *decoder, wp_change_t *chang
 
 /* True from a held Begin until wp_pgoutput_release. */
 bool wp_pgoutput_holding(const wp_pgoutput_t *p);
-/* Keeps a copy of a message with the LSN of its XLogData header. */
-void wp_pgoutput_hold(wp_pgoutput_t *p, wp_lsn_t lsn, const char *data, size_t len);
+/*
+ * Keeps a copy of a message with the LSN of its XLogData header: in memory
+ * up to 8 MB of a transaction, the rest in a temporary file (tmpfile(), in
+ * /tmp, deleted when closed), so a transaction of any size costs bounded
+ * memory.  If the file cannot be made, memory it is (warned).  Returns 0, or
+ * -1 (logged) when the file could not be written: the caller retries the
+ * stream from its checkpoint.
+ */
+int wp_pgoutput_hold(wp_pgoutput_t *p, wp_lsn_t lsn, const char *data, size_t len);
 size_t wp_pgoutput_nheld(const wp_pgoutput_t *p);
-/* The i-th held message (borrowed until release); *lsn its header LSN. */
-const char *wp_pgoutput_held(const wp_pgoutput_t *p, size_t i, size_t *len, wp_lsn_t *lsn);
+/*
+ * The i-th held message; *lsn its header LSN.  Messages are read in order
+ * (those in the file can only be read back so).  Borrowed until the next
+ * call or release (one read back from the file shares one buffer).  NULL
+ * (logged) when the file cannot give it back: the caller retries the stream.
+ */
+const char *wp_pgoutput_held(wp_pgoutput_t *p, size_t i, size_t *len, wp_lsn_t *lsn);
 /* Drops the held messages. */
 void wp_pgoutput_release(wp_pgoutput_t *p);
+
+/* Tests: hold at most bytes of a transaction in memory (default 8 MB). */
+void wp_pgoutput_set_hold_memory(wp_pgoutput_t *p, size_t bytes);
 
 #endif /* WP_PGOUTPUT_H */

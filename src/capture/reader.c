@@ -883,7 +883,8 @@ static void pgoutput_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const ch
         wp_pgoutput_release(p);
     }
     if (kind != 'C' && (kind == 'B' || wp_pgoutput_holding(p))) {
-        wp_pgoutput_hold(p, header_lsn, data, len);
+        if (wp_pgoutput_hold(p, header_lsn, data, len) != 0)
+            reader->broken = true; /* logged; the stream restarts from the checkpoint */
         return;
     }
     if (kind != 'C' || !wp_pgoutput_holding(p)) {
@@ -919,6 +920,10 @@ static void pgoutput_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const ch
         size_t mlen;
         wp_lsn_t mlsn;
         const char *m = wp_pgoutput_held(p, i, &mlen, &mlsn);
+        if (m == NULL) {
+            reader->broken = true; /* logged; the stream restarts from the checkpoint */
+            break;
+        }
         pgoutput_message(reader, mlsn, m, mlen);
         /* a big transaction goes to staging in segments, as wal2json's does */
         wp_segment_t *segment = reader->segment;

@@ -489,18 +489,30 @@ static void test_hold(void **state)
     fixture_t *f = *state;
     size_t len;
     wp_lsn_t lsn;
-    assert_false(wp_pgoutput_holding(f->p));
-    wp_pgoutput_hold(f->p, 10, "B123", 4);
-    wp_pgoutput_hold(f->p, 20, "I45", 3);
-    assert_true(wp_pgoutput_holding(f->p));
-    assert_int_equal(wp_pgoutput_nheld(f->p), 2);
-    const char *m = wp_pgoutput_held(f->p, 1, &len, &lsn);
-    assert_int_equal(len, 3);
-    assert_int_equal(lsn, 20);
-    assert_memory_equal(m, "I45", 3);
-    wp_pgoutput_release(f->p);
-    assert_false(wp_pgoutput_holding(f->p));
-    assert_int_equal(wp_pgoutput_nheld(f->p), 0);
+    char msg[64];
+    wp_pgoutput_set_hold_memory(f->p, 100); /* past 100 bytes a transaction spills to its file */
+    for (int round = 0; round < 2; round++) {
+        assert_false(wp_pgoutput_holding(f->p));
+        for (int i = 0; i < 500; i++) {
+            int n = snprintf(msg, sizeof msg, "message %d of round %d", i, round);
+            assert_int_equal(wp_pgoutput_hold(f->p, (wp_lsn_t)(1000 + i), msg, (size_t)n), 0);
+        }
+        assert_true(wp_pgoutput_holding(f->p));
+        assert_int_equal(wp_pgoutput_nheld(f->p), 500);
+        for (int i = 0; i < 500; i++) {
+            int n = snprintf(msg, sizeof msg, "message %d of round %d", i, round);
+            const char *m = wp_pgoutput_held(f->p, (size_t)i, &len, &lsn);
+            assert_non_null(m);
+            assert_int_equal(len, n);
+            assert_int_equal(lsn, 1000 + i);
+            assert_memory_equal(m, msg, len);
+        }
+        /* the file gives its messages back in order only */
+        assert_null(wp_pgoutput_held(f->p, 400, &len, &lsn));
+        wp_pgoutput_release(f->p);
+        assert_false(wp_pgoutput_holding(f->p));
+        assert_int_equal(wp_pgoutput_nheld(f->p), 0);
+    }
 }
 
 int main(void)
