@@ -10,6 +10,9 @@
  *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms, resync
  *   [metrics]            optional: listen (PORT or HOST:PORT; a bare port listens on 127.0.0.1)
  *   [source NAME] also:  max_lag_bytes, max_lag_seconds, max_stall_seconds, min_safe_wal_size (lag guard)
+ *   [sink NAME]          optional, any number: plugin (required), sources, tables, batch_events, plugin_dir,
+ *                        and the plugin's own keys (kept as text, checked against the plugin's list when
+ *                        the sink starts: src/sink/loader.c)
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
@@ -67,10 +70,10 @@ typedef struct wp_table_rule {
 } wp_table_rule_t;
 
 /* The output plugin a source's slot decodes with ([source] plugin). */
-typedef enum wp_plugin {
+typedef enum wp_input_plugin {
     WP_PLUGIN_WAL2JSON = 0, /* default */
     WP_PLUGIN_PGOUTPUT,     /* built in; needs a publication */
-} wp_plugin_t;
+} wp_input_plugin_t;
 
 typedef struct wp_source_config {
     char *name;     /* section name: [source NAME]; [A-Za-z0-9_-], unique */
@@ -92,11 +95,33 @@ typedef struct wp_source_config {
     char *mask_salt;        /* salt of sha256 masks; a secret: never logged; NULL = unset */
     wp_table_rule_t *rules; /* the [table NAME.*.*] sections of this source */
     size_t nrules;
-    wp_plugin_t plugin;     /* plugin = wal2json (default) | pgoutput */
+    wp_input_plugin_t plugin; /* plugin = wal2json (default) | pgoutput */
     char *publication;      /* pgoutput: the publication to read; default "walpipe_<name>", which walpipe creates
                                with the slot; a named one must exist */
     bool publication_set;   /* publication was given: walpipe never creates it */
 } wp_source_config_t;
+
+/* One key = value of a [sink NAME] section that is the plugin's, not the core's (host->config_get). */
+typedef struct wp_sink_key {
+    char *key;
+    char *value; /* after ${VAR} expansion; may be a secret: never logged */
+    int line;
+} wp_sink_key_t;
+
+/* [sink NAME]: a consumer of raw_events with its own position, fed to a plugin (include/walpipe/sink.h). */
+typedef struct wp_sink_config {
+    char *name;             /* section name; [A-Za-z0-9_-], unique among sinks */
+    char *plugin;           /* plugin = NAME: loads walpipe_sink_NAME.so; [A-Za-z0-9_] */
+    char **sources;         /* sources = a, b: names of [source] sections; NULL = every source */
+    size_t nsources;
+    wp_table_ref_t *tables; /* tables = schema.table, ...: only these tables' events; NULL = all */
+    size_t ntables;
+    int batch_events;       /* events read from staging and delivered per batch; default 1000 */
+    char *plugin_dir;       /* where walpipe_sink_NAME.so is looked for first; NULL = not set */
+    wp_sink_key_t *keys;    /* every other key, for the plugin */
+    size_t nkeys;
+    int line;               /* line of the section header */
+} wp_sink_config_t;
 
 typedef enum wp_log_level {
     WP_LOG_DEBUG = 0,
@@ -130,6 +155,8 @@ typedef struct wp_config {
     char *metrics_listen;         /* [metrics] listen: address of the Prometheus /metrics listener; NULL = off */
     wp_source_config_t *sources;
     size_t nsources;
+    wp_sink_config_t *sinks;      /* [sink NAME] sections, in file order */
+    size_t nsinks;
 } wp_config_t;
 
 /*

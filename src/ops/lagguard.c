@@ -8,6 +8,11 @@
  * quiet source, or one writing only tables walpipe does not capture, is not
  * "behind" however old its newest staged change is.
  *
+ * Catch-up (catchup.h): from the same look, a source WP_CATCHUP_ENTER_BYTES
+ * behind is "catching up"; the guard logs that at once, then every
+ * WP_CATCHUP_LOG_MS how far behind, the net rate and the time left, and
+ * "caught up after N s" when it is under WP_CATCHUP_LEAVE_BYTES.
+ *
  * Invariant: each warning is logged once when its condition starts and once
  * when it clears; its gauge is 1 exactly in between.  The guard only reads.
  */
@@ -23,6 +28,7 @@
 
 #include <walpipe/walpipe.h>
 
+#include "catchup.h"
 #include "lagguard.h"
 #include "log.h"
 #include "metrics.h"
@@ -44,6 +50,9 @@ typedef struct guarded {
     wp_lsn_t ref_lsn; /* behind: the source's WAL position at ref_ms */
     int64_t ref_ms;
     bool behind;
+    wp_catchup_t catchup;
+    int64_t catchup_log_ms; /* last catch-up report */
+    wp_metric_t *m_catching_up, *m_behind, *m_rate, *m_eta;
     wp_metric_t *m_up, *m_active, *m_lag_bytes, *m_retained, *m_lag_seconds, *m_safe, *m_warn[W_COUNT];
     wp_metric_t *m_snap_rows, *m_snap_est, *m_snap_running;
 } guarded_t;
@@ -82,6 +91,65 @@ static void set_warning(guarded_t *g, int w, bool on, const char *fmt, ...)
         wp_warn("lag guard: source \"%s\": %s", g->source->name, msg);
     else
         wp_info("lag guard: source \"%s\": %s cleared", g->source->name, warning_names[w]);
+}
+
+#define MB (1024.0 * 1024.0)
+
+/* "25 s": now - commit time of the newest staged change, or "?" */
+static const char *commit_age(const wp_probe_source_t *p, char *buf, size_t len)
+{
+    if (p->last_commit_unix <= 0)
+        return "?";
+    double age = now_unix() - p->last_commit_unix;
+    snprintf(buf, len, "%.0f", age > 0 ? age : 0);
+    return buf;
+}
+
+/* Follows the source's catch-up (catchup.h): the log lines and the catch-up gauges. */
+static void guard_catchup(guarded_t *g, const wp_probe_source_t *p, int64_t now)
+{
+    wp_lsn_t staged = wp_catchup_staged_lsn(p);
+    if (staged == WP_LSN_INVALID)
+        return;
+    wp_catchup_event_t ev = wp_catchup_update(&g->catchup, now, p->current_lsn, staged);
+    int64_t behind = wp_catchup_behind(&g->catchup);
+    wp_catchup_rate_t rate = wp_catchup_rate(&g->catchup, WP_CATCHUP_RATE_MS);
+    double eta = wp_catchup_eta(behind, &rate);
+    bool on = g->catchup.catching_up;
+    wp_metric_set(g->m_catching_up, on ? 1 : 0);
+    wp_metric_set(g->m_behind, (double)behind);
+    wp_metric_set(g->m_rate, rate.known ? rate.net : 0);
+    wp_metric_set(g->m_eta, !on ? 0 : eta);
+
+    const char *name = g->source->name;
+    char age[32];
+    if (ev == WP_CATCHUP_DONE) {
+        wp_info("source \"%s\": caught up after %.0f s, %.1f MB of WAL staged (%.1f MB behind now)", name,
+                wp_catchup_seconds(&g->catchup), (double)wp_catchup_consumed(&g->catchup) / MB, (double)behind / MB);
+        return;
+    }
+    if (ev == WP_CATCHUP_STARTED) {
+        g->catchup_log_ms = now;
+        wp_info("source \"%s\": catching up: %.1f MB of WAL (%s s by commit time) behind the source%s", name,
+                (double)behind / MB, commit_age(p, age, sizeof age),
+                p->active ? "" : "; nothing streams from the slot yet");
+        return;
+    }
+    if (!on || now - g->catchup_log_ms < WP_CATCHUP_LOG_MS)
+        return;
+    /* the rate since the last report */
+    rate = wp_catchup_rate(&g->catchup, now - g->catchup_log_ms + GUARD_INTERVAL_MS / 2);
+    eta = wp_catchup_eta(behind, &rate);
+    g->catchup_log_ms = now;
+    char left[64];
+    if (eta >= 0)
+        snprintf(left, sizeof left, "about %.0f s left", eta);
+    else
+        snprintf(left, sizeof left, "%s", rate.known && rate.net < 0 ? "falling further behind" : "time left unknown");
+    wp_info("source \"%s\": catching up: %.1f MB of WAL (%s s by commit time) behind the source, %.2f MB/s net "
+            "(staging %.2f MB/s, the source writing %.2f MB/s), %s%s",
+            name, (double)behind / MB, commit_age(p, age, sizeof age), rate.net / MB, rate.staged / MB,
+            rate.written / MB, left, p->active ? "" : "; nothing streams from the slot");
 }
 
 static void guard_source(wp_lagguard_t *guard, guarded_t *g)
@@ -123,6 +191,7 @@ static void guard_source(wp_lagguard_t *guard, guarded_t *g)
     if (lag_seconds < 0)
         lag_seconds = 0;
     wp_metric_set(g->m_lag_seconds, lag_seconds);
+    guard_catchup(g, &p, now);
 
     /* stall: confirmed_flush_lsn stands still although the source wrote past it */
     if (p.confirmed_flush != g->last_confirmed || g->last_moved_ms == 0 || p.current_lsn <= p.confirmed_flush) {
@@ -253,6 +322,19 @@ wp_lagguard_t *wp_lagguard_start(const wp_config_t *config, bool with_sources)
             g->m_warn[w] = wp_metric(WP_METRIC_GAUGE, "walpipe_lag_warning",
                                      "1 while the lag guard warns about the source for this reason", "source", n,
                                      "reason", warning_names[w], NULL);
+        g->m_catching_up = wp_metric(WP_METRIC_GAUGE, "walpipe_source_catching_up",
+                                     "1 while the source is catching up: from 64 MB of WAL behind until under 16 MB",
+                                     "source", n, NULL);
+        g->m_behind = wp_metric(WP_METRIC_GAUGE, "walpipe_source_behind_bytes",
+                                "Source's current WAL position minus what walpipe staged (the later of the "
+                                "checkpoint and confirmed_flush_lsn)",
+                                "source", n, NULL);
+        g->m_rate = wp_metric(WP_METRIC_GAUGE, "walpipe_source_catchup_rate_bytes_per_second",
+                              "WAL staged per second minus WAL the source wrote per second, over the last 10 s",
+                              "source", n, NULL);
+        g->m_eta = wp_metric(WP_METRIC_GAUGE, "walpipe_source_catchup_eta_seconds",
+                             "Time left to catch up at the current net rate; 0 when not catching up, -1 unknown",
+                             "source", n, NULL);
         g->m_snap_running = wp_metric(WP_METRIC_GAUGE, "walpipe_snapshot_running",
                                       "1 while the source's newest snapshot is running", "source", n, NULL);
         g->m_snap_rows = wp_metric(WP_METRIC_GAUGE, "walpipe_snapshot_rows_copied",

@@ -7,6 +7,8 @@
  * max_lag_seconds behind, confirmed_flush_lsn stands still for
  * max_stall_seconds while the source writes, or safe_wal_size falls below
  * min_safe_wal_size: early, before max_slot_wal_keep_size invalidates the slot.
+ * From the same look it follows each source's catch-up after an outage
+ * (catchup.h): logged every 10 s while catching up, and its gauges.
  */
 #ifndef WP_LAGGUARD_H
 #define WP_LAGGUARD_H

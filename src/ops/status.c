@@ -6,6 +6,10 @@
  * README ("walpipe status --json") and only ever grows: fields are added,
  * never renamed or removed.
  *
+ * Catch-up (catchup.h): every look feeds each source's tracker; --watch keeps
+ * them from look to look.  A single look that finds a source catching up
+ * looks at it once more CATCHUP_SAMPLE_MS later to measure the rate.
+ *
  * Invariant: read only; an unreachable source or staging is printed as such
  * (with libpq's reason, never a conninfo) and the rest is printed anyway.
  */
@@ -19,16 +23,33 @@
 #include <jansson.h>
 #include <walpipe/walpipe.h>
 
+#include "catchup.h"
 #include "mem.h"
 #include "probe.h"
 #include "runtime.h"
+#include "sink.h"
 #include "status.h"
+
+#define CATCHUP_SAMPLE_MS 2000
+
+typedef struct catchup_view {
+    const char *state; /* streaming | catching_up | inactive; NULL unknown (no slot, unreachable) */
+    int64_t behind;
+    double behind_seconds; /* -1 unknown */
+    wp_catchup_rate_t rate;
+    double eta; /* -1 unknown */
+} catchup_view_t;
 
 typedef struct look {
     wp_probe_staging_t staging;
     wp_probe_source_t *sources;
+    wp_catchup_t *catchup;    /* per source, kept from look to look */
+    catchup_view_t *views;    /* per source, of the newest look */
+    int64_t rate_window_ms;
     bool staging_up;
     bool all_up;
+    wp_sink_look_t *sinks; /* every (sink, source) pair, in config order */
+    size_t nsinks;
 } look_t;
 
 static void format_time(double unix_s, char *buf, size_t len)
@@ -66,7 +87,23 @@ static double progress_of(const wp_probe_source_t *p)
     return f > 1 ? 1 : f;
 }
 
-static json_t *source_json(const wp_source_config_t *src, const wp_probe_source_t *p)
+static json_t *catchup_json(const catchup_view_t *v)
+{
+    if (v->state == NULL)
+        return json_null();
+    json_t *o = json_object();
+    json_object_set_new(o, "state", json_string(v->state));
+    json_object_set_new(o, "behind_bytes", json_integer(v->behind));
+    json_object_set_new(o, "behind_seconds", real_or_null(v->behind_seconds >= 0, v->behind_seconds));
+    json_object_set_new(o, "rate_bytes_per_second", real_or_null(v->rate.known, v->rate.net));
+    json_object_set_new(o, "staged_bytes_per_second", real_or_null(v->rate.known, v->rate.staged));
+    json_object_set_new(o, "written_bytes_per_second", real_or_null(v->rate.known, v->rate.written));
+    json_object_set_new(o, "rate_seconds", real_or_null(v->rate.known, v->rate.seconds));
+    json_object_set_new(o, "eta_seconds", real_or_null(v->eta >= 0, v->eta));
+    return o;
+}
+
+static json_t *source_json(const wp_source_config_t *src, const wp_probe_source_t *p, const catchup_view_t *v)
 {
     char when[32];
     json_t *o = json_object();
@@ -98,6 +135,7 @@ static json_t *source_json(const wp_source_config_t *src, const wp_probe_source_
         json_object_set_new(staged, "last_commit_time", json_null());
     }
     json_object_set_new(o, "staged", staged);
+    json_object_set_new(o, "catchup", catchup_json(v));
     if (p->has_snapshot) {
         json_t *s = json_object();
         double f = progress_of(p);
@@ -130,7 +168,7 @@ static void print_json(const wp_config_t *config, const look_t *look)
     json_object_set_new(root, "time", json_string(when));
     json_t *sources = json_array();
     for (size_t i = 0; i < config->nsources; i++)
-        json_array_append_new(sources, source_json(&config->sources[i], &look->sources[i]));
+        json_array_append_new(sources, source_json(&config->sources[i], &look->sources[i], &look->views[i]));
     json_object_set_new(root, "sources", sources);
 
     json_t *consumers = json_array();
@@ -150,6 +188,26 @@ static void print_json(const wp_config_t *config, const look_t *look)
         json_array_append_new(consumers, c);
     }
     json_object_set_new(root, "consumers", consumers);
+    json_t *sinks = json_array();
+    for (size_t i = 0; i < look->nsinks; i++) {
+        const wp_sink_look_t *k = &look->sinks[i];
+        json_t *o = json_object();
+        json_object_set_new(o, "name", json_string(k->sink));
+        json_object_set_new(o, "plugin", json_string(k->plugin));
+        json_object_set_new(o, "source", json_string(k->source));
+        json_object_set_new(o, "position_lsn", k->has_position ? lsn_json(k->lsn) : json_null());
+        json_object_set_new(o, "position_seq", int_or_null(k->has_position, k->seq));
+        json_object_set_new(o, "backlog_events", int_or_null(k->backlog >= 0, k->backlog));
+        json_object_set_new(o, "events_delivered", json_integer(k->delivered));
+        if (k->updated_unix > 0) {
+            format_time(k->updated_unix, when, sizeof when);
+            json_object_set_new(o, "updated_at", json_string(when));
+        } else {
+            json_object_set_new(o, "updated_at", json_null());
+        }
+        json_array_append_new(sinks, o);
+    }
+    json_object_set_new(root, "sinks", sinks);
     if (s->reachable) {
         json_object_set_new(root, "dead_letters",
                             json_pack("{sIsIsI}", "waiting", (json_int_t)s->dead_waiting, "parked",
@@ -189,6 +247,27 @@ static const char *human_bytes(int64_t v, char *buf, size_t len)
     return buf;
 }
 
+/* "catching up: 120.1 MB (25 s) behind the source, 3.0 MB/s net, about 40 s left" under a source behind */
+static void print_catchup(const catchup_view_t *v)
+{
+    char a[32], b[32];
+    if (v->state == NULL || strcmp(v->state, "streaming") == 0)
+        return;
+    bool inactive = strcmp(v->state, "inactive") == 0;
+    if (inactive && v->behind < WP_CATCHUP_LEAVE_BYTES)
+        return; /* stopped, but with little to catch up */
+    snprintf(b, sizeof b, "%.0f", v->behind_seconds);
+    printf("%-16s %s: %s (%s s) behind the source", "", inactive ? "not streaming" : "catching up",
+           human_bytes(v->behind, a, sizeof a), v->behind_seconds >= 0 ? b : "?");
+    if (v->rate.known)
+        printf(", %s/s net", human_bytes((int64_t)(v->rate.net < 0 ? -v->rate.net : v->rate.net), a, sizeof a));
+    if (v->rate.known && v->rate.net < 0)
+        printf(" further behind");
+    if (v->eta >= 0)
+        printf(", about %.0f s left", v->eta);
+    printf("\n");
+}
+
 static void print_table(const wp_config_t *config, const look_t *look)
 {
     char when[32], a[32], b[32], c[32];
@@ -196,8 +275,8 @@ static void print_table(const wp_config_t *config, const look_t *look)
     clock_gettime(CLOCK_REALTIME, &now);
     format_time((double)now.tv_sec, when, sizeof when);
     printf("walpipe %s status at %s\n\n", WALPIPE_VERSION, when);
-    printf("%-16s %-24s %-7s %-11s %10s %10s %9s %10s %8s\n", "SOURCE", "SLOT", "ACTIVE", "WAL_STATUS", "SAFE_WAL",
-           "LAG", "LAG_S", "STAGED", "RATE/S");
+    printf("%-16s %-24s %-7s %-11s %10s %10s %9s %10s %8s  %s\n", "SOURCE", "SLOT", "ACTIVE", "WAL_STATUS",
+           "SAFE_WAL", "LAG", "LAG_S", "STAGED", "RATE/S", "STATE");
     for (size_t i = 0; i < config->nsources; i++) {
         const wp_source_config_t *src = &config->sources[i];
         const wp_probe_source_t *p = &look->sources[i];
@@ -207,11 +286,12 @@ static void print_table(const wp_config_t *config, const look_t *look)
             printf("%-16s %-24s no such slot (walpipe run creates it)\n", src->name, src->slot);
         else {
             snprintf(c, sizeof c, "%.1f", p->lag_seconds);
-            printf("%-16s %-24s %-7s %-11s %10s %10s %9s %10lld %8.1f\n", src->name, src->slot,
+            printf("%-16s %-24s %-7s %-11s %10s %10s %9s %10lld %8.1f  %s\n", src->name, src->slot,
                    p->active ? "yes" : "no", p->wal_status[0] ? p->wal_status : "-",
                    p->has_safe_wal_size ? human_bytes(p->safe_wal_size, a, sizeof a) : "-",
                    p->lag_bytes >= 0 ? human_bytes(p->lag_bytes, b, sizeof b) : "-", p->lag_seconds >= 0 ? c : "-",
-                   (long long)p->staged_events, p->rate_per_s);
+                   (long long)p->staged_events, p->rate_per_s, look->views[i].state ? look->views[i].state : "-");
+            print_catchup(&look->views[i]);
         }
         if (p->has_snapshot) {
             double f = progress_of(p);
@@ -236,12 +316,57 @@ static void print_table(const wp_config_t *config, const look_t *look)
     snprintf(a, sizeof a, "%lld", (long long)s->oldest_unprocessed);
     printf("%-16s %10lld %12s %9.1f  %s\n\n", "mirror", (long long)s->backlog_events,
            s->oldest_unprocessed >= 0 ? a : "-", s->consumer_lag_seconds, s->last_error[0] ? s->last_error : "-");
+    if (look->nsinks > 0) {
+        printf("%-16s %-10s %-16s %18s %10s %12s  %s\n", "SINK", "PLUGIN", "SOURCE", "POSITION", "BACKLOG",
+               "DELIVERED", "UPDATED");
+        for (size_t i = 0; i < look->nsinks; i++) {
+            const wp_sink_look_t *k = &look->sinks[i];
+            char lsn[WP_LSN_STRLEN], pos[40], backlog[24], updated[32] = "-";
+            if (k->has_position)
+                snprintf(pos, sizeof pos, "%s/%d", wp_lsn_format(k->lsn, lsn), k->seq);
+            else
+                snprintf(pos, sizeof pos, "-");
+            snprintf(backlog, sizeof backlog, "%lld", k->backlog);
+            if (k->updated_unix > 0)
+                format_time(k->updated_unix, updated, sizeof updated);
+            printf("%-16s %-10s %-16s %18s %10s %12lld  %s\n", k->sink, k->plugin, k->source, pos,
+                   k->backlog >= 0 ? backlog : "-", k->delivered, updated);
+        }
+        printf("\n");
+    }
     printf("dead letters: %lld waiting, %lld parked, %lld undecodable\n", (long long)s->dead_waiting,
            (long long)s->dead_parked, (long long)s->dead_undecodable);
     printf("diverged mirrors: %lld (%lld open divergences)\n", s->diverged_mirrors, s->divergences_open);
     snprintf(c, sizeof c, "%.1f %%%s", s->cache_hit_ratio * 100, s->cache_hit_ratio < 0.95 ? " (below 95 %)" : "");
     printf("staging: raw_events %lld partitions, %s; cache hit ratio %s\n", (long long)s->partitions,
            human_bytes(s->raw_events_bytes, a, sizeof a), s->cache_hit_ratio >= 0 ? c : "-");
+}
+
+/* Feeds source i's newest probe to its tracker and fills its view. */
+static void view_catchup(look_t *look, size_t i)
+{
+    const wp_probe_source_t *p = &look->sources[i];
+    catchup_view_t *v = &look->views[i];
+    memset(v, 0, sizeof *v);
+    v->behind_seconds = v->eta = -1;
+    wp_lsn_t staged = wp_catchup_staged_lsn(p);
+    if (!p->reachable || !p->slot_exists || staged == WP_LSN_INVALID)
+        return;
+    wp_catchup_update(&look->catchup[i], wp_now_ms(), p->current_lsn, staged);
+    v->behind = wp_catchup_behind(&look->catchup[i]);
+    v->rate = wp_catchup_rate(&look->catchup[i], look->rate_window_ms);
+    if (!p->active)
+        v->state = "inactive";
+    else if (look->catchup[i].catching_up)
+        v->state = "catching_up";
+    else
+        v->state = "streaming";
+    if (strcmp(v->state, "streaming") == 0) {
+        v->behind_seconds = v->eta = 0;
+    } else {
+        v->behind_seconds = v->behind > 0 ? p->lag_seconds : 0;
+        v->eta = wp_catchup_eta(v->behind, &v->rate);
+    }
 }
 
 static void take_look(const wp_config_t *config, look_t *look)
@@ -258,12 +383,45 @@ static void take_look(const wp_config_t *config, look_t *look)
         snprintf(look->staging.error, sizeof look->staging.error, "%s", err);
         look->all_up = false;
     }
+    bool resample = false;
+    look->nsinks = 0;
+    for (size_t i = 0; look->staging.reachable && i < config->nsinks; i++) {
+        for (size_t k = 0; k < wp_sink_nsources(config, i); k++) {
+            if (wp_sink_look(staging, config, i, k, &look->sinks[look->nsinks], err, sizeof err) != 0) {
+                look->all_up = false;
+                continue;
+            }
+            look->nsinks++;
+        }
+    }
     for (size_t i = 0; i < config->nsources; i++) {
         PGconn *src = NULL;
         if (wp_probe_source(&config->sources[i], &src, look->staging.reachable ? staging : NULL,
                             &look->sources[i]) != 0)
             look->all_up = false;
         PQfinish(src);
+        view_catchup(look, i);
+        resample |= look->views[i].state && strcmp(look->views[i].state, "catching_up") == 0 &&
+                    !look->views[i].rate.known;
+    }
+    /* a source catching up with no rate yet (a single look): look at those again to measure it */
+    if (resample) {
+        int64_t until = wp_now_ms() + CATCHUP_SAMPLE_MS;
+        while (!wp_stop_requested() && wp_now_ms() < until) {
+            struct timespec ts = {0, 50 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+        for (size_t i = 0; i < config->nsources; i++) {
+            if (look->views[i].state == NULL || strcmp(look->views[i].state, "catching_up") != 0 ||
+                look->views[i].rate.known)
+                continue;
+            PGconn *src = NULL;
+            if (wp_probe_source(&config->sources[i], &src, look->staging.reachable ? staging : NULL,
+                                &look->sources[i]) != 0)
+                look->all_up = false;
+            PQfinish(src);
+            view_catchup(look, i);
+        }
     }
     PQfinish(staging);
 }
@@ -272,7 +430,18 @@ int wp_status_command(const wp_config_t *config, bool json, long watch_seconds)
 {
     look_t look;
     memset(&look, 0, sizeof look);
-    look.sources = wp_calloc(config->nsources ? config->nsources : 1, sizeof *look.sources);
+    size_t n = config->nsources ? config->nsources : 1;
+    look.sources = wp_calloc(n, sizeof *look.sources);
+    look.catchup = wp_calloc(n, sizeof *look.catchup);
+    look.views = wp_calloc(n, sizeof *look.views);
+    /* the rate spans back to the previous look of --watch, else over the single look's resample */
+    look.rate_window_ms = WP_CATCHUP_RATE_MS;
+    if (watch_seconds > 0 && watch_seconds * 1000 + 1000 > look.rate_window_ms)
+        look.rate_window_ms = watch_seconds * 1000 + 1000;
+    size_t pairs = 0;
+    for (size_t i = 0; i < config->nsinks; i++)
+        pairs += wp_sink_nsources(config, i);
+    look.sinks = wp_calloc(pairs ? pairs : 1, sizeof *look.sinks);
     for (;;) {
         take_look(config, &look);
         if (json)
@@ -293,5 +462,8 @@ int wp_status_command(const wp_config_t *config, bool json, long watch_seconds)
             printf("\n");
     }
     free(look.sources);
+    free(look.catchup);
+    free(look.views);
+    free(look.sinks);
     return look.all_up ? WP_EXIT_OK : WP_EXIT_FATAL;
 }
