@@ -10,7 +10,9 @@ consumed up to the target LSN.
 Contenders, each on its own slot copied from one base slot at the same
 position (pg_copy_logical_replication_slot), all with the same wal2json
 options (format-version 2, include-xids, include-timestamp, include-lsn,
-include-type-oids) and the same session settings:
+include-type-oids) and the same session settings; pg_recvlogical_pgoutput
+and walpipe_pgoutput are the first two on a copy made with pgoutput
+(proto_version 1, a FOR ALL TABLES publication, messages):
   pg_recvlogical  to /dev/null with --endpos: the decode ceiling
   walpipe         end to end into a fresh staging database's raw_events,
                   committed and checkpointed; done when its slot's
@@ -71,7 +73,20 @@ WAL2JSON_OPTIONS = ["format-version=2", "include-xids=1", "include-timestamp=1",
 # walpipe pins these on its replication connection; the other contenders get them too.
 SOURCE_PGOPTIONS = ("-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres "
                     "-c bytea_output=hex -c extra_float_digits=3")
-CONTENDERS = ("pg_recvlogical", "walpipe", "python")
+CONTENDERS = ("pg_recvlogical", "walpipe", "python", "pg_recvlogical_pgoutput", "walpipe_pgoutput")
+# The *_pgoutput contenders read a copy of the same slot made with pgoutput, through this publication
+# (FOR ALL TABLES, created before the slots: pgoutput reads it as of each change's position).
+PUBLICATION = "wpbench_pub"
+PGOUTPUT_OPTIONS = ["proto_version=1", f"publication_names={PUBLICATION}", "messages=true"]
+
+
+def kind_of(contender):
+    """The program a contender runs: pg_recvlogical, walpipe or python."""
+    return contender[:-len("_pgoutput")] if contender.endswith("_pgoutput") else contender
+
+
+def plugin_of(contender):
+    return "pgoutput" if contender.endswith("_pgoutput") else "wal2json"
 WORKLOADS = ("oltp", "bulk", "wide", "idle")
 PHASES = WORKLOADS + ("latency", "backlog", "mirror")
 WORKLOAD_TITLES = {"oltp": "(a) OLTP", "bulk": "(b) bulk", "wide": "(c) wide rows",
@@ -507,11 +522,15 @@ class Bench:
     def make_slots(self, db, prefix, contenders):
         """One base slot, copied once per contender at the same position; the base is dropped."""
         base = f"{prefix}_base"
+        if not self.src.scalar("SELECT count(*) FROM pg_publication WHERE pubname = %s", (PUBLICATION,),
+                               dbname=db):
+            self.src.sql(f"CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES", dbname=db)
         wptest.create_slot(self.src, db, base)
         slots = {}
         for c in contenders:
             slots[c] = f"{prefix}_{c}"
-            wptest.copy_slot(self.src, db, base, slots[c])
+            self.src.sql("SELECT pg_copy_logical_replication_slot(%s, %s, false, %s)",
+                         (base, slots[c], "pgoutput" if "_pgoutput" in c else "wal2json"), dbname=db)
         wptest.drop_slot(self.src, db, base)
         pos = {r[0]: r[1] for r in self.src.sql(
             "SELECT slot_name, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = ANY(%s)",
@@ -568,9 +587,11 @@ class Bench:
         self.stg.createdb(db)
         return db
 
-    def walpipe_for(self, stg_db, src_db, slot, name):
-        cfg = wptest.write_config(self.work / f"{name}.conf", self.stg.conninfo(stg_db),
-                                  {SOURCE_NAME: {"conninfo": self.src.conninfo(src_db), "slot": slot}})
+    def walpipe_for(self, stg_db, src_db, slot, name, plugin="wal2json"):
+        src = {"conninfo": self.src.conninfo(src_db), "slot": slot}
+        if plugin == "pgoutput":
+            src.update(plugin="pgoutput", publication=PUBLICATION)
+        cfg = wptest.write_config(self.work / f"{name}.conf", self.stg.conninfo(stg_db), {SOURCE_NAME: src})
         with open(cfg, "a") as f:
             f.write("\n[workers]\ncount = 0\n")  # staging only: transform workers would share the CPU
         wp = wptest.Walpipe(cfg, self.work / name, binary=self.walpipe_bin, name=name)
@@ -600,9 +621,12 @@ class Bench:
         self.wait_quiet()
         res = {"workload": workload, "contender": contender, "expected_rows": expected}
         stg_db = wp = proc = None
+        plugin = plugin_of(contender)
+        contender = kind_of(contender)  # the program; res keeps the full name
         if contender != "pg_recvlogical":
             stg_db = self.new_staging(name)
-            wp = self.walpipe_for(stg_db, src_db, slot, name)  # init gives python the same schema too
+            # init gives python the same schema too
+            wp = self.walpipe_for(stg_db, src_db, slot, name, plugin=plugin)
         perf = self.start_perf(name, contender, None) if self.args.perf == "system" else None
         t0 = time.monotonic()
         if contender == "pg_recvlogical":
@@ -610,7 +634,7 @@ class Bench:
             env["PGOPTIONS"] = SOURCE_PGOPTIONS
             cmd = [str(PG_BIN / "pg_recvlogical"), "-d", self.src.conninfo(src_db), "-S", slot,
                    "--start", "-f", "/dev/null", "-E", lsn_text(target), "--no-loop"]
-            for o in WAL2JSON_OPTIONS:
+            for o in PGOUTPUT_OPTIONS if plugin == "pgoutput" else WAL2JSON_OPTIONS:
                 cmd += ["-o", o]
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -710,7 +734,7 @@ class Bench:
         """--perf system: perf record -a (every process, flat); --perf walpipe: the walpipe process
         only, with DWARF call graphs.  Profiles land in OUT/perf/NAME.data."""
         mode = self.args.perf
-        if not mode or contender != "walpipe":
+        if not mode or kind_of(contender) != "walpipe":
             return None
         d = self.out / "perf"
         d.mkdir(exist_ok=True)
@@ -1007,6 +1031,14 @@ class Bench:
             lambda v: v >= 0.9, "{:.2f}x")
         add("walpipe / pg_recvlogical on (b)", ">= 0.9", ratio("bulk", "walpipe", "pg_recvlogical"),
             lambda v: v >= 0.9, "{:.2f}x")
+        add("walpipe with pgoutput / pg_recvlogical with wal2json on (a)", ">= 1.0",
+            ratio("oltp", "walpipe_pgoutput", "pg_recvlogical"), lambda v: v >= 1.0, "{:.2f}x")
+        add("walpipe with pgoutput / pg_recvlogical with wal2json on (b)", ">= 1.0",
+            ratio("bulk", "walpipe_pgoutput", "pg_recvlogical"), lambda v: v >= 1.0, "{:.2f}x")
+        add("walpipe with pgoutput / pg_recvlogical with pgoutput on (a)", "(ceiling)",
+            ratio("oltp", "walpipe_pgoutput", "pg_recvlogical_pgoutput"), lambda v: True, "{:.2f}x")
+        add("walpipe with pgoutput / pg_recvlogical with pgoutput on (b)", "(ceiling)",
+            ratio("bulk", "walpipe_pgoutput", "pg_recvlogical_pgoutput"), lambda v: True, "{:.2f}x")
         add("walpipe / Python on (a)", ">= 5", ratio("oltp", "walpipe", "python"),
             lambda v: v >= 5, "{:.2f}x")
         lat = self.latency["visible_ms"] if self.latency else {}

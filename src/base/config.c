@@ -69,6 +69,7 @@ typedef enum key_type {
     TYPE_SOURCE_LIST, /* names of [source] sections into a char ** at offset, its count after it */
     TYPE_SINK_TABLES, /* a tables list into wp_sink_config_t.tables */
     TYPE_PATH,    /* a file or directory name, any non-empty text */
+    TYPE_INPUT_PLUGIN, /* [source] plugin: wal2json | pgoutput */
 } key_type_t;
 
 typedef struct key_spec {
@@ -112,6 +113,8 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "max_stall_seconds", TYPE_INT, offsetof(wp_source_config_t, max_stall_seconds), 1, 86400 * 7},
     {SECTION_SOURCE, "min_safe_wal_size", TYPE_BYTES, offsetof(wp_source_config_t, min_safe_wal_size), 0, 1LL << 40},
     {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
+    {SECTION_SOURCE, "plugin", TYPE_INPUT_PLUGIN, offsetof(wp_source_config_t, plugin), 0, 0},
+    {SECTION_SOURCE, "publication", TYPE_NAME, offsetof(wp_source_config_t, publication), 0, 0},
     /* [sink NAME]: the core's keys; any other key is the plugin's (checked against its list at start) */
     {SECTION_SINK, "plugin", TYPE_PLUGIN, offsetof(wp_sink_config_t, plugin), 0, 0},
     {SECTION_SINK, "sources", TYPE_SOURCE_LIST, offsetof(wp_sink_config_t, sources), 0, 0},
@@ -338,6 +341,7 @@ void wp_config_destroy(wp_config_t *config)
         free_tables(source->tables, source->ntables);
         free_tables(source->exclude_tables, source->nexclude_tables);
         free(source->mask_salt);
+        free(source->publication);
         for (size_t k = 0; k < source->nrules; k++)
             free_rule(&source->rules[k]);
         free(source->rules);
@@ -1187,6 +1191,14 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
         *(bool *)field = strcmp(value, "initial") == 0;
         return true;
 
+    case TYPE_INPUT_PLUGIN:
+        if (strcmp(value, "wal2json") != 0 && strcmp(value, "pgoutput") != 0) {
+            fail(p, p->lineno, "plugin in %s must be wal2json or pgoutput (got \"%.40s\")", label, value);
+            return false;
+        }
+        *(wp_input_plugin_t *)field = strcmp(value, "pgoutput") == 0 ? WP_PLUGIN_PGOUTPUT : WP_PLUGIN_WAL2JSON;
+        return true;
+
     case TYPE_LOG_FORMAT:
         if (strcmp(value, "text") != 0 && strcmp(value, "json") != 0) {
             fail(p, p->lineno, "log_format in %s must be text or json (got \"%.40s\")", label, value);
@@ -1569,6 +1581,14 @@ static void check_complete(parser_t *p)
         if (source->conninfo == NULL) {
             fail(p, source->line, "[source %s] has no conninfo; add conninfo = <libpq connection string>",
                  source->name);
+            return;
+        }
+        source->publication_set = source->publication != NULL;
+        if (source->publication == NULL)
+            source->publication = default_slot(source->name); /* walpipe_<name>, as the slot */
+        if (source->publication_set && source->plugin != WP_PLUGIN_PGOUTPUT) {
+            fail(p, source->line, "[source %s] sets publication, which only plugin = pgoutput reads; add plugin = "
+                 "pgoutput or remove publication", source->name);
             return;
         }
         if (source->slot == NULL) {

@@ -69,6 +69,12 @@ typedef struct wp_table_rule {
     int line; /* line of the section header */
 } wp_table_rule_t;
 
+/* The output plugin a source's slot decodes with ([source] plugin). */
+typedef enum wp_input_plugin {
+    WP_PLUGIN_WAL2JSON = 0, /* default */
+    WP_PLUGIN_PGOUTPUT,     /* built in; needs a publication */
+} wp_input_plugin_t;
+
 typedef struct wp_source_config {
     char *name;     /* section name: [source NAME]; [A-Za-z0-9_-], unique */
     char *conninfo; /* libpq conninfo; may hold a password: never log it */
@@ -89,6 +95,10 @@ typedef struct wp_source_config {
     char *mask_salt;        /* salt of sha256 masks; a secret: never logged; NULL = unset */
     wp_table_rule_t *rules; /* the [table NAME.*.*] sections of this source */
     size_t nrules;
+    wp_input_plugin_t plugin; /* plugin = wal2json (default) | pgoutput */
+    char *publication;      /* pgoutput: the publication to read; default "walpipe_<name>", which walpipe creates
+                               with the slot; a named one must exist */
+    bool publication_set;   /* publication was given: walpipe never creates it */
 } wp_source_config_t;
 
 /* One key = value of a [sink NAME] section that is the plugin's, not the core's (host->config_get). */

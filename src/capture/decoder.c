@@ -1503,6 +1503,218 @@ out:
     return rc;
 }
 
+/* ---------------------------------------------------------------- changes decoded elsewhere */
+
+/* Copies s[0..len) with a NUL into decoder->text (reserved by the caller: pointers into it hold). */
+static const char *load_text(wp_decoder_t *decoder, const char *s, size_t len)
+{
+    wp_buf_t *text = &decoder->text;
+    char *p = text->data + text->len;
+    if (len)
+        memcpy(p, s, len);
+    p[len] = '\0';
+    text->len += len + 1;
+    return p;
+}
+
+/* Bytes load_text needs for the strings of cols. */
+static size_t load_size(const wp_decoder_column_t *cols, size_t n)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += strlen(cols[i].name) + strlen(cols[i].type) + (cols[i].isnull ? 0 : cols[i].len) + 3;
+    return total;
+}
+
+/* Fills list with cols as parse_columns() would have from wal2json's entries.  what names the list in reasons. */
+static int load_columns(wp_decoder_t *decoder, const char *what, const wp_decoder_column_t *cols, size_t n,
+                        bool positions, col_list_t *list, char *errbuf, size_t errlen)
+{
+    if (n > list->cap) {
+        list->cap = n;
+        list->cols = wp_realloc(list->cols, n * sizeof *list->cols);
+    }
+    list->n = n;
+    for (size_t i = 0; i < n; i++) {
+        const wp_decoder_column_t *in = &cols[i];
+        col_t *col = &list->cols[i];
+        memset(col, 0, sizeof *col);
+        size_t name_len = strlen(in->name), type_len = strlen(in->type);
+        if (!wp_utf8_valid((const unsigned char *)in->name, name_len))
+            return fail(errbuf, errlen, "\"%s\" entry %zu: the column name is not valid UTF-8", what, i + 1);
+        col->name = load_text(decoder, in->name, name_len);
+        col->name_len = name_len;
+        col->type = load_text(decoder, in->type, type_len);
+        col->type_len = type_len;
+        col->typeoid = in->typeoid;
+        col->position = positions && in->position > 0 ? in->position : -1;
+        col->vclass = classify(col->typeoid, col->type, col->type_len);
+        jval_t *v = &col->key[CK_VALUE];
+        col->value = v;
+        if (in->isnull) {
+            v->kind = JK_NULL;
+            continue;
+        }
+        const char *s = in->text;
+        size_t len = in->len;
+        if (memchr(s, '\0', len) != NULL)
+            return fail(errbuf, errlen, "\"%s\" entry %zu (\"%.64s\"): the value holds a NUL byte", what, i + 1,
+                        col->name);
+        if (!wp_utf8_valid((const unsigned char *)s, len))
+            return fail(errbuf, errlen, "\"%s\" entry %zu (\"%.64s\"): the value is not valid UTF-8", what, i + 1,
+                        col->name);
+        if (col->vclass == VC_BOOL) {
+            if (len != 1 || (s[0] != 't' && s[0] != 'f'))
+                return fail(errbuf, errlen, "\"%s\" entry %zu (\"%.64s\"): boolean value is not t or f", what, i + 1,
+                            col->name);
+            v->kind = s[0] == 't' ? JK_TRUE : JK_FALSE;
+            continue;
+        }
+        if (col->vclass == VC_BYTEA) {
+            /* PostgreSQL prints \x<hex> (bytea_output=hex, pinned by the reader); wal2json drops the \x */
+            bool hex = len >= 2 && s[0] == '\\' && s[1] == 'x' && len % 2 == 0;
+            for (size_t k = 2; hex && k < len; k++)
+                hex = wp_hexval((unsigned char)s[k]) >= 0;
+            if (!hex)
+                return fail(errbuf, errlen, "\"%s\" entry %zu (\"%.64s\"): bytea value is not \\x<hex> "
+                            "(bytea_output=escape?)", what, i + 1, col->name);
+            s += 2;
+            len -= 2;
+        }
+        v->kind = JK_STRING;
+        v->s = load_text(decoder, s, len);
+        v->len = len;
+    }
+    return 0;
+}
+
+int wp_decoder_load(wp_decoder_t *decoder, const wp_change_t *change, const wp_decoder_column_t *cols, size_t ncols,
+                    const wp_decoder_column_t *ident, size_t nident, bool has_ident, bool ident_full,
+                    wp_change_t *out, char *errbuf, size_t errlen)
+{
+    wp_change_t c = *change;
+    const char *schema = change->schema, *table = change->table;
+    size_t need = 16;
+
+    memset(out, 0, sizeof *out);
+    if (errbuf && errlen)
+        errbuf[0] = '\0';
+    decoder->valid = false;
+    decoder->has_ident = false;
+    decoder->ident_full = false;
+    decoder->table = NULL;
+    decoder->rejected_schema = decoder->rejected_table = NULL;
+    c.schema = c.table = c.prefix = c.content = NULL;
+    c.ncolumns = c.nidentity = 0;
+
+    need += (schema ? strlen(schema) : 0) + (table ? strlen(table) : 0) + 2;
+    if (change->op == WP_OP_MESSAGE)
+        need += strlen(change->prefix) + change->content_len + 2;
+    need += load_size(cols, ncols) + load_size(ident, nident);
+    if (decoder->text.cap > TEXT_KEEP && need < TEXT_KEEP / 2)
+        wp_buf_free(&decoder->text); /* a huge change is over: give its memory back */
+    wp_buf_reset(&decoder->text);
+    wp_buf_reserve(&decoder->text, need);
+    decoder->lists[0].n = 0;
+    decoder->lists[1].n = 0;
+
+    if (schema)
+        c.schema = load_text(decoder, schema, strlen(schema));
+    if (table)
+        c.table = load_text(decoder, table, strlen(table));
+    if ((c.schema && !wp_utf8_valid((const unsigned char *)c.schema, strlen(c.schema))) ||
+        (c.table && !wp_utf8_valid((const unsigned char *)c.table, strlen(c.table))))
+        return fail(errbuf, errlen, "the table's name is not valid UTF-8");
+    decoder->rejected_schema = c.schema;
+    decoder->rejected_table = c.table;
+
+    switch (c.op) {
+    case WP_OP_BEGIN:
+    case WP_OP_COMMIT:
+        break;
+    case WP_OP_MESSAGE: {
+        /* like wal2json, which copies the content with strncpy: it ends at a NUL */
+        const char *nul = memchr(change->content, '\0', change->content_len);
+        size_t clen = nul ? (size_t)(nul - change->content) : change->content_len;
+        if (!wp_utf8_valid((const unsigned char *)change->prefix, strlen(change->prefix)) ||
+            !wp_utf8_valid((const unsigned char *)change->content, clen))
+            return fail(errbuf, errlen, "not valid UTF-8 (a logical message's prefix or content)");
+        c.prefix = load_text(decoder, change->prefix, strlen(change->prefix));
+        c.content = load_text(decoder, change->content, clen);
+        c.content_len = clen;
+        if (JSONB_CONTAINER_EXTRA + 3 * JSONB_PAIR_EXTRA + 26 + strlen(c.prefix) + clen + 2 * JSONB_SCALAR_EXTRA >
+            JSONB_MAX_BYTES)
+            return fail(errbuf, errlen, "the message's content of %zu bytes is over jsonb's limit of %zu bytes",
+                        clen, JSONB_MAX_BYTES);
+        break;
+    }
+    case WP_OP_TRUNCATE:
+        if (c.table == NULL)
+            return fail(errbuf, errlen, "a truncate without a table");
+        break;
+    default: {
+        if (c.table == NULL)
+            return fail(errbuf, errlen, "a change without a table");
+        if (c.op != WP_OP_DELETE && load_columns(decoder, "columns", cols, ncols, true, &decoder->lists[0], errbuf,
+                                                 errlen) < 0)
+            return -1;
+        if (c.op == WP_OP_DELETE && !has_ident)
+            return fail(errbuf, errlen, "\"identity\" is missing");
+        if (has_ident && c.op != WP_OP_INSERT) {
+            /* wal2json sends positions with the new row only, never with the identity */
+            if (load_columns(decoder, "identity", ident, nident, false, &decoder->lists[1], errbuf, errlen) < 0)
+                return -1;
+            decoder->has_ident = true;
+        }
+        size_t nc = decoder->lists[0].n, ni = decoder->lists[1].n;
+        decoder->table = table_get(decoder, c.schema ? c.schema : "", c.schema ? strlen(c.schema) : 0, c.table,
+                                   strlen(c.table));
+        if (decoder->filter)
+            apply_filter(decoder, &nc, &ni);
+        c.ncolumns = nc;
+        c.nidentity = ni;
+        const col_t *widest = NULL;
+        size_t bound = JSONB_CONTAINER_EXTRA + 2 * (JSONB_PAIR_EXTRA + 6);
+        if (c.op != WP_OP_DELETE)
+            bound += jsonb_row_bound(decoder->lists[0].cols, nc, &widest);
+        if (decoder->has_ident)
+            bound += jsonb_row_bound(decoder->lists[1].cols, ni, &widest);
+        if (bound > JSONB_MAX_BYTES) {
+            decoder->has_ident = false;
+            decoder->table = NULL;
+            return fail(errbuf, errlen,
+                        "the change's payload would take up to %zu bytes as jsonb, over jsonb's limit of %zu bytes "
+                        "(largest value: column \"%.64s\", %zu bytes)",
+                        bound, JSONB_MAX_BYTES, widest ? widest->name : "", widest ? widest->value->len : 0);
+        }
+        decoder->ident_full = decoder->has_ident && ident_full;
+        if (c.op == WP_OP_INSERT)
+            decoder->table->ncols = (int64_t)nc;
+        break;
+    }
+    }
+    decoder->rejected_schema = decoder->rejected_table = NULL;
+    decoder->last = c;
+    decoder->valid = true;
+    *out = c;
+    return 0;
+}
+
+void wp_decoder_set_rejected(wp_decoder_t *decoder, const char *schema, const char *table)
+{
+    size_t slen = schema ? strlen(schema) : 0, tlen = table ? strlen(table) : 0;
+    decoder->valid = false;
+    decoder->has_ident = false;
+    decoder->table = NULL;
+    wp_buf_reset(&decoder->text);
+    wp_buf_reserve(&decoder->text, slen + tlen + 2);
+    decoder->rejected_schema = schema ? load_text(decoder, schema, slen) : NULL;
+    decoder->rejected_table = table ? load_text(decoder, table, tlen) : NULL;
+    if ((schema && !wp_utf8_valid((const unsigned char *)schema, slen)) ||
+        (table && !wp_utf8_valid((const unsigned char *)table, tlen)))
+        decoder->rejected_schema = decoder->rejected_table = NULL; /* dead letters are text: unnamed then */
+}
+
 void wp_decoder_set_filter(wp_decoder_t *decoder, const wp_filter_t *filter)
 {
     decoder->filter = filter;

@@ -82,6 +82,37 @@ void wp_decoder_destroy(wp_decoder_t *decoder); /* NULL is a no-op */
 int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_change_t *change, char *errbuf,
                      size_t errlen);
 
+/* One column of a change another input decoded (pgoutput.c), as wp_decoder_load takes it. */
+typedef struct wp_decoder_column {
+    const char *name; /* NUL-terminated */
+    const char *type; /* NUL-terminated: the type's name as wal2json would print it (format_type) */
+    int64_t typeoid;
+    int position;     /* the attnum, or 0 when unknown */
+    bool isnull;
+    const char *text; /* the type's output text (not NUL-terminated), when !isnull; bytea as \x<hex> */
+    size_t len;
+} wp_decoder_column_t;
+
+/*
+ * Loads a change another input decoded as if wp_decoder_parse had parsed
+ * the equivalent wal2json message, so that wp_decoder_payload and
+ * wp_decoder_shape describe it in the same words.  change gives op, xid,
+ * timestamp and commit_time, lsn, nextlsn, schema and table (I/U/D/T),
+ * transactional, prefix and content (M); cols the new row (I/U); ident the
+ * old key or old row (U/D, when has_ident), ident_full that it is the whole
+ * old row.  Every string is copied (the inputs may go away after the call;
+ * a message's content ends at its first NUL, as wal2json cuts it).  Checks
+ * the values as the parse does (strict UTF-8, no NUL, bool t/f, bytea
+ * \x<hex>, jsonb's size limit) and applies the filter.  Returns 0 and fills
+ * *out, or -1 with a reason (and wp_decoder_rejected_table names the table).
+ */
+int wp_decoder_load(wp_decoder_t *decoder, const wp_change_t *change, const wp_decoder_column_t *cols, size_t ncols,
+                    const wp_decoder_column_t *ident, size_t nident, bool has_ident, bool ident_full,
+                    wp_change_t *out, char *errbuf, size_t errlen);
+
+/* After another input failed to decode a change of schema.table: wp_decoder_rejected_table names it (copies). */
+void wp_decoder_set_rejected(wp_decoder_t *decoder, const char *schema, const char *table);
+
 /*
  * Applies a source's column filters and masks (filter.h) to every change
  * parsed from now on, before its payload and shape are built: an excluded

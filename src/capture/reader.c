@@ -41,6 +41,7 @@
 #include "encoder.h"
 #include "log.h"
 #include "pg.h"
+#include "pgoutput.h"
 #include "reader.h"
 
 #define SEGMENT_MAX_BYTES (256 * 1024)
@@ -54,10 +55,17 @@
 #define SEGMENT_LINGER_MS 5
 #define PG_EPOCH_OFFSET_US (946684800LL * 1000000LL)
 
+typedef struct input_ops input_ops_t;
+
 struct wp_reader {
     const wp_config_t *config;
     const wp_source_config_t *source;
     PGconn *conn;
+    const input_ops_t *input; /* the slot's output plugin: how to start it and read its messages */
+    wp_pgoutput_t *pgoutput;  /* pgoutput only: relation cache and held transaction */
+    PGconn *catalog;          /* pgoutput only: plain connection naming types (opened when first needed) */
+    bool broken;              /* a message could not be read for a reason of ours (catalog): retry the stream */
+    wp_queue_t *queue;        /* while streaming: where segments go (pgoutput pushes inside a held transaction) */
     wp_decoder_t *decoder;
     wp_encoder_t *encoder;
     wp_filter_t *filter; /* the source's column filters and masks, applied by decoder */
@@ -273,6 +281,22 @@ out:
     free(names);
 }
 
+/*
+ * What differs between output plugins, behind one small interface: the
+ * plugin's name (slot creation and lookup), the options of
+ * START_REPLICATION, and how an XLogData payload becomes changes for
+ * dispatch().  Everything else in this file is the same for both.
+ */
+struct input_ops {
+    const char *plugin;
+    void (*options)(const wp_reader_t *reader, wp_buf_t *sql); /* appends " (...)" */
+    void (*xlogdata)(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len);
+};
+
+static const input_ops_t wal2json_input, pgoutput_input;
+static int describe_relation(void *arg, uint32_t relid, wp_pgoutput_attr_t *attrs, size_t n, char *errbuf,
+                             size_t errlen);
+
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
 wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_t *source)
@@ -284,6 +308,9 @@ wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_
     reader->encoder = wp_encoder_create(source->name);
     reader->filter = wp_filter_create(source);
     wp_decoder_set_filter(reader->decoder, reader->filter);
+    reader->input = source->plugin == WP_PLUGIN_PGOUTPUT ? &pgoutput_input : &wal2json_input;
+    if (source->plugin == WP_PLUGIN_PGOUTPUT)
+        reader->pgoutput = wp_pgoutput_create(source, describe_relation, reader);
     return reader;
 }
 
@@ -292,6 +319,12 @@ void wp_reader_close(wp_reader_t *reader)
     if (reader->conn)
         PQfinish(reader->conn);
     reader->conn = NULL;
+    if (reader->catalog)
+        PQfinish(reader->catalog);
+    reader->catalog = NULL;
+    if (reader->pgoutput)
+        wp_pgoutput_reset(reader->pgoutput); /* a new stream describes its relations again */
+    reader->broken = false;
     wp_segment_destroy(reader->segment);
     reader->segment = NULL;
 }
@@ -302,9 +335,130 @@ void wp_reader_destroy(wp_reader_t *reader)
         return;
     wp_reader_close(reader);
     wp_decoder_destroy(reader->decoder);
+    wp_pgoutput_destroy(reader->pgoutput);
     wp_encoder_destroy(reader->encoder);
     wp_filter_destroy(reader->filter);
     free(reader);
+}
+
+/*
+ * Sets *exists to whether the source's publication exists.  A replication
+ * connection speaks the simple protocol only: the name goes in as a quoted
+ * literal.  Returns 0, or -1 after logging why.
+ */
+static int publication_exists(wp_reader_t *reader, bool *exists, bool *fatal)
+{
+    const char *pub = reader->source->publication;
+    char *lit = PQescapeLiteral(reader->conn, pub, strlen(pub));
+    wp_buf_t sql = WP_BUF_INIT;
+    PGresult *res = NULL;
+    int rc = -1;
+    if (lit == NULL) {
+        wp_error("could not quote the publication name: %s", PQerrorMessage(reader->conn));
+        goto out;
+    }
+    wp_buf_printf(&sql, "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s", lit);
+    res = PQexec(reader->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_result_error("could not look up the publication", reader->conn, res, fatal);
+        goto out;
+    }
+    *exists = PQntuples(res) == 1;
+    rc = 0;
+out:
+    PQclear(res);
+    if (lit)
+        PQfreemem(lit);
+    wp_buf_free(&sql);
+    return rc;
+}
+
+/*
+ * pgoutput: does the publication exist?  A named one must; walpipe's own
+ * (publication unset) is created with the slot, so it must exist once the
+ * slot does.  Returns 0, or -1 after logging the fix (*fatal set).
+ */
+static int check_publication(wp_reader_t *reader, bool slot_exists, bool *fatal)
+{
+    const char *pub = reader->source->publication;
+    bool exists = false;
+    int rc = -1;
+    if (publication_exists(reader, &exists, fatal) != 0)
+        goto out;
+    if (!exists && reader->source->publication_set) {
+        wp_error("publication \"%s\" (source \"%s\") does not exist on the source; hint: create it there "
+                 "(CREATE PUBLICATION \"%s\" FOR ALL TABLES, or FOR TABLE the tables to capture), or remove "
+                 "publication from the source's section to let walpipe create walpipe's own with the slot",
+                 pub, reader->source->name, pub);
+        *fatal = true;
+        goto out;
+    }
+    if (!exists && slot_exists) {
+        wp_error("publication \"%s\" (source \"%s\"), which walpipe created with slot \"%s\", is gone; hint: "
+                 "create it again as it was (CREATE PUBLICATION \"%s\" FOR ALL TABLES, or FOR TABLE the source's "
+                 "tables), or drop the slot to start over",
+                 pub, reader->source->name, reader->source->slot, pub);
+        *fatal = true;
+        goto out;
+    }
+    rc = 0;
+out:
+    return rc;
+}
+
+/*
+ * pgoutput: creates walpipe's own publication (publication unset) unless it
+ * exists: FOR TABLE the source's tables, else FOR ALL TABLES.  Done before
+ * the slot is created: pgoutput reads publications as of each change's
+ * position, so the publication must be older than everything decoded.
+ */
+static int create_publication(wp_reader_t *reader, bool *fatal)
+{
+    const wp_source_config_t *source = reader->source;
+    wp_buf_t sql = WP_BUF_INIT;
+    PGresult *res = NULL;
+    int rc = -1;
+    if (source->publication_set)
+        return 0;
+    bool exists = false;
+    if (publication_exists(reader, &exists, fatal) != 0)
+        goto out;
+    if (exists) {
+        rc = 0;
+        goto out;
+    }
+    char *ident = PQescapeIdentifier(reader->conn, source->publication, strlen(source->publication));
+    if (ident == NULL) {
+        wp_error("could not quote the publication name: %s", PQerrorMessage(reader->conn));
+        goto out;
+    }
+    wp_buf_printf(&sql, "CREATE PUBLICATION %s FOR ", ident);
+    PQfreemem(ident);
+    wp_buf_puts(&sql, source->ntables ? "TABLE " : "ALL TABLES");
+    for (size_t i = 0; i < source->ntables; i++) {
+        char *s = PQescapeIdentifier(reader->conn, source->tables[i].schema, strlen(source->tables[i].schema));
+        char *t = PQescapeIdentifier(reader->conn, source->tables[i].table, strlen(source->tables[i].table));
+        if (s && t)
+            wp_buf_printf(&sql, "%s%s.%s", i ? ", " : "", s, t);
+        PQfreemem(s);
+        PQfreemem(t);
+        if (s == NULL || t == NULL) {
+            wp_error("could not quote a table name: %s", PQerrorMessage(reader->conn));
+            goto out;
+        }
+    }
+    res = PQexec(reader->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        log_result_error("could not create the publication", reader->conn, res, fatal);
+        goto out;
+    }
+    wp_info("created publication \"%s\" for %s", source->publication,
+            source->ntables ? "the source's tables" : "all tables");
+    rc = 0;
+out:
+    PQclear(res);
+    wp_buf_free(&sql);
+    return rc;
 }
 
 int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
@@ -382,11 +536,11 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
     }
     if (PQntuples(res) == 1) {
         info->exists = true;
-        if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 || strcmp(PQgetvalue(res, 0, 0), "wal2json") != 0 ||
-            strcmp(PQgetvalue(res, 0, 4), "t") != 0) {
-            wp_error("slot \"%s\" exists but is not a wal2json logical slot of this database (plugin %s); "
-                     "hint: name another slot in the configuration or drop this one",
-                     reader->source->slot, PQgetvalue(res, 0, 0));
+        if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 ||
+            strcmp(PQgetvalue(res, 0, 0), reader->input->plugin) != 0 || strcmp(PQgetvalue(res, 0, 4), "t") != 0) {
+            wp_error("slot \"%s\" exists but is not a %s logical slot of this database (plugin %s); "
+                     "hint: name another slot in the configuration, drop this one, or set the source's plugin to match it",
+                     reader->source->slot, reader->input->plugin, PQgetvalue(res, 0, 0));
             *fatal = true;
             goto out;
         }
@@ -397,6 +551,8 @@ int wp_reader_open(wp_reader_t *reader, wp_slot_info_t *info, bool *fatal)
             goto out;
         }
     }
+    if (reader->source->plugin == WP_PLUGIN_PGOUTPUT && check_publication(reader, info->exists, fatal) != 0)
+        goto out;
     rc = 0;
 out:
     PQclear(res);
@@ -426,10 +582,14 @@ int wp_reader_create_slot(wp_reader_t *reader, const wp_slot_spec_t *spec, wp_ls
     *fatal = false;
     if (snapshot_name)
         snapshot_name[0] = '\0';
+    PGresult *res = NULL;
+    if (reader->source->plugin == WP_PLUGIN_PGOUTPUT && !(spec && spec->temporary) &&
+        create_publication(reader, fatal) != 0)
+        goto out;
     /* slot names are validated ([a-z0-9_]) by the configuration, so quoting them is enough */
-    snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\"%s LOGICAL wal2json (SNAPSHOT '%s')", slot,
-             spec && spec->temporary ? " TEMPORARY" : "", export_snapshot ? "export" : "nothing");
-    PGresult *res = PQexec(reader->conn, sql);
+    snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\"%s LOGICAL %s (SNAPSHOT '%s')", slot,
+             spec && spec->temporary ? " TEMPORARY" : "", reader->input->plugin, export_snapshot ? "export" : "nothing");
+    res = PQexec(reader->conn, sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         log_result_error("could not create the replication slot", reader->conn, res, fatal);
         goto out;
@@ -583,13 +743,17 @@ static void begin_txn(wp_reader_t *reader, const wp_change_t *change)
     reader->skip_seq = change->nextlsn == reader->start.txn_end ? reader->start.txn_seq : 0;
 }
 
-/* Handles one XLogData payload.  Never fails: what cannot be decoded becomes a dead letter. */
-static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len)
+/*
+ * Handles one decoded message: c is its change, or NULL when it could not
+ * be decoded (err says why).  data[0..len) is the raw message, for a dead
+ * letter.  Never fails: what cannot be decoded becomes a dead letter.
+ */
+static void dispatch(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len, const wp_change_t *c,
+                     const char *err)
 {
     wp_change_t change;
-    char err[WP_ERRLEN];
 
-    if (wp_decoder_parse(reader->decoder, data, len, &change, err, sizeof err) != 0) {
+    if (c == NULL) {
         const char *schema, *table;
         wp_decoder_rejected_table(reader->decoder, &schema, &table);
         if (reader->in_txn) {
@@ -604,6 +768,7 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
         }
         return;
     }
+    change = *c;
 
     switch (change.op) {
     case WP_OP_BEGIN:
@@ -661,6 +826,231 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
     }
 }
 
+/* ---- inputs: wal2json and pgoutput ------------------------------------------------------- */
+
+/* wal2json: one JSON message is one change, in stream order. */
+static void wal2json_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len)
+{
+    wp_change_t change;
+    char err[WP_ERRLEN];
+    bool ok = wp_decoder_parse(reader->decoder, data, len, &change, err, sizeof err) == 0;
+    dispatch(reader, header_lsn, data, len, ok ? &change : NULL, err);
+}
+
+/*
+ * pgoutput: one message, parsed (and, for a Truncate, each of its tables)
+ * and dispatched.  A catalog failure stops the stream (reader->broken):
+ * the message is fine, the reader could not name its types.
+ */
+static void pgoutput_message(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len)
+{
+    wp_change_t change;
+    char err[WP_ERRLEN];
+    int rc = wp_pgoutput_parse(reader->pgoutput, reader->decoder, data, len, &change, err, sizeof err);
+    for (;;) {
+        if (rc == WP_PGO_RETRY) {
+            if (!reader->broken)
+                wp_error("could not decode a pgoutput change: %s", err);
+            reader->broken = true;
+            return;
+        }
+        if (rc == WP_PGO_NONE)
+            return;
+        dispatch(reader, header_lsn, data, len, rc == WP_PGO_CHANGE ? &change : NULL, err);
+        if (rc != WP_PGO_CHANGE || change.op != WP_OP_TRUNCATE)
+            return;
+        rc = wp_pgoutput_next(reader->pgoutput, reader->decoder, &change, err, sizeof err);
+    }
+}
+
+/*
+ * pgoutput's Begin lacks the commit end LSN that keys every row of its
+ * transaction (wal2json's B has it: nextlsn), so a transaction's messages
+ * are held until its Commit, which has it; then they are dispatched in
+ * order, Begin first with the end LSN filled in.  Messages outside a
+ * transaction (a non-transactional logical message) go at once.  The held
+ * bytes are pgoutput's compact binary form; a huge transaction costs its
+ * size in memory (README, "Reading with pgoutput").
+ */
+static void pgoutput_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len)
+{
+    wp_pgoutput_t *p = reader->pgoutput;
+    char kind = len > 0 ? data[0] : '\0';
+    if (reader->broken)
+        return;
+    if (kind == 'B' && wp_pgoutput_holding(p)) {
+        wp_warn("pgoutput began a transaction before the previous one committed; its held messages are dropped");
+        wp_pgoutput_release(p);
+    }
+    if (kind != 'C' && (kind == 'B' || wp_pgoutput_holding(p))) {
+        if (wp_pgoutput_hold(p, header_lsn, data, len) != 0)
+            reader->broken = true; /* logged; the stream restarts from the checkpoint */
+        return;
+    }
+    if (kind != 'C' || !wp_pgoutput_holding(p)) {
+        pgoutput_message(reader, header_lsn, data, len);
+        return;
+    }
+
+    /* the Commit: its end LSN is what the held Begin lacked (the XLogData header holds it too) */
+    wp_change_t commit, begin;
+    char err[WP_ERRLEN];
+    int rc = wp_pgoutput_parse(p, reader->decoder, data, len, &commit, err, sizeof err);
+    if (rc != WP_PGO_CHANGE) {
+        wp_warn("unreadable pgoutput Commit (%s); keying its transaction by the message's position", err);
+        memset(&commit, 0, sizeof commit);
+        commit.op = WP_OP_COMMIT;
+        commit.lsn = commit.nextlsn = header_lsn;
+    }
+    size_t blen;
+    wp_lsn_t blsn;
+    const char *b = wp_pgoutput_held(p, 0, &blen, &blsn);
+    if (wp_pgoutput_parse(p, reader->decoder, b, blen, &begin, err, sizeof err) != WP_PGO_CHANGE) {
+        wp_warn("unreadable pgoutput Begin (%s); its transaction is staged without an xid", err);
+        memset(&begin, 0, sizeof begin);
+        begin.op = WP_OP_BEGIN;
+    }
+    begin.nextlsn = commit.nextlsn;
+    if (commit.timestamp == NULL) {
+        commit.has_xid = begin.has_xid;
+        commit.xid = begin.xid;
+    }
+    dispatch(reader, blsn, b, blen, &begin, NULL);
+    for (size_t i = 1; i < wp_pgoutput_nheld(p) && !reader->broken; i++) {
+        size_t mlen;
+        wp_lsn_t mlsn;
+        const char *m = wp_pgoutput_held(p, i, &mlen, &mlsn);
+        if (m == NULL) {
+            reader->broken = true; /* logged; the stream restarts from the checkpoint */
+            break;
+        }
+        pgoutput_message(reader, mlsn, m, mlen);
+        /* a big transaction goes to staging in segments, as wal2json's does */
+        wp_segment_t *segment = reader->segment;
+        if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
+            push_segment(reader, reader->queue, false, true) != 0)
+            reader->broken = true;
+    }
+    wp_pgoutput_release(p);
+    if (!reader->broken)
+        dispatch(reader, header_lsn, data, len, &commit, NULL);
+}
+
+/* Appends , "option" 'value' with the value's quotes doubled (the replication grammar's literal). */
+static void put_option(wp_buf_t *sql, const char *option, const char *value)
+{
+    wp_buf_printf(sql, ", \"%s\" '", option);
+    for (const char *p = value; *p; p++) {
+        if (*p == '\'')
+            wp_buf_putc(sql, '\'');
+        wp_buf_putc(sql, *p);
+    }
+    wp_buf_putc(sql, '\'');
+}
+
+static void put_table_option(wp_buf_t *sql, const char *option, const wp_table_ref_t *tables, size_t n);
+
+static void wal2json_options(const wp_reader_t *reader, wp_buf_t *sql)
+{
+    wp_buf_puts(sql, " (\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1', "
+                     "\"include-type-oids\" '1', \"include-column-positions\" '1'");
+    put_table_option(sql, "add-tables", reader->source->tables, reader->source->ntables);
+    /* applied by wal2json before add-tables: an excluded table is never sent */
+    put_table_option(sql, "filter-tables", reader->source->exclude_tables, reader->source->nexclude_tables);
+    wp_buf_putc(sql, ')');
+}
+
+static void pgoutput_options(const wp_reader_t *reader, wp_buf_t *sql)
+{
+    /* publication_names is a list of identifiers: the name double-quoted, its quotes doubled */
+    wp_buf_t names = WP_BUF_INIT;
+    wp_buf_putc(&names, '"');
+    for (const char *p = reader->source->publication; *p; p++) {
+        if (*p == '"')
+            wp_buf_putc(&names, '"');
+        wp_buf_putc(&names, *p);
+    }
+    wp_buf_putc(&names, '"');
+    wp_buf_puts(sql, " (\"proto_version\" '1'");
+    put_option(sql, "publication_names", names.data);
+    put_option(sql, "messages", "true");
+    wp_buf_putc(sql, ')');
+    wp_buf_free(&names);
+}
+
+static const input_ops_t wal2json_input = {"wal2json", wal2json_options, wal2json_xlogdata};
+static const input_ops_t pgoutput_input = {"pgoutput", pgoutput_options, pgoutput_xlogdata};
+
+/*
+ * pgoutput's describe callback: the type names wal2json would print
+ * (format_type with the column's typmod) and the attnums, from the
+ * source's catalog on a plain connection opened when first needed.  Names
+ * and OIDs go in as parameters (arrays).
+ */
+static int describe_relation(void *arg, uint32_t relid, wp_pgoutput_attr_t *attrs, size_t n, char *errbuf,
+                             size_t errlen)
+{
+    wp_reader_t *reader = arg;
+    wp_buf_t oids = WP_BUF_INIT, mods = WP_BUF_INIT, names = WP_BUF_INIT;
+    PGresult *res = NULL;
+    int rc = -1;
+    char relid_text[16];
+    if (reader->catalog == NULL || PQstatus(reader->catalog) != CONNECTION_OK) {
+        char appname[96];
+        if (reader->catalog)
+            PQfinish(reader->catalog);
+        snprintf(appname, sizeof appname, "walpipe_%s_catalog", reader->source->name);
+        reader->catalog = wp_pg_connect_source(reader->source->conninfo, appname);
+        if (reader->catalog == NULL || PQstatus(reader->catalog) != CONNECTION_OK) {
+            snprintf(errbuf, errlen, "could not connect to the source to read its catalog: %s",
+                     reader->catalog ? PQerrorMessage(reader->catalog) : "out of memory");
+            wp_log_sanitize(errbuf);
+            goto out;
+        }
+    }
+    wp_buf_putc(&oids, '{');
+    wp_buf_putc(&mods, '{');
+    wp_buf_putc(&names, '{');
+    for (size_t i = 0; i < n; i++) {
+        wp_buf_printf(&oids, "%s%u", i ? "," : "", attrs[i].typeoid);
+        wp_buf_printf(&mods, "%s%d", i ? "," : "", attrs[i].typmod);
+        wp_buf_puts(&names, i ? ",\"" : "\"");
+        for (const char *p = attrs[i].name; *p; p++) {
+            if (*p == '"' || *p == '\\')
+                wp_buf_putc(&names, '\\');
+            wp_buf_putc(&names, *p);
+        }
+        wp_buf_putc(&names, '"');
+    }
+    wp_buf_putc(&oids, '}');
+    wp_buf_putc(&mods, '}');
+    wp_buf_putc(&names, '}');
+    snprintf(relid_text, sizeof relid_text, "%u", relid);
+    const char *params[4] = {relid_text, oids.data, mods.data, names.data};
+    res = PQexecParams(reader->catalog,
+                       "SELECT pg_catalog.format_type(c.oid, c.typmod), coalesce(a.attnum, 0) "
+                       "FROM unnest($2::oid[], $3::int4[], $4::text[]) WITH ORDINALITY AS c(oid, typmod, name, i) "
+                       "LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = $1::oid AND a.attname = c.name "
+                       "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY c.i",
+                       4, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || (size_t)PQntuples(res) != n) {
+        snprintf(errbuf, errlen, "could not read the source's catalog: %s", PQerrorMessage(reader->catalog));
+        wp_log_sanitize(errbuf);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        attrs[i].type = PQgetisnull(res, (int)i, 0) ? NULL : wp_strdup(PQgetvalue(res, (int)i, 0));
+        attrs[i].attnum = atoi(PQgetvalue(res, (int)i, 1));
+    }
+    rc = 0;
+out:
+    PQclear(res);
+    wp_buf_free(&oids);
+    wp_buf_free(&mods);
+    wp_buf_free(&names);
+    return rc;
+}
+
 /*
  * A keepalive's walEnd covers everything already sent to us.  When no
  * transaction is open, staging may record it as the checkpoint (so that a
@@ -670,6 +1060,9 @@ static void handle_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char
 static void handle_keepalive(wp_reader_t *reader, wp_lsn_t wal_end)
 {
     if (reader->in_txn || wal_end <= reader->pos.lsn || reader->pos.txn_end != WP_LSN_INVALID)
+        return;
+    /* a held pgoutput transaction is not staged yet, though walEnd may be past its commit already */
+    if (reader->pgoutput && wp_pgoutput_holding(reader->pgoutput))
         return;
     reader->pos.lsn = wal_end;
 }
@@ -716,15 +1109,9 @@ static int start_replication(wp_reader_t *reader, bool *fatal)
     int rc = -1;
     wp_buf_t sql = WP_BUF_INIT;
     char lsn[WP_LSN_STRLEN];
-    wp_buf_printf(&sql,
-                  "START_REPLICATION SLOT \"%s\" LOGICAL %s (\"format-version\" '2', \"include-xids\" '1', "
-                  "\"include-timestamp\" '1', \"include-lsn\" '1', \"include-type-oids\" '1', "
-                  "\"include-column-positions\" '1'",
-                  reader->source->slot, wp_lsn_format(reader->start.lsn, lsn));
-    put_table_option(&sql, "add-tables", reader->source->tables, reader->source->ntables);
-    /* applied by wal2json before add-tables: an excluded table is never sent */
-    put_table_option(&sql, "filter-tables", reader->source->exclude_tables, reader->source->nexclude_tables);
-    wp_buf_putc(&sql, ')');
+    wp_buf_printf(&sql, "START_REPLICATION SLOT \"%s\" LOGICAL %s", reader->source->slot,
+                  wp_lsn_format(reader->start.lsn, lsn));
+    reader->input->options(reader, &sql);
     PGresult *res = PQexec(reader->conn, sql.data);
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {
         log_result_error("could not start replication", reader->conn, res, fatal);
@@ -787,6 +1174,7 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
     char *buf = NULL;
     *fatal = false;
     reader->start = *start;
+    reader->queue = queue;
     reader->pos = *start;
     reader->pushed = *start;
     reader->in_txn = reader->skipping = false;
@@ -862,7 +1250,9 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
             wp_lsn_t data_start = get_u64(buf + 1);
             if (data_start > reader->received)
                 reader->received = data_start;
-            handle_xlogdata(reader, data_start, buf + 25, (size_t)n - 25);
+            reader->input->xlogdata(reader, data_start, buf + 25, (size_t)n - 25);
+            if (reader->broken)
+                goto fail;
             wp_segment_t *segment = reader->segment;
             if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
                 push_segment(reader, queue, false, true) != 0)

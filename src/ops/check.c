@@ -70,6 +70,12 @@ static const char *const WAL2JSON_OPTIONS[] = {"format-version",   "2", "include
                                                "include-timestamp", "1", "include-lsn",       "1",
                                                "include-type-oids", "1", "include-column-positions", "1"};
 
+/* The output plugin of src's slot, as pg_replication_slots names it. */
+static const char *plugin_name(const wp_source_config_t *src)
+{
+    return src->plugin == WP_PLUGIN_PGOUTPUT ? "pgoutput" : "wal2json";
+}
+
 /* Copies src into a new buffer scrubbed to one line of valid UTF-8 (caller frees). */
 static char *scrubbed(const char *src)
 {
@@ -245,10 +251,10 @@ static bool read_facts(check_ctx_t *ctx, PGconn *conn, const wp_source_config_t 
     f->senders_used = atol(PQgetvalue(res, 0, 11));
     PQclear(res);
 
-    const char *params[] = {src->slot};
+    const char *params[] = {src->slot, plugin_name(src)};
     res = PQexecParams(conn,
                        "SELECT slot_type, coalesce(plugin, ''), coalesce(database::text, ''), "
-                       "slot_type = 'logical' AND plugin = 'wal2json' AND database = current_database(), active, "
+                       "slot_type = 'logical' AND plugin = $2 AND database = current_database(), active, "
                        "coalesce(active_pid::text, ''), coalesce(wal_status, ''), "
                        "CASE WHEN pg_is_in_recovery() THEN '' ELSE "
                        "  coalesce(pg_size_pretty(pg_current_wal_lsn() - restart_lsn), '') END, "
@@ -256,7 +262,7 @@ static bool read_facts(check_ctx_t *ctx, PGconn *conn, const wp_source_config_t 
                        "  coalesce(pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn), '') END, "
                        "coalesce(pg_size_pretty(safe_wal_size), '') "
                        "FROM pg_replication_slots WHERE slot_name = $1",
-                       1, NULL, params, NULL, NULL, 0);
+                       2, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         report(ctx, CHECK_FAIL, "slot", "see the server's message", "could not look up slot \"%s\": %s", src->slot,
                err_message(conn, res));
@@ -539,8 +545,8 @@ static void check_slot(check_ctx_t *ctx, const wp_source_config_t *src, const so
                  "pg_drop_replication_slot('%s')",
                  src->name, src->slot);
         report(ctx, CHECK_FAIL, "slot", fix,
-               "\"%s\" exists but is not a wal2json logical slot of this database (type %s, plugin %s, database %s)",
-               src->slot, f->slot_type, *f->slot_plugin ? f->slot_plugin : "none",
+               "\"%s\" exists but is not a %s logical slot of this database (type %s, plugin %s, database %s)",
+               src->slot, plugin_name(src), f->slot_type, *f->slot_plugin ? f->slot_plugin : "none",
                *f->slot_db ? f->slot_db : "none");
         return;
     }
@@ -565,10 +571,44 @@ static void check_slot(check_ctx_t *ctx, const wp_source_config_t *src, const so
                src->slot, state, *f->slot_safe ? f->slot_safe : "?");
     } else {
         report(ctx, CHECK_PASS, "slot", NULL,
-               "\"%s\": wal2json, %s, wal_status = %s, retains %s of WAL, %s behind the source's current WAL%s%s",
-               src->slot, state, *f->slot_status ? f->slot_status : "?", *f->slot_retained ? f->slot_retained : "?",
+               "\"%s\": %s, %s, wal_status = %s, retains %s of WAL, %s behind the source's current WAL%s%s",
+               src->slot, plugin_name(src), state, *f->slot_status ? f->slot_status : "?", *f->slot_retained ? f->slot_retained : "?",
                *f->slot_behind ? f->slot_behind : "?", *f->slot_safe ? ", safe_wal_size " : "", f->slot_safe);
     }
+}
+
+/*
+ * pgoutput (built into the server: nothing to load) reads a publication.
+ * A named one must exist; walpipe's own is created with the slot, so it must
+ * exist once the slot does.
+ */
+static void check_publication(check_ctx_t *ctx, PGconn *conn, const wp_source_config_t *src, const source_facts_t *f)
+{
+    char fix[600];
+    const char *params[] = {src->publication};
+    PGresult *res = PQexecParams(conn,
+                                 "SELECT puballtables, (SELECT count(*) FROM pg_catalog.pg_publication_tables t "
+                                 "WHERE t.pubname = p.pubname) FROM pg_catalog.pg_publication p WHERE pubname = $1",
+                                 1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        report(ctx, CHECK_WARN, "publication", "see the server's message", "could not look it up: %s",
+               err_message(conn, res));
+    } else if (PQntuples(res) == 1) {
+        report(ctx, CHECK_PASS, "publication", NULL, "\"%s\" exists, %s (%s table(s) now)", src->publication,
+               PQgetvalue(res, 0, 0)[0] == 't' ? "FOR ALL TABLES" : "for a list of tables", PQgetvalue(res, 0, 1));
+    } else if (src->publication_set || f->slot_exists) {
+        snprintf(fix, sizeof fix,
+                 "create it on the source: CREATE PUBLICATION \"%s\" FOR ALL TABLES (or FOR TABLE the tables to "
+                 "capture)%s",
+                 src->publication, src->publication_set ? ", or remove publication to let walpipe create its own" : "");
+        report(ctx, CHECK_FAIL, "publication", fix, "\"%s\" does not exist on the source%s", src->publication,
+               src->publication_set ? "" : ", though walpipe's slot does (walpipe created both; someone dropped it)");
+    } else {
+        report(ctx, CHECK_PASS, "publication", NULL,
+               "\"%s\" does not exist yet: `walpipe run` creates it with the slot, %s", src->publication,
+               src->ntables ? "FOR TABLE the source's tables" : "FOR ALL TABLES (which needs a superuser)");
+    }
+    PQclear(res);
 }
 
 /* Appends "\"schema\".\"table\"" (each part quoted as an SQL identifier) to out. */
@@ -754,10 +794,16 @@ static void check_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_config_
                 wp_buf_printf(&fix, "ALTER TABLE %s REPLICA IDENTITY USING INDEX <the unique index on (%s)>, or "
                                     "add a primary key", name.data, cols);
             }
-            report(ctx, CHECK_FAIL, "table", fix.data,
-                   "%s: wal2json drops its UPDATEs and DELETEs (%s), with only a warning; the mirror, keyed on "
-                   "(%s), gets its inserts but misses those: each is recorded as a divergence",
-                   name.data, dropped, cols);
+            if (src->plugin == WP_PLUGIN_PGOUTPUT)
+                report(ctx, CHECK_FAIL, "table", fix.data,
+                       "%s: the source refuses its UPDATEs and DELETEs while a publication that publishes them "
+                       "holds it (%s)",
+                       name.data, dropped);
+            else
+                report(ctx, CHECK_FAIL, "table", fix.data,
+                       "%s: wal2json drops its UPDATEs and DELETEs (%s), with only a warning; the mirror, keyed on "
+                       "(%s), gets its inserts but misses those: each is recorded as a divergence",
+                       name.data, dropped, cols);
             free(cols);
         } else {
             good++;
@@ -769,8 +815,8 @@ static void check_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_config_
                "the database has no table to capture (yet)");
     else if (good > 0 || n == 0)
         report(ctx, CHECK_PASS, "tables", NULL,
-               "%d%s captured table(s) can be mirrored, and wal2json sends their UPDATEs and DELETEs with a key",
-               good, good < n ? " other" : "");
+               "%d%s captured table(s) can be mirrored, and %s sends their UPDATEs and DELETEs with a key",
+               good, good < n ? " other" : "", plugin_name(src));
 out:
     free(items);
     PQclear(ident);
@@ -805,7 +851,10 @@ static void check_source(check_ctx_t *ctx, const wp_source_config_t *src)
     /* counted before this check's own connections take a WAL sender and a slot */
     check_capacity(ctx, src, &f);
     check_replication_connection(ctx, src);
-    check_wal2json(ctx, conn, &f);
+    if (src->plugin == WP_PLUGIN_PGOUTPUT)
+        check_publication(ctx, conn, src, &f);
+    else
+        check_wal2json(ctx, conn, &f);
     check_sender_timeout(ctx, src, &f);
     check_keep_size(ctx, &f);
     check_slot(ctx, src, &f);

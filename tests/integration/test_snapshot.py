@@ -4,6 +4,8 @@ slot's exported snapshot, so that snapshot + stream reproduce the source exactly
 import threading
 import time
 
+import pytest
+
 import truth
 import wptest
 from test_core import staged_count, start_walpipe, wait_caught_up
@@ -175,12 +177,13 @@ def test_snapshot_interrupted_starts_over_cleanly(source_pg, staging_pg, walpipe
     assert {r[0]: {"id": r[0], "n": r[1], "v": r[2]} for r in mirror} == source_state(source_pg)
 
 
-def test_requested_snapshot_while_streaming(source_pg, staging_pg, walpipe_factory):
+@pytest.mark.parametrize("plugin", ["wal2json", "pgoutput"])
+def test_requested_snapshot_while_streaming(source_pg, staging_pg, walpipe_factory, plugin):
     source_pg.createdb("app")
     source_pg.sql(SCHEMA, dbname="app")
     fill_big(source_pg, 50000)
     w = start_walpipe(walpipe_factory, staging_pg, {"app": {"conninfo": source_pg.conninfo("app"),
-                                                            "snapshot": "never"}})
+                                                            "snapshot": "never", "plugin": plugin}})
     wait_until(lambda: "streaming from slot" in w.log(since_start=True), what="streaming", walpipe=w)
     assert staged_count(staging_pg) == 0   # snapshot = never: existing rows are not copied
     stop = threading.Event()

@@ -210,8 +210,9 @@ class Row:
 class World:
     """Clusters, walpipe, load and RSS sampling of one scenario; close() removes them."""
 
-    def __init__(self, name, full, rnd, workdir):
+    def __init__(self, name, full, rnd, workdir, plugin="wal2json"):
         self.row = Row(name)
+        self.plugin = plugin  # walpipe's input; the truth slot is wal2json's either way
         self.full = full
         self.p = PARAMS["full" if full else "short"]
         self.rnd = rnd
@@ -236,6 +237,13 @@ class World:
     def setup_source(self, src, dbname="app", slot=SLOT, truth_slot=TRUTH_SLOT):
         src.createdb(dbname)
         src.sql(SCHEMA, dbname=dbname)
+        if self.plugin == "pgoutput":
+            # the publication walpipe would create, older than the slots; walpipe's slot a pgoutput copy
+            src.sql(f'CREATE PUBLICATION "{slot}" FOR ALL TABLES', dbname=dbname)
+            wptest.create_slot(src, dbname, truth_slot)
+            src.sql("SELECT pg_copy_logical_replication_slot(%s, %s, false, 'pgoutput')", (truth_slot, slot),
+                    dbname=dbname)
+            return
         wptest.create_slot(src, dbname, slot)
         wptest.copy_slot(src, dbname, slot, truth_slot)
 
@@ -252,8 +260,9 @@ class World:
             w.start()
         return w
 
-    @staticmethod
-    def configure(w, staging, sources, staging_extra=None):
+    def configure(self, w, staging, sources, staging_extra=None):
+        if self.plugin != "wal2json":
+            sources = {name: dict(src, plugin=self.plugin) for name, src in sources.items()}
         wptest.write_config(w.config_path, staging.conninfo("staging"), sources, staging_extra=staging_extra)
 
     def load(self, src, dbname="app"):
@@ -733,12 +742,12 @@ SCENARIOS = {
 }
 
 
-def run_one(name, full=False, seed=None, workdir=None, log=sys.stderr):
-    """Runs one scenario; returns its Row (row.ok tells the verdict)."""
+def run_one(name, full=False, seed=None, workdir=None, log=sys.stderr, plugin="wal2json"):
+    """Runs one scenario, walpipe reading with plugin; returns its Row (row.ok tells the verdict)."""
     seed = seed if seed is not None else random.randrange(1 << 30)
     own = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix=f"torture-{name}-"))
-    x = World(name, full, random.Random(f"{seed}/{name}"), workdir)
+    x = World(name, full, random.Random(f"{seed}/{name}"), workdir, plugin=plugin)
     t0 = time.monotonic()
     try:
         SCENARIOS[name](x)

@@ -627,6 +627,7 @@ static void test_example_file(void **state)
     assert_int_equal(c->sources[0].max_lag_bytes, 1024 * 1024 * 1024);
     assert_int_equal(c->sources[0].max_stall_seconds, 300);
     assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
+    assert_int_equal(c->sources[0].plugin, WP_PLUGIN_WAL2JSON);
     assert_int_equal(c->nsinks, 1);
     assert_string_equal(c->sinks[0].plugin, "jsonl");
     assert_int_equal(c->sinks[0].nkeys, 3);
@@ -775,6 +776,34 @@ static void test_observe_keys(void **state)
     expect_error(STAGING SOURCE "[metrics]\n[metrics]\n", 6, "duplicate section [metrics]");
 }
 
+static void test_plugin(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    wp_config_t *c = parse(STAGING SOURCE, err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->sources[0].plugin, WP_PLUGIN_WAL2JSON); /* the default */
+    assert_false(c->sources[0].publication_set);
+    wp_config_destroy(c);
+    c = parse(STAGING "[source App-1]\nconninfo = host=src\nplugin = pgoutput\n", err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->sources[0].plugin, WP_PLUGIN_PGOUTPUT);
+    assert_string_equal(c->sources[0].publication, "walpipe_app_1"); /* created by walpipe, named like the slot */
+    assert_false(c->sources[0].publication_set);
+    wp_config_destroy(c);
+    c = parse(STAGING SOURCE "plugin = pgoutput\npublication = My Pub\n", err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_string_equal(c->sources[0].publication, "My Pub"); /* a name as written: used quoted */
+    assert_true(c->sources[0].publication_set);
+    wp_config_destroy(c);
+    expect_error(STAGING SOURCE "plugin = test_decoding\n", 5, "plugin in [source app] must be wal2json or pgoutput");
+    expect_error(STAGING SOURCE "publication = p\n", 3, "only plugin = pgoutput reads");
+    expect_error(STAGING SOURCE "plugin = pgoutput\npublication = \n", 6, "publication in [source app] must be a name");
+}
+
 static void test_sinks(void **state)
 {
     (void)state;
@@ -837,6 +866,7 @@ int main(void)
         cmocka_unit_test(test_workers),       cmocka_unit_test(test_filters),
         cmocka_unit_test(test_log_format),
         cmocka_unit_test(test_observe_keys),
+        cmocka_unit_test(test_plugin),
         cmocka_unit_test(test_sinks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
