@@ -111,9 +111,12 @@ struct wp_feed {
     size_t ntables;
     wp_buf_t schemas_arr, tables_arr; /* the tables filter as text[] literals */
     map_t shapes;                     /* "shape_id" -> columns JSON */
-    map_t keys;                       /* "schema\x1ftable" -> key_columns JSON, NULL = none recorded */
+    map_t keys;                       /* "schema\x1ftable" -> key_columns JSON, NULL = no key (or asked) */
+    map_t unrecorded;                 /* "schema\x1ftable" of tables source_tables has no row of yet */
+    map_t told;                       /* tables whose wait was logged */
     int64_t cached_at, missing_at;
     bool has_missing;                 /* a table had no key recorded when last read */
+    bool waiting;                     /* the last read stopped before an event of an unrecorded table */
     PGresult *res;
     wp_feed_row_t *rows;
     int rows_cap;
@@ -143,6 +146,7 @@ void wp_feed_forget(wp_feed_t *feed)
 {
     map_clear(&feed->shapes);
     map_clear(&feed->keys);
+    map_clear(&feed->unrecorded);
     feed->cached_at = wp_now_ms();
     feed->has_missing = false;
 }
@@ -153,6 +157,8 @@ void wp_feed_destroy(wp_feed_t *feed)
         return;
     map_clear(&feed->shapes);
     map_clear(&feed->keys);
+    map_clear(&feed->unrecorded);
+    map_clear(&feed->told);
     PQclear(feed->res);
     free(feed->rows);
     wp_buf_free(&feed->schemas_arr);
@@ -246,12 +252,21 @@ static int fill_caches(wp_feed_t *feed, PGconn *conn, int n)
         if (res == NULL)
             goto out;
         int found = 0;
+        map_t seen = {0};
         for (int i = 0; i < PQntuples(res); i++) {
             wp_buf_reset(&key);
             wp_buf_printf(&key, "%s\x1f%s", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1));
             map_put(&feed->keys, key.data, PQgetisnull(res, i, 2) ? NULL : PQgetvalue(res, i, 2));
+            map_put(&seen, key.data, NULL);
             found++;
         }
+        for (size_t i = 0; i < ntables; i++) {
+            wp_buf_reset(&key);
+            wp_buf_printf(&key, "%s\x1f%s", s[i], t[i]);
+            if (map_find(&seen, key.data) == NULL)
+                map_put(&feed->unrecorded, key.data, NULL);
+        }
+        map_clear(&seen);
         if ((size_t)found < ntables && !feed->has_missing) {
             feed->has_missing = true;
             feed->missing_at = wp_now_ms();
@@ -310,8 +325,10 @@ int wp_feed_read(wp_feed_t *feed, PGconn *conn, const wp_sink_pos_t *after, wp_l
         wp_feed_forget(feed);
     } else if (feed->has_missing && now - feed->missing_at > MISSING_TTL_MS) {
         map_clear(&feed->keys); /* ask again for the keys that were not recorded yet */
+        map_clear(&feed->unrecorded);
         feed->has_missing = false;
     }
+    feed->waiting = false;
     if (snapshot_state(feed, conn, &busy, snap_lsn, sizeof snap_lsn) != 0)
         return -1;
     if (busy)
@@ -385,6 +402,20 @@ int wp_feed_read(wp_feed_t *feed, PGconn *conn, const wp_sink_pos_t *after, wp_l
         if (ev->schema && ev->table) {
             wp_buf_reset(&key);
             wp_buf_printf(&key, "%s\x1f%s", ev->schema, ev->table);
+            if (row->match && map_find(&feed->unrecorded, key.data)) {
+                /* the key is not known yet: this event and all after it wait (see the comment at the top) */
+                if (map_find(&feed->told, key.data) == NULL) {
+                    map_put(&feed->told, key.data, NULL);
+                    wp_warn("sink: the events of source \"%s\" from table \"%s\".\"%s\" on wait until `walpipe run` "
+                            "has recorded the table's key (walpipe.source_tables): a sink never sends a table's "
+                            "events without the key it will send them with later; if this lasts, check that "
+                            "`walpipe run` is running and reaches the source",
+                            feed->source, ev->schema, ev->table);
+                }
+                feed->waiting = true;
+                rc = i;
+                break;
+            }
             entry_t *e = map_find(&feed->keys, key.data);
             ev->key_columns = e ? e->value : NULL;
         }
@@ -394,6 +425,11 @@ int wp_feed_read(wp_feed_t *feed, PGconn *conn, const wp_sink_pos_t *after, wp_l
     if (rc > 0)
         *rows = feed->rows;
     return rc;
+}
+
+bool wp_feed_waiting(const wp_feed_t *feed)
+{
+    return feed->waiting;
 }
 
 int wp_feed_index_ready(PGconn *conn)

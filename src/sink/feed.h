@@ -14,6 +14,12 @@
  * commit chunk by chunk in no fixed order, so no position could say which
  * of them a sink has seen.  They repair mirrors; `walpipe replay` re-sends
  * history downstream.
+ *
+ * Keys: an event goes out with its table's key columns as
+ * walpipe.source_tables recorded them (`walpipe run` discovers them).  An
+ * event of a table with no row there yet waits, and so do all after it: sent
+ * with no key first and with one after a restart, the same event would land
+ * in two Kafka partitions (a doubled event) and change its Debezium key.
  */
 #ifndef WP_SINK_FEED_H
 #define WP_SINK_FEED_H
@@ -69,6 +75,9 @@ void wp_feed_destroy(wp_feed_t *feed);
  */
 int wp_feed_read(wp_feed_t *feed, PGconn *conn, const wp_sink_pos_t *after, wp_lsn_t upto, int limit,
                  wp_feed_row_t **rows);
+
+/* Whether the last read stopped before an event whose table's key is not recorded yet (more may follow). */
+bool wp_feed_waiting(const wp_feed_t *feed);
 
 /*
  * 1 when staging has the index feeds read by (walpipe init makes it for a

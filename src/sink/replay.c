@@ -171,9 +171,12 @@ static int deliver_range(PGconn *conn, wp_session_t *session, wp_feed_t *feed, c
             n = wp_feed_read(feed, conn, &read, to, 1000, &rows);
             if (n < 0)
                 return 1;
-            if (n == 0)
+            if (n == 0 && wp_feed_waiting(feed)) {
+                struct timespec ts = {0, 200 * 1000000L}; /* a table's key is not recorded yet (feed.h) */
+                nanosleep(&ts, NULL);
+            } else if (n == 0) {
                 at_end = true;
-            else {
+            } else {
                 rc = wp_session_deliver(session, 0, rows, n, err, sizeof err);
                 read = rows[n - 1].pos;
             }
