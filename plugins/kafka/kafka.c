@@ -682,7 +682,10 @@ static int kafka_deliver_one(kafka_session_t *s, const wp_sink_event_t *ev, char
         if (!ev->replay && t->tails[part].known &&
             kafka_cmp_identity(ev->lsn, ev->seq, i + 1, &t->tails[part]) <= 0) {
             e->remaining--; /* already in the partition: durable as it is */
-            s->skipped++;
+            if (s->skipped++ == 0)
+                kafka_log(s, WP_SINK_LOG_INFO, "%s [%" PRId32 "] already holds %X/%X seq %" PRId32
+                          ": redelivered records found in their partitions are not sent again",
+                          t->name, part, (unsigned)(ev->lsn >> 32), (unsigned)ev->lsn, ev->seq);
             continue;
         }
         rc = kafka_produce(s, ev, t, part, &recs[i], i + 1, slot, err, errlen);

@@ -2,7 +2,7 @@
  * kafka_driver: drives a sink plugin (.so) the way walpipe's sink core does, without
  * PostgreSQL, for tests of the Kafka plugin's delivery (tests/integration/test_kafka.py).
  *
- *   kafka_driver PLUGIN.so STATEFILE EVENTS [-o key=value]... [--dump]
+ *   kafka_driver PLUGIN.so STATEFILE EVENTS [-o key=value]... [--delay-ms N] [--dump]
  *
  * It generates EVENTS synthetic events of source "drv" (a deterministic mix of inserts,
  * updates and deletes over 50 keys of public.t, inserts into the key-less public.nokey, and
@@ -10,6 +10,7 @@
  * durable position in STATEFILE (written by rename, only as far as the plugin reports
  * durable, and not after every report, so a SIGKILL leaves events to deliver again) and
  * starts after it.  It exits 0 when every event is durable, printing "done <skipped?>".
+ * --delay-ms paces it (a pause after each batch of 64) so a test can kill it mid-stream.
  * --dump prints the events as JSON lines instead (the test's truth of what was sent).
  */
 #include <dlfcn.h>
@@ -128,7 +129,7 @@ int main(int argc, char **argv)
     wp_sink_entry_fn entry;
     char err[512] = "";
     uint64_t total, pos, durable = 0, next;
-    int dump = 0, rc;
+    int dump = 0, rc, delay_ms = 0;
     int64_t last_write = 0;
 
     if (argc < 4) {
@@ -139,6 +140,8 @@ int main(int argc, char **argv)
     for (int i = 4; i < argc; i++) {
         if (!strcmp(argv[i], "--dump")) {
             dump = 1;
+        } else if (!strcmp(argv[i], "--delay-ms") && i + 1 < argc) {
+            delay_ms = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "-o") && i + 1 < argc && drv_nkeys < DRV_MAX_OPTS) {
             char *eq = strchr(argv[++i], '=');
             if (!eq)
@@ -196,6 +199,10 @@ int main(int argc, char **argv)
         }
         if (n && (rc = p->deliver(state, evs, n, err, sizeof err)) != WP_SINK_OK)
             goto fail;
+        if (n && delay_ms) {
+            struct timespec ts = {delay_ms / 1000, (long)(delay_ms % 1000) * 1000000L};
+            nanosleep(&ts, NULL);
+        }
         if ((rc = p->poll(state, next < total ? 0 : 100, &d, err, sizeof err)) != WP_SINK_OK)
             goto fail;
         if (d > durable)

@@ -56,8 +56,15 @@ static void run_command(rd_kafka_mock_cluster_t *mc, int brokers, char *line)
         }
         err = argv[0][0] == 'd' ? rd_kafka_mock_broker_set_down(mc, id) : rd_kafka_mock_broker_set_up(mc, id);
     } else if (strcmp(argv[0], "errors") == 0 && argc == 4) {
-        rd_kafka_mock_push_request_errors(mc, (int16_t)atoi(argv[1]), (size_t)atol(argv[2]),
-                                          (rd_kafka_resp_err_t)atoi(argv[3]));
+        long cnt = atol(argv[2]);
+        rd_kafka_resp_err_t errs[1024];
+        if (cnt < 1 || cnt > 1024) {
+            printf("error: count must be 1..1024\n");
+            goto out;
+        }
+        for (long i = 0; i < cnt; i++)
+            errs[i] = (rd_kafka_resp_err_t)atoi(argv[3]);
+        rd_kafka_mock_push_request_errors_array(mc, (int16_t)atoi(argv[1]), (size_t)cnt, errs);
     } else if (strcmp(argv[0], "create") == 0 && argc == 3) {
         err = rd_kafka_mock_topic_create(mc, argv[1], atoi(argv[2]), 1);
     } else if (strcmp(argv[0], "ping") == 0 && argc == 1) {
