@@ -28,3 +28,17 @@ void wp_dbz_record_free(wp_dbz_record_t *r)
     free(r->header_value);
     memset(r, 0, sizeof *r);
 }
+
+struct wp_dbz_tables {
+    int unused;
+};
+
+struct wp_dbz_tables *wp_dbz_tables_new(void)
+{
+    return calloc(1, sizeof(struct wp_dbz_tables));
+}
+
+void wp_dbz_tables_free(struct wp_dbz_tables *tables)
+{
+    free(tables);
+}

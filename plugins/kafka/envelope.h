@@ -38,6 +38,12 @@ typedef struct wp_dbz_options {
     /* (additive) processing time for ts_ms/ts_us/ts_ns, ns since the Unix epoch;
        0: read CLOCK_REALTIME at each call.  Tests inject a fixed value. */
     int64_t now_ns;
+    /* (additive) optional memory of each table's whole column list, learnt from inserts and
+       snapshot rows; NULL: none.  With it, an update that leaves out unchanged TOAST columns
+       carries them with the placeholder, and deletes/truncates carry the table's full row schema
+       (Debezium's Value schema) instead of only the key columns.  Not thread-safe: one per
+       session (wp_dbz_tables_new / wp_dbz_tables_free). */
+    struct wp_dbz_tables *tables;
 } wp_dbz_options_t;
 
 /* One Kafka record.  Every pointer is malloc'd and owned by the caller (wp_dbz_record_free). */
@@ -60,6 +66,10 @@ typedef struct wp_dbz_record {
  * The caller provides out[3] and frees each of the n records with wp_dbz_record_free. */
 int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int tombstones,
                   wp_dbz_record_t out[3], char *err, size_t errlen);
+
+/* The table memory for wp_dbz_options_t.tables: NULL on out of memory; free with wp_dbz_tables_free. */
+struct wp_dbz_tables *wp_dbz_tables_new(void);
+void wp_dbz_tables_free(struct wp_dbz_tables *tables); /* NULL is a no-op */
 
 /* Frees what a record holds and zeroes it; NULL and a zeroed record are fine. */
 void wp_dbz_record_free(wp_dbz_record_t *r);
