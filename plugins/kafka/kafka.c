@@ -177,6 +177,18 @@ static int kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *v
 
 static void kafka_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque);
 
+/* librdkafka's log lines go to the sink's log (syslog levels: 0..3 error, 4 warning, 5..6 info). */
+static void kafka_rdk_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    const kafka_session_t *s = rd_kafka_opaque(rk);
+
+    if (!s)
+        return;
+    kafka_log(s, level <= 3 ? WP_SINK_LOG_ERROR : level == 4 ? WP_SINK_LOG_WARN : level <= 6 ? WP_SINK_LOG_INFO
+                                                                                              : WP_SINK_LOG_DEBUG,
+              "librdkafka %s: %s", fac, buf);
+}
+
 /* Builds the producer's configuration from the sink's keys.  Returns NULL with err set. */
 static rd_kafka_conf_t *kafka_producer_conf(kafka_session_t *s, const char *brokers, char *err, size_t errlen)
 {
@@ -192,7 +204,10 @@ static rd_kafka_conf_t *kafka_producer_conf(kafka_session_t *s, const char *brok
         kafka_conf_set(conf, "partitioner", "murmur2_random", err, errlen) ||
         kafka_conf_set(conf, "queue.buffering.max.messages", num, err, errlen) ||
         kafka_conf_set(conf, "linger.ms", "5", err, errlen) ||
-        kafka_conf_set(conf, "log_level", "4", err, errlen))
+        kafka_conf_set(conf, "log_level", "4", err, errlen) ||
+        /* log lines wait in the main queue and reach the host from rd_kafka_poll, in the
+           core's thread (the host's log is not promised to be thread-safe) */
+        kafka_conf_set(conf, "log.queue", "true", err, errlen))
         goto fail;
     for (const char *const *k = kafka_keys; *k; k++) {
         const char *v;
@@ -202,6 +217,7 @@ static rd_kafka_conf_t *kafka_producer_conf(kafka_session_t *s, const char *brok
             goto fail;
     }
     rd_kafka_conf_set_dr_msg_cb(conf, kafka_dr_cb);
+    rd_kafka_conf_set_log_cb(conf, kafka_rdk_log);
     rd_kafka_conf_set_opaque(conf, s);
     return conf;
 fail:
@@ -562,7 +578,8 @@ static int kafka_open(const wp_sink_host_t *host, void **state, char *err, size_
         s->ring_cap = (size_t)n;
     }
     s->ring = calloc(s->ring_cap, sizeof *s->ring);
-    if (!s->ring)
+    s->dbz.tables = wp_dbz_tables_new(); /* column lists learnt from rows: unchanged TOAST placeholders */
+    if (!s->ring || !s->dbz.tables)
         goto oom;
     conf = kafka_producer_conf(s, brokers, err, errlen);
     if (!conf)
@@ -573,6 +590,7 @@ static int kafka_open(const wp_sink_host_t *host, void **state, char *err, size_
         goto out;
     }
     conf = NULL; /* the producer owns it */
+    rd_kafka_set_log_queue(s->rk, NULL);
     *state = s;
     s = NULL;
     rc = WP_SINK_OK;
@@ -773,6 +791,7 @@ static void kafka_close(void *state)
         rd_kafka_destroy(s->rk);
     if (s->tail_rk)
         rd_kafka_destroy(s->tail_rk);
+    wp_dbz_tables_free(s->dbz.tables);
     free(s->ring);
     free(s->topic_prefix);
     free(s->database);
