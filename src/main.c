@@ -8,6 +8,8 @@
  *   walpipe verify --config FILE [--source S] [--table T]... [--resync]
  *   walpipe status --config FILE [--json] [--watch SECONDS]
  *   walpipe check --config FILE [--json]
+ *   walpipe sink --config FILE [--sink NAME]
+ *   walpipe replay --config FILE --sink NAME --source S (--from LSN | --from-time TS) [--to LSN] [--table T]...
  *
  * Signal handlers only call wp_stop_request(); each source notices it within
  * one poll interval, commits the batch in hand, acknowledges it and exits.
@@ -19,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <walpipe/lsn.h>
 #include <walpipe/walpipe.h>
 
 #include "check.h"
@@ -31,6 +34,7 @@
 #include "migrate.h"
 #include "pipeline.h"
 #include "resync.h"
+#include "sink.h"
 #include "metrics.h"
 #include "snapshot.h"
 #include "source.h"
@@ -68,6 +72,13 @@ static void usage(FILE *out)
             "  walpipe check --config FILE [--json]\n"
             "                               the production checklist: every source and staging, one line per check\n"
             "                               (pass, warn or fail, and the fix); exit 0 when nothing fails, 1 otherwise\n"
+            "  walpipe sink --config FILE [--sink NAME]\n"
+            "                               the [sink] sections only (all, or NAME): deliver staged events to their\n"
+            "                               plugins (`run` runs them too)\n"
+            "  walpipe replay --config FILE --sink NAME --source S (--from LSN | --from-time TS) [--to LSN]\n"
+            "                [--table SCHEMA.TABLE]...\n"
+            "                               deliver a staged range again, in order, through the sink's plugin (as a\n"
+            "                               replay); the sink's position does not move\n"
             "  walpipe --help | --version\n"
             "\n"
             "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
@@ -105,9 +116,16 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
 {
     int rc = WP_EXIT_OK;
     bool failed;
+    /* plugins first: a sink that cannot load (no plugin, a key it does not know) is a configuration error */
+    wp_sinks_t *sinks = wp_sinks_start(config, NULL);
+    if (sinks == NULL)
+        return WP_EXIT_CONFIG;
     wp_exporter_t *exporter = wp_exporter_start(config, &failed);
-    if (failed)
+    if (failed) {
+        wp_stop_request();
+        wp_sinks_stop(sinks);
         return WP_EXIT_FATAL;
+    }
     wp_source_t **sources = wp_calloc(config->nsources, sizeof *sources);
     wp_info("walpipe %s starting with %zu source(s)", WALPIPE_VERSION, config->nsources);
     wp_lagguard_t *guard = wp_lagguard_start(config, true);
@@ -130,6 +148,7 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
     wp_stop_request(); /* a source that ended on a fatal error ends the resyncer too */
     wp_resyncer_stop(resyncer);
     wp_workers_stop(workers);
+    wp_sinks_stop(sinks); /* after the sources: each flushes and saves its position */
     wp_lagguard_stop(guard);
     wp_exporter_stop(exporter);
     free(sources);
@@ -152,6 +171,36 @@ static int cmd_work(wp_config_t *config, int workers)
     wp_workers_wait(pool);
     int rc = wp_workers_stop(pool) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
     wp_lagguard_stop(guard);
+    wp_exporter_stop(exporter);
+    wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
+    return rc;
+}
+
+static int cmd_sink(wp_config_t *config, const char *only)
+{
+    if (config->nsinks == 0) {
+        fprintf(stderr, "walpipe: %s has no [sink NAME] section\n", config->path);
+        return WP_EXIT_CONFIG;
+    }
+    bool found = only == NULL;
+    for (size_t i = 0; i < config->nsinks && !found; i++)
+        found = strcmp(config->sinks[i].name, only) == 0;
+    if (!found) {
+        fprintf(stderr, "walpipe: %s has no [sink %s] section\n", config->path, only);
+        return WP_EXIT_CONFIG;
+    }
+    bool failed;
+    wp_exporter_t *exporter = wp_exporter_start(config, &failed);
+    if (failed)
+        wp_warn("walpipe sink goes on without metrics; give it a config of its own with another [metrics] listen");
+    wp_info("walpipe %s starting sinks", WALPIPE_VERSION);
+    wp_sinks_t *sinks = wp_sinks_start(config, only);
+    if (sinks == NULL) {
+        wp_exporter_stop(exporter);
+        return WP_EXIT_CONFIG;
+    }
+    wp_sinks_wait(sinks);
+    int rc = wp_sinks_stop(sinks) == 0 ? WP_EXIT_OK : WP_EXIT_FATAL;
     wp_exporter_stop(exporter);
     wp_info("walpipe stopped%s", rc == WP_EXIT_OK ? "" : " after an error");
     return rc;
@@ -181,6 +230,7 @@ int main(int argc, char **argv)
     const char **tables = wp_calloc((size_t)argc, sizeof *tables);
     int ntables = 0;
     const char *source_name = NULL;
+    const char *sink_name = NULL, *from = NULL, *from_time = NULL, *to = NULL;
 
     /* first thing: a SIGTERM that arrives while the configuration loads still means "stop cleanly" */
     install_signals();
@@ -214,6 +264,17 @@ int main(int argc, char **argv)
                 goto out;
             }
             accept_gap[naccept_gap++] = argv[++i];
+        } else if (strcmp(argv[i], "--sink") == 0 || strcmp(argv[i], "--from") == 0 ||
+                   strcmp(argv[i], "--from-time") == 0 || strcmp(argv[i], "--to") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "walpipe: %s needs a value\n", argv[i]);
+                goto out;
+            }
+            const char **slot = strcmp(argv[i], "--sink") == 0        ? &sink_name
+                                : strcmp(argv[i], "--from") == 0      ? &from
+                                : strcmp(argv[i], "--from-time") == 0 ? &from_time
+                                                                      : &to;
+            *slot = argv[++i];
         } else if (strcmp(argv[i], "--source") == 0 || strcmp(argv[i], "--table") == 0) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "walpipe: %s needs a name\n", argv[i]);
@@ -259,7 +320,8 @@ int main(int argc, char **argv)
     if (command == NULL ||
         (strcmp(command, "run") != 0 && strcmp(command, "init") != 0 && strcmp(command, "snapshot") != 0 &&
          strcmp(command, "work") != 0 && strcmp(command, "dlq") != 0 && strcmp(command, "verify") != 0 &&
-         strcmp(command, "status") != 0 && strcmp(command, "check") != 0)) {
+         strcmp(command, "status") != 0 && strcmp(command, "check") != 0 && strcmp(command, "sink") != 0 &&
+         strcmp(command, "replay") != 0)) {
         if (command)
             fprintf(stderr, "walpipe: unknown command \"%s\"\n", command);
         usage(stderr);
@@ -269,9 +331,32 @@ int main(int argc, char **argv)
         fprintf(stderr, "walpipe: snapshot needs --source NAME\n");
         goto out;
     }
-    if ((source_name || ntables) && strcmp(command, "snapshot") != 0 && strcmp(command, "verify") != 0) {
-        fprintf(stderr, "walpipe: --source and --table go with the snapshot and verify commands\n");
+    if ((source_name || ntables) && strcmp(command, "snapshot") != 0 && strcmp(command, "verify") != 0 &&
+        strcmp(command, "replay") != 0) {
+        fprintf(stderr, "walpipe: --source and --table go with the snapshot, verify and replay commands\n");
         goto out;
+    }
+    if (sink_name && strcmp(command, "sink") != 0 && strcmp(command, "replay") != 0) {
+        fprintf(stderr, "walpipe: --sink goes with the sink and replay commands\n");
+        goto out;
+    }
+    if ((from || from_time || to) && strcmp(command, "replay") != 0) {
+        fprintf(stderr, "walpipe: --from, --from-time and --to go with the replay command\n");
+        goto out;
+    }
+    wp_replay_opts_t ro = {.sink = sink_name, .source = source_name, .from_time = from_time,
+                           .tables = tables, .ntables = ntables};
+    if (strcmp(command, "replay") == 0) {
+        if (sink_name == NULL || source_name == NULL || (from == NULL) == (from_time == NULL)) {
+            fprintf(stderr, "walpipe: replay needs --sink NAME, --source NAME and one of --from LSN or --from-time "
+                            "TIMESTAMP\n");
+            goto out;
+        }
+        if ((from && !wp_lsn_parse(from, strlen(from), &ro.from)) || (to && !wp_lsn_parse(to, strlen(to), &ro.to))) {
+            fprintf(stderr, "walpipe: --from and --to need an LSN like 0/16B3748 (got \"%s\")\n",
+                    from && !wp_lsn_parse(from, strlen(from), &ro.from) ? from : to);
+            goto out;
+        }
     }
     if (resync && strcmp(command, "verify") != 0) {
         fprintf(stderr, "walpipe: --resync goes with the verify command\n");
@@ -328,6 +413,10 @@ int main(int argc, char **argv)
         rc = wp_verify_command(config, &vo);
     } else if (strcmp(command, "check") == 0)
         rc = wp_check_command(config, json);
+    else if (strcmp(command, "sink") == 0)
+        rc = cmd_sink(config, sink_name);
+    else if (strcmp(command, "replay") == 0)
+        rc = wp_replay_command(config, &ro);
     else
         rc = cmd_run(config, accept_gap, naccept_gap);
 out:

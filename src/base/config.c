@@ -44,6 +44,7 @@ typedef enum section_kind {
     SECTION_WORKERS,
     SECTION_TABLE, /* [table SOURCE.SCHEMA.TABLE] */
     SECTION_METRICS,
+    SECTION_SINK, /* [sink NAME] */
 } section_kind_t;
 
 typedef enum key_type {
@@ -64,13 +65,18 @@ typedef enum key_type {
     TYPE_MASKS,   /* col:kind, ... */
     TYPE_LISTEN,  /* [metrics] listen: PORT, HOST:PORT or [IPV6]:PORT; only a port means 127.0.0.1 */
     TYPE_LOG_FORMAT, /* text | json */
+    TYPE_PLUGIN,  /* a plugin name: letters, digits and '_' */
+    TYPE_SOURCE_LIST, /* names of [source] sections into a char ** at offset, its count after it */
+    TYPE_SINK_TABLES, /* a tables list into wp_sink_config_t.tables */
+    TYPE_PATH,    /* a file or directory name, any non-empty text */
 } key_type_t;
 
 typedef struct key_spec {
     section_kind_t section;
     const char *name;
     key_type_t type;
-    size_t offset; /* into wp_config_t, wp_source_config_t for SECTION_SOURCE, wp_table_rule_t for SECTION_TABLE */
+    size_t offset; /* into wp_config_t, wp_source_config_t for SECTION_SOURCE, wp_table_rule_t for SECTION_TABLE,
+                      wp_sink_config_t for SECTION_SINK */
     long long min, max;
 } key_spec_t;
 
@@ -106,6 +112,12 @@ static const key_spec_t key_specs[] = {
     {SECTION_SOURCE, "max_stall_seconds", TYPE_INT, offsetof(wp_source_config_t, max_stall_seconds), 1, 86400 * 7},
     {SECTION_SOURCE, "min_safe_wal_size", TYPE_BYTES, offsetof(wp_source_config_t, min_safe_wal_size), 0, 1LL << 40},
     {SECTION_WALPIPE, "log_format", TYPE_LOG_FORMAT, offsetof(wp_config_t, log_format), 0, 0},
+    /* [sink NAME]: the core's keys; any other key is the plugin's (checked against its list at start) */
+    {SECTION_SINK, "plugin", TYPE_PLUGIN, offsetof(wp_sink_config_t, plugin), 0, 0},
+    {SECTION_SINK, "sources", TYPE_SOURCE_LIST, offsetof(wp_sink_config_t, sources), 0, 0},
+    {SECTION_SINK, "tables", TYPE_SINK_TABLES, 0, 0, 0},
+    {SECTION_SINK, "batch_events", TYPE_INT, offsetof(wp_sink_config_t, batch_events), 1, 100000},
+    {SECTION_SINK, "plugin_dir", TYPE_PATH, offsetof(wp_sink_config_t, plugin_dir), 0, 0},
 };
 #define N_KEYS (sizeof key_specs / sizeof key_specs[0])
 /* TYPE_COLUMNS stores the count right after the array */
@@ -113,6 +125,8 @@ _Static_assert(offsetof(wp_table_rule_t, ninclude) == offsetof(wp_table_rule_t, 
                "ninclude follows include");
 _Static_assert(offsetof(wp_table_rule_t, nexclude) == offsetof(wp_table_rule_t, exclude) + sizeof(char **),
                "nexclude follows exclude");
+_Static_assert(offsetof(wp_sink_config_t, nsources) == offsetof(wp_sink_config_t, sources) + sizeof(char **),
+               "nsources follows sources");
 
 static const char *const log_level_names[] = {"debug", "info", "warning", "error"};
 static const char *const mask_kind_names[] = {"sha256", "redact", "null"}; /* by wp_mask_kind_t */
@@ -140,6 +154,9 @@ typedef struct parser {
     source_state_t *rule_states;
     size_t nrules, rules_cap;
     size_t rule; /* index into rules when SECTION_TABLE */
+    source_state_t *sink_states; /* parallel to config->sinks */
+    size_t sinks_cap;
+    size_t sink; /* index into config->sinks when SECTION_SINK */
     int walpipe_line;       /* header lines; 0 = section absent */
     int staging_line;
     int workers_line;
@@ -251,6 +268,9 @@ static const char *section_label(const parser_t *p, char *buf, size_t size)
         snprintf(buf, size, "[table %s.%s.%s]", p->rule_sources[p->rule], p->rules[p->rule].schema,
                  p->rules[p->rule].table);
         return buf;
+    case SECTION_SINK:
+        snprintf(buf, size, "[sink %s]", p->config->sinks[p->sink].name);
+        return buf;
     case SECTION_NONE:
         break;
     }
@@ -323,6 +343,20 @@ void wp_config_destroy(wp_config_t *config)
         free(source->rules);
     }
     free(config->sources);
+    for (size_t i = 0; i < config->nsinks; i++) {
+        wp_sink_config_t *sink = &config->sinks[i];
+        free(sink->name);
+        free(sink->plugin);
+        free_names(sink->sources, sink->nsources);
+        free_tables(sink->tables, sink->ntables);
+        free(sink->plugin_dir);
+        for (size_t k = 0; k < sink->nkeys; k++) {
+            free(sink->keys[k].key);
+            free(sink->keys[k].value);
+        }
+        free(sink->keys);
+    }
+    free(config->sinks);
     free(config->staging_conninfo);
     free(config->mirror_schema);
     free(config->mirror_table);
@@ -358,6 +392,25 @@ static void add_source(parser_t *p, const char *name, int line)
 
 static bool parse_tables(parser_t *p, const char *key, const char *label, const char *s, wp_table_ref_t **out_tables,
                          size_t *nout);
+
+static void add_sink(parser_t *p, const char *name, int line)
+{
+    wp_config_t *config = p->config;
+
+    if (config->nsinks == p->sinks_cap) {
+        p->sinks_cap = p->sinks_cap ? p->sinks_cap * 2 : 4;
+        config->sinks = wp_realloc(config->sinks, p->sinks_cap * sizeof *config->sinks);
+        p->sink_states = wp_realloc(p->sink_states, p->sinks_cap * sizeof *p->sink_states);
+    }
+    wp_sink_config_t *sink = &config->sinks[config->nsinks];
+    memset(sink, 0, sizeof *sink);
+    sink->name = wp_strdup(name);
+    sink->batch_events = 1000;
+    sink->line = line;
+    memset(&p->sink_states[config->nsinks], 0, sizeof p->sink_states[0]);
+    p->sink = config->nsinks;
+    config->nsinks++;
+}
 
 /* "[table SOURCE.SCHEMA.TABLE]": s is the text after "table". */
 static bool begin_table_section(parser_t *p, const char *s, int lineno)
@@ -504,9 +557,33 @@ static bool begin_section(parser_t *p, const char *line)
     }
     if (strncmp(name, "table", 5) == 0 && (name[5] == '\0' || is_space(name[5])))
         return begin_table_section(p, name + 5, lineno);
+    if (strncmp(name, "sink", 4) == 0 && (name[4] == '\0' || is_space(name[4]))) {
+        const char *sink_name = name + 4;
+        while (is_space(*sink_name))
+            sink_name++;
+        if (*sink_name == '\0') {
+            fail(p, lineno, "[sink] needs a name; write [sink NAME]");
+            return false;
+        }
+        if (!is_source_name(sink_name)) {
+            fail(p, lineno, "invalid sink name \"%s\"; use 1 to %d letters, digits, '_' or '-'", sink_name,
+                 NAME_MAX_LEN);
+            return false;
+        }
+        for (size_t i = 0; i < p->config->nsinks; i++) {
+            if (strcmp(p->config->sinks[i].name, sink_name) == 0) {
+                fail(p, lineno, "duplicate section [sink %s] (first at line %d); give each sink a unique name",
+                     sink_name, p->config->sinks[i].line);
+                return false;
+            }
+        }
+        add_sink(p, sink_name, lineno);
+        p->section = SECTION_SINK;
+        return true;
+    }
     fail(p, lineno,
-         "unknown section [%s]; expected [walpipe], [staging], [workers], [metrics], [source NAME] or "
-         "[table SOURCE.SCHEMA.TABLE]",
+         "unknown section [%s]; expected [walpipe], [staging], [workers], [metrics], [source NAME], "
+         "[table SOURCE.SCHEMA.TABLE] or [sink NAME]",
          name);
     return false;
 }
@@ -1010,6 +1087,8 @@ static bool check_pattern(parser_t *p, const key_spec_t *spec, const char *label
 }
 
 /* Stores the expanded value of one key into base (a wp_config_t or wp_source_config_t). */
+static bool names_have(char *const *names, size_t n, const char *name);
+
 static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, char *base, const char *value)
 {
     char *field = base + spec->offset;
@@ -1178,8 +1257,94 @@ static bool apply_value(parser_t *p, const key_spec_t *spec, const char *label, 
 
     case TYPE_MASKS:
         return parse_masks(p, label, value, (wp_table_rule_t *)(void *)base);
+
+    case TYPE_PLUGIN:
+        if (value[0] == '\0' || strlen(value) > NAME_MAX_LEN || strspn(value, "abcdefghijklmnopqrstuvwxyz"
+                                                                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") !=
+                                                                       strlen(value)) {
+            fail(p, p->lineno, "plugin in %s must be a plugin name of letters, digits and '_' (got \"%.40s\"), e.g. "
+                 "plugin = jsonl", label, value);
+            return false;
+        }
+        *(char **)field = wp_strdup(value);
+        return true;
+
+    case TYPE_SOURCE_LIST: {
+        char ***names = (char ***)(void *)field;
+        size_t *count = (size_t *)(void *)(field + sizeof(char **));
+        const char *s = value;
+        for (;;) {
+            while (is_space(*s))
+                s++;
+            size_t len = strcspn(s, ",");
+            while (len > 0 && is_space(s[len - 1]))
+                len--;
+            char *name = wp_strndup(s, len);
+            if (!is_source_name(name)) {
+                fail(p, p->lineno, "entry %zu of %s in %s is not a source name (\"%.40s\"); list [source NAME] "
+                     "names separated by commas", *count + 1, spec->name, label, name);
+                free(name);
+                return false;
+            }
+            if (names_have(*names, *count, name)) {
+                fail(p, p->lineno, "source \"%s\" is listed twice in %s of %s", name, spec->name, label);
+                free(name);
+                return false;
+            }
+            *names = wp_realloc(*names, (*count + 1) * sizeof **names);
+            (*names)[(*count)++] = name;
+            s += strcspn(s, ",");
+            if (*s != ',')
+                return true;
+            s++;
+        }
+    }
+
+    case TYPE_SINK_TABLES:
+        return parse_tables(p, spec->name, label, value, &((wp_sink_config_t *)(void *)base)->tables,
+                            &((wp_sink_config_t *)(void *)base)->ntables);
+
+    case TYPE_PATH:
+        if (value[0] == '\0') {
+            fail(p, p->lineno, "%s in %s is empty; give a directory, or remove the key", spec->name, label);
+            return false;
+        }
+        *(char **)field = wp_strdup(value);
+        return true;
     }
     return false;
+}
+
+/*
+ * A key of [sink NAME] that is not the core's: kept as text for the plugin.
+ * Whether the plugin knows it is checked when the sink starts (loader.c),
+ * as only the plugin has the list.
+ */
+static bool add_sink_key(parser_t *p, const char *label, const char *name, const char *value)
+{
+    wp_sink_config_t *sink = &p->config->sinks[p->sink];
+
+    if (strlen(name) > NAME_MAX_LEN ||
+        strspn(name, "abcdefghijklmnopqrstuvwxyz0123456789_.") != strlen(name)) {
+        fail(p, p->lineno, "invalid key \"%.64s\" in %s; keys are lower-case letters, digits, '_' and '.'", name,
+             label);
+        return false;
+    }
+    for (size_t i = 0; i < sink->nkeys; i++) {
+        if (strcmp(sink->keys[i].key, name) == 0) {
+            fail(p, p->lineno, "duplicate key \"%s\" in %s (first set at line %d); keep only one", name, label,
+                 sink->keys[i].line);
+            return false;
+        }
+    }
+    if (!expand_env(p, name, label, value))
+        return false;
+    sink->keys = wp_realloc(sink->keys, (sink->nkeys + 1) * sizeof *sink->keys);
+    sink->keys[sink->nkeys].key = wp_strdup(name);
+    sink->keys[sink->nkeys].value = wp_strdup(p->value.data);
+    sink->keys[sink->nkeys].line = p->lineno;
+    sink->nkeys++;
+    return true;
 }
 
 /* The ini_handler: one key = value line of the current section. */
@@ -1212,6 +1377,8 @@ static int handle_key_cb(void *user, const char *section, const char *name, cons
             break;
         }
     }
+    if (spec == NULL && p->section == SECTION_SINK)
+        return add_sink_key(p, label, name, value) ? 1 : 0;
     if (spec == NULL) {
         char valid[256] = "";
         size_t used = 0;
@@ -1231,6 +1398,9 @@ static int handle_key_cb(void *user, const char *section, const char *name, cons
     } else if (p->section == SECTION_TABLE) {
         key_line = p->rule_states[p->rule].key_line;
         base = (char *)&p->rules[p->rule];
+    } else if (p->section == SECTION_SINK) {
+        key_line = p->sink_states[p->sink].key_line;
+        base = (char *)&p->config->sinks[p->sink];
     } else {
         key_line = p->global_key_line;
         base = (char *)p->config;
@@ -1411,6 +1581,25 @@ static void check_complete(parser_t *p)
             }
         }
     }
+    for (size_t i = 0; i < config->nsinks; i++) {
+        const wp_sink_config_t *sink = &config->sinks[i];
+        if (sink->plugin == NULL) {
+            fail(p, sink->line, "[sink %s] has no plugin; add plugin = jsonl (or kafka, http, or the NAME of a "
+                 "walpipe_sink_NAME.so)", sink->name);
+            return;
+        }
+        for (size_t k = 0; k < sink->nsources; k++) {
+            bool known = false;
+            for (size_t j = 0; j < config->nsources; j++)
+                known = known || strcmp(config->sources[j].name, sink->sources[k]) == 0;
+            if (!known) {
+                fail(p, key_line_of(p->sink_states[i].key_line, SECTION_SINK, "sources"),
+                     "sources of [sink %s] names \"%s\", which has no [source %s] section; fix the name or add the "
+                     "source", sink->name, sink->sources[k], sink->sources[k]);
+                return;
+            }
+        }
+    }
     size_t slot_key = 0;
     while (key_specs[slot_key].type != TYPE_SLOT)
         slot_key++;
@@ -1464,6 +1653,7 @@ static wp_config_t *parse_text(const char *text, size_t len, const char *name, c
 out:
     wp_config_destroy(p.config);
     free(p.states);
+    free(p.sink_states);
     for (size_t i = 0; i < p.nrules; i++) {
         free_rule(&p.rules[i]);
         free(p.rule_sources[i]);

@@ -10,6 +10,9 @@
  *   [workers]            optional: count, claim_size, mirror_schema, mirror_table, max_attempts, retry_backoff_ms, resync
  *   [metrics]            optional: listen (PORT or HOST:PORT; a bare port listens on 127.0.0.1)
  *   [source NAME] also:  max_lag_bytes, max_lag_seconds, max_stall_seconds, min_safe_wal_size (lag guard)
+ *   [sink NAME]          optional, any number: plugin (required), sources, tables, batch_events, plugin_dir,
+ *                        and the plugin's own keys (kept as text, checked against the plugin's list when
+ *                        the sink starts: src/sink/loader.c)
  *
  * Values may reference the environment as ${VAR}; an unset variable is an
  * error.  Unknown sections and keys are errors.  Every error names the file
@@ -88,6 +91,28 @@ typedef struct wp_source_config {
     size_t nrules;
 } wp_source_config_t;
 
+/* One key = value of a [sink NAME] section that is the plugin's, not the core's (host->config_get). */
+typedef struct wp_sink_key {
+    char *key;
+    char *value; /* after ${VAR} expansion; may be a secret: never logged */
+    int line;
+} wp_sink_key_t;
+
+/* [sink NAME]: a consumer of raw_events with its own position, fed to a plugin (include/walpipe/sink.h). */
+typedef struct wp_sink_config {
+    char *name;             /* section name; [A-Za-z0-9_-], unique among sinks */
+    char *plugin;           /* plugin = NAME: loads walpipe_sink_NAME.so; [A-Za-z0-9_] */
+    char **sources;         /* sources = a, b: names of [source] sections; NULL = every source */
+    size_t nsources;
+    wp_table_ref_t *tables; /* tables = schema.table, ...: only these tables' events; NULL = all */
+    size_t ntables;
+    int batch_events;       /* events read from staging and delivered per batch; default 1000 */
+    char *plugin_dir;       /* where walpipe_sink_NAME.so is looked for first; NULL = not set */
+    wp_sink_key_t *keys;    /* every other key, for the plugin */
+    size_t nkeys;
+    int line;               /* line of the section header */
+} wp_sink_config_t;
+
 typedef enum wp_log_level {
     WP_LOG_DEBUG = 0,
     WP_LOG_INFO = 1,
@@ -120,6 +145,8 @@ typedef struct wp_config {
     char *metrics_listen;         /* [metrics] listen: address of the Prometheus /metrics listener; NULL = off */
     wp_source_config_t *sources;
     size_t nsources;
+    wp_sink_config_t *sinks;      /* [sink NAME] sections, in file order */
+    size_t nsinks;
 } wp_config_t;
 
 /*
