@@ -174,6 +174,7 @@ int main(int argc, char **argv)
     if (rc != WP_SINK_OK)
         goto fail;
     next = pos;
+    durable = pos; /* a session that starts with everything durable has nothing to do */
     while (durable < total) {
         wp_sink_event_t evs[DRV_BATCH];
         drv_event_t raw[DRV_BATCH];

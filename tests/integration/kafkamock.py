@@ -11,6 +11,7 @@ clients walpipe did not write: kcat (read_kcat) and python3-confluent-kafka
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
@@ -37,13 +38,16 @@ def plugin_dir():
 class KafkaMock:
     """One mock cluster process.  Use as a context manager, or call stop()."""
 
-    def __init__(self, brokers=3):
+    def __init__(self, brokers=3, log_path=None):
         self.brokers = brokers
+        # its log goes to a file: a pipe nobody reads would fill and stall the cluster
+        self.log = open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([str(mock_bin()), str(brokers)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         line = self.proc.stdout.readline().strip()
         if not line:
-            raise RuntimeError("kafka-mock printed no bootstrap address: " + self.proc.stderr.read())
+            self.log.seek(0)
+            raise RuntimeError("kafka-mock printed no bootstrap address: " + self.log.read())
         self.bootstrap = line
 
     def command(self, line):
@@ -77,6 +81,7 @@ class KafkaMock:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.log.close()
 
     def __enter__(self):
         return self
