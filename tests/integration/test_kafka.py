@@ -54,7 +54,10 @@ def _check_exactly_once(recs, truth, source):
             want.add((source, lsn, ev["seq"], rec))
     missing = want - set(got)
     extra = set(got) - want
-    assert not doubled, "doubled records: %d, e.g. %s" % (len(doubled), sorted(doubled)[:5])
+    if doubled:
+        first = sorted(doubled)[:3]
+        where = [(r["topic"], r["partition"], r["offset"], identity(r)) for r in recs if identity(r) in first]
+    assert not doubled, "doubled records: %d, e.g. %s" % (len(doubled), where)
     assert not missing, "missing records: %d, e.g. %s" % (len(missing), sorted(missing)[:5])
     assert not extra, "records nobody sent: %s" % sorted(extra)[:5]
 
@@ -129,14 +132,16 @@ def test_driver_exactly_once_across_kills(tmp_path, request):
                 # a broker goes away under load; the plugin holds and waits, then it comes back
                 b = rng.randint(1, 3)
                 mock.down(b)
-                start_pos = position()
                 time.sleep(0.5)  # the outage's length; nothing below depends on it
                 mock.up(b)
             elif fault == 2:
                 mock.errors(0, 4, 7)        # Produce: REQUEST_TIMED_OUT, retried by the idempotent producer
-            # NOT here yet: mock.errors(0, 2, -195) (Produce answered by a dropped connection) doubled
-            # 42 records once (events of the session the errors hit); open: whether the mock
-            # appends before it drops and skips the idempotent sequence check, or the plugin.
+            # Not injected: Produce errors that drop the connection (-195).  librdkafka 2.0.2's mock
+            # checks idempotent sequences only for transactional producers
+            # (rd_kafka_mock_validate_records returns at once without a TransactionalId), so a
+            # retried batch whose first try was appended is appended again: the mock doubles
+            # records inside one session (seen: 14), which a real broker rejects as a duplicate
+            # sequence.  That tests the mock, not the plugin.
             wait_until(lambda: position() >= target or proc.poll() is not None, timeout=120,
                        what="driver progress past %d" % target)
             if proc.poll() is not None:
