@@ -1512,8 +1512,12 @@ static void gen_source(ctx_t *c, yajl_gen g, const char *schema, const char *tab
 /* How a row image treats a column it does not hold. */
 typedef enum { MISSING_NULL, MISSING_TOAST } missing_t;
 
-/* {col:value,...} over cols from image (a payload object). */
-static void gen_row(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image, missing_t missing)
+/*
+ * {col:value,...} over cols from image (a payload object).  A column image lacks is, with
+ * MISSING_TOAST, an unchanged TOAST value: taken from old (the REPLICA IDENTITY FULL old row)
+ * when that holds it, as PostgresChangeRecordEmitter.columnValues does, else the placeholder.
+ */
+static void gen_row_old(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image, missing_t missing, yajl_val old)
 {
     yajl_gen_map_open(g);
     for (size_t i = 0; i < cols->n; i++) {
@@ -1523,12 +1527,21 @@ static void gen_row(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image,
         gen_key(g, col->name);
         const char *path[] = {col->name, NULL};
         yajl_val v = image ? yajl_tree_get(image, path, yajl_t_any) : NULL;
-        if (!v && image && missing == MISSING_TOAST)
-            gen_placeholder(c, g, &col->t);
-        else
+        if (!v && image && missing == MISSING_TOAST) {
+            yajl_val o = old ? yajl_tree_get(old, path, yajl_t_any) : NULL;
+            if (o)
+                gen_value(c, g, col, o);
+            else
+                gen_placeholder(c, g, &col->t);
+        } else
             gen_value(c, g, col, v);
     }
     yajl_gen_map_close(g);
+}
+
+static void gen_row(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image, missing_t missing)
+{
+    gen_row_old(c, g, cols, image, missing, NULL);
 }
 
 /* ---------------------------------------------------------------- records */
@@ -1610,7 +1623,8 @@ typedef struct names {
 
 /* The value record text of a row change (op c/u/d/r/t). */
 static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t *nm, const char *op, yajl_val before,
-                      missing_t before_missing, yajl_val after, missing_t after_missing, char **out, size_t *len)
+                      missing_t before_missing, yajl_val after, missing_t after_missing, yajl_val toast_old, char **out,
+                      size_t *len)
 {
     const wp_sink_event_t *ev = c->ev;
     if (c->opt->schemas_enable) {
@@ -1640,7 +1654,7 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
         yajl_gen_null(g);
     gen_key(g, "after");
     if (after)
-        gen_row(c, g, cols, after, after_missing);
+        gen_row_old(c, g, cols, after, after_missing, toast_old);
     else
         yajl_gen_null(g);
     gen_key(g, "source");
@@ -1854,7 +1868,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
 
     if (is_truncate) {
         /* key null; before and after null */
-        if (make_value(c, g, &cols, &nm, "t", NULL, MISSING_NULL, NULL, MISSING_NULL, &out[0].value,
+        if (make_value(c, g, &cols, &nm, "t", NULL, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[0].value,
                        &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1867,7 +1881,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         }
         if (has_key && make_key(c, g, &keycols, after, nm.key, &out[0].key, &out[0].key_len) < 0)
             goto out;
-        if (make_value(c, g, &cols, &nm, is_insert ? "c" : "r", NULL, MISSING_NULL, after, MISSING_NULL,
+        if (make_value(c, g, &cols, &nm, is_insert ? "c" : "r", NULL, MISSING_NULL, after, MISSING_NULL, NULL,
                        &out[0].value, &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1880,7 +1894,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         }
         if (has_key && make_key(c, g, &keycols, old_image, nm.key, &out[0].key, &out[0].key_len) < 0)
             goto out;
-        if (make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, &out[0].value,
+        if (make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[0].value,
                        &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1925,7 +1939,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     if (!key_changed) {
         if (has_key && make_key(c, g, &keycols, after, nm.key, &out[0].key, &out[0].key_len) < 0)
             goto out;
-        if (make_value(c, g, &cols, &nm, "u", old_image, MISSING_NULL, after, after_missing, &out[0].value,
+        if (make_value(c, g, &cols, &nm, "u", old_image, MISSING_NULL, after, after_missing, before, &out[0].value,
                        &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1935,7 +1949,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
        tombstone, create (header oldkey) */
     int i = 0;
     if (make_key(c, g, &keycols, old_image, nm.key, &out[i].key, &out[i].key_len) < 0 ||
-        make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, &out[i].value,
+        make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[i].value,
                    &out[i].value_len) < 0 ||
         make_header(c, g, &out[i], "__debezium.newkey", &keycols, after) < 0)
         goto fail;
@@ -1956,7 +1970,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         goto fail;
     }
     if (make_key(c, g, &keycols, after, nm.key, &out[i].key, &out[i].key_len) < 0 ||
-        make_value(c, g, &cols, &nm, "c", NULL, MISSING_NULL, after, after_missing, &out[i].value,
+        make_value(c, g, &cols, &nm, "c", NULL, MISSING_NULL, after, after_missing, before, &out[i].value,
                    &out[i].value_len) < 0 ||
         make_header(c, g, &out[i], "__debezium.oldkey", &keycols, old_image) < 0)
         goto fail;
