@@ -1955,10 +1955,14 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         goto fail;
     i++;
     if (tombstones) {
+        /* EventDispatcher builds the tombstone from the delete record: same key, same headers */
         out[i].topic = strdup(topic);
         out[i].key = dup_n(out[0].key, out[0].key_len);
         out[i].key_len = out[0].key_len;
-        if (!out[i].topic || !out[i].key) {
+        out[i].header_name = strdup(out[0].header_name);
+        out[i].header_value = dup_n(out[0].header_value, out[0].header_value_len);
+        out[i].header_value_len = out[0].header_value_len;
+        if (!out[i].topic || !out[i].key || !out[i].header_name || !out[i].header_value) {
             set_err(c, "out of memory");
             goto fail;
         }

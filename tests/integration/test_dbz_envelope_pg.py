@@ -117,7 +117,8 @@ def test_real_rows_encode_as_debezium(source_pg, staging_pg, walpipe_factory):
     # insert, update, key change (d, tombstone, c), delete + tombstone, message, truncate
     assert [(r["topic"], r["header"]) for r in recs] == [
         ("pg.public.t", None), ("pg.public.t", None),
-        ("pg.public.t", "__debezium.newkey"), ("pg.public.t", None), ("pg.public.t", "__debezium.oldkey"),
+        ("pg.public.t", "__debezium.newkey"), ("pg.public.t", "__debezium.newkey"),
+        ("pg.public.t", "__debezium.oldkey"),
         ("pg.public.t", None), ("pg.public.t", None),
         ("pg.message", None), ("pg.public.t", None)]
     ins = json.loads(recs[0]["value"])
