@@ -43,6 +43,7 @@
 /* Kafka's topic name limit, as AbstractTopicNamingStrategy.MAX_NAME_LENGTH. */
 #define TOPIC_MAX 249
 #define TABLE_BUCKETS 1024
+#define LIST_SLOTS 256
 
 /* Connect (logical) types a column maps to: PostgresValueConverter.schemaBuilder. */
 typedef enum kind {
@@ -89,6 +90,8 @@ typedef struct collist {
     yajl_val tree;
     col_t *cols;
     size_t n;
+    bool borrowed; /* held by the list cache (wp_dbz_tables_t): not freed by collist_free */
+    struct list_slot *slot; /* its cache slot when borrowed (for the cached schema texts), else NULL */
 } collist_t;
 
 /* One remembered table: its whole column list (from an insert or snapshot row) as JSON text. */
@@ -98,9 +101,31 @@ typedef struct table_mem {
     char *columns;
 } table_mem_t;
 
+/* A generated schema text and the name it was generated under. */
+typedef struct schema_text {
+    char *name;
+    char *text;
+    size_t len;
+} schema_text_t;
+
+/* A parsed column list, keyed by its JSON text, the key list's text and the decimal mode,
+   with the Key / Envelope schema texts last generated from it (schemas.enable). */
+typedef struct list_slot {
+    schema_text_t key_schema, value_schema;
+    char *cols_text;
+    char *key_text; /* NULL: no key list */
+    uint64_t hash;
+    int mode;
+    uint64_t pinned; /* the encode call that uses it: not evicted during that call */
+    collist_t list;
+} list_slot_t;
+
 struct wp_dbz_tables {
     table_mem_t *buckets[TABLE_BUCKETS];
     size_t count;
+    /* parsing a column list is most of an event's cost: the same shapes come again and again */
+    list_slot_t lists[LIST_SLOTS];
+    uint64_t calls;
 };
 
 /* What one encode call works with. */
@@ -112,6 +137,7 @@ typedef struct ctx {
     char *err;
     size_t errlen;
     bool failed;
+    uint64_t call; /* this call's number in the session's table memory (0 without one) */
 } ctx_t;
 
 static void set_err(ctx_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -183,11 +209,28 @@ static void gen_key(yajl_gen g, const char *s)
     gen_str(g, s);
 }
 
+/* Decimal text of v into b (at least 21 bytes), returning its length: snprintf was a fifth of the cost. */
+static size_t i64_text(char *b, int64_t v)
+{
+    char tmp[24];
+    size_t n = 0, o = 0;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        b[o++] = '-';
+    while (n)
+        b[o++] = tmp[--n];
+    b[o] = '\0';
+    return o;
+}
+
 static void gen_i64(yajl_gen g, int64_t v)
 {
-    char b[32];
-    int n = snprintf(b, sizeof b, "%" PRId64, v);
-    yajl_gen_number(g, b, (size_t)n);
+    char b[24];
+    yajl_gen_number(g, b, i64_text(b, v));
 }
 
 /* ---------------------------------------------------------------- Java number formatting */
@@ -387,6 +430,10 @@ static ctype_t classify(const char *type, wp_dbz_decimal_t mode)
 
 static void collist_free(collist_t *l)
 {
+    if (l->borrowed) {
+        memset(l, 0, sizeof *l);
+        return;
+    }
     if (l->tree)
         yajl_tree_free(l->tree);
     free(l->cols);
@@ -436,6 +483,100 @@ static const col_t *collist_find(const collist_t *l, const char *name)
     return NULL;
 }
 
+static void schema_text_free(schema_text_t *st)
+{
+    free(st->name);
+    free(st->text);
+    memset(st, 0, sizeof *st);
+}
+
+/* A cheap hash of a column list's text: its length and up to 64 bytes spread over it (strcmp decides). */
+static uint64_t text_hash(const char *s, uint64_t h)
+{
+    size_t n = strlen(s), step = n / 64 + 1;
+    h = (h ^ n) * UINT64_C(1099511628211);
+    for (size_t i = 0; i < n; i += step)
+        h = (h ^ (unsigned char)s[i]) * UINT64_C(1099511628211);
+    return h;
+}
+
+static bool same_text(const char *a, const char *b)
+{
+    return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
+}
+
+/*
+ * The column list json with each column's key flag set from the key list key_json (NULL: no
+ * key; the same text: every column is a key column).  From the session's list cache when there
+ * is one (then *out is borrowed until the end of this encode call), else parsed into *out.
+ */
+static int collist_load(ctx_t *c, const char *json, const char *key_json, const char *what, collist_t *out)
+{
+    struct wp_dbz_tables *t = c->opt->tables;
+    collist_t keys = {0};
+    list_slot_t *slot = NULL;
+    int rc = -1;
+
+    memset(out, 0, sizeof *out);
+    if (!json)
+        return 0;
+    uint64_t h = text_hash(key_json ? key_json : "", text_hash(json, UINT64_C(14695981039346656037))) ^
+                 (uint64_t)c->opt->decimal_mode;
+    if (t) {
+        slot = &t->lists[h % LIST_SLOTS];
+        if (slot->cols_text && slot->hash == h && slot->mode == (int)c->opt->decimal_mode &&
+            strcmp(slot->cols_text, json) == 0 && same_text(slot->key_text, key_json)) {
+            slot->pinned = c->call;
+            *out = slot->list;
+            out->borrowed = true;
+            out->slot = slot;
+            return 0;
+        }
+        if (slot->cols_text && slot->pinned == c->call)
+            slot = NULL; /* in use by this call: parse without caching */
+    }
+    if (collist_parse(c, json, what, out) < 0)
+        goto out;
+    if (key_json && strcmp(key_json, json) == 0) {
+        for (size_t i = 0; i < out->n; i++)
+            out->cols[i].key = true;
+    } else if (key_json) {
+        if (collist_load(c, key_json, key_json, "key_columns", &keys) < 0)
+            goto out;
+        for (size_t i = 0; i < out->n; i++)
+            out->cols[i].key = collist_find(&keys, out->cols[i].name) != NULL;
+    }
+    if (slot) {
+        char *ct = strdup(json), *kt = key_json ? strdup(key_json) : NULL;
+        if (ct && (kt || !key_json)) {
+            /* evict what the slot held (not pinned by this call, checked above) */
+            free(slot->cols_text);
+            free(slot->key_text);
+            slot->list.borrowed = false;
+            collist_free(&slot->list);
+            schema_text_free(&slot->key_schema);
+            schema_text_free(&slot->value_schema);
+            slot->cols_text = ct;
+            slot->key_text = kt;
+            slot->hash = h;
+            slot->mode = (int)c->opt->decimal_mode;
+            slot->pinned = c->call;
+            slot->list = *out;
+            out->borrowed = true;
+            out->slot = slot;
+        } else {
+            free(ct);
+            free(kt);
+        }
+    }
+    rc = 0;
+out:
+    collist_free(&keys);
+    if (rc < 0)
+        collist_free(out);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- table memory */
 
 struct wp_dbz_tables *wp_dbz_tables_new(void)
@@ -456,6 +597,14 @@ void wp_dbz_tables_free(struct wp_dbz_tables *tables)
             free(t);
             t = next;
         }
+    }
+    for (size_t i = 0; i < LIST_SLOTS; i++) {
+        free(tables->lists[i].cols_text);
+        free(tables->lists[i].key_text);
+        tables->lists[i].list.borrowed = false;
+        collist_free(&tables->lists[i].list);
+        schema_text_free(&tables->lists[i].key_schema);
+        schema_text_free(&tables->lists[i].value_schema);
     }
     free(tables);
 }
@@ -1602,24 +1751,115 @@ static char *topic_name(const char *prefix, const char *schema, const char *tabl
 }
 
 /* The key record text: {"schema":<Key>,"payload":{..}} or the bare struct. */
-static int make_key(ctx_t *c, yajl_gen g, const collist_t *keycols, yajl_val image, const char *schema_name, char **out,
-                    size_t *len)
-{
-    if (c->opt->schemas_enable) {
-        yajl_gen_map_open(g);
-        gen_key(g, "schema");
-        schema_row(g, keycols, false, schema_name, NULL);
-        gen_key(g, "payload");
-    }
-    gen_row(c, g, keycols, image, MISSING_NULL);
-    if (c->opt->schemas_enable)
-        yajl_gen_map_close(g);
-    return take(c, g, out, len);
-}
-
 typedef struct names {
     char value[1024], envelope[1024], key[1024];
 } names_t;
+
+/* Which schema a record carries. */
+typedef enum { SCHEMA_KEY, SCHEMA_ENVELOPE } schema_kind_t;
+
+static void gen_envelope_schema(yajl_gen g, const collist_t *cols, const names_t *nm)
+{
+    /* SchemaFactory.datatypeEnvelopeSchema via TableSchemaBuilder: before, after, source, transaction, op, ts_* */
+    schema_type(g, "struct");
+    gen_key(g, "fields");
+    yajl_gen_array_open(g);
+    schema_row(g, cols, true, nm->value, "before");
+    schema_row(g, cols, true, nm->value, "after");
+    schema_source(g);
+    schema_transaction(g);
+    schema_simple(g, "string", false, "op");
+    schema_simple(g, "int64", true, "ts_ms");
+    schema_simple(g, "int64", true, "ts_us");
+    schema_simple(g, "int64", true, "ts_ns");
+    yajl_gen_array_close(g);
+    schema_tail(g, false, nm->envelope, 2, NULL, NULL, NULL, NULL, NULL, NULL);
+}
+
+/*
+ * Wraps the payload text the generator g holds as JsonConverter does with schemas.enable:
+ * {"schema":<schema of cols>,"payload":<payload>} into *out.  The schema text is generated once
+ * per column list and name and kept in the list's cache slot (it is most of such a record).
+ */
+static int take_with_schema(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t *nm, schema_kind_t kind,
+                            char **out, size_t *len)
+{
+    const char *name = kind == SCHEMA_KEY ? nm->key : nm->envelope;
+    schema_text_t *cached = cols->slot ? (kind == SCHEMA_KEY ? &cols->slot->key_schema : &cols->slot->value_schema)
+                                       : NULL;
+    schema_text_t fresh = {0};
+    const schema_text_t *st = cached;
+    char *payload = NULL;
+    size_t plen;
+    int rc = -1;
+
+    if (take(c, g, &payload, &plen) < 0)
+        goto out;
+    if (!st || !st->name || strcmp(st->name, name) != 0) {
+        yajl_gen sg = yajl_gen_alloc(NULL);
+        if (!sg) {
+            set_err(c, "out of memory");
+            goto out;
+        }
+        if (kind == SCHEMA_KEY)
+            schema_row(sg, cols, false, nm->key, NULL);
+        else
+            gen_envelope_schema(sg, cols, nm);
+        rc = take(c, sg, &fresh.text, &fresh.len);
+        yajl_gen_free(sg);
+        if (rc < 0)
+            goto out;
+        rc = -1;
+        fresh.name = strdup(name);
+        if (!fresh.name) {
+            set_err(c, "out of memory");
+            goto out;
+        }
+        if (cached) {
+            schema_text_free(cached);
+            *cached = fresh;
+            memset(&fresh, 0, sizeof fresh);
+            st = cached;
+        } else
+            st = &fresh;
+    }
+    static const char head[] = "{\"schema\":", mid[] = ",\"payload\":";
+    size_t n = sizeof head - 1 + st->len + sizeof mid - 1 + plen + 1;
+    char *r = malloc(n + 1);
+    if (!r) {
+        set_err(c, "out of memory");
+        goto out;
+    }
+    size_t o = 0;
+    memcpy(r + o, head, sizeof head - 1);
+    o += sizeof head - 1;
+    memcpy(r + o, st->text, st->len);
+    o += st->len;
+    memcpy(r + o, mid, sizeof mid - 1);
+    o += sizeof mid - 1;
+    memcpy(r + o, payload, plen);
+    o += plen;
+    r[o++] = '}';
+    r[o] = '\0';
+    *out = r;
+    *len = o;
+    rc = 0;
+out:
+    free(payload);
+    schema_text_free(&fresh);
+    return rc;
+}
+
+/* The key record text: {"schema":<Key>,"payload":{..}} or the bare struct. */
+static int make_key(ctx_t *c, yajl_gen g, const collist_t *keycols, yajl_val image, const names_t *nm, char **out,
+                    size_t *len)
+{
+    gen_row(c, g, keycols, image, MISSING_NULL);
+    if (c->opt->schemas_enable)
+        return take_with_schema(c, g, keycols, nm, SCHEMA_KEY, out, len);
+    return take(c, g, out, len);
+}
+
 
 /* The value record text of a row change (op c/u/d/r/t). */
 static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t *nm, const char *op, yajl_val before,
@@ -1627,25 +1867,6 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
                       size_t *len)
 {
     const wp_sink_event_t *ev = c->ev;
-    if (c->opt->schemas_enable) {
-        yajl_gen_map_open(g);
-        gen_key(g, "schema");
-        /* SchemaFactory.datatypeEnvelopeSchema via TableSchemaBuilder: before, after, source, transaction, op, ts_* */
-        schema_type(g, "struct");
-        gen_key(g, "fields");
-        yajl_gen_array_open(g);
-        schema_row(g, cols, true, nm->value, "before");
-        schema_row(g, cols, true, nm->value, "after");
-        schema_source(g);
-        schema_transaction(g);
-        schema_simple(g, "string", false, "op");
-        schema_simple(g, "int64", true, "ts_ms");
-        schema_simple(g, "int64", true, "ts_us");
-        schema_simple(g, "int64", true, "ts_ns");
-        yajl_gen_array_close(g);
-        schema_tail(g, false, nm->envelope, 2, NULL, NULL, NULL, NULL, NULL, NULL);
-        gen_key(g, "payload");
-    }
     yajl_gen_map_open(g);
     gen_key(g, "before");
     if (before)
@@ -1671,7 +1892,7 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
     gen_i64(g, c->now_ns);
     yajl_gen_map_close(g);
     if (c->opt->schemas_enable)
-        yajl_gen_map_close(g);
+        return take_with_schema(c, g, cols, nm, SCHEMA_ENVELOPE, out, len);
     return take(c, g, out, len);
 }
 
@@ -1797,7 +2018,7 @@ static int value_columns(ctx_t *c, const collist_t *evcols, collist_t *out, bool
     const char *mem = tables_get(c->opt->tables, c->ev);
     if (mem) {
         collist_t m;
-        if (collist_parse(c, mem, "remembered columns", &m) < 0)
+        if (collist_load(c, mem, c->ev->key_columns, "remembered columns", &m) < 0)
             return -1;
         bool fits = true;
         for (size_t i = 0; i < evcols->n && fits; i++) {
@@ -1811,7 +2032,7 @@ static int value_columns(ctx_t *c, const collist_t *evcols, collist_t *out, bool
         }
         collist_free(&m);
     }
-    return collist_parse(c, c->ev->columns, "columns", out);
+    return collist_load(c, c->ev->columns, c->ev->key_columns, "columns", out);
 }
 
 static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp_dbz_record_t out[3])
@@ -1836,11 +2057,9 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     snprintf(nm.envelope, sizeof nm.envelope, "%s.%s.%s.Envelope", c->opt->topic_prefix, ev->schema, ev->table);
     snprintf(nm.key, sizeof nm.key, "%s.%s.%s.Key", c->opt->topic_prefix, ev->schema, ev->table);
 
-    if (collist_parse(c, ev->columns, "columns", &evcols) < 0 ||
-        collist_parse(c, ev->key_columns, "key_columns", &keycols) < 0)
+    if (collist_load(c, ev->columns, ev->key_columns, "columns", &evcols) < 0 ||
+        collist_load(c, ev->key_columns, ev->key_columns, "key_columns", &keycols) < 0)
         goto out;
-    for (size_t i = 0; i < keycols.n; i++)
-        keycols.cols[i].key = true;
 
     bool is_insert = strcmp(op, "insert") == 0, is_snapshot = strcmp(op, "snapshot") == 0;
     bool is_update = strcmp(op, "update") == 0, is_delete = strcmp(op, "delete") == 0;
@@ -1851,12 +2070,10 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     }
     if (is_insert || is_snapshot) {
         tables_put(c->opt->tables, ev, ev->columns);
-        if (collist_parse(c, ev->columns, "columns", &cols) < 0)
+        if (collist_load(c, ev->columns, ev->key_columns, "columns", &cols) < 0)
             goto out;
     } else if (value_columns(c, &evcols, &cols, &from_memory) < 0)
         goto out;
-    for (size_t i = 0; i < cols.n; i++)
-        cols.cols[i].key = collist_find(&keycols, cols.cols[i].name) != NULL;
 
     char *topic = topic_name(c->opt->topic_prefix, ev->schema, ev->table);
     if (!topic) {
@@ -1879,7 +2096,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
             set_err(c, "%s payload has no \"after\"", op);
             goto out;
         }
-        if (has_key && make_key(c, g, &keycols, after, nm.key, &out[0].key, &out[0].key_len) < 0)
+        if (has_key && make_key(c, g, &keycols, after, &nm, &out[0].key, &out[0].key_len) < 0)
             goto out;
         if (make_value(c, g, &cols, &nm, is_insert ? "c" : "r", NULL, MISSING_NULL, after, MISSING_NULL, NULL,
                        &out[0].value, &out[0].value_len) < 0)
@@ -1892,7 +2109,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
             set_err(c, "delete payload has neither \"key\" nor \"before\"");
             goto out;
         }
-        if (has_key && make_key(c, g, &keycols, old_image, nm.key, &out[0].key, &out[0].key_len) < 0)
+        if (has_key && make_key(c, g, &keycols, old_image, &nm, &out[0].key, &out[0].key_len) < 0)
             goto out;
         if (make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[0].value,
                        &out[0].value_len) < 0)
@@ -1937,7 +2154,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         }
     }
     if (!key_changed) {
-        if (has_key && make_key(c, g, &keycols, after, nm.key, &out[0].key, &out[0].key_len) < 0)
+        if (has_key && make_key(c, g, &keycols, after, &nm, &out[0].key, &out[0].key_len) < 0)
             goto out;
         if (make_value(c, g, &cols, &nm, "u", old_image, MISSING_NULL, after, after_missing, before, &out[0].value,
                        &out[0].value_len) < 0)
@@ -1948,7 +2165,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     /* RelationalChangeRecordEmitter.emitUpdateAsPrimaryKeyChangeRecord: delete (header newkey),
        tombstone, create (header oldkey) */
     int i = 0;
-    if (make_key(c, g, &keycols, old_image, nm.key, &out[i].key, &out[i].key_len) < 0 ||
+    if (make_key(c, g, &keycols, old_image, &nm, &out[i].key, &out[i].key_len) < 0 ||
         make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[i].value,
                    &out[i].value_len) < 0 ||
         make_header(c, g, &out[i], "__debezium.newkey", &keycols, after) < 0)
@@ -1973,7 +2190,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         set_err(c, "out of memory");
         goto fail;
     }
-    if (make_key(c, g, &keycols, after, nm.key, &out[i].key, &out[i].key_len) < 0 ||
+    if (make_key(c, g, &keycols, after, &nm, &out[i].key, &out[i].key_len) < 0 ||
         make_value(c, g, &cols, &nm, "c", NULL, MISSING_NULL, after, after_missing, before, &out[i].value,
                    &out[i].value_len) < 0 ||
         make_header(c, g, &out[i], "__debezium.oldkey", &keycols, old_image) < 0)
@@ -1992,7 +2209,7 @@ out:
 int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int tombstones, wp_dbz_record_t out[3],
                   char *err, size_t errlen)
 {
-    ctx_t c = {opt, ev, 0, NULL, err, errlen, false};
+    ctx_t c = {opt, ev, 0, NULL, err, errlen, false, 0};
     yajl_gen g = NULL;
     yajl_val payload = NULL;
     char perr[128];
@@ -2006,6 +2223,8 @@ int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int to
         return -1;
     }
     c.now_ns = now_ns(opt);
+    if (opt->tables)
+        c.call = ++opt->tables->calls;
     c.placeholder = opt->unavailable_placeholder ? opt->unavailable_placeholder : DBZ_PLACEHOLDER;
     payload = yajl_tree_parse(ev->payload ? ev->payload : "{}", perr, sizeof perr);
     if (!payload || !YAJL_IS_OBJECT(payload)) {
