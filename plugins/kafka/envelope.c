@@ -649,10 +649,18 @@ static void tables_put(struct wp_dbz_tables *tables, const wp_sink_event_t *ev, 
     if (!tables || !columns)
         return;
     char *id = table_id(ev);
-    char *copy = strdup(columns);
-    if (!id || !copy)
+    char *copy = NULL;
+    if (!id)
         goto fail;
     size_t h = table_hash(id);
+    for (table_mem_t *t = tables->buckets[h]; t; t = t->next)
+        if (strcmp(t->id, id) == 0 && strcmp(t->columns, columns) == 0) {
+            free(id);
+            return;
+        }
+    copy = strdup(columns);
+    if (!copy)
+        goto fail;
     for (table_mem_t *t = tables->buckets[h]; t; t = t->next)
         if (strcmp(t->id, id) == 0) {
             free(t->columns);
@@ -2007,12 +2015,33 @@ static int make_header(ctx_t *c, yajl_gen g, wp_dbz_record_t *r, const char *nam
     return take(c, g, &r->header_value, &r->header_value_len);
 }
 
+/* Whether a column of type t can be left out of an UPDATE as an unchanged TOAST value (varlena). */
+static bool toastable(const ctype_t *t)
+{
+    if (t->array)
+        return true;
+    switch (t->kind) {
+    case K_STRING:
+    case K_JSON:
+    case K_XML:
+    case K_BYTES:
+    case K_VARDECIMAL:
+        return true;
+    case K_DECIMAL:
+        return !t->money;
+    default:
+        return false;
+    }
+}
+
 /*
  * Decides the Value schema's columns: the event's own, or the remembered whole column list when
  * the event's columns are all in it (same name and type): then an UPDATE's absent columns are
- * unchanged TOAST values and a DELETE's absent columns are null.
+ * unchanged TOAST values and a DELETE's absent columns are null.  For an UPDATE the memory is
+ * stale (a column was dropped since the table's last insert) when a column it lacks cannot be
+ * TOASTed at all (integer, timestamp, ...): the event's own columns are used then.
  */
-static int value_columns(ctx_t *c, const collist_t *evcols, collist_t *out, bool *from_memory)
+static int value_columns(ctx_t *c, const collist_t *evcols, bool is_update, collist_t *out, bool *from_memory)
 {
     *from_memory = false;
     const char *mem = tables_get(c->opt->tables, c->ev);
@@ -2025,6 +2054,9 @@ static int value_columns(ctx_t *c, const collist_t *evcols, collist_t *out, bool
             const col_t *f = collist_find(&m, evcols->cols[i].name);
             fits = f && strcmp(f->type, evcols->cols[i].type) == 0;
         }
+        for (size_t i = 0; i < m.n && fits && is_update; i++)
+            if (!collist_find(evcols, m.cols[i].name))
+                fits = toastable(&m.cols[i].t);
         if (fits) {
             *out = m;
             *from_memory = true;
@@ -2072,7 +2104,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         tables_put(c->opt->tables, ev, ev->columns);
         if (collist_load(c, ev->columns, ev->key_columns, "columns", &cols) < 0)
             goto out;
-    } else if (value_columns(c, &evcols, &cols, &from_memory) < 0)
+    } else if (value_columns(c, &evcols, is_update, &cols, &from_memory) < 0)
         goto out;
 
     char *topic = topic_name(c->opt->topic_prefix, ev->schema, ev->table);

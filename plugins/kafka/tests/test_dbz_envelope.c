@@ -337,6 +337,7 @@ FIXTURE(numeric_double)
 FIXTURE(temporal)
 FIXTURE(arrays)
 FIXTURE(toast_placeholder)
+FIXTURE(toast_stale_memory)
 FIXTURE(utf8_topic)
 FIXTURE(no_key)
 FIXTURE(errors)
@@ -449,6 +450,7 @@ int main(void)
         cmocka_unit_test(test_temporal),
         cmocka_unit_test(test_arrays),
         cmocka_unit_test(test_toast_placeholder),
+        cmocka_unit_test(test_toast_stale_memory),
         cmocka_unit_test(test_utf8_topic),
         cmocka_unit_test(test_no_key),
         cmocka_unit_test(test_errors),
