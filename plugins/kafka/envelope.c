@@ -74,7 +74,7 @@ typedef enum kind {
 typedef struct ctype {
     kind_t kind;
     int precision; /* numeric(p,s): p; money: -1 (no precision parameter) */
-    int scale;     /* numeric(p,s): s; money: 2; timestamptz: fraction digits (-1: none given) */
+    int scale;     /* numeric(p,s): s (negative allowed); money: 2; timestamptz: fraction digits (6 when none given) */
     bool money;
     bool array;
 } ctype_t;
@@ -736,6 +736,15 @@ static int decimal_bytes(const char *s, int scale, bool vscale, unsigned char **
     }
     if (scale_out)
         *scale_out = scale;
+    if (scale < 0) {
+        /* numeric(p,-s) (PostgreSQL 15): the last s integer digits are zeros the unscaled value drops */
+        size_t drop = (size_t)-scale;
+        ni = ni > drop ? ni - drop : 0;
+        if (ni == 0) {
+            ip = "0";
+            ni = 1;
+        }
+    }
     /* digits = int part + fraction cut/padded to scale (PostgreSQL prints exactly the column's scale) */
     size_t nd = ni + (size_t)(scale > 0 ? scale : 0);
     char *dig = malloc(nd + 1);
@@ -1138,10 +1147,13 @@ static void gen_scalar(ctx_t *c, yajl_gen g, const ctype_t *t, const char *s, co
         const char *p = s;
         int64_t days, us, off = 0;
         if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+            /* convertTimestampWithZone: "infinity" / "-infinity"; convertTimestampToLocalDateTime: pgjdbc's
+               PGStatement.DATE_POSITIVE_INFINITY / DATE_NEGATIVE_INFINITY taken as microseconds */
+            int64_t inf_us = s[0] == '-' ? INT64_C(-9223372036832400000) : INT64_C(9223372036825200000);
             if (t->kind == K_TSTZ)
-                gen_str(g, s); /* convertTimestampWithZone: "infinity" / "-infinity" */
+                gen_str(g, s);
             else
-                yajl_gen_null(g);
+                gen_i64(g, t->kind == K_TS_US ? inf_us : floor_div(inf_us, 1000));
             return;
         }
         bool bc = strstr(s, " BC") != NULL;
