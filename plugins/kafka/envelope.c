@@ -1122,8 +1122,15 @@ static void gen_scalar(ctx_t *c, yajl_gen g, const ctype_t *t, const char *s, co
     case K_DATE: {
         const char *p = s;
         int64_t days;
+        if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+            /* DateTimeFormat: PostgresValueConverter.POSITIVE_INFINITY_LOCAL_DATE (-5877611-06-21) and
+               NEGATIVE_INFINITY_LOCAL_DATE (-5877611-06-22), as epoch days */
+            gen_i64(g, days_from_civil(-5877611, 6, s[0] == '-' ? 22 : 21));
+            return;
+        }
         if (!parse_date(&p, &days) || *p) {
-            yajl_gen_null(g); /* infinity / -infinity: no epoch day */
+            set_err(c, "column \"%s\": \"%.40s\" is not a date", col, s);
+            yajl_gen_null(g);
             return;
         }
         gen_i64(g, days);
