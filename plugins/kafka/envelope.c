@@ -861,7 +861,8 @@ static bool parse_date(const char **p, int64_t *days)
     if (*end != '-')
         return false;
     long d = strtol(end + 1, &end, 10);
-    if (m < 1 || m > 12 || d < 1 || d > 31)
+    /* PostgreSQL's range is 4713 BC to 5874897 AD; the bound keeps the microsecond arithmetic in int64 */
+    if (m < 1 || m > 12 || d < 1 || d > 31 || y < 0 || y > 5874897)
         return false;
     if (strncmp(end, " BC", 3) == 0) {
         y = 1 - y;
@@ -1024,7 +1025,10 @@ static bool parse_interval(const char *s, int64_t *out)
     double days_per_month = 365.25 / 12.0;
     double number_of_days = ((years * 12) + months) * days_per_month + days;
     double number_of_seconds = (((number_of_days * 24 + hours) * 60) + minutes) * 60 + seconds;
-    *out = (int64_t)(number_of_seconds * 1e6);
+    double us = number_of_seconds * 1e6;
+    if (!(us > -9.2e18 && us < 9.2e18))
+        return false; /* beyond int64 (Java's (long) would saturate; PostgreSQL's intervals stay within) */
+    *out = (int64_t)us;
     return true;
 }
 
@@ -1181,7 +1185,14 @@ static void gen_scalar(ctx_t *c, yajl_gen g, const ctype_t *t, const char *s, co
             civil_from_days(days, &y, &m, &d);
             days = days_from_civil(1 - y, m, d);
         }
-        int64_t epoch_us = days * 86400 * INT64_C(1000000) + us - off * INT64_C(1000000);
+        int64_t epoch_us;
+        if (__builtin_mul_overflow(days, 86400 * INT64_C(1000000), &epoch_us) ||
+            __builtin_add_overflow(epoch_us, us - off * INT64_C(1000000), &epoch_us)) {
+            /* after 294247 AD microseconds since 1970 leave int64 (Debezium's conversion fails too) */
+            set_err(c, "column \"%s\": \"%.40s\" is beyond int64 microseconds since 1970", col, s);
+            yajl_gen_null(g);
+            return;
+        }
         if (t->kind == K_TS_US)
             gen_i64(g, epoch_us);
         else if (t->kind == K_TS_MS)
