@@ -1368,30 +1368,51 @@ static void gen_value(ctx_t *c, yajl_gen g, const col_t *col, yajl_val v)
 }
 
 /*
- * The unchanged-TOAST placeholder for a column of type t (UnchangedToastedPlaceholder and
- * PostgresValueConverter, v3.1.3.Final): text-like values the placeholder text, bytea its bytes,
- * text[] and uuid[] a one-element array, int[]/bigint[] the placeholder's bytes as numbers;
- * other types have no placeholder and go out null.
+ * The unchanged-TOAST placeholder for a column of type t (UnchangedToastedPlaceholder,
+ * UnchangedToastedReplicationMessageColumn and PostgresValueConverter, v3.1.3.Final): text-like
+ * values the placeholder text, bytea its bytes; text/varchar/char/json[] a one-element array,
+ * integer[]/date[] and bigint[] the placeholder's bytes as numbers, bytea[] its bytes in a
+ * one-element array, uuid[] UUID.nameUUIDFromBytes(placeholder) in a one-element array (computed
+ * for the default placeholder only; a configured one is written as text there).  Debezium has
+ * no valid placeholder for other types (its converter fails): they go out null.
  */
 static void gen_placeholder(ctx_t *c, yajl_gen g, const ctype_t *t)
 {
     const char *ph = c->placeholder;
     if (t->array) {
-        yajl_gen_array_open(g);
-        if (t->kind == K_INT32 || t->kind == K_INT64) {
+        switch (t->kind) {
+        case K_STRING:
+        case K_JSON:
+            yajl_gen_array_open(g);
+            gen_str(g, ph);
+            yajl_gen_array_close(g);
+            return;
+        case K_INT32:
+        case K_DATE:
+        case K_INT64:
+            yajl_gen_array_open(g);
             for (const unsigned char *p = (const unsigned char *)ph; *p; p++)
-                gen_i64(g, (signed char)*p);
-        } else if (t->kind == K_UUID) {
-            /* UUID.nameUUIDFromBytes(placeholder): MD5-based; not reproduced, the text stands in */
-            gen_str(g, ph);
-        } else if (t->kind == K_BYTES) {
+                gen_i64(g, (signed char)*p); /* Java's (int) of a byte: signed */
+            yajl_gen_array_close(g);
+            return;
+        case K_BYTES: {
             char *b64 = base64((const unsigned char *)ph, strlen(ph));
+            yajl_gen_array_open(g);
             gen_str(g, b64 ? b64 : "");
+            yajl_gen_array_close(g);
             free(b64);
-        } else
-            gen_str(g, ph);
-        yajl_gen_array_close(g);
-        return;
+            return;
+        }
+        case K_UUID:
+            yajl_gen_array_open(g);
+            /* md5("__debezium_unavailable_value") with version 3 and the IETF variant */
+            gen_str(g, strcmp(ph, DBZ_PLACEHOLDER) == 0 ? "b68a35a7-17ad-35b3-af2a-ae46edb4545a" : ph);
+            yajl_gen_array_close(g);
+            return;
+        default:
+            yajl_gen_null(g);
+            return;
+        }
     }
     switch (t->kind) {
     case K_STRING:
