@@ -43,6 +43,7 @@
 /* Kafka's topic name limit, as AbstractTopicNamingStrategy.MAX_NAME_LENGTH. */
 #define TOPIC_MAX 249
 #define TABLE_BUCKETS 1024
+#define LIST_SLOTS 256
 
 /* Connect (logical) types a column maps to: PostgresValueConverter.schemaBuilder. */
 typedef enum kind {
@@ -73,7 +74,7 @@ typedef enum kind {
 typedef struct ctype {
     kind_t kind;
     int precision; /* numeric(p,s): p; money: -1 (no precision parameter) */
-    int scale;     /* numeric(p,s): s; money: 2; timestamptz: fraction digits (-1: none given) */
+    int scale;     /* numeric(p,s): s (negative allowed); money: 2; timestamptz: fraction digits (6 when none given) */
     bool money;
     bool array;
 } ctype_t;
@@ -89,6 +90,8 @@ typedef struct collist {
     yajl_val tree;
     col_t *cols;
     size_t n;
+    bool borrowed; /* held by the list cache (wp_dbz_tables_t): not freed by collist_free */
+    struct list_slot *slot; /* its cache slot when borrowed (for the cached schema texts), else NULL */
 } collist_t;
 
 /* One remembered table: its whole column list (from an insert or snapshot row) as JSON text. */
@@ -98,9 +101,31 @@ typedef struct table_mem {
     char *columns;
 } table_mem_t;
 
+/* A generated schema text and the name it was generated under. */
+typedef struct schema_text {
+    char *name;
+    char *text;
+    size_t len;
+} schema_text_t;
+
+/* A parsed column list, keyed by its JSON text, the key list's text and the decimal mode,
+   with the Key / Envelope schema texts last generated from it (schemas.enable). */
+typedef struct list_slot {
+    schema_text_t key_schema, value_schema;
+    char *cols_text;
+    char *key_text; /* NULL: no key list */
+    uint64_t hash;
+    int mode;
+    uint64_t pinned; /* the encode call that uses it: not evicted during that call */
+    collist_t list;
+} list_slot_t;
+
 struct wp_dbz_tables {
     table_mem_t *buckets[TABLE_BUCKETS];
     size_t count;
+    /* parsing a column list is most of an event's cost: the same shapes come again and again */
+    list_slot_t lists[LIST_SLOTS];
+    uint64_t calls;
 };
 
 /* What one encode call works with. */
@@ -112,6 +137,7 @@ typedef struct ctx {
     char *err;
     size_t errlen;
     bool failed;
+    uint64_t call; /* this call's number in the session's table memory (0 without one) */
 } ctx_t;
 
 static void set_err(ctx_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -183,11 +209,28 @@ static void gen_key(yajl_gen g, const char *s)
     gen_str(g, s);
 }
 
+/* Decimal text of v into b (at least 21 bytes), returning its length: snprintf was a fifth of the cost. */
+static size_t i64_text(char *b, int64_t v)
+{
+    char tmp[24];
+    size_t n = 0, o = 0;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        b[o++] = '-';
+    while (n)
+        b[o++] = tmp[--n];
+    b[o] = '\0';
+    return o;
+}
+
 static void gen_i64(yajl_gen g, int64_t v)
 {
-    char b[32];
-    int n = snprintf(b, sizeof b, "%" PRId64, v);
-    yajl_gen_number(g, b, (size_t)n);
+    char b[24];
+    yajl_gen_number(g, b, i64_text(b, v));
 }
 
 /* ---------------------------------------------------------------- Java number formatting */
@@ -387,6 +430,10 @@ static ctype_t classify(const char *type, wp_dbz_decimal_t mode)
 
 static void collist_free(collist_t *l)
 {
+    if (l->borrowed) {
+        memset(l, 0, sizeof *l);
+        return;
+    }
     if (l->tree)
         yajl_tree_free(l->tree);
     free(l->cols);
@@ -436,6 +483,100 @@ static const col_t *collist_find(const collist_t *l, const char *name)
     return NULL;
 }
 
+static void schema_text_free(schema_text_t *st)
+{
+    free(st->name);
+    free(st->text);
+    memset(st, 0, sizeof *st);
+}
+
+/* A cheap hash of a column list's text: its length and up to 64 bytes spread over it (strcmp decides). */
+static uint64_t text_hash(const char *s, uint64_t h)
+{
+    size_t n = strlen(s), step = n / 64 + 1;
+    h = (h ^ n) * UINT64_C(1099511628211);
+    for (size_t i = 0; i < n; i += step)
+        h = (h ^ (unsigned char)s[i]) * UINT64_C(1099511628211);
+    return h;
+}
+
+static bool same_text(const char *a, const char *b)
+{
+    return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
+}
+
+/*
+ * The column list json with each column's key flag set from the key list key_json (NULL: no
+ * key; the same text: every column is a key column).  From the session's list cache when there
+ * is one (then *out is borrowed until the end of this encode call), else parsed into *out.
+ */
+static int collist_load(ctx_t *c, const char *json, const char *key_json, const char *what, collist_t *out)
+{
+    struct wp_dbz_tables *t = c->opt->tables;
+    collist_t keys = {0};
+    list_slot_t *slot = NULL;
+    int rc = -1;
+
+    memset(out, 0, sizeof *out);
+    if (!json)
+        return 0;
+    uint64_t h = text_hash(key_json ? key_json : "", text_hash(json, UINT64_C(14695981039346656037))) ^
+                 (uint64_t)c->opt->decimal_mode;
+    if (t) {
+        slot = &t->lists[h % LIST_SLOTS];
+        if (slot->cols_text && slot->hash == h && slot->mode == (int)c->opt->decimal_mode &&
+            strcmp(slot->cols_text, json) == 0 && same_text(slot->key_text, key_json)) {
+            slot->pinned = c->call;
+            *out = slot->list;
+            out->borrowed = true;
+            out->slot = slot;
+            return 0;
+        }
+        if (slot->cols_text && slot->pinned == c->call)
+            slot = NULL; /* in use by this call: parse without caching */
+    }
+    if (collist_parse(c, json, what, out) < 0)
+        goto out;
+    if (key_json && strcmp(key_json, json) == 0) {
+        for (size_t i = 0; i < out->n; i++)
+            out->cols[i].key = true;
+    } else if (key_json) {
+        if (collist_load(c, key_json, key_json, "key_columns", &keys) < 0)
+            goto out;
+        for (size_t i = 0; i < out->n; i++)
+            out->cols[i].key = collist_find(&keys, out->cols[i].name) != NULL;
+    }
+    if (slot) {
+        char *ct = strdup(json), *kt = key_json ? strdup(key_json) : NULL;
+        if (ct && (kt || !key_json)) {
+            /* evict what the slot held (not pinned by this call, checked above) */
+            free(slot->cols_text);
+            free(slot->key_text);
+            slot->list.borrowed = false;
+            collist_free(&slot->list);
+            schema_text_free(&slot->key_schema);
+            schema_text_free(&slot->value_schema);
+            slot->cols_text = ct;
+            slot->key_text = kt;
+            slot->hash = h;
+            slot->mode = (int)c->opt->decimal_mode;
+            slot->pinned = c->call;
+            slot->list = *out;
+            out->borrowed = true;
+            out->slot = slot;
+        } else {
+            free(ct);
+            free(kt);
+        }
+    }
+    rc = 0;
+out:
+    collist_free(&keys);
+    if (rc < 0)
+        collist_free(out);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- table memory */
 
 struct wp_dbz_tables *wp_dbz_tables_new(void)
@@ -456,6 +597,14 @@ void wp_dbz_tables_free(struct wp_dbz_tables *tables)
             free(t);
             t = next;
         }
+    }
+    for (size_t i = 0; i < LIST_SLOTS; i++) {
+        free(tables->lists[i].cols_text);
+        free(tables->lists[i].key_text);
+        tables->lists[i].list.borrowed = false;
+        collist_free(&tables->lists[i].list);
+        schema_text_free(&tables->lists[i].key_schema);
+        schema_text_free(&tables->lists[i].value_schema);
     }
     free(tables);
 }
@@ -500,10 +649,18 @@ static void tables_put(struct wp_dbz_tables *tables, const wp_sink_event_t *ev, 
     if (!tables || !columns)
         return;
     char *id = table_id(ev);
-    char *copy = strdup(columns);
-    if (!id || !copy)
+    char *copy = NULL;
+    if (!id)
         goto fail;
     size_t h = table_hash(id);
+    for (table_mem_t *t = tables->buckets[h]; t; t = t->next)
+        if (strcmp(t->id, id) == 0 && strcmp(t->columns, columns) == 0) {
+            free(id);
+            return;
+        }
+    copy = strdup(columns);
+    if (!copy)
+        goto fail;
     for (table_mem_t *t = tables->buckets[h]; t; t = t->next)
         if (strcmp(t->id, id) == 0) {
             free(t->columns);
@@ -579,6 +736,15 @@ static int decimal_bytes(const char *s, int scale, bool vscale, unsigned char **
     }
     if (scale_out)
         *scale_out = scale;
+    if (scale < 0) {
+        /* numeric(p,-s) (PostgreSQL 15): the last s integer digits are zeros the unscaled value drops */
+        size_t drop = (size_t)-scale;
+        ni = ni > drop ? ni - drop : 0;
+        if (ni == 0) {
+            ip = "0";
+            ni = 1;
+        }
+    }
     /* digits = int part + fraction cut/padded to scale (PostgreSQL prints exactly the column's scale) */
     size_t nd = ni + (size_t)(scale > 0 ? scale : 0);
     char *dig = malloc(nd + 1);
@@ -695,7 +861,8 @@ static bool parse_date(const char **p, int64_t *days)
     if (*end != '-')
         return false;
     long d = strtol(end + 1, &end, 10);
-    if (m < 1 || m > 12 || d < 1 || d > 31)
+    /* PostgreSQL's range is 4713 BC to 5874897 AD; the bound keeps the microsecond arithmetic in int64 */
+    if (m < 1 || m > 12 || d < 1 || d > 31 || y < 0 || y > 5874897)
         return false;
     if (strncmp(end, " BC", 3) == 0) {
         y = 1 - y;
@@ -858,7 +1025,10 @@ static bool parse_interval(const char *s, int64_t *out)
     double days_per_month = 365.25 / 12.0;
     double number_of_days = ((years * 12) + months) * days_per_month + days;
     double number_of_seconds = (((number_of_days * 24 + hours) * 60) + minutes) * 60 + seconds;
-    *out = (int64_t)(number_of_seconds * 1e6);
+    double us = number_of_seconds * 1e6;
+    if (!(us > -9.2e18 && us < 9.2e18))
+        return false; /* beyond int64 (Java's (long) would saturate; PostgreSQL's intervals stay within) */
+    *out = (int64_t)us;
     return true;
 }
 
@@ -956,8 +1126,15 @@ static void gen_scalar(ctx_t *c, yajl_gen g, const ctype_t *t, const char *s, co
     case K_DATE: {
         const char *p = s;
         int64_t days;
+        if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+            /* DateTimeFormat: PostgresValueConverter.POSITIVE_INFINITY_LOCAL_DATE (-5877611-06-21) and
+               NEGATIVE_INFINITY_LOCAL_DATE (-5877611-06-22), as epoch days */
+            gen_i64(g, days_from_civil(-5877611, 6, s[0] == '-' ? 22 : 21));
+            return;
+        }
         if (!parse_date(&p, &days) || *p) {
-            yajl_gen_null(g); /* infinity / -infinity: no epoch day */
+            set_err(c, "column \"%s\": \"%.40s\" is not a date", col, s);
+            yajl_gen_null(g);
             return;
         }
         gen_i64(g, days);
@@ -981,10 +1158,13 @@ static void gen_scalar(ctx_t *c, yajl_gen g, const ctype_t *t, const char *s, co
         const char *p = s;
         int64_t days, us, off = 0;
         if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+            /* convertTimestampWithZone: "infinity" / "-infinity"; convertTimestampToLocalDateTime: pgjdbc's
+               PGStatement.DATE_POSITIVE_INFINITY / DATE_NEGATIVE_INFINITY taken as microseconds */
+            int64_t inf_us = s[0] == '-' ? INT64_C(-9223372036832400000) : INT64_C(9223372036825200000);
             if (t->kind == K_TSTZ)
-                gen_str(g, s); /* convertTimestampWithZone: "infinity" / "-infinity" */
+                gen_str(g, s);
             else
-                yajl_gen_null(g);
+                gen_i64(g, t->kind == K_TS_US ? inf_us : floor_div(inf_us, 1000));
             return;
         }
         bool bc = strstr(s, " BC") != NULL;
@@ -1005,7 +1185,14 @@ static void gen_scalar(ctx_t *c, yajl_gen g, const ctype_t *t, const char *s, co
             civil_from_days(days, &y, &m, &d);
             days = days_from_civil(1 - y, m, d);
         }
-        int64_t epoch_us = days * 86400 * INT64_C(1000000) + us - off * INT64_C(1000000);
+        int64_t epoch_us;
+        if (__builtin_mul_overflow(days, 86400 * INT64_C(1000000), &epoch_us) ||
+            __builtin_add_overflow(epoch_us, us - off * INT64_C(1000000), &epoch_us)) {
+            /* after 294247 AD microseconds since 1970 leave int64 (Debezium's conversion fails too) */
+            set_err(c, "column \"%s\": \"%.40s\" is beyond int64 microseconds since 1970", col, s);
+            yajl_gen_null(g);
+            return;
+        }
         if (t->kind == K_TS_US)
             gen_i64(g, epoch_us);
         else if (t->kind == K_TS_MS)
@@ -1181,30 +1368,51 @@ static void gen_value(ctx_t *c, yajl_gen g, const col_t *col, yajl_val v)
 }
 
 /*
- * The unchanged-TOAST placeholder for a column of type t (UnchangedToastedPlaceholder and
- * PostgresValueConverter, v3.1.3.Final): text-like values the placeholder text, bytea its bytes,
- * text[] and uuid[] a one-element array, int[]/bigint[] the placeholder's bytes as numbers;
- * other types have no placeholder and go out null.
+ * The unchanged-TOAST placeholder for a column of type t (UnchangedToastedPlaceholder,
+ * UnchangedToastedReplicationMessageColumn and PostgresValueConverter, v3.1.3.Final): text-like
+ * values the placeholder text, bytea its bytes; text/varchar/char/json[] a one-element array,
+ * integer[]/date[] and bigint[] the placeholder's bytes as numbers, bytea[] its bytes in a
+ * one-element array, uuid[] UUID.nameUUIDFromBytes(placeholder) in a one-element array (computed
+ * for the default placeholder only; a configured one is written as text there).  Debezium has
+ * no valid placeholder for other types (its converter fails): they go out null.
  */
 static void gen_placeholder(ctx_t *c, yajl_gen g, const ctype_t *t)
 {
     const char *ph = c->placeholder;
     if (t->array) {
-        yajl_gen_array_open(g);
-        if (t->kind == K_INT32 || t->kind == K_INT64) {
+        switch (t->kind) {
+        case K_STRING:
+        case K_JSON:
+            yajl_gen_array_open(g);
+            gen_str(g, ph);
+            yajl_gen_array_close(g);
+            return;
+        case K_INT32:
+        case K_DATE:
+        case K_INT64:
+            yajl_gen_array_open(g);
             for (const unsigned char *p = (const unsigned char *)ph; *p; p++)
-                gen_i64(g, (signed char)*p);
-        } else if (t->kind == K_UUID) {
-            /* UUID.nameUUIDFromBytes(placeholder): MD5-based; not reproduced, the text stands in */
-            gen_str(g, ph);
-        } else if (t->kind == K_BYTES) {
+                gen_i64(g, (signed char)*p); /* Java's (int) of a byte: signed */
+            yajl_gen_array_close(g);
+            return;
+        case K_BYTES: {
             char *b64 = base64((const unsigned char *)ph, strlen(ph));
+            yajl_gen_array_open(g);
             gen_str(g, b64 ? b64 : "");
+            yajl_gen_array_close(g);
             free(b64);
-        } else
-            gen_str(g, ph);
-        yajl_gen_array_close(g);
-        return;
+            return;
+        }
+        case K_UUID:
+            yajl_gen_array_open(g);
+            /* md5("__debezium_unavailable_value") with version 3 and the IETF variant */
+            gen_str(g, strcmp(ph, DBZ_PLACEHOLDER) == 0 ? "b68a35a7-17ad-35b3-af2a-ae46edb4545a" : ph);
+            yajl_gen_array_close(g);
+            return;
+        default:
+            yajl_gen_null(g);
+            return;
+        }
     }
     switch (t->kind) {
     case K_STRING:
@@ -1512,8 +1720,12 @@ static void gen_source(ctx_t *c, yajl_gen g, const char *schema, const char *tab
 /* How a row image treats a column it does not hold. */
 typedef enum { MISSING_NULL, MISSING_TOAST } missing_t;
 
-/* {col:value,...} over cols from image (a payload object). */
-static void gen_row(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image, missing_t missing)
+/*
+ * {col:value,...} over cols from image (a payload object).  A column image lacks is, with
+ * MISSING_TOAST, an unchanged TOAST value: taken from old (the REPLICA IDENTITY FULL old row)
+ * when that holds it, as PostgresChangeRecordEmitter.columnValues does, else the placeholder.
+ */
+static void gen_row_old(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image, missing_t missing, yajl_val old)
 {
     yajl_gen_map_open(g);
     for (size_t i = 0; i < cols->n; i++) {
@@ -1523,12 +1735,21 @@ static void gen_row(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image,
         gen_key(g, col->name);
         const char *path[] = {col->name, NULL};
         yajl_val v = image ? yajl_tree_get(image, path, yajl_t_any) : NULL;
-        if (!v && image && missing == MISSING_TOAST)
-            gen_placeholder(c, g, &col->t);
-        else
+        if (!v && image && missing == MISSING_TOAST) {
+            yajl_val o = old ? yajl_tree_get(old, path, yajl_t_any) : NULL;
+            if (o)
+                gen_value(c, g, col, o);
+            else
+                gen_placeholder(c, g, &col->t);
+        } else
             gen_value(c, g, col, v);
     }
     yajl_gen_map_close(g);
+}
+
+static void gen_row(ctx_t *c, yajl_gen g, const collist_t *cols, yajl_val image, missing_t missing)
+{
+    gen_row_old(c, g, cols, image, missing, NULL);
 }
 
 /* ---------------------------------------------------------------- records */
@@ -1589,49 +1810,122 @@ static char *topic_name(const char *prefix, const char *schema, const char *tabl
 }
 
 /* The key record text: {"schema":<Key>,"payload":{..}} or the bare struct. */
-static int make_key(ctx_t *c, yajl_gen g, const collist_t *keycols, yajl_val image, const char *schema_name, char **out,
-                    size_t *len)
-{
-    if (c->opt->schemas_enable) {
-        yajl_gen_map_open(g);
-        gen_key(g, "schema");
-        schema_row(g, keycols, false, schema_name, NULL);
-        gen_key(g, "payload");
-    }
-    gen_row(c, g, keycols, image, MISSING_NULL);
-    if (c->opt->schemas_enable)
-        yajl_gen_map_close(g);
-    return take(c, g, out, len);
-}
-
 typedef struct names {
     char value[1024], envelope[1024], key[1024];
 } names_t;
 
+/* Which schema a record carries. */
+typedef enum { SCHEMA_KEY, SCHEMA_ENVELOPE } schema_kind_t;
+
+static void gen_envelope_schema(yajl_gen g, const collist_t *cols, const names_t *nm)
+{
+    /* SchemaFactory.datatypeEnvelopeSchema via TableSchemaBuilder: before, after, source, transaction, op, ts_* */
+    schema_type(g, "struct");
+    gen_key(g, "fields");
+    yajl_gen_array_open(g);
+    schema_row(g, cols, true, nm->value, "before");
+    schema_row(g, cols, true, nm->value, "after");
+    schema_source(g);
+    schema_transaction(g);
+    schema_simple(g, "string", false, "op");
+    schema_simple(g, "int64", true, "ts_ms");
+    schema_simple(g, "int64", true, "ts_us");
+    schema_simple(g, "int64", true, "ts_ns");
+    yajl_gen_array_close(g);
+    schema_tail(g, false, nm->envelope, 2, NULL, NULL, NULL, NULL, NULL, NULL);
+}
+
+/*
+ * Wraps the payload text the generator g holds as JsonConverter does with schemas.enable:
+ * {"schema":<schema of cols>,"payload":<payload>} into *out.  The schema text is generated once
+ * per column list and name and kept in the list's cache slot (it is most of such a record).
+ */
+static int take_with_schema(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t *nm, schema_kind_t kind,
+                            char **out, size_t *len)
+{
+    const char *name = kind == SCHEMA_KEY ? nm->key : nm->envelope;
+    schema_text_t *cached = cols->slot ? (kind == SCHEMA_KEY ? &cols->slot->key_schema : &cols->slot->value_schema)
+                                       : NULL;
+    schema_text_t fresh = {0};
+    const schema_text_t *st = cached;
+    char *payload = NULL;
+    size_t plen;
+    int rc = -1;
+
+    if (take(c, g, &payload, &plen) < 0)
+        goto out;
+    if (!st || !st->name || strcmp(st->name, name) != 0) {
+        yajl_gen sg = yajl_gen_alloc(NULL);
+        if (!sg) {
+            set_err(c, "out of memory");
+            goto out;
+        }
+        if (kind == SCHEMA_KEY)
+            schema_row(sg, cols, false, nm->key, NULL);
+        else
+            gen_envelope_schema(sg, cols, nm);
+        rc = take(c, sg, &fresh.text, &fresh.len);
+        yajl_gen_free(sg);
+        if (rc < 0)
+            goto out;
+        rc = -1;
+        fresh.name = strdup(name);
+        if (!fresh.name) {
+            set_err(c, "out of memory");
+            goto out;
+        }
+        if (cached) {
+            schema_text_free(cached);
+            *cached = fresh;
+            memset(&fresh, 0, sizeof fresh);
+            st = cached;
+        } else
+            st = &fresh;
+    }
+    static const char head[] = "{\"schema\":", mid[] = ",\"payload\":";
+    size_t n = sizeof head - 1 + st->len + sizeof mid - 1 + plen + 1;
+    char *r = malloc(n + 1);
+    if (!r) {
+        set_err(c, "out of memory");
+        goto out;
+    }
+    size_t o = 0;
+    memcpy(r + o, head, sizeof head - 1);
+    o += sizeof head - 1;
+    memcpy(r + o, st->text, st->len);
+    o += st->len;
+    memcpy(r + o, mid, sizeof mid - 1);
+    o += sizeof mid - 1;
+    memcpy(r + o, payload, plen);
+    o += plen;
+    r[o++] = '}';
+    r[o] = '\0';
+    *out = r;
+    *len = o;
+    rc = 0;
+out:
+    free(payload);
+    schema_text_free(&fresh);
+    return rc;
+}
+
+/* The key record text: {"schema":<Key>,"payload":{..}} or the bare struct. */
+static int make_key(ctx_t *c, yajl_gen g, const collist_t *keycols, yajl_val image, const names_t *nm, char **out,
+                    size_t *len)
+{
+    gen_row(c, g, keycols, image, MISSING_NULL);
+    if (c->opt->schemas_enable)
+        return take_with_schema(c, g, keycols, nm, SCHEMA_KEY, out, len);
+    return take(c, g, out, len);
+}
+
+
 /* The value record text of a row change (op c/u/d/r/t). */
 static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t *nm, const char *op, yajl_val before,
-                      missing_t before_missing, yajl_val after, missing_t after_missing, char **out, size_t *len)
+                      missing_t before_missing, yajl_val after, missing_t after_missing, yajl_val toast_old, char **out,
+                      size_t *len)
 {
     const wp_sink_event_t *ev = c->ev;
-    if (c->opt->schemas_enable) {
-        yajl_gen_map_open(g);
-        gen_key(g, "schema");
-        /* SchemaFactory.datatypeEnvelopeSchema via TableSchemaBuilder: before, after, source, transaction, op, ts_* */
-        schema_type(g, "struct");
-        gen_key(g, "fields");
-        yajl_gen_array_open(g);
-        schema_row(g, cols, true, nm->value, "before");
-        schema_row(g, cols, true, nm->value, "after");
-        schema_source(g);
-        schema_transaction(g);
-        schema_simple(g, "string", false, "op");
-        schema_simple(g, "int64", true, "ts_ms");
-        schema_simple(g, "int64", true, "ts_us");
-        schema_simple(g, "int64", true, "ts_ns");
-        yajl_gen_array_close(g);
-        schema_tail(g, false, nm->envelope, 2, NULL, NULL, NULL, NULL, NULL, NULL);
-        gen_key(g, "payload");
-    }
     yajl_gen_map_open(g);
     gen_key(g, "before");
     if (before)
@@ -1640,7 +1934,7 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
         yajl_gen_null(g);
     gen_key(g, "after");
     if (after)
-        gen_row(c, g, cols, after, after_missing);
+        gen_row_old(c, g, cols, after, after_missing, toast_old);
     else
         yajl_gen_null(g);
     gen_key(g, "source");
@@ -1657,7 +1951,7 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
     gen_i64(g, c->now_ns);
     yajl_gen_map_close(g);
     if (c->opt->schemas_enable)
-        yajl_gen_map_close(g);
+        return take_with_schema(c, g, cols, nm, SCHEMA_ENVELOPE, out, len);
     return take(c, g, out, len);
 }
 
@@ -1772,24 +2066,48 @@ static int make_header(ctx_t *c, yajl_gen g, wp_dbz_record_t *r, const char *nam
     return take(c, g, &r->header_value, &r->header_value_len);
 }
 
+/* Whether a column of type t can be left out of an UPDATE as an unchanged TOAST value (varlena). */
+static bool toastable(const ctype_t *t)
+{
+    if (t->array)
+        return true;
+    switch (t->kind) {
+    case K_STRING:
+    case K_JSON:
+    case K_XML:
+    case K_BYTES:
+    case K_VARDECIMAL:
+        return true;
+    case K_DECIMAL:
+        return !t->money;
+    default:
+        return false;
+    }
+}
+
 /*
  * Decides the Value schema's columns: the event's own, or the remembered whole column list when
  * the event's columns are all in it (same name and type): then an UPDATE's absent columns are
- * unchanged TOAST values and a DELETE's absent columns are null.
+ * unchanged TOAST values and a DELETE's absent columns are null.  For an UPDATE the memory is
+ * stale (a column was dropped since the table's last insert) when a column it lacks cannot be
+ * TOASTed at all (integer, timestamp, ...): the event's own columns are used then.
  */
-static int value_columns(ctx_t *c, const collist_t *evcols, collist_t *out, bool *from_memory)
+static int value_columns(ctx_t *c, const collist_t *evcols, bool is_update, collist_t *out, bool *from_memory)
 {
     *from_memory = false;
     const char *mem = tables_get(c->opt->tables, c->ev);
     if (mem) {
         collist_t m;
-        if (collist_parse(c, mem, "remembered columns", &m) < 0)
+        if (collist_load(c, mem, c->ev->key_columns, "remembered columns", &m) < 0)
             return -1;
         bool fits = true;
         for (size_t i = 0; i < evcols->n && fits; i++) {
             const col_t *f = collist_find(&m, evcols->cols[i].name);
             fits = f && strcmp(f->type, evcols->cols[i].type) == 0;
         }
+        for (size_t i = 0; i < m.n && fits && is_update; i++)
+            if (!collist_find(evcols, m.cols[i].name))
+                fits = toastable(&m.cols[i].t);
         if (fits) {
             *out = m;
             *from_memory = true;
@@ -1797,7 +2115,7 @@ static int value_columns(ctx_t *c, const collist_t *evcols, collist_t *out, bool
         }
         collist_free(&m);
     }
-    return collist_parse(c, c->ev->columns, "columns", out);
+    return collist_load(c, c->ev->columns, c->ev->key_columns, "columns", out);
 }
 
 static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp_dbz_record_t out[3])
@@ -1822,11 +2140,9 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     snprintf(nm.envelope, sizeof nm.envelope, "%s.%s.%s.Envelope", c->opt->topic_prefix, ev->schema, ev->table);
     snprintf(nm.key, sizeof nm.key, "%s.%s.%s.Key", c->opt->topic_prefix, ev->schema, ev->table);
 
-    if (collist_parse(c, ev->columns, "columns", &evcols) < 0 ||
-        collist_parse(c, ev->key_columns, "key_columns", &keycols) < 0)
+    if (collist_load(c, ev->columns, ev->key_columns, "columns", &evcols) < 0 ||
+        collist_load(c, ev->key_columns, ev->key_columns, "key_columns", &keycols) < 0)
         goto out;
-    for (size_t i = 0; i < keycols.n; i++)
-        keycols.cols[i].key = true;
 
     bool is_insert = strcmp(op, "insert") == 0, is_snapshot = strcmp(op, "snapshot") == 0;
     bool is_update = strcmp(op, "update") == 0, is_delete = strcmp(op, "delete") == 0;
@@ -1837,12 +2153,10 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     }
     if (is_insert || is_snapshot) {
         tables_put(c->opt->tables, ev, ev->columns);
-        if (collist_parse(c, ev->columns, "columns", &cols) < 0)
+        if (collist_load(c, ev->columns, ev->key_columns, "columns", &cols) < 0)
             goto out;
-    } else if (value_columns(c, &evcols, &cols, &from_memory) < 0)
+    } else if (value_columns(c, &evcols, is_update, &cols, &from_memory) < 0)
         goto out;
-    for (size_t i = 0; i < cols.n; i++)
-        cols.cols[i].key = collist_find(&keycols, cols.cols[i].name) != NULL;
 
     char *topic = topic_name(c->opt->topic_prefix, ev->schema, ev->table);
     if (!topic) {
@@ -1854,7 +2168,7 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
 
     if (is_truncate) {
         /* key null; before and after null */
-        if (make_value(c, g, &cols, &nm, "t", NULL, MISSING_NULL, NULL, MISSING_NULL, &out[0].value,
+        if (make_value(c, g, &cols, &nm, "t", NULL, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[0].value,
                        &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1865,9 +2179,9 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
             set_err(c, "%s payload has no \"after\"", op);
             goto out;
         }
-        if (has_key && make_key(c, g, &keycols, after, nm.key, &out[0].key, &out[0].key_len) < 0)
+        if (has_key && make_key(c, g, &keycols, after, &nm, &out[0].key, &out[0].key_len) < 0)
             goto out;
-        if (make_value(c, g, &cols, &nm, is_insert ? "c" : "r", NULL, MISSING_NULL, after, MISSING_NULL,
+        if (make_value(c, g, &cols, &nm, is_insert ? "c" : "r", NULL, MISSING_NULL, after, MISSING_NULL, NULL,
                        &out[0].value, &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1878,9 +2192,9 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
             set_err(c, "delete payload has neither \"key\" nor \"before\"");
             goto out;
         }
-        if (has_key && make_key(c, g, &keycols, old_image, nm.key, &out[0].key, &out[0].key_len) < 0)
+        if (has_key && make_key(c, g, &keycols, old_image, &nm, &out[0].key, &out[0].key_len) < 0)
             goto out;
-        if (make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, &out[0].value,
+        if (make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[0].value,
                        &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1923,9 +2237,9 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         }
     }
     if (!key_changed) {
-        if (has_key && make_key(c, g, &keycols, after, nm.key, &out[0].key, &out[0].key_len) < 0)
+        if (has_key && make_key(c, g, &keycols, after, &nm, &out[0].key, &out[0].key_len) < 0)
             goto out;
-        if (make_value(c, g, &cols, &nm, "u", old_image, MISSING_NULL, after, after_missing, &out[0].value,
+        if (make_value(c, g, &cols, &nm, "u", old_image, MISSING_NULL, after, after_missing, before, &out[0].value,
                        &out[0].value_len) < 0)
             goto out;
         n = 1;
@@ -1934,17 +2248,21 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
     /* RelationalChangeRecordEmitter.emitUpdateAsPrimaryKeyChangeRecord: delete (header newkey),
        tombstone, create (header oldkey) */
     int i = 0;
-    if (make_key(c, g, &keycols, old_image, nm.key, &out[i].key, &out[i].key_len) < 0 ||
-        make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, &out[i].value,
+    if (make_key(c, g, &keycols, old_image, &nm, &out[i].key, &out[i].key_len) < 0 ||
+        make_value(c, g, &cols, &nm, "d", old_image, MISSING_NULL, NULL, MISSING_NULL, NULL, &out[i].value,
                    &out[i].value_len) < 0 ||
         make_header(c, g, &out[i], "__debezium.newkey", &keycols, after) < 0)
         goto fail;
     i++;
     if (tombstones) {
+        /* EventDispatcher builds the tombstone from the delete record: same key, same headers */
         out[i].topic = strdup(topic);
         out[i].key = dup_n(out[0].key, out[0].key_len);
         out[i].key_len = out[0].key_len;
-        if (!out[i].topic || !out[i].key) {
+        out[i].header_name = strdup(out[0].header_name);
+        out[i].header_value = dup_n(out[0].header_value, out[0].header_value_len);
+        out[i].header_value_len = out[0].header_value_len;
+        if (!out[i].topic || !out[i].key || !out[i].header_name || !out[i].header_value) {
             set_err(c, "out of memory");
             goto fail;
         }
@@ -1955,8 +2273,8 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         set_err(c, "out of memory");
         goto fail;
     }
-    if (make_key(c, g, &keycols, after, nm.key, &out[i].key, &out[i].key_len) < 0 ||
-        make_value(c, g, &cols, &nm, "c", NULL, MISSING_NULL, after, after_missing, &out[i].value,
+    if (make_key(c, g, &keycols, after, &nm, &out[i].key, &out[i].key_len) < 0 ||
+        make_value(c, g, &cols, &nm, "c", NULL, MISSING_NULL, after, after_missing, before, &out[i].value,
                    &out[i].value_len) < 0 ||
         make_header(c, g, &out[i], "__debezium.oldkey", &keycols, old_image) < 0)
         goto fail;
@@ -1974,7 +2292,7 @@ out:
 int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int tombstones, wp_dbz_record_t out[3],
                   char *err, size_t errlen)
 {
-    ctx_t c = {opt, ev, 0, NULL, err, errlen, false};
+    ctx_t c = {opt, ev, 0, NULL, err, errlen, false, 0};
     yajl_gen g = NULL;
     yajl_val payload = NULL;
     char perr[128];
@@ -1988,6 +2306,8 @@ int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int to
         return -1;
     }
     c.now_ns = now_ns(opt);
+    if (opt->tables)
+        c.call = ++opt->tables->calls;
     c.placeholder = opt->unavailable_placeholder ? opt->unavailable_placeholder : DBZ_PLACEHOLDER;
     payload = yajl_tree_parse(ev->payload ? ev->payload : "{}", perr, sizeof perr);
     if (!payload || !YAJL_IS_OBJECT(payload)) {
