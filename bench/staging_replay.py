@@ -68,6 +68,10 @@ LEVERS = {
     "no_both_brins": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn"],
                       None),
     "no_secondary_indexes": ([f"DROP INDEX walpipe.{i}" for i in SECONDARY_INDEXES], None),
+    # the btree sinks read each source's events in order with (`walpipe init` makes it when the configuration
+    # has a [sink]; sql/012_sinks.sql): its cost on staging; and a narrower one, (source, lsn), for the same read
+    "sink_order_idx": (["CREATE INDEX raw_events_source_order ON walpipe.raw_events (source, lsn, seq, id)"], None),
+    "sink_idx_narrow": (["CREATE INDEX raw_events_source_order ON walpipe.raw_events (source, lsn)"], None),
     # one BRIN over the three columns instead of two BRINs: a multi-column minmax BRIN answers a condition on
     # any of its columns, and costs one revmap lookup per row instead of two
     "one_brin": (["DROP INDEX walpipe.raw_events_received_brin", "DROP INDEX walpipe.raw_events_source_lsn",

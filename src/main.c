@@ -81,7 +81,8 @@ static void usage(FILE *out)
             "                               replay); the sink's position does not move\n"
             "  walpipe --help | --version\n"
             "\n"
-            "Exit status: 0 stopped cleanly, 1 a source or staging needs a fix (see the log), 2 bad usage or config.\n"
+            "Exit status: 0 stopped cleanly, 1 a source, staging or a sink needs a fix (see the log), 2 bad usage or\n"
+            "config.\n"
             "Configuration reference: README.md, section \"Configuration\".\n",
             WALPIPE_VERSION);
 }
@@ -148,7 +149,8 @@ static int cmd_run(wp_config_t *config, const char *const *accept_gap, int nacce
     wp_stop_request(); /* a source that ended on a fatal error ends the resyncer too */
     wp_resyncer_stop(resyncer);
     wp_workers_stop(workers);
-    wp_sinks_stop(sinks); /* after the sources: each flushes and saves its position */
+    if (wp_sinks_stop(sinks) != 0) /* after the sources: each flushes and saves its position */
+        rc = WP_EXIT_FATAL;            /* a sink that stopped on a fatal error needs a fix too */
     wp_lagguard_stop(guard);
     wp_exporter_stop(exporter);
     free(sources);

@@ -8,7 +8,8 @@
  *   fsync = on                            ; default on
  *
  * Each line: {"source","lsn","seq","op","schema","table","xid","commit_ts","payload"}
- * (lsn as text X/X, commit_ts as ISO 8601 UTC or null, payload the staged JSON as is).
+ * (lsn as text X/X, commit_ts as ISO 8601 UTC or null, payload the staged JSON as is),
+ * and "replay":true last on the lines of a `walpipe replay`.
  *
  * Durability: deliver writes the batch with one write() and fsyncs it; only
  * then are its tickets durable (poll and flush just report them).  Rotation
@@ -22,8 +23,9 @@
  * until a line of that source turns up: that line is the last event of the
  * source the file holds (events of a source are written in order), and every
  * event at or before it is skipped and reported durable, unless it is a
- * replay.  One backward pass serves all sources (it remembers how far it
- * got).  stdout cannot be read back: "-" is at least once.
+ * replay.  Replay lines are passed over by the search: they are history
+ * written again, not the stream's tail.  One backward pass serves all
+ * sources (it remembers how far it got).  stdout cannot be read back: "-" is at least once.
  *
  * A missing directory is WP_SINK_RETRY ("down" until it appears); a bad key
  * is WP_SINK_FATAL.
@@ -149,6 +151,10 @@ static void scan_line(jsonl_t *j, const char *line, size_t n)
     json_t *o = json_loadb(line, n, 0, &jerr);
     const char *source = json_string_value(json_object_get(o, "source"));
     const char *lsn = json_string_value(json_object_get(o, "lsn"));
+    if (json_is_true(json_object_get(o, "replay"))) {
+        json_decref(o); /* a replay's line says nothing of where the stream is */
+        return;
+    }
     json_t *seq = json_object_get(o, "seq");
     uint64_t l;
     if (source && lsn && json_is_integer(seq) && parse_lsn(lsn, &l) == 0) {
@@ -208,7 +214,8 @@ static int scan_until(jsonl_t *j, const char *source, char *err, size_t errlen)
         if (all == NULL)
             abort();
         memcpy(all, chunk, want);
-        memcpy(all + want, j->scan_carry, j->scan_carry_len);
+        if (j->scan_carry_len)
+            memcpy(all + want, j->scan_carry, j->scan_carry_len);
         size_t end = total;
         for (size_t i = total; i > 0; i--) {
             if (all[i - 1] != '\n')
@@ -221,7 +228,8 @@ static int scan_until(jsonl_t *j, const char *source, char *err, size_t errlen)
         j->scan_carry = malloc(end + 1);
         if (j->scan_carry == NULL)
             abort();
-        memcpy(j->scan_carry, all, end);
+        if (end)
+            memcpy(j->scan_carry, all, end);
         j->scan_carry_len = end;
         free(all);
         t = find_tail(j, source, 1);
@@ -394,7 +402,7 @@ static void put_event(jsonl_t *j, const wp_sink_event_t *ev)
         put(j, ev->payload, ev->payload_len);
     else
         put_str(j, "null");
-    put_str(j, "}\n");
+    put_str(j, ev->replay ? ",\"replay\":true}\n" : "}\n");
 }
 
 /* Writes and syncs the batch in the buffer. */

@@ -131,6 +131,18 @@ int wp_migrate_apply(const wp_config_t *config)
     } else if (exec_ok(conn, "DROP INDEX IF EXISTS walpipe.raw_events_payload_gin", "drop the GIN index") != 0) {
         goto out;
     }
+    /* the index sinks read by (sql/012_sinks.sql): only where sinks run, never dropped (another
+       configuration on this staging database may have the sinks) */
+    if (config->nsinks > 0) {
+        PGresult *res = PQexec(conn, "SELECT to_regclass('walpipe.raw_events_source_order') IS NULL");
+        bool missing = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
+        PQclear(res);
+        if (missing) {
+            wp_info("creating the index sinks read by (walpipe.raw_events_source_order); staging waits for it");
+            if (exec_ok(conn, WP_SINK_INDEX_SQL, "create the index sinks read by") != 0)
+                goto out;
+        }
+    }
     char sql[96];
     snprintf(sql, sizeof sql, "SELECT walpipe.ensure_partitions(%d)", config->partitions_ahead);
     if (exec_ok(conn, sql, "create raw_events partitions") != 0)

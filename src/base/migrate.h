@@ -4,6 +4,8 @@
  * wp_migrate_apply brings the staging database to the newest version in one
  * transaction per migration, recording each in walpipe.schema_migrations; an
  * already-applied version is skipped, so it is safe to run any number of times.
+ * Optional indexes follow the configuration: the GIN on payload
+ * (payload_gin_index) and the btree sinks read by (any [sink] section).
  */
 #ifndef WP_MIGRATE_H
 #define WP_MIGRATE_H
@@ -20,6 +22,10 @@ extern const wp_migration_t wp_migrations[];
 extern const size_t wp_migrations_count;
 
 #include "config.h"
+
+/* The btree sinks read raw_events by, in (source, lsn, seq, id) order; `walpipe init` makes it when sinks are configured. */
+#define WP_SINK_INDEX_SQL \
+    "CREATE INDEX IF NOT EXISTS raw_events_source_order ON walpipe.raw_events (source, lsn, seq, id)"
 
 /* The newest schema version this walpipe knows. */
 int wp_migrate_latest_version(void);

@@ -22,6 +22,7 @@
 #include "mem.h"
 #include "probe.h"
 #include "runtime.h"
+#include "sink.h"
 #include "status.h"
 
 typedef struct look {
@@ -29,6 +30,8 @@ typedef struct look {
     wp_probe_source_t *sources;
     bool staging_up;
     bool all_up;
+    wp_sink_look_t *sinks; /* every (sink, source) pair, in config order */
+    size_t nsinks;
 } look_t;
 
 static void format_time(double unix_s, char *buf, size_t len)
@@ -150,6 +153,26 @@ static void print_json(const wp_config_t *config, const look_t *look)
         json_array_append_new(consumers, c);
     }
     json_object_set_new(root, "consumers", consumers);
+    json_t *sinks = json_array();
+    for (size_t i = 0; i < look->nsinks; i++) {
+        const wp_sink_look_t *k = &look->sinks[i];
+        json_t *o = json_object();
+        json_object_set_new(o, "name", json_string(k->sink));
+        json_object_set_new(o, "plugin", json_string(k->plugin));
+        json_object_set_new(o, "source", json_string(k->source));
+        json_object_set_new(o, "position_lsn", k->has_position ? lsn_json(k->lsn) : json_null());
+        json_object_set_new(o, "position_seq", int_or_null(k->has_position, k->seq));
+        json_object_set_new(o, "backlog_events", int_or_null(k->backlog >= 0, k->backlog));
+        json_object_set_new(o, "events_delivered", json_integer(k->delivered));
+        if (k->updated_unix > 0) {
+            format_time(k->updated_unix, when, sizeof when);
+            json_object_set_new(o, "updated_at", json_string(when));
+        } else {
+            json_object_set_new(o, "updated_at", json_null());
+        }
+        json_array_append_new(sinks, o);
+    }
+    json_object_set_new(root, "sinks", sinks);
     if (s->reachable) {
         json_object_set_new(root, "dead_letters",
                             json_pack("{sIsIsI}", "waiting", (json_int_t)s->dead_waiting, "parked",
@@ -236,6 +259,24 @@ static void print_table(const wp_config_t *config, const look_t *look)
     snprintf(a, sizeof a, "%lld", (long long)s->oldest_unprocessed);
     printf("%-16s %10lld %12s %9.1f  %s\n\n", "mirror", (long long)s->backlog_events,
            s->oldest_unprocessed >= 0 ? a : "-", s->consumer_lag_seconds, s->last_error[0] ? s->last_error : "-");
+    if (look->nsinks > 0) {
+        printf("%-16s %-10s %-16s %18s %10s %12s  %s\n", "SINK", "PLUGIN", "SOURCE", "POSITION", "BACKLOG",
+               "DELIVERED", "UPDATED");
+        for (size_t i = 0; i < look->nsinks; i++) {
+            const wp_sink_look_t *k = &look->sinks[i];
+            char lsn[WP_LSN_STRLEN], pos[40], backlog[24], updated[32] = "-";
+            if (k->has_position)
+                snprintf(pos, sizeof pos, "%s/%d", wp_lsn_format(k->lsn, lsn), k->seq);
+            else
+                snprintf(pos, sizeof pos, "-");
+            snprintf(backlog, sizeof backlog, "%lld", k->backlog);
+            if (k->updated_unix > 0)
+                format_time(k->updated_unix, updated, sizeof updated);
+            printf("%-16s %-10s %-16s %18s %10s %12lld  %s\n", k->sink, k->plugin, k->source, pos,
+                   k->backlog >= 0 ? backlog : "-", k->delivered, updated);
+        }
+        printf("\n");
+    }
     printf("dead letters: %lld waiting, %lld parked, %lld undecodable\n", (long long)s->dead_waiting,
            (long long)s->dead_parked, (long long)s->dead_undecodable);
     printf("diverged mirrors: %lld (%lld open divergences)\n", s->diverged_mirrors, s->divergences_open);
@@ -258,6 +299,16 @@ static void take_look(const wp_config_t *config, look_t *look)
         snprintf(look->staging.error, sizeof look->staging.error, "%s", err);
         look->all_up = false;
     }
+    look->nsinks = 0;
+    for (size_t i = 0; look->staging.reachable && i < config->nsinks; i++) {
+        for (size_t k = 0; k < wp_sink_nsources(config, i); k++) {
+            if (wp_sink_look(staging, config, i, k, &look->sinks[look->nsinks], err, sizeof err) != 0) {
+                look->all_up = false;
+                continue;
+            }
+            look->nsinks++;
+        }
+    }
     for (size_t i = 0; i < config->nsources; i++) {
         PGconn *src = NULL;
         if (wp_probe_source(&config->sources[i], &src, look->staging.reachable ? staging : NULL,
@@ -273,6 +324,10 @@ int wp_status_command(const wp_config_t *config, bool json, long watch_seconds)
     look_t look;
     memset(&look, 0, sizeof look);
     look.sources = wp_calloc(config->nsources ? config->nsources : 1, sizeof *look.sources);
+    size_t pairs = 0;
+    for (size_t i = 0; i < config->nsinks; i++)
+        pairs += wp_sink_nsources(config, i);
+    look.sinks = wp_calloc(pairs ? pairs : 1, sizeof *look.sinks);
     for (;;) {
         take_look(config, &look);
         if (json)
@@ -293,5 +348,6 @@ int wp_status_command(const wp_config_t *config, bool json, long watch_seconds)
             printf("\n");
     }
     free(look.sources);
+    free(look.sinks);
     return look.all_up ? WP_EXIT_OK : WP_EXIT_FATAL;
 }

@@ -396,6 +396,17 @@ int wp_feed_read(wp_feed_t *feed, PGconn *conn, const wp_sink_pos_t *after, wp_l
     return rc;
 }
 
+int wp_feed_index_ready(PGconn *conn)
+{
+    PGresult *res = query(conn, "SELECT to_regclass('walpipe.raw_events_source_order') IS NOT NULL", 0, NULL,
+                          "look for the index sinks read by");
+    if (res == NULL)
+        return -1;
+    int ready = PQgetvalue(res, 0, 0)[0] == 't' ? 1 : 0;
+    PQclear(res);
+    return ready;
+}
+
 long long wp_feed_backlog(PGconn *conn, const char *source, const wp_sink_pos_t *after)
 {
     char lsn[WP_LSN_STRLEN], seq[16], id[24];

@@ -43,7 +43,7 @@
 #include "sink.h"
 
 #define BACKOFF_MIN_MS 500
-#define BACKOFF_MAX_MS 30000
+#define BACKOFF_MAX_MS 10000 /* reopening a plugin is cheap; a sink back up resumes within 10 s */
 #define IDLE_WAIT_MS 1000
 #define BUSY_POLL_MS 50      /* poll timeout while events wait to become durable */
 #define FLUSH_MS 5000        /* a stopping sink waits this long for its plugin */
@@ -156,6 +156,7 @@ static int load_positions(sink_t *k)
             char l[WP_LSN_STRLEN];
             src->loaded = true;
             src->read = src->durable;
+            wp_metric_set(src->m_pos, (double)src->durable.lsn);
             wp_info("source \"%s\": from position %s/%d/%lld", src->name, wp_lsn_format(src->durable.lsn, l),
                     src->durable.seq, (long long)src->durable.id);
         }
@@ -228,10 +229,15 @@ static void end_session(sink_t *k)
         k->sources[s].read = k->sources[s].durable;
 }
 
-static void stats(sink_t *k, int64_t *last_ms, unsigned long long *last_delivered)
+/*
+ * Every STATS_MS: the backlog gauge and a progress line.  Counting a backlog
+ * scans the index from the position, so a sink far behind counts less often
+ * (20 times the count's own duration apart): a sink must not load staging.
+ */
+static void stats(sink_t *k, int64_t *last_ms, int64_t *next_ms, unsigned long long *last_delivered)
 {
     int64_t now = wp_now_ms();
-    if (now - *last_ms < STATS_MS || k->conn == NULL)
+    if (now < *next_ms || k->conn == NULL)
         return;
     long long backlog = 0;
     for (size_t s = 0; s < k->nsources; s++) {
@@ -241,11 +247,26 @@ static void stats(sink_t *k, int64_t *last_ms, unsigned long long *last_delivere
             backlog += n;
         }
     }
+    int64_t took = wp_now_ms() - now;
     if (k->delivered != *last_delivered || backlog > 0)
         wp_info("delivered %llu events (%.0f/s), %lld behind", k->delivered,
                 (double)(k->delivered - *last_delivered) * 1000.0 / (double)(now - *last_ms), backlog);
     *last_ms = now;
+    *next_ms = now + (took * 20 > STATS_MS ? took * 20 : STATS_MS);
     *last_delivered = k->delivered;
+}
+
+/* True when staging has the index sinks read by; says once that `walpipe init` makes it. */
+static bool index_ready(sink_t *k, bool *told)
+{
+    int ready = wp_feed_index_ready(k->conn);
+    if (ready == 0 && !*told) {
+        wp_error("staging has no index for sinks to read by (walpipe.raw_events_source_order); the sink waits: run "
+                 "`walpipe init --config %s`, which creates it for a configuration with [sink] sections",
+                 k->config->path ? k->config->path : "FILE");
+        *told = true;
+    }
+    return ready == 1;
 }
 
 /* Takes the sink's lock in staging: true when held, false when another process holds it (or an error). */
@@ -272,9 +293,9 @@ static void *sink_main(void *arg)
     sink_t *k = arg;
     char name[96], appname[96], err[WP_ERRLEN];
     int backoff = BACKOFF_MIN_MS;
-    int64_t last_stats = wp_now_ms();
+    int64_t last_stats = wp_now_ms(), next_stats = last_stats + STATS_MS;
     unsigned long long last_delivered = 0;
-    bool told_locked = false;
+    bool told_locked = false, told_index = false;
     int batch = k->sc->batch_events;
 
     snprintf(name, sizeof name, "sink %s", k->sc->name);
@@ -284,9 +305,9 @@ static void *sink_main(void *arg)
 
     while (!stopping(k)) {
         if (k->conn == NULL) {
-            if (wp_pg_connect_staging(k->config, appname, NULL, true, &k->conn) != WP_STAGING_OK ||
+            if (wp_pg_connect_staging(k->config, appname, WP_FEED_PG_OPTIONS, true, &k->conn) != WP_STAGING_OK ||
                 wp_pg_exec(k->conn, "staging", "LISTEN walpipe_raw_events", "listen for new events") != 0 ||
-                !lock_sink(k, &told_locked) || load_positions(k) != 0) {
+                !index_ready(k, &told_index) || !lock_sink(k, &told_locked) || load_positions(k) != 0) {
                 close_conn(k);
                 sleep_ms(k, backoff);
                 backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
@@ -295,6 +316,7 @@ static void *sink_main(void *arg)
             told_locked = false;
             save_positions(k); /* what became durable while staging was away */
         }
+        stats(k, &last_stats, &next_stats, &last_delivered); /* also while the plugin is down */
         if (!wp_session_is_open(k->session)) {
             int rc = wp_session_open(k->session, err, sizeof err);
             if (rc == WP_SINK_FATAL) {
@@ -346,6 +368,7 @@ static void *sink_main(void *arg)
         } else if (rc == WP_SINK_FATAL) {
             wp_error("sink \"%s\" stopped: %s", k->sc->name, err);
             atomic_store(&k->fatal, 1);
+            end_session(k); /* no flush: the plugin refused; what it made durable before is saved below */
             break;
         } else {
             wp_warn("%s; delivering again from the durable position in %d ms", err, backoff);
@@ -361,7 +384,6 @@ static void *sink_main(void *arg)
             backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
             continue;
         }
-        stats(k, &last_stats, &last_delivered);
         if (!read_any && wp_session_pending(k->session) == 0)
             wait_notify(k, IDLE_WAIT_MS);
     }
@@ -373,7 +395,7 @@ static void *sink_main(void *arg)
         wp_session_close(k->session);
     }
     if (k->conn == NULL)
-        wp_pg_connect_staging(k->config, appname, NULL, false, &k->conn);
+        wp_pg_connect_staging(k->config, appname, WP_FEED_PG_OPTIONS, false, &k->conn);
     if (save_positions(k) == 0)
         wp_info("stopped after delivering %llu events", k->delivered);
     else
@@ -395,16 +417,60 @@ static void sink_free(sink_t *k)
     wp_plugin_unload(k->lib);
 }
 
+size_t wp_sink_nsources(const wp_config_t *config, size_t i)
+{
+    return config->sinks[i].sources ? config->sinks[i].nsources : config->nsources;
+}
+
+const char *wp_sink_source(const wp_config_t *config, size_t i, size_t k)
+{
+    return config->sinks[i].sources ? config->sinks[i].sources[k] : config->sources[k].name;
+}
+
+int wp_sink_look(PGconn *conn, const wp_config_t *config, size_t i, size_t k, wp_sink_look_t *out, char *err,
+                 size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    out->sink = config->sinks[i].name;
+    out->plugin = config->sinks[i].plugin;
+    out->source = wp_sink_source(config, i, k);
+    out->backlog = -1;
+    const char *params[] = {out->sink, out->source};
+    PGresult *res = PQexecParams(conn,
+                                 "SELECT lsn::text, seq, event_id, events_delivered, extract(epoch FROM updated_at) "
+                                 "FROM walpipe.sink_positions WHERE sink = $1 AND source = $2",
+                                 2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(err, errlen, "could not read the position of sink \"%s\": %s", out->sink, PQerrorMessage(conn));
+        PQclear(res);
+        return -1;
+    }
+    wp_sink_pos_t pos = WP_SINK_POS_START;
+    if (PQntuples(res) == 1) {
+        out->has_position = true;
+        wp_lsn_parse(PQgetvalue(res, 0, 0), strlen(PQgetvalue(res, 0, 0)), &pos.lsn);
+        pos.seq = (int32_t)strtol(PQgetvalue(res, 0, 1), NULL, 10);
+        pos.id = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+        out->lsn = pos.lsn;
+        out->seq = pos.seq;
+        out->delivered = strtoll(PQgetvalue(res, 0, 3), NULL, 10);
+        out->updated_unix = strtod(PQgetvalue(res, 0, 4), NULL);
+    }
+    PQclear(res);
+    out->backlog = wp_feed_backlog(conn, out->source, &pos);
+    return 0;
+}
+
 /* The sources of sc (its list, or every configured source), with their feeds and metrics. */
 static void sink_sources(sink_t *k)
 {
     const wp_sink_config_t *sc = k->sc;
-    size_t n = sc->sources ? sc->nsources : k->config->nsources;
+    size_t n = wp_sink_nsources(k->config, (size_t)(sc - k->config->sinks));
     k->sources = wp_calloc(n ? n : 1, sizeof *k->sources);
     k->nsources = n;
     for (size_t i = 0; i < n; i++) {
         sink_source_t *s = &k->sources[i];
-        s->name = sc->sources ? sc->sources[i] : k->config->sources[i].name;
+        s->name = wp_sink_source(k->config, (size_t)(sc - k->config->sinks), i);
         s->feed = wp_feed_create(s->name, sc->tables, sc->ntables);
         s->durable = s->read = WP_SINK_POS_START;
         s->m_events = wp_metric(WP_METRIC_COUNTER, "walpipe_sink_events_total",

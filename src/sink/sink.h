@@ -11,6 +11,7 @@
 
 #include "wp_setup.h"
 
+#include <libpq-fe.h>
 #include <walpipe/lsn.h>
 
 #include "config.h"
@@ -29,6 +30,27 @@ void wp_sinks_wait(wp_sinks_t *sinks);
 
 /* Stops the sinks (each flushes, saves its position and closes); -1 if one stopped on a fatal error. NULL ok. */
 int wp_sinks_stop(wp_sinks_t *sinks);
+
+/* What `walpipe status` shows of one sink and one of its sources. */
+typedef struct wp_sink_look {
+    const char *sink;       /* borrowed from the configuration */
+    const char *plugin;
+    const char *source;
+    bool has_position;      /* false: the sink has not delivered anything of this source yet */
+    wp_lsn_t lsn;           /* the position: last durable event's lsn ... */
+    int seq;                /* ... and raw seq */
+    long long delivered;    /* events delivered (durable) over the sink's life */
+    long long backlog;      /* events still to deliver; -1 unknown */
+    double updated_unix;    /* when the position was last written; 0 never */
+} wp_sink_look_t;
+
+/* The sources of sink number i of config: their count, and each one's name. */
+size_t wp_sink_nsources(const wp_config_t *config, size_t i);
+const char *wp_sink_source(const wp_config_t *config, size_t i, size_t k);
+
+/* Reads sink i's position and backlog for its source number k on staging; 0, or -1 with err filled. */
+int wp_sink_look(PGconn *conn, const wp_config_t *config, size_t i, size_t k, wp_sink_look_t *out, char *err,
+                 size_t errlen);
 
 /* `walpipe replay`: what to deliver again. */
 typedef struct wp_replay_opts {

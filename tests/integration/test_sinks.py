@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg2
@@ -205,3 +206,255 @@ def test_jsonl_exactly_once_in_order_across_sigkills(source_pg, staging_pg, walp
     pos = staging_pg.sql("SELECT lsn::text, events_delivered FROM walpipe.sink_positions WHERE sink = 'j' "
                          "AND source = 'app'", dbname="staging")
     assert pos[0][0] == lines[-1]["lsn"]
+
+
+# --------------------------------------------------------------------------
+# the jsonl plugin's tail: redelivered events are skipped, a torn line is cut; the initial snapshot
+
+def test_jsonl_skips_what_its_file_holds_and_sees_the_initial_snapshot(source_pg, staging_pg, walpipe_factory,
+                                                                       tmp_path):
+    source_pg.createdb("app")
+    source_pg.sql(SCHEMA + "INSERT INTO t1 (v) SELECT 'old' || g FROM generate_series(1, 250) g;"
+                  "INSERT INTO t2 (w) SELECT 'old' FROM generate_series(1, 30) g;", dbname="app")
+    out = tmp_path / "events.jsonl"
+    # walpipe creates the slot: the rows above come as the initial snapshot
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out, "batch_events": 64}})
+    wait_until(lambda: staging_pg.scalar("SELECT snapshot_state = 'done' FROM walpipe.checkpoints",
+                                         dbname="staging"), timeout=120, what="the initial snapshot", walpipe=w)
+    for i in range(20):
+        source_pg.sql(f"INSERT INTO t1 (v) VALUES ('new{i}'); UPDATE t2 SET w = 'u' WHERE id = {i + 1}", dbname="app")
+    wait_caught_up(source_pg, w)
+    total = len(staged(staging_pg))
+    assert total == 250 + 30 + 40
+    wait_until(lambda: count_lines(out) >= total, timeout=120, what=f"{total} events in the file", walpipe=w)
+    assert w.stop() == 0
+    lines = read_jsonl(out)
+    assert as_rows(lines) == staged(staging_pg)
+    snap = [e for e in lines if e["op"] == "snapshot"]
+    assert len(snap) == 280 and [e["seq"] for e in snap] == list(range(1, 281))
+    assert len({e["lsn"] for e in snap}) == 1 and lines[:280] == snap  # one transaction, before the stream
+
+    # a requested snapshot (a resync) while the sink streams: staged, but not delivered (README "Sinks")
+    w.start()
+    r = w.command("snapshot", "--source", "app", "--table", "public.t2", timeout=120)
+    assert r.returncode == 0, r.stderr
+    source_pg.sql("INSERT INTO t1 (v) VALUES ('after the resync')", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE event_type = 'snapshot' AND lsn > %s",
+                             (snap[0]["lsn"],), dbname="staging") == 30
+    assert staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE seq = -1", dbname="staging") == 1
+    total = len(staged(staging_pg))
+    wait_until(lambda: count_lines(out) >= total, timeout=120, what=f"{total} events in the file", walpipe=w)
+    assert w.stop() == 0
+    lines = read_jsonl(out)
+    assert as_rows(lines) == staged(staging_pg)
+    assert lines[-1]["payload"]["after"]["v"] == "after the resync"
+    assert sum(1 for e in lines if e["op"] == "snapshot") == 280
+    before = out.read_bytes()
+
+    # the position forgotten: everything is delivered again, and all of it is already in the file;
+    # a crash's torn last line is cut off first
+    staging_pg.sql("UPDATE walpipe.sink_positions SET lsn = '0/0', seq = -2147483648, event_id = 0",
+                   dbname="staging")
+    with open(out, "a") as f:
+        f.write('{"source":"app","lsn":"0/')
+    w.start(subcommand="sink")
+    last = lines[-1]["lsn"]
+    wait_until(lambda: staging_pg.scalar("SELECT lsn::text FROM walpipe.sink_positions WHERE sink = 'j'",
+                                         dbname="staging") == last,
+               timeout=120, what="the position to come back to the end", walpipe=w)
+    assert w.stop() == 0
+    assert out.read_bytes() == before
+    assert "cut a torn last line" in w.log(since_start=True)
+
+
+# --------------------------------------------------------------------------
+# (d) a plugin that is not there, a key nobody knows
+
+def test_missing_plugin_and_unknown_key_are_refused_clearly(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    w = start(walpipe_factory, staging_pg, source_pg, {"k": {"plugin": "nosuch"}}, run=False)
+    for cmd in ("run", "sink"):
+        w.start(subcommand=cmd)
+        assert w.wait_exit(60) == 2
+        log = w.log(since_start=True)
+        assert 'no plugin "nosuch" (walpipe_sink_nosuch.so) in ' in log, log
+        assert "build it (plugins/nosuch/" in log
+    conf = w.config_path.read_text().replace("plugin = nosuch", f"plugin = jsonl\npath = {tmp_path}/x.jsonl\n"
+                                             "rotate_byte = 10")
+    w.config_path.write_text(conf)
+    w.start(subcommand="sink")
+    assert w.wait_exit(60) == 2
+    log = w.log(since_start=True)
+    assert 'unknown key "rotate_byte" in [sink k] (plugin jsonl); valid keys are: ' in log, log
+    assert "rotate_bytes" in log
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+# --------------------------------------------------------------------------
+# (b) a sink down while staging and the mirrors go on
+
+def metric(port, series):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def sink_status(w):
+    r = w.command("status", "--json")
+    doc = json.loads(r.stdout)
+    return {(s["name"], s["source"]): s for s in doc["sinks"]}
+
+
+def test_sink_down_then_catches_up_while_staging_and_mirrors_go_on(source_pg, staging_pg, walpipe_factory, tmp_path):
+    down_s = 60 if LONG else 20
+    setup_source(source_pg, schema=SCHEMA)
+    out = tmp_path / "later" / "events.jsonl"  # the directory does not exist yet: the sink is down
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out}}, workers=1, run=False)
+    port = wptest.free_port()
+    with open(w.config_path, "a") as f:
+        f.write(f"\n[metrics]\nlisten = {port}\n")
+    w.start()
+    writers = Writers(source_pg).start()
+    try:
+        wait_until(lambda: "does not exist; create it" in w.log(), timeout=60, what="the sink to say it is down",
+                   walpipe=w)
+        wait_until(lambda: metric(port, 'walpipe_sink_lag_events{sink="j",source="app"}') > 0, timeout=60,
+                   what="the sink's backlog gauge", walpipe=w)
+        t0 = time.monotonic()
+        staged0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
+        mirror0 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE processed", dbname="staging")
+        backlogs = []
+        while time.monotonic() - t0 < down_s:
+            st = sink_status(w)[("j", "app")]
+            assert st["position_lsn"] is None and st["events_delivered"] == 0
+            backlogs.append(st["backlog_events"])
+            time.sleep(2)
+        staged1 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
+        mirror1 = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events WHERE processed", dbname="staging")
+        # staging and the mirror went on the whole time, and the backlog grew
+        assert staged1 > staged0 + 100 and mirror1 > mirror0 + 100, (staged0, staged1, mirror0, mirror1)
+        assert backlogs[-1] > backlogs[0] > 0, backlogs
+        assert w.running
+        out.parent.mkdir()
+        wait_until(lambda: sink_status(w)[("j", "app")]["events_delivered"] > 0, timeout=90,
+                   what="the sink to deliver once its directory is there", walpipe=w)
+    finally:
+        writers.stop()
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: sink_status(w)[("j", "app")]["backlog_events"] == 0, timeout=120,
+               what="the sink's backlog to drain", walpipe=w)
+    assert metric(port, 'walpipe_sink_lag_events{sink="j",source="app"}') >= 0
+    assert metric(port, 'walpipe_sink_up{sink="j"}') == 1
+    assert metric(port, 'walpipe_sink_events_total{sink="j",source="app"}') > 0
+    assert w.stop() == 0
+    assert as_rows(read_jsonl(out)) == staged(staging_pg)
+    text = w.log()
+    assert "sink j" in text and "delivering again" not in text  # down at open: it never delivered half
+
+
+# --------------------------------------------------------------------------
+# (c) replay
+
+def test_replay_delivers_exactly_the_range_in_order(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    out = tmp_path / "events.jsonl"
+    w = start(walpipe_factory, staging_pg, source_pg, {"j": {"path": out, "batch_events": 50}})
+    writers = Writers(source_pg).start()
+    try:
+        wait_until(lambda: count_lines(out) > 600, timeout=120, what="600 events in the file", walpipe=w)
+        events = staged(staging_pg)
+        lo, hi = events[100][1], events[400][1]
+        # while `run` goes on streaming into the same file
+        r = w.command("replay", "--sink", "j", "--source", "app", "--from", lo, "--to", hi)
+        assert r.returncode == 0, r.stderr
+        assert "replay done: " in r.stderr
+        # a time: the first event committed at or after it
+        ts = staging_pg.scalar("SELECT commit_ts::text FROM walpipe.raw_events WHERE lsn = %s::pg_lsn LIMIT 1",
+                               (events[500][1],), dbname="staging")
+        r = w.command("replay", "--sink", "j", "--source", "app", "--from-time", ts, "--to", events[550][1],
+                      "--table", "public.t2")
+        assert r.returncode == 0, r.stderr
+    finally:
+        writers.stop()
+    wait_caught_up(source_pg, w)
+    total = len(staged(staging_pg))
+    lines = read_jsonl(out)
+    wait_until(lambda: sum(1 for e in read_jsonl(out) if not e.get("replay")) >= total, timeout=120,
+               what="the stream to be delivered", walpipe=w)
+    lines = read_jsonl(out)
+    stream = [e for e in lines if not e.get("replay")]
+    replayed = [e for e in lines if e.get("replay")]
+    assert as_rows(stream) == staged(staging_pg)  # the replay moved nothing of the stream
+    want1 = staged(staging_pg, f"AND r.lsn BETWEEN '{lo}' AND '{hi}'")
+    want2 = staged(staging_pg, f"AND r.lsn >= (SELECT min(lsn) FROM walpipe.raw_events WHERE commit_ts >= '{ts}') "
+                               f"AND r.lsn <= '{events[550][1]}' AND r.table_name = 't2'")
+    assert len(want1) >= 300 and want1[0][1] == lo and want1[-1][1] == hi
+    assert want2 and all(e[5] == "t2" for e in want2)
+    assert as_rows(replayed) == want1 + want2
+
+    # the replay did not move the position, and a range staging no longer holds is refused
+    assert w.stop() == 0
+    pos = staging_pg.sql("SELECT * FROM walpipe.sink_positions", dbname="staging")
+    r = w.command("replay", "--sink", "j", "--source", "app", "--from", "0/1", "--to", hi)
+    assert r.returncode == 1
+    oldest = staged(staging_pg)[0][1]
+    assert f"--from 0/1 is older than what staging still holds of source \"app\": its oldest event is at lsn " \
+           f"{oldest}, committed " in r.stderr, r.stderr
+    r = w.command("replay", "--sink", "j", "--source", "app", "--from-time", "2000-01-01 00:00:00+00")
+    assert r.returncode == 1 and "older than what staging still holds" in r.stderr, r.stderr
+    r = w.command("replay", "--sink", "j", "--source", "app", "--from", lo)
+    assert r.returncode == 0, r.stderr
+    assert staging_pg.sql("SELECT * FROM walpipe.sink_positions", dbname="staging") == pos
+
+
+# --------------------------------------------------------------------------
+# the ordered read walks the index (made by `walpipe init` for a configuration with sinks), also before the
+# day's partition has statistics
+
+@pytest.mark.staging_settings(autovacuum="off")
+def test_sink_reads_walk_the_index_without_statistics(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    w = start(walpipe_factory, staging_pg, source_pg, {})
+    source_pg.sql("INSERT INTO t1 (v) SELECT 'r' || g FROM generate_series(1, 20000) g", dbname="app")
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    n = staging_pg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname="staging")
+    assert n == 20000
+    assert not staging_pg.scalar("SELECT bool_or(last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL) FROM "
+                                 "pg_stat_user_tables WHERE relname LIKE 'raw_events%'", dbname="staging")
+    out = tmp_path / "events.jsonl"
+    sink_config(w, "j", path=out, batch_events=100)
+    # staging initialized without sinks has no index for them: the sink waits for `walpipe init`
+    w.start(subcommand="sink")
+    wait_until(lambda: "staging has no index for sinks to read by" in w.log(since_start=True), timeout=60,
+               what="the sink to ask for walpipe init", walpipe=w)
+    r = w.init()
+    assert r.returncode == 0, r.stderr
+    assert "creating the index sinks read by" in r.stderr
+    wait_until(lambda: staging_pg.scalar("SELECT events_delivered FROM walpipe.sink_positions", dbname="staging")
+               == n, timeout=300, what="the sink to drain 20 000 events", walpipe=w)
+    assert w.stop() == 0
+    # every batch reads its 100 entries of the index (and the count of the backlog walks it now and then);
+    # a bitmap scan and sort of everything after the position would read ~n * n / 200 = 2 000 000
+    read = staging_pg.scalar("SELECT sum(idx_tup_read) FROM pg_stat_user_indexes "
+                             "WHERE indexrelname LIKE 'raw_events%source_lsn_seq_id_idx'", dbname="staging")
+    assert read < 10 * n, read
+    assert count_lines(out) == n
+
+
+def test_fatal_plugin_error_stops_that_sink_only(source_pg, staging_pg, walpipe_factory, tmp_path):
+    setup_source(source_pg, schema=SCHEMA)
+    good = tmp_path / "good.jsonl"
+    w = start(walpipe_factory, staging_pg, source_pg,
+              {"bad": {"path": tmp_path / "bad.jsonl", "fsync": "sometimes"}, "good": {"path": good}})
+    wait_until(lambda: 'sink "bad" stopped: fsync of [sink bad] must be on or off' in w.log(), timeout=60,
+               what="the bad sink to stop with its reason", walpipe=w)
+    source_pg.sql("INSERT INTO t1 (v) SELECT 'x' FROM generate_series(1, 50)", dbname="app")
+    wait_caught_up(source_pg, w)
+    wait_until(lambda: count_lines(good) == 50, timeout=60, what="the good sink to deliver", walpipe=w)
+    assert w.running
+    assert w.stop() == 1  # `run` says one of its parts ended on an error ... after finishing everything else
+    assert not (tmp_path / "bad.jsonl").exists()

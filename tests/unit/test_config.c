@@ -347,8 +347,8 @@ static void test_section_errors(void **state)
 {
     (void)state;
     expect_error(STAGING "[stagin]\n" SOURCE, 3,
-                 "unknown section [stagin]; expected [walpipe], [staging], [workers], [metrics], [source NAME] or "
-                 "[table SOURCE.SCHEMA.TABLE]");
+                 "unknown section [stagin]; expected [walpipe], [staging], [workers], [metrics], [source NAME], "
+                 "[table SOURCE.SCHEMA.TABLE] or [sink NAME]");
     expect_error(STAGING "[sourceapp]\n" SOURCE, 3, "unknown section [sourceapp]");
     expect_error(STAGING "\n[source]\n" SOURCE, 4, "[source] needs a name");
     expect_error(STAGING "[source a.b]\n", 3, "invalid source name \"a.b\"");
@@ -627,6 +627,9 @@ static void test_example_file(void **state)
     assert_int_equal(c->sources[0].max_lag_bytes, 1024 * 1024 * 1024);
     assert_int_equal(c->sources[0].max_stall_seconds, 300);
     assert_int_equal(c->log_format, WP_LOG_FORMAT_TEXT);
+    assert_int_equal(c->nsinks, 1);
+    assert_string_equal(c->sinks[0].plugin, "jsonl");
+    assert_int_equal(c->sinks[0].nkeys, 3);
     wp_config_destroy(c);
 }
 
@@ -772,6 +775,57 @@ static void test_observe_keys(void **state)
     expect_error(STAGING SOURCE "[metrics]\n[metrics]\n", 6, "duplicate section [metrics]");
 }
 
+static void test_sinks(void **state)
+{
+    (void)state;
+    char err[WP_ERRLEN];
+    setenv("WP_TEST_SINK_TOKEN", "tok3n", 1);
+    wp_config_t *c = wp_config_parse_string(STAGING SOURCE "[source b]\nconninfo = host=b\n"
+                                            "[sink audit]\nplugin = jsonl\npath = /tmp/a.jsonl\n"
+                                            "[sink k]\nplugin = kafka\nsources = b, app\n"
+                                            "tables = public.orders, \"S\".\"T, x\"\nbatch_events = 50\n"
+                                            "plugin_dir = /opt/p\nbootstrap.servers = h:9092\ntoken = ${WP_TEST_SINK_TOKEN}\n",
+                                            "t.conf", err, sizeof err);
+    if (c == NULL)
+        fail_msg("%s", err);
+    assert_int_equal(c->nsinks, 2);
+    const wp_sink_config_t *a = &c->sinks[0], *k = &c->sinks[1];
+    assert_string_equal(a->name, "audit");
+    assert_string_equal(a->plugin, "jsonl");
+    assert_null(a->sources); /* every source */
+    assert_null(a->tables);  /* every table */
+    assert_int_equal(a->batch_events, 1000);
+    assert_null(a->plugin_dir);
+    assert_int_equal(a->nkeys, 1);
+    assert_string_equal(a->keys[0].key, "path");
+    assert_string_equal(a->keys[0].value, "/tmp/a.jsonl");
+    assert_int_equal(a->keys[0].line, 9);
+    assert_int_equal(k->nsources, 2);
+    assert_string_equal(k->sources[0], "b");
+    assert_string_equal(k->sources[1], "app");
+    assert_int_equal(k->ntables, 2);
+    assert_string_equal(k->tables[1].schema, "S");
+    assert_string_equal(k->tables[1].table, "T, x");
+    assert_int_equal(k->batch_events, 50);
+    assert_string_equal(k->plugin_dir, "/opt/p");
+    assert_int_equal(k->nkeys, 2);
+    assert_string_equal(k->keys[0].key, "bootstrap.servers");
+    assert_string_equal(k->keys[1].value, "tok3n"); /* ${VAR} expanded for the plugin */
+    wp_config_destroy(c);
+
+    expect_error(STAGING SOURCE "[sink a]\npath = x\n", 5, "[sink a] has no plugin; add plugin = jsonl");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = ../evil\n", 6, "plugin in [sink a] must be a plugin name");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = jsonl\nsources = app, nope\n", 7,
+                 "sources of [sink a] names \"nope\", which has no [source nope] section");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = jsonl\nsources = app, app\n", 7, "listed twice");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = jsonl\npath = x\npath = y\n", 8,
+                 "duplicate key \"path\" in [sink a] (first set at line 7)");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = jsonl\nPath = x\n", 7, "invalid key \"Path\" in [sink a]");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = jsonl\nbatch_events = 0\n", 7, "batch_events in [sink a]");
+    expect_error(STAGING SOURCE "[sink a]\nplugin = jsonl\n[sink a]\n", 7, "duplicate section [sink a]");
+    expect_error(STAGING SOURCE "[sink]\n", 5, "[sink] needs a name");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -783,6 +837,7 @@ int main(void)
         cmocka_unit_test(test_workers),       cmocka_unit_test(test_filters),
         cmocka_unit_test(test_log_format),
         cmocka_unit_test(test_observe_keys),
+        cmocka_unit_test(test_sinks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
