@@ -314,6 +314,9 @@ static int kafka_tail_consumer(kafka_session_t *s, char *err, size_t errlen)
     conf = rd_kafka_conf_new();
     if (kafka_conf_set(conf, "bootstrap.servers", brokers, err, errlen) ||
         kafka_conf_set(conf, "enable.partition.eof", "true", err, errlen) ||
+        /* a tail is a few records already there: no waiting for more, no prefetching ahead */
+        kafka_conf_set(conf, "fetch.wait.max.ms", "10", err, errlen) ||
+        kafka_conf_set(conf, "queued.max.messages.kbytes", "1024", err, errlen) ||
         kafka_conf_set(conf, "log_level", "4", err, errlen)) {
         rd_kafka_conf_destroy(conf);
         return -1;
