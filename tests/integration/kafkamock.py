@@ -119,6 +119,9 @@ class KafkaMock:
             assign = []
             for p in parts:
                 lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                if lo != 0:
+                    raise RuntimeError("%s [%d] starts at offset %d: the mock dropped old records (it keeps "
+                                       "5 MB per partition); create the topic with more partitions" % (topic, p, lo))
                 if hi > lo:
                     ends[p] = hi
                     assign.append(TopicPartition(topic, p, lo))
