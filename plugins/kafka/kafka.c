@@ -316,6 +316,8 @@ static int kafka_tail_consumer(kafka_session_t *s, char *err, size_t errlen)
         kafka_conf_set(conf, "enable.partition.eof", "true", err, errlen) ||
         /* a tail is a few records already there: no waiting for more, no prefetching ahead */
         kafka_conf_set(conf, "fetch.wait.max.ms", "10", err, errlen) ||
+        /* an offset gone (retention) is an error, not a silent jump to the end */
+        kafka_conf_set(conf, "auto.offset.reset", "error", err, errlen) ||
         kafka_conf_set(conf, "queued.max.messages.kbytes", "1024", err, errlen) ||
         kafka_conf_set(conf, "log_level", "4", err, errlen)) {
         rd_kafka_conf_destroy(conf);
@@ -408,9 +410,13 @@ static int kafka_read_tail(kafka_session_t *s, const char *source, const char *t
                 }
                 continue;
             }
-            if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF && m->offset >= end) {
                 rd_kafka_message_destroy(m);
                 break;
+            }
+            if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) { /* the end seen before the window's: not yet */
+                rd_kafka_message_destroy(m);
+                continue;
             }
             if (m->err) {
                 snprintf(err, errlen, "kafka: reading the tail of %s [%" PRId32 "]: %s", topic, part,
@@ -438,6 +444,12 @@ static int kafka_read_tail(kafka_session_t *s, const char *source, const char *t
             rd_kafka_message_destroy(m);
         }
         rd_kafka_consume_stop(rkt, part);
+        if (next < end) {
+            /* fail closed: a tail not read to its end must not pass for "nothing of this source" */
+            snprintf(err, errlen, "kafka: read %s [%" PRId32 "] only to offset %" PRId64 " of %" PRId64, topic, part,
+                     next, end);
+            goto out;
+        }
         end = start;
     }
     rc = 0;
