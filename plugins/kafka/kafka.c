@@ -643,7 +643,7 @@ static int kafka_wait_slot(kafka_session_t *s, char *err, size_t errlen)
 static int kafka_produce(kafka_session_t *s, const wp_sink_event_t *ev, kafka_topic_t *t, int32_t part,
                          const wp_dbz_record_t *r, int rec, uint64_t slot, char *err, size_t errlen)
 {
-    char lsn[32], seq[16], recs[8];
+    char lsn[32], seq[16], recs[16];
     rd_kafka_headers_t *h = rd_kafka_headers_new(6);
     rd_kafka_resp_err_t rerr;
     int waited = 0;
