@@ -177,14 +177,15 @@ static int kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *v
 
 static void kafka_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque);
 
-/* librdkafka's log lines go to the sink's log (syslog levels: 0..3 error, 4 warning, 5..6 info). */
+/* librdkafka's log lines go to the sink's log (syslog levels: 0..2 error; 3, a broker connection
+ * failing, which librdkafka retries on its own, and 4 warning; 5..6 info). */
 static void kafka_rdk_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     const kafka_session_t *s = rd_kafka_opaque(rk);
 
     if (!s)
         return;
-    kafka_log(s, level <= 3 ? WP_SINK_LOG_ERROR : level == 4 ? WP_SINK_LOG_WARN : level <= 6 ? WP_SINK_LOG_INFO
+    kafka_log(s, level <= 2 ? WP_SINK_LOG_ERROR : level <= 4 ? WP_SINK_LOG_WARN : level <= 6 ? WP_SINK_LOG_INFO
                                                                                               : WP_SINK_LOG_DEBUG,
               "librdkafka %s: %s", fac, buf);
 }
