@@ -37,9 +37,11 @@
  * tombstone; the three records of a key change may sit in two partitions and each is
  * judged by its own.  A key-less table's records all go to partition 0 in order, so the
  * same rule holds.  Replayed events (ev->replay) are never skipped and are marked, and a
- * tail is the last record NOT so marked.  What it assumes: the topic's partition count does
- * not change between sessions, and nobody else writes walpipe headers of this source into
- * its topics.  tests/integration/test_kafka.py proves it across SIGKILLs and broker outages.
+ * tail is the last record NOT so marked.  What it assumes: every delivery of an event carries
+ * the same key (ev->key_columns: a table whose key is not known yet must not be delivered
+ * key-less first and keyed later, or its records land in two partitions), the topic's
+ * partition count does not change between sessions, and nobody else writes walpipe headers of
+ * this source into its topics.  tests/integration/test_kafka.py proves it across SIGKILLs and broker outages.
  *
  * Ownership: the session (kafka_session_t) owns the producer, the tail consumer, the topic
  * table and the ring; event memory is the core's (copied by the encoder and librdkafka).
