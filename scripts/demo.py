@@ -10,12 +10,15 @@ walpipe first.  What it does:
   2. creates a sample schema on the source (customers, orders; sql/demo/);
   3. creates walpipe's replication slot, and a copy of it (demo_truth) that
      nobody but this script reads: the ground truth for the check at the end;
-  4. runs `walpipe init`, then `walpipe run` in the background;
+  4. starts the Kafka leg's broker, librdkafka's mock cluster (tools/kafka-mock;
+     --no-kafka leaves it out), and runs `walpipe init`, then `walpipe run` in
+     the background with a [sink kafka] (plugin = kafka);
   5. runs a pgbench workload for --seconds, with a 100 000-row import
      transaction in the middle and a few logical messages, showing progress;
   6. waits until walpipe has caught up, stops it with SIGTERM and compares
      walpipe.raw_events with what the demo_truth slot decodes, change by
-     change;
+     change; and reads the Kafka topics back with kcat: every source change
+     once, by the (lsn, seq) walpipe puts in each record's headers;
   7. removes the clusters (unless --keep).
 
 Exit status: 0 if every change is in staging exactly once and walpipe exited
@@ -198,9 +201,60 @@ def create_slots(source):
     step(f"slot {SLOT} (wal2json) created at {lsn}, and its copy {TRUTH_SLOT} for the final check")
 
 
-def start_walpipe(binary, source, staging, workdir):
+def start_kafka():
+    """The Kafka leg's broker: librdkafka's mock cluster (tools/kafka-mock) in its own process.
+    Returns (KafkaMock, the [sink kafka] section) or (None, why not)."""
+    try:
+        import kafkamock
+    except ImportError as e:
+        return None, f"python3-confluent-kafka missing ({e})"
+    if not kafkamock.mock_bin().exists() or not (kafkamock.plugin_dir() / "walpipe_sink_kafka.so").exists():
+        return None, "tools/kafka-mock or the kafka plugin is not built (librdkafka-dev missing?)"
+    mock = kafkamock.KafkaMock(3)
+    # the mock keeps the last 5 MB of each partition: enough partitions for the whole demo
+    for topic, parts in ((f"{SOURCE_NAME}.public.customers", 64), (f"{SOURCE_NAME}.public.orders", 64),
+                         (f"{SOURCE_NAME}.message", 8)):
+        mock.create(topic, parts)
+    step(f"Kafka: mock cluster of 3 brokers at {mock.bootstrap} (tools/kafka-mock)")
+    return mock, f"\n[sink kafka]\nplugin = kafka\nbrokers = {mock.bootstrap}\nschemas_enable = false\n"
+
+
+def kafka_caught_up(staging, timeout=120):
+    """Waits until the kafka sink's position reaches the last staged event; True if it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = staging.sql("SELECT (SELECT (lsn, seq) FROM walpipe.sink_positions WHERE sink = 'kafka' AND source = %s)"
+                           " >= (SELECT (lsn, seq) FROM walpipe.raw_events WHERE source = %s AND seq >= 0"
+                           "     ORDER BY lsn DESC, seq DESC LIMIT 1)", (SOURCE_NAME, SOURCE_NAME), dbname=STAGING_DB)
+        if rows and rows[0][0]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def kafka_read_back(mock):
+    """Counter of (lsn, seq) of the events kcat reads from the source's topics (record 1 of each
+    event: a delete's tombstone is record 2), and the number of records read."""
+    from kafkamock import identity
+    ids = collections.Counter()
+    records = 0
+    for topic in mock.topics():
+        if not topic.startswith(SOURCE_NAME + "."):
+            continue
+        for r in mock.read_kcat(topic):
+            records += 1
+            _, lsn, seq, rec = identity(r)
+            if rec == 1:
+                ids[(lsn_int(lsn), seq)] += 1
+    return ids, records
+
+
+def start_walpipe(binary, source, staging, workdir, extra=""):
     config = wptest.write_config(workdir / "walpipe.conf", staging.conninfo(STAGING_DB),
                                  {SOURCE_NAME: {"conninfo": source.conninfo(SOURCE_DB), "slot": SLOT}})
+    if extra:
+        with open(config, "a") as f:
+            f.write(extra)
     wp = wptest.Walpipe(config, workdir, binary=binary)
     r = wp.init()
     if r.returncode != 0:
@@ -444,6 +498,19 @@ def report(r):
             rows.append((label, f"{'per ' + what + ':':17}p50 {float(p50):,.0f} ms, p99 {float(p99):,.0f} ms, "
                                 f"max {float(pmax):,.0f} ms"))
             label = ""
+    kafka = r.get("kafka")
+    k_missing = k_doubled = 0
+    if kafka is not None:
+        if isinstance(kafka, str):
+            rows.append(("kafka leg", f"skipped: {kafka}"))
+        else:
+            want = collections.Counter({(lsn, seq): 1 for (lsn, seq, *_rest) in truth})
+            got, records = kafka["ids"], kafka["records"]
+            k_missing = sum((want - got).values())
+            k_doubled = sum(n - 1 for k, n in got.items() if n > 1)
+            rows.append(("kafka (kcat read back)", f"{num(sum(got.values()))} events in {num(records)} records: "
+                                                   f"{num(k_missing)} missing, {num(k_doubled)} doubled"
+                                                   + ("" if kafka["caught_up"] else "; sink did NOT catch up")))
     code = r["exit_code"]
     rows.append(("walpipe exit code", "none: did not stop within 30s of SIGTERM, killed" if code is None
                  else f"{code} (killed by signal {-code})" if code < 0
@@ -471,15 +538,17 @@ def report(r):
         say(f"            {payload}")
 
     ok = (n_missing == 0 and n_doubled == 0 and n_unexpected == 0 and r["exit_code"] == 0
-          and r["caught_up"] and sum(truth.values()) > 0)
+          and r["caught_up"] and sum(truth.values()) > 0 and k_missing == 0 and k_doubled == 0)
     say()
     if ok:
-        say(f"PASS: all {num(sum(truth.values()))} source changes are in staging exactly once, "
-            "and walpipe stopped cleanly.")
+        say(f"PASS: all {num(sum(truth.values()))} source changes are in staging exactly once"
+            + (" and in Kafka exactly once" if isinstance(kafka, dict) else "") + ", and walpipe stopped cleanly.")
     else:
         why = []
         if n_missing or n_doubled or n_unexpected:
             why.append(f"{num(n_missing)} missing, {num(n_doubled)} doubled, {num(n_unexpected)} unexpected")
+        if k_missing or k_doubled:
+            why.append(f"kafka: {num(k_missing)} missing, {num(k_doubled)} doubled")
         if r["exit_code"] is None:
             why.append("walpipe did not stop on SIGTERM")
         elif r["exit_code"] != 0:
@@ -531,6 +600,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the clusters running afterwards; print how to "
                                                         "connect")
     ap.add_argument("--walpipe", default=str(REPO / "build-demo" / "walpipe"), help="the walpipe binary")
+    ap.add_argument("--no-kafka", action="store_true", help="leave out the Kafka leg (mock broker, kafka sink)")
     args = ap.parse_args()
     if args.seconds < 2:
         ap.error("--seconds must be at least 2")
@@ -541,13 +611,20 @@ def main():
     signal.signal(signal.SIGTERM, on_sigterm)
 
     workdir = Path(tempfile.mkdtemp(prefix="walpipe-demo-"))
+    os.environ.setdefault("WALPIPE_BIN", str(binary))  # kafkamock finds the mock and plugins beside it
     clusters, wp, sampler, ok = [], None, None, False
+    mock, kafka = None, None
     try:
         source, staging = start_clusters()
         clusters = [source, staging]
         create_sample_schema(source)
         create_slots(source)
-        wp = start_walpipe(binary, source, staging, workdir)
+        sink = ""
+        if not args.no_kafka:
+            mock, sink = start_kafka()
+            if mock is None:
+                kafka, sink = sink, ""
+        wp = start_walpipe(binary, source, staging, workdir, sink)
         sampler = Sampler(source, staging, wp)
 
         pgbench, started = run_workload(source, sampler, wp, args.seconds)
@@ -556,6 +633,9 @@ def main():
         caught_up = wait_caught_up(sampler, wp, end_lsn, started)
         elapsed = time.monotonic() - started
 
+        if mock is not None:
+            step("waiting for the kafka sink to deliver every staged event")
+            kafka = {"caught_up": kafka_caught_up(staging)}
         hwm = proc_status_kb(wp.pid, "VmHWM") if wp.running else None
         step("stopping walpipe (SIGTERM)")
         try:
@@ -572,9 +652,12 @@ def main():
         wptest.drop_slot(source, SOURCE_DB, TRUTH_SLOT)
         staged, staged_types = staged_events(staging)
         latency, dead, examples = staging_stats(staging)
+        if mock is not None:
+            step("reading the Kafka topics back with kcat (a client walpipe did not write)")
+            kafka["ids"], kafka["records"] = kafka_read_back(mock)
         ok = report(dict(truth=truth, truth_types=truth_types, staged=staged, staged_types=staged_types,
                          latency=latency, dead=dead, examples=examples, elapsed=elapsed, pgbench=pgbench,
-                         hwm_kb=hwm, exit_code=exit_code, caught_up=caught_up, end_lsn=end_lsn))
+                         hwm_kb=hwm, exit_code=exit_code, caught_up=caught_up, end_lsn=end_lsn, kafka=kafka))
         if not ok and wp is not None:
             say()
             say(wp.log_tail(30))
@@ -596,6 +679,8 @@ def main():
             sampler.close()
         if wp is not None:
             wp.close()
+        if mock is not None:
+            mock.stop()
         if args.keep and len(clusters) == 2:
             keep_clusters(clusters, workdir)
         else:

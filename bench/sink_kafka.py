@@ -1,0 +1,64 @@
+#!/usr/bin/python3
+"""sink_kafka.py: the Kafka sink plugin's throughput beside `kcat -P` (the librdkafka ceiling).
+
+Against librdkafka's mock cluster (tools/kafka-mock, its own process, over TCP):
+  1. kafka_driver feeds the plugin N events (the core's delivery loop without PostgreSQL;
+     schemas_enable = false), timed from start until every event is reported durable;
+  2. the records it wrote are read back with kcat and written to a file (key TAB value);
+  3. `kcat -P` produces that file to a fresh topic of the same partition count with the same
+     guarantees (idempotence, acks=all), timed until it exits (it flushes).
+Prints both rates and the ratio (goal >= 0.8).  Not a test: nothing fails on speed.
+
+Usage (built tree in build/, or WALPIPE_BIN set):  bench/sink_kafka.py [N]
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
+import kafkamock  # noqa: E402
+from kafkamock import KafkaMock  # noqa: E402
+
+PARTITIONS = 32  # the mock keeps 5 MB per partition: room for the whole run
+
+
+def main():
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    work = Path(tempfile.mkdtemp(prefix="wp-kafkabench-"))
+    driver = kafkamock.build_dir() / "plugins" / "kafka" / "kafka_driver"
+    plugin = kafkamock.plugin_dir() / "walpipe_sink_kafka.so"
+    with KafkaMock(3, log_path=work / "mock.log") as mock:
+        for t in ("drv.public.t", "drv.public.nokey", "kcat.t"):
+            mock.create(t, PARTITIONS)
+        t0 = time.monotonic()
+        subprocess.run([str(driver), str(plugin), str(work / "state"), str(n), "-o", "brokers=" + mock.bootstrap,
+                        "-o", "schemas_enable=false"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=open(work / "driver.log", "w"))
+        t_plugin = time.monotonic() - t0
+        records = 0
+        size = 0
+        with open(work / "records.tsv", "wb") as f:
+            for t in ("drv.public.t", "drv.public.nokey"):
+                out = subprocess.run(["kcat", "-b", mock.bootstrap, "-C", "-t", t, "-e", "-q", "-f", "%k\t%s\n"],
+                                     check=True, capture_output=True).stdout
+                records += out.count(b"\n")
+                size += len(out)
+                f.write(out)
+        t0 = time.monotonic()
+        subprocess.run(["kcat", "-b", mock.bootstrap, "-P", "-t", "kcat.t", "-K", "\t", "-Z",
+                        "-X", "enable.idempotence=true", "-X", "linger.ms=5", "-l", str(work / "records.tsv")],
+                       check=True)
+        t_kcat = time.monotonic() - t0
+    print(f"events {n}, records {records}, {size / records:.0f} bytes/record, {PARTITIONS} partitions, mock cluster")
+    print(f"kafka plugin (via kafka_driver): {t_plugin:.2f} s, {records / t_plugin:,.0f} records/s")
+    print(f"kcat -P, same records:           {t_kcat:.2f} s, {records / t_kcat:,.0f} records/s")
+    print(f"ratio plugin/kcat: {t_kcat / t_plugin:.2f}  (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
