@@ -9,7 +9,8 @@
  *   walpipe status --config FILE [--json] [--watch SECONDS]
  *   walpipe check --config FILE [--json]
  *   walpipe sink --config FILE [--sink NAME]
- *   walpipe replay --config FILE --sink NAME --source S (--from LSN | --from-time TS) [--to LSN] [--table T]...
+ *   walpipe replay --config FILE (--sink NAME | --mirror) --source S (--from LSN | --from-time TS) [--to LSN]
+ *                  [--table T]...
  *
  * Signal handlers only call wp_stop_request(); each source notices it within
  * one poll interval, commits the batch in hand, acknowledges it and exits.
@@ -75,10 +76,11 @@ static void usage(FILE *out)
             "  walpipe sink --config FILE [--sink NAME]\n"
             "                               the [sink] sections only (all, or NAME): deliver staged events to their\n"
             "                               plugins (`run` runs them too)\n"
-            "  walpipe replay --config FILE --sink NAME --source S (--from LSN | --from-time TS) [--to LSN]\n"
-            "                [--table SCHEMA.TABLE]...\n"
+            "  walpipe replay --config FILE (--sink NAME | --mirror) --source S (--from LSN | --from-time TS)\n"
+            "                [--to LSN] [--table SCHEMA.TABLE]...\n"
             "                               deliver a staged range again, in order, through the sink's plugin (as a\n"
-            "                               replay); the sink's position does not move\n"
+            "                               replay; the sink's position does not move), or with --mirror hand it to\n"
+            "                               the transform workers to apply to the mirrors again\n"
             "  walpipe --help | --version\n"
             "\n"
             "Exit status: 0 stopped cleanly, 1 a source, staging or a sink needs a fix (see the log), 2 bad usage or\n"
@@ -233,6 +235,7 @@ int main(int argc, char **argv)
     int ntables = 0;
     const char *source_name = NULL;
     const char *sink_name = NULL, *from = NULL, *from_time = NULL, *to = NULL;
+    bool replay_mirror = false;
 
     /* first thing: a SIGTERM that arrives while the configuration loads still means "stop cleanly" */
     install_signals();
@@ -277,6 +280,8 @@ int main(int argc, char **argv)
                                 : strcmp(argv[i], "--from-time") == 0 ? &from_time
                                                                       : &to;
             *slot = argv[++i];
+        } else if (strcmp(argv[i], "--mirror") == 0) {
+            replay_mirror = true;
         } else if (strcmp(argv[i], "--source") == 0 || strcmp(argv[i], "--table") == 0) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "walpipe: %s needs a name\n", argv[i]);
@@ -346,12 +351,16 @@ int main(int argc, char **argv)
         fprintf(stderr, "walpipe: --from, --from-time and --to go with the replay command\n");
         goto out;
     }
+    if (replay_mirror && strcmp(command, "replay") != 0) {
+        fprintf(stderr, "walpipe: --mirror goes with the replay command\n");
+        goto out;
+    }
     wp_replay_opts_t ro = {.sink = sink_name, .source = source_name, .from_time = from_time,
-                           .tables = tables, .ntables = ntables};
+                           .tables = tables, .ntables = ntables, .mirror = replay_mirror};
     if (strcmp(command, "replay") == 0) {
-        if (sink_name == NULL || source_name == NULL || (from == NULL) == (from_time == NULL)) {
-            fprintf(stderr, "walpipe: replay needs --sink NAME, --source NAME and one of --from LSN or --from-time "
-                            "TIMESTAMP\n");
+        if ((sink_name == NULL) == !replay_mirror || source_name == NULL || (from == NULL) == (from_time == NULL)) {
+            fprintf(stderr, "walpipe: replay needs one of --sink NAME or --mirror, --source NAME and one of --from LSN "
+                            "or --from-time TIMESTAMP\n");
             goto out;
         }
         if ((from && !wp_lsn_parse(from, strlen(from), &ro.from)) || (to && !wp_lsn_parse(to, strlen(to), &ro.to))) {

@@ -1,5 +1,6 @@
 /*
- * replay.c: `walpipe replay`: a staged range delivered again through a sink's plugin.
+ * replay.c: `walpipe replay`: a staged range delivered again through a sink's plugin
+ * (or, with --mirror, handed to the transform workers to apply again).
  *
  * Job: resolve the range (--from LSN or the first event committed at or after
  * --from-time, up to --to or the newest event staged when the replay starts),
@@ -221,8 +222,102 @@ static int deliver_range(PGconn *conn, wp_session_t *session, wp_feed_t *feed, c
     return 1;
 }
 
+/* The --table texts into *tables (caller frees with wp_config_free_tables); false after saying why. */
+static bool parse_tables(const wp_replay_opts_t *opts, wp_table_ref_t **tables, size_t *ntables)
+{
+    char err[WP_ERRLEN];
+    for (int i = 0; i < opts->ntables; i++) {
+        wp_table_ref_t *one = NULL;
+        size_t none = 0;
+        if (wp_config_parse_tables(opts->tables[i], &one, &none, err, sizeof err) != 0) {
+            fprintf(stderr, "walpipe: --table %s: %s\n", opts->tables[i], err);
+            return false;
+        }
+        *tables = wp_realloc(*tables, (*ntables + none) * sizeof **tables);
+        memcpy(*tables + *ntables, one, none * sizeof *one);
+        *ntables += none;
+        free(one); /* the names moved to tables */
+    }
+    return true;
+}
+
+/*
+ * `walpipe replay --mirror`: the range's events, marked processed, are
+ * marked unprocessed again in one statement, so the transform workers claim
+ * and apply them once more.  Applying is an LSN-guarded max-merge (README,
+ * "Transform workers"): what a mirror already holds at that version or newer
+ * stays, and what it lost (rows deleted from it by hand, a mirror dropped and
+ * recreated) comes back.  Events parked in the dead-letter queue are left to
+ * `walpipe dlq retry`; messages are not applied to mirrors.
+ */
+static int replay_mirror(const wp_config_t *config, const wp_replay_opts_t *opts)
+{
+    PGconn *conn = NULL;
+    PGresult *res = NULL;
+    wp_table_ref_t *tables = NULL;
+    size_t ntables = 0;
+    wp_buf_t schemas = WP_BUF_INIT, names = WP_BUF_INIT;
+    char a[WP_LSN_STRLEN], b[WP_LSN_STRLEN];
+    int rc = WP_EXIT_CONFIG;
+
+    bool known = false;
+    for (size_t i = 0; i < config->nsources; i++)
+        known = known || strcmp(config->sources[i].name, opts->source) == 0;
+    if (!known) {
+        fprintf(stderr, "walpipe: %s has no [source %s] section\n", config->path, opts->source);
+        goto out;
+    }
+    if (!parse_tables(opts, &tables, &ntables))
+        goto out;
+    rc = WP_EXIT_FATAL;
+    wp_log_set_component("replay");
+    if (wp_pg_connect_staging(config, "walpipe_replay", NULL, true, &conn) != WP_STAGING_OK)
+        goto out;
+    wp_lsn_t from = 0, to = 0;
+    if (resolve_range(conn, opts, &from, &to) != 0)
+        goto out; /* refused (said why) or failed (logged) */
+    const char **s = wp_calloc(ntables + 1, sizeof *s), **t = wp_calloc(ntables + 1, sizeof *t);
+    for (size_t i = 0; i < ntables; i++) {
+        s[i] = tables[i].schema;
+        t[i] = tables[i].table;
+    }
+    wp_pg_text_array(&schemas, s, ntables);
+    wp_pg_text_array(&names, t, ntables);
+    free(s);
+    free(t);
+    const char *params[] = {opts->source, wp_lsn_format(from, a), wp_lsn_format(to, b),
+                            ntables ? schemas.data : NULL, ntables ? names.data : NULL};
+    res = PQexecParams(conn,
+                       "WITH r AS (UPDATE walpipe.raw_events e SET processed = false WHERE e.source = $1 AND "
+                       "e.lsn >= $2::pg_lsn AND e.lsn <= $3::pg_lsn AND e.processed AND e.event_type <> 'message' "
+                       "AND ($4::text[] IS NULL OR EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[]) AS w(s, n) "
+                       "WHERE w.s = e.schema_name AND w.n = e.table_name)) "
+                       "AND NOT EXISTS (SELECT 1 FROM walpipe.dead_letters d WHERE d.kind = 'apply' AND "
+                       "d.event_id = e.id) RETURNING 1) "
+                       "SELECT count(*), pg_notify('walpipe_raw_events', '') FROM r",
+                       5, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        wp_error("staging: could not hand the range to the transform workers again: %s", PQerrorMessage(conn));
+        goto out;
+    }
+    printf("%s staged events of source \"%s\" from %s to %s handed to the transform workers to apply again "
+           "(`walpipe run` or `walpipe work` applies them; the mirrors keep what is newer)\n",
+           PQgetvalue(res, 0, 0), opts->source, a, b);
+    rc = WP_EXIT_OK;
+out:
+    PQclear(res);
+    if (conn)
+        PQfinish(conn);
+    wp_buf_free(&schemas);
+    wp_buf_free(&names);
+    wp_config_free_tables(tables, ntables);
+    return rc;
+}
+
 int wp_replay_command(const wp_config_t *config, const wp_replay_opts_t *opts)
 {
+    if (opts->mirror)
+        return replay_mirror(config, opts);
     const wp_sink_config_t *sc = NULL;
     wp_plugin_t *lib = NULL;
     PGconn *conn = NULL;
@@ -249,20 +344,8 @@ int wp_replay_command(const wp_config_t *config, const wp_replay_opts_t *opts)
         fprintf(stderr, "walpipe: [sink %s] does not read source \"%s\"\n", sc->name, opts->source);
         goto out;
     }
-    for (int i = 0; i < opts->ntables; i++) {
-        wp_table_ref_t *one = NULL;
-        size_t none = 0;
-        if (wp_config_parse_tables(opts->tables[i], &one, &none, err, sizeof err) != 0) {
-            fprintf(stderr, "walpipe: --table %s: %s\n", opts->tables[i], err);
-            wp_config_free_tables(tables, ntables);
-            tables = NULL;
-            goto out;
-        }
-        tables = wp_realloc(tables, (ntables + none) * sizeof *tables);
-        memcpy(tables + ntables, one, none * sizeof *one);
-        ntables += none;
-        free(one); /* the names moved to tables */
-    }
+    if (!parse_tables(opts, &tables, &ntables))
+        goto out;
     lib = wp_plugin_load(config, sc, err, sizeof err);
     if (lib == NULL) {
         fprintf(stderr, "walpipe: %s\n", err);

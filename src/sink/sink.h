@@ -61,6 +61,7 @@ typedef struct wp_replay_opts {
     wp_lsn_t to;            /* up to this lsn, inclusive; 0 = the newest staged when replay starts */
     const char *const *tables; /* schema.table texts; NULL = the sink's tables */
     int ntables;
+    bool mirror;            /* --mirror: the transform workers apply the range again (no sink) */
 } wp_replay_opts_t;
 
 /* Runs `walpipe replay`; returns the process exit status. */
