@@ -9,7 +9,8 @@ What it does, as a user would on this machine:
      import), kept across runs on purpose; made only when missing.
   2. podman-compose build: the walpipe image (docker/Dockerfile, on that base) and the
      PostgreSQL 15 + wal2json image, twice (cold, then from the layer cache).
-  3. podman-compose up -d: source, staging and walpipe, on free ports.
+  3. podman-compose up -d: source, staging and walpipe (its Kafka sink to the entrypoint's stand-in
+     broker, read back with kcat), on free ports.
   4. A workload on the source (inserts, updates, deletes in several transactions); it waits
      until staging's walpipe.raw_events holds every change exactly once and the mirror
      analytics.public_orders equals the source table.
@@ -151,6 +152,22 @@ def scalar(port, dbname, password, query, params=None):
             return cur.fetchone()[0]
     finally:
         conn.close()
+
+
+def kafka_events(bootstrap, topic):
+    """What the container's Kafka sink wrote to topic, read back by kcat (a client walpipe did not
+    write): {(lsn, seq): [value is None, ...]} by the walpipe.lsn/walpipe.seq headers."""
+    r = subprocess.run(["kcat", "-b", bootstrap, "-C", "-t", topic, "-J", "-e", "-q"], capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        return {}  # the topic may not exist yet
+    events = {}
+    for line in r.stdout.splitlines():
+        m = json.loads(line)
+        h = m.get("headers") or []
+        hd = dict(zip(h[0::2], h[1::2]))
+        events.setdefault((hd["walpipe.lsn"], hd["walpipe.seq"]), []).append(m["payload"] is None)
+    return events
 
 
 def table_digest(port, dbname, password, table):
@@ -299,6 +316,19 @@ def test_compose_streams_into_staging(tmp_path, capsys, monkeypatch):
             raise AssertionError(f"{e}\nstaged: {last}\nwalpipe:\n{stack.logs('walpipe')}") from None
         assert scalar(stg_port, "staging", password, "SELECT count(*) FROM walpipe.dead_letters") == 0
         times["up -> rows in staging and mirror"] = time.monotonic() - t_up
+
+        # the Kafka sink (the entrypoint's stand-in broker, on the host network): every staged event
+        # once in app.public.orders, a delete followed by its tombstone
+        bootstrap = stack.podman("exec", stack.container("walpipe"), "cat", "/tmp/kafka-bootstrap").stdout.strip()
+        total = sum(expected.values())
+        try:
+            got = wait_until(lambda: (lambda e: e if len(e) == total else None)(
+                kafka_events(bootstrap, "app.public.orders")), timeout=DEADLINE, interval=1,
+                what=f"{total} events in Kafka")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nwalpipe:\n{stack.logs('walpipe')}") from None
+        assert sum(1 for recs in got.values() if recs == [False, True]) == deletes  # delete, then tombstone
+        assert all(recs in ([False], [False, True]) for recs in got.values()), "an event written twice"
 
         # 5. down, volumes too
         t = time.monotonic()

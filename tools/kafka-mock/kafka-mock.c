@@ -4,6 +4,11 @@
  * with the real protocol.  Test and demo tool; walpipe never links it.
  *
  *   kafka-mock [BROKERS]        (default 3 brokers)
+ *   kafka-mock --bootstrap-file FILE [BROKERS]
+ *                               writes the bootstrap address to FILE (whole, by a rename)
+ *                               instead of stdout, reads no commands and runs until
+ *                               SIGTERM/SIGINT: the container's stand-in broker
+ *                               (docker/walpipe-entrypoint.sh)
  *
  * stdout line 1 is the bootstrap address (host:port,host:port,...).  Then one command
  * per stdin line; each is answered with one stdout line, "ok" or "error: <why>", so a
@@ -21,6 +26,7 @@
  */
 #include <errno.h>
 #include <signal.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +90,12 @@ out:
 
 int main(int argc, char **argv)
 {
+    const char *bootstrap_file = NULL;
+    if (argc > 2 && strcmp(argv[1], "--bootstrap-file") == 0) {
+        bootstrap_file = argv[2];
+        argv += 2;
+        argc -= 2;
+    }
     int brokers = argc > 1 ? atoi(argv[1]) : 3;
     char errstr[512];
     char line[1024];
@@ -94,7 +106,7 @@ int main(int argc, char **argv)
     int rc = 1;
 
     if (brokers < 1 || brokers > 64) {
-        fprintf(stderr, "usage: kafka-mock [BROKERS 1..64]\n");
+        fprintf(stderr, "usage: kafka-mock [--bootstrap-file FILE] [BROKERS 1..64]\n");
         return 2;
     }
     memset(&sa, 0, sizeof sa);
@@ -114,6 +126,20 @@ int main(int argc, char **argv)
     mc = rd_kafka_mock_cluster_new(rk, brokers);
     if (!mc) {
         fprintf(stderr, "kafka-mock: could not create the mock cluster\n");
+        goto out;
+    }
+    if (bootstrap_file) {
+        char tmp[4096];
+        snprintf(tmp, sizeof tmp, "%s.tmp", bootstrap_file);
+        FILE *f = fopen(tmp, "w");
+        if (f == NULL || fprintf(f, "%s\n", rd_kafka_mock_cluster_bootstraps(mc)) < 0 || fclose(f) != 0 ||
+            rename(tmp, bootstrap_file) != 0) {
+            fprintf(stderr, "kafka-mock: could not write %s: %s\n", bootstrap_file, strerror(errno));
+            goto out;
+        }
+        while (!stop_requested)
+            pause(); /* returns on the signal */
+        rc = 0;
         goto out;
     }
     printf("%s\n", rd_kafka_mock_cluster_bootstraps(mc));
