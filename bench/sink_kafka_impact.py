@@ -76,11 +76,15 @@ class ImpactBench(bench.Bench):
         self.t_start = None
         self.sink_done_s = None
         self.run_no = 0
+        self.cur_wp = None
+        self.thread_cpu = {}
+        self.sink_backend_cpu = None
 
     def walpipe_for(self, stg_db, src_db, slot, name, plugin="wal2json"):
         self.run_no += 1
         wp = super().walpipe_for(stg_db, src_db, slot, f"{name}_{self.run_no}", plugin)
         self.cur_db = stg_db
+        self.cur_wp = wp
         if self.sink_prefix:
             self.mock.create(f"{self.sink_prefix}.public.orders", PARTITIONS)
             with open(wp.config_path, "a") as f:
@@ -99,12 +103,31 @@ class ImpactBench(bench.Bench):
         return None
 
     def stop_perf(self, p):
-        if not self.sink_prefix or sys.exc_info()[0] is not None:
+        if sys.exc_info()[0] is not None:
             return
-        total = self.stg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname=self.cur_db)
-        wptest.wait_until(lambda: delivered(self.stg, self.cur_db) >= total, timeout=600, interval=0.02,
-                          what="the kafka sink to deliver every staged event")
-        self.sink_done_s = time.monotonic() - self.t_start
+        if self.sink_prefix:
+            total = self.stg.scalar("SELECT count(*) FROM walpipe.raw_events", dbname=self.cur_db)
+            wptest.wait_until(lambda: delivered(self.stg, self.cur_db) >= total, timeout=600, interval=0.02,
+                              what="the kafka sink to deliver every staged event")
+            self.sink_done_s = time.monotonic() - self.t_start
+        # where walpipe's CPU went, by thread name, and the sink's staging backend's CPU
+        self.thread_cpu = thread_cpu(self.cur_wp.pid)
+        pids = [r[0] for r in self.stg.sql("SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
+                                           "application_name LIKE 'walpipe_sink%%'", (self.cur_db,))]
+        self.sink_backend_cpu = sum(bench.proc_cpu(pid) or 0 for pid in pids) if pids else None
+
+
+def thread_cpu(pid):
+    """CPU seconds of a process's threads, summed by thread name (comm)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[comm] = round(out.get(comm, 0) + (int(fields[11]) + int(fields[12])) / bench.CLK_TCK, 2)
+    return out
 
 
 def delivered(stg, db):
@@ -145,14 +168,17 @@ def run_staging(b, args):
         res["mode"] = mode
         res["repetition"] = k + 1
         res["sink_done_s"] = b.sink_done_s
+        res["thread_cpu_s"] = b.thread_cpu
+        res["sink_backend_cpu_s"] = b.sink_backend_cpu
         res["mock_cpu_s"] = bench.proc_cpu(b.mock.proc.pid) - mock_cpu0
         if mode == "kafka":
             res["sink_delivered"] = delivered(b.stg, stg_db)
         runs.append(res)
         b.stg.sql(f'DROP DATABASE "{stg_db}"')
         wptest.drop_slot(b.src, "bench", slots[f"{mode}_{k}"])
-        extra = (f", sink done at {res['sink_done_s']:.2f}s, mock cpu {res['mock_cpu_s']:.2f}s"
-                 if mode == "kafka" else "")
+        extra = (f", sink done at {res['sink_done_s']:.2f}s, mock cpu {res['mock_cpu_s']:.2f}s, "
+                 f"sink backend cpu {res['sink_backend_cpu_s'] or 0:.2f}s" if mode == "kafka" else "")
+        extra += f"; threads {res['thread_cpu_s']}"
         log(f"  {mode:>5} #{k + 1}: " + b.describe(res) + extra)
         if not res["rows_ok"] or res.get("exit_code"):
             raise RuntimeError(f"run {mode} #{k + 1} staged wrong rows or exited {res.get('exit_code')}")
@@ -167,6 +193,7 @@ def run_staging(b, args):
            "sink_done_s": spread([r["sink_done_s"] for r in runs if r["mode"] == "kafka"]),
            "cpu_walpipe_s": {m: spread([r["cpu_proc_s"] for r in runs if r["mode"] == m]) for m in ("alone", "kafka")},
            "mock_cpu_s": spread([r["mock_cpu_s"] for r in runs if r["mode"] == "kafka"]),
+           "sink_backend_cpu_s": spread([r["sink_backend_cpu_s"] or 0 for r in runs if r["mode"] == "kafka"]),
            "other_load_cores": spread([r["other_load_cores"] for r in runs]),
            "runs": runs}
     return out
@@ -352,8 +379,10 @@ def main():
         print(f"| ratio (target >= 0.9) | {s['ratio_of_medians']:.2f} | {min(pr):.2f} | {max(pr):.2f} |")
         d = s["sink_done_s"]
         print(f"| sink done (s from start) | {d['median']:.2f} | {d['min']:.2f} | {d['max']:.2f} |")
-        m = s["mock_cpu_s"]
-        print(f"| kafka-mock CPU (s) | {m['median']:.2f} | {m['min']:.2f} | {m['max']:.2f} |")
+        for key, title in (("cpu_walpipe_s", "walpipe CPU alone (s)"), ("cpu_walpipe_s", "walpipe CPU with sink (s)"),
+                           ("sink_backend_cpu_s", "sink's staging backend CPU (s)"), ("mock_cpu_s", "kafka-mock CPU (s)")):
+            m = s[key]["kafka" if "with sink" in title else "alone"] if key == "cpu_walpipe_s" else s[key]
+            print(f"| {title} | {m['median']:.2f} | {m['min']:.2f} | {m['max']:.2f} |")
     if "outage" in result:
         o = result["outage"]
         print(f"| outage: {args.down_seconds}s all brokers down, {args.rate} tps | " +
