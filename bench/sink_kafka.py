@@ -12,7 +12,8 @@ Prints both rates and the ratio (goal >= 0.8).  Not a test: nothing fails on spe
 Usage (built tree in build/, or WALPIPE_BIN set):  bench/sink_kafka.py [N] [--perf DIR]
 --perf DIR records both producers with `perf record --call-graph dwarf` into DIR/plugin.data and
 DIR/kcat.data (the rates are then not comparable with unprofiled runs); read them with
-`perf report -i DIR/plugin.data --no-children --sort dso,sym` (or --sort comm for the threads).
+`perf report -i DIR/plugin.data --no-children --sort dso,sym` (or --sort comm for the threads), or
+fold them into categories with bench/kafka_profile_fold.py (bench/latest/sink_kafka_profile.md).
 """
 
 import os

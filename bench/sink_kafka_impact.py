@@ -131,8 +131,8 @@ def thread_cpu(pid):
 
 
 def delivered(stg, db):
-    return stg.scalar("SELECT coalesce(sum(events_delivered), 0) FROM walpipe.sink_positions WHERE sink = %s",
-                      (SINK,), dbname=db)
+    return int(stg.scalar("SELECT coalesce(sum(events_delivered), 0) FROM walpipe.sink_positions WHERE sink = %s",
+                          (SINK,), dbname=db))
 
 
 def sink_pos(stg, db):
