@@ -48,7 +48,6 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("WALPIPE_BIN", str(REPO / "build" / "walpipe"))
 import bench  # noqa: E402
-import kafkamock  # noqa: E402
 import wptest  # noqa: E402
 from kafkamock import KafkaMock  # noqa: E402
 
