@@ -334,6 +334,8 @@ def main():
     ap.add_argument("--down-seconds", type=int, default=60)
     ap.add_argument("--outage-repeat", type=int, default=2)
     ap.add_argument("--schemas", action="store_true", help="schemas_enable = true (default: false, bare payloads)")
+    ap.add_argument("--sink-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="another key of the [sink k] section, e.g. kafka.reconnect.backoff.max.ms=1000")
     ap.add_argument("--json", default=str(HERE / "latest" / "sink_kafka_impact.json"))
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -347,11 +349,14 @@ def main():
               "machine": {"nproc": os.cpu_count(), "platform": platform.platform(),
                           "loadavg_start": os.getloadavg()},
               "mock": "tools/kafka-mock, 3 brokers, same machine", "partitions": PARTITIONS,
-              "schemas_enable": args.schemas}
+              "schemas_enable": args.schemas, "sink_options": args.sink_option}
     with KafkaMock(3, log_path=work / "mock.log") as mock:
         b = ImpactBench(bargs, mock)
         if not args.schemas:
             b.sink_extra["schemas_enable"] = "false"
+        for kv in args.sink_option:
+            key, _, value = kv.partition("=")
+            b.sink_extra[key.strip()] = value.strip()
         try:
             b.start_clusters()
             if "staging" in only:
