@@ -9,7 +9,11 @@ Against librdkafka's mock cluster (tools/kafka-mock, its own process, over TCP):
      guarantees (idempotence, acks=all), timed until it exits (it flushes).
 Prints both rates and the ratio (goal >= 0.8).  Not a test: nothing fails on speed.
 
-Usage (built tree in build/, or WALPIPE_BIN set):  bench/sink_kafka.py [N]
+Usage (built tree in build/, or WALPIPE_BIN set):  bench/sink_kafka.py [N] [--perf DIR]
+--perf DIR records both producers with `perf record --call-graph dwarf` into DIR/plugin.data and
+DIR/kcat.data (the rates are then not comparable with unprofiled runs); read them with
+`perf report -i DIR/plugin.data --no-children --sort dso,sym` (or --sort comm for the threads), or
+fold them into categories with bench/kafka_profile_fold.py (bench/latest/sink_kafka_profile.md).
 """
 
 import os
@@ -28,7 +32,18 @@ PARTITIONS = 32  # the mock keeps 5 MB per partition: room for the whole run
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    argv = sys.argv[1:]
+    perf_dir = None
+    if "--perf" in argv:
+        i = argv.index("--perf")
+        perf_dir = Path(argv[i + 1]).resolve()
+        perf_dir.mkdir(parents=True, exist_ok=True)
+        del argv[i:i + 2]
+    n = int(argv[0]) if argv else 50_000
+
+    def perf(name):
+        return (["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "--call-graph", "dwarf,16384",
+                 "-o", str(perf_dir / f"{name}.data"), "--"] if perf_dir else [])
     work = Path(tempfile.mkdtemp(prefix="wp-kafkabench-"))
     driver = kafkamock.build_dir() / "plugins" / "kafka" / "kafka_driver"
     plugin = kafkamock.plugin_dir() / "walpipe_sink_kafka.so"
@@ -36,7 +51,7 @@ def main():
         for t in ("drv.public.t", "drv.public.nokey", "kcat.t"):
             mock.create(t, PARTITIONS)
         t0 = time.monotonic()
-        subprocess.run([str(driver), str(plugin), str(work / "state"), str(n), "-o", "brokers=" + mock.bootstrap,
+        subprocess.run(perf("plugin") + [str(driver), str(plugin), str(work / "state"), str(n), "-o", "brokers=" + mock.bootstrap,
                         "-o", "schemas_enable=false"], check=True, stdout=subprocess.DEVNULL,
                        stderr=open(work / "driver.log", "w"))
         t_plugin = time.monotonic() - t0
@@ -50,7 +65,7 @@ def main():
                 size += len(out)
                 f.write(out)
         t0 = time.monotonic()
-        subprocess.run(["kcat", "-b", mock.bootstrap, "-P", "-t", "kcat.t", "-K", "\t", "-Z",
+        subprocess.run(perf("kcat") + ["kcat", "-b", mock.bootstrap, "-P", "-t", "kcat.t", "-K", "\t", "-Z",
                         "-X", "enable.idempotence=true", "-X", "linger.ms=5", "-l", str(work / "records.tsv")],
                        check=True)
         t_kcat = time.monotonic() - t0
