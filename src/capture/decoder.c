@@ -1421,6 +1421,16 @@ static int parse_message(wp_decoder_t *decoder, jkind_t top, wp_change_t *c, cha
     return 0;
 }
 
+/* Forgets the previous message: its change, identity, table and rejected names. */
+static void forget_message(wp_decoder_t *decoder)
+{
+    decoder->valid = false;
+    decoder->has_ident = false;
+    decoder->ident_full = false;
+    decoder->table = NULL;
+    decoder->rejected_schema = decoder->rejected_table = NULL;
+}
+
 /* ---------------------------------------------------------------- public API */
 
 const char *wp_op_name(wp_op_t op)
@@ -1474,12 +1484,7 @@ int wp_decoder_parse(wp_decoder_t *decoder, const char *data, size_t len, wp_cha
     if (errbuf && errlen)
         errbuf[0] = '\0';
 
-    /* Whatever the outcome, the previous message is gone now. */
-    decoder->valid = false;
-    decoder->has_ident = false;
-    decoder->ident_full = false;
-    decoder->table = NULL;
-    decoder->rejected_schema = decoder->rejected_table = NULL;
+    forget_message(decoder); /* whatever the outcome, the previous message is gone now */
 
     if (len == 0) {
         fail(errbuf, errlen, "empty message");
@@ -1599,11 +1604,7 @@ int wp_decoder_load(wp_decoder_t *decoder, const wp_change_t *change, const wp_d
     memset(out, 0, sizeof *out);
     if (errbuf && errlen)
         errbuf[0] = '\0';
-    decoder->valid = false;
-    decoder->has_ident = false;
-    decoder->ident_full = false;
-    decoder->table = NULL;
-    decoder->rejected_schema = decoder->rejected_table = NULL;
+    forget_message(decoder);
     c.schema = c.table = c.prefix = c.content = NULL;
     c.ncolumns = c.nidentity = 0;
 
