@@ -900,7 +900,7 @@ static bool columns_wait(wp_applier_t *a, const wp_event_t *ev, wp_lsn_t lsn)
 }
 
 /* The mirror of ev's table, opened (and created) on first use.  NULL with *rc set when it cannot be had. */
-static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, int *rc)
+static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *shape, bool shape_full, int *rc)
 {
     mentry_t *me = find_mirror(a, ev);
     *rc = AP_OK;
@@ -915,11 +915,12 @@ static mentry_t *get_mirror(wp_applier_t *a, wp_event_t *ev, const wp_tshape_t *
         return NULL;
     wp_fail_t fail = WP_FAIL_NONE;
     char err[512];
-    wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape,
+    wp_mirror_t *m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, shape_full,
                                     columns_waited(a, ev), &fail, err, sizeof err);
     if (m == NULL && fail == WP_FAIL_NO_COLUMNS && !columns_wait(a, ev, shape ? shape->first_lsn : ev->lsn)) {
         fail = WP_FAIL_NONE; /* the new columns get no default, and the mirror is recorded as diverged */
-        m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, true, &fail, err, sizeof err);
+        m = wp_mirror_open(a->conn, a->config, ev->source, ev->schema, ev->table, shape, shape_full, true, &fail, err,
+                           sizeof err);
     }
     if (m == NULL) {
         char *key = table_key(ev->source, ev->schema, ev->table);
@@ -1483,7 +1484,7 @@ static int prepare_one(wp_applier_t *a, wp_event_t *ev, plan_t *pl)
             return AP_OK;
         }
     }
-    mentry_t *me = get_mirror(a, ev, se ? &se->shape : NULL, &rc);
+    mentry_t *me = get_mirror(a, ev, se ? &se->shape : NULL, pl->kind == K_INSERT, &rc);
     if (me == NULL)
         return rc;
     wp_mirror_t *m = me->m;
@@ -1558,7 +1559,7 @@ static int apply_one(wp_applier_t *a, wp_event_t *ev, const plan_t *pl)
         wp_event_fail(ev, WP_FAIL_PARK, "%s", err);
         return AP_OK;
     }
-    mentry_t *me = get_mirror(a, ev, NULL, &rc);
+    mentry_t *me = get_mirror(a, ev, NULL, false, &rc);
     if (me == NULL)
         return rc;
     if ((rc = pin_mirror(a, me, ev)) != AP_OK || ev->fail != WP_FAIL_NONE)

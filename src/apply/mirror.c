@@ -535,12 +535,14 @@ typedef struct newcol {
     bool is_key;
     char *mtype;      /* the mirror's type (owned) */
     const char *def;  /* the value rows from before the column read, or NULL */
+    char *owned;      /* name's storage when the mirror names the column itself, or NULL */
 } newcol_t;
 
 /*
- * Whether some shape of the table older than first_lsn, recorded with
- * positions, lacks attnum: rows written by its changes existed before the
- * column was added, so they read the column's missing value.
+ * The table's shapes older than first_lsn that were recorded with positions,
+ * newest first.  A column some of them lack was added while rows existed, so
+ * those rows read the column's missing value; a column they have that an
+ * update's shape lacks may be an unchanged TOAST value the update left out.
  */
 static int older_shapes(PGconn *conn, const char *source, const char *schema, const char *table, wp_lsn_t first_lsn,
                         wp_tshape_t **out, size_t *nout, wp_fail_t *fail, char *err, size_t errlen)
@@ -552,7 +554,8 @@ static int older_shapes(PGconn *conn, const char *source, const char *schema, co
     *nout = 0;
     PGresult *res = run(conn,
                         "SELECT columns::text FROM walpipe.table_schemas WHERE source = $1 AND schema_name = $2 "
-                        "AND table_name = $3 AND first_lsn < $4 AND columns::text LIKE '%\"position\"%'",
+                        "AND table_name = $3 AND first_lsn < $4 AND columns::text LIKE '%\"position\"%' "
+                        "ORDER BY first_lsn DESC",
                         4, params, PGRES_TUPLES_OK, "could not read the table's older shapes", fail, err, errlen);
     if (res == NULL)
         return -1;
@@ -575,10 +578,58 @@ static void free_shapes(wp_tshape_t *shapes, size_t n)
     free(shapes);
 }
 
+/*
+ * A mirror created from an update's shape: that shape may leave unchanged
+ * TOAST columns out, which the table had all the same.  They are the columns
+ * older shapes have (by attnum, named and typed as the newest of them has
+ * them) that the source's catalog does not list as dropped: without them,
+ * the table's older inserts, applied later by another worker, would find no
+ * column for their values (older shapes are never followed).  The catalog
+ * must have been read since the update's shape appeared, or a column dropped
+ * before it would come back: otherwise ask for a read (WP_FAIL_NO_COLUMNS),
+ * unless catalog_waited, and then the column is kept (a later insert's shape
+ * drops it; a missing column would lose values).  Appends to cols
+ * (*ncols grows; the caller sized cols for every older column).
+ */
+static int add_left_out(const char *source, const char *schema, const char *table,
+                        const wp_tshape_t *shape, const wp_tshape_t *older, size_t nolder, const srccat_t *cat,
+                        bool catalog_waited, newcol_t *cols, size_t *ncols, wp_fail_t *fail, char *err, size_t errlen)
+{
+    bool covered = cat->res && PQntuples(cat->res) > 0 && cat->read_lsn >= shape->first_lsn;
+    for (size_t o = 0; o < nolder; o++) {
+        for (size_t c = 0; c < older[o].ncols; c++) {
+            const wp_tshape_col_t *oc = &older[o].cols[c];
+            bool have = oc->position <= 0 || is_reserved(oc->name);
+            for (size_t i = 0; i < *ncols && !have; i++)
+                have = cols[i].position == oc->position;
+            if (have)
+                continue;
+            int r = catalog_row(cat, oc->position);
+            if (covered && (r < 0 || PQgetvalue(cat->res, r, 2)[0] == 't'))
+                continue; /* dropped (or filtered out) on the source */
+            if (!covered && !catalog_waited) {
+                catalog_ask(fail, err, errlen, source, schema, table, oc->name);
+                return -1;
+            }
+            newcol_t *n = &cols[(*ncols)++];
+            *n = (newcol_t){.name = oc->name, .type = oc->type, .typeoid = oc->typeoid, .position = oc->position};
+            for (size_t i = 0; i + 1 < *ncols; i++) {
+                if (strcmp(cols[i].name, oc->name) == 0) { /* its name went to another column since */
+                    wp_buf_t b = WP_BUF_INIT;
+                    wp_buf_printf(&b, "_walpipe_att%d", oc->position);
+                    n->name = n->owned = b.data;
+                    break;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* Creates the registry row, the mirror table and its tombstone table.  The caller holds the creation lock. */
 static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
-                                  const char *table, const wp_tshape_t *shape, bool catalog_waited, wp_fail_t *fail,
-                                  char *err, size_t errlen)
+                                  const char *table, const wp_tshape_t *shape, bool shape_full, bool catalog_waited,
+                                  wp_fail_t *fail, char *err, size_t errlen)
 {
     const char *params[6] = {source, schema, table};
     wp_tshape_t key = {0};
@@ -586,7 +637,7 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     wp_buf_t sql = WP_BUF_INIT, keylist = WP_BUF_INIT, keyarr = WP_BUF_INIT, namearr = WP_BUF_INIT,
              attarr = WP_BUF_INIT;
     char *name = NULL, *qschema = NULL;
-    size_t ncols = 0, nolder = 0;
+    size_t ncols = 0, nolder = 0, nmore = 0;
     newcol_t *cols = NULL;
     size_t *keyidx = NULL;
     wp_tshape_t *older = NULL;
@@ -625,6 +676,11 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     res = NULL;
     if (catalog_load(conn, source, schema, table, &cat, fail, err, errlen) != 0)
         goto out;
+    if (shape && shape->positioned &&
+        older_shapes(conn, source, schema, table, shape->first_lsn, &older, &nolder, fail, err, errlen) != 0)
+        goto out;
+    for (size_t o = 0; o < nolder; o++)
+        nmore += older[o].ncols;
 
     /*
      * The columns: the shape's, then any key column the shape lacks (a
@@ -632,7 +688,7 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
      * the source does now, the shape as it did then (a rename may lie
      * between): a key column is the shape's column at its attnum.
      */
-    cols = wp_calloc((shape ? shape->ncols : 0) + key.ncols, sizeof *cols);
+    cols = wp_calloc((shape ? shape->ncols : 0) + key.ncols + nmore, sizeof *cols);
     keyidx = wp_calloc(key.ncols, sizeof *keyidx);
     for (size_t i = 0; shape && i < shape->ncols; i++) {
         const wp_tshape_col_t *c = &shape->cols[i];
@@ -660,6 +716,9 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
         cols[at].is_key = true;
         keyidx[k] = (size_t)at;
     }
+    if (!shape_full && nolder > 0 && add_left_out(source, schema, table, shape, older, nolder, &cat, catalog_waited, cols, &ncols,
+                                    fail, err, errlen) != 0)
+        goto out;
     for (size_t i = 0; i < ncols; i++) {
         if (is_reserved(cols[i].name)) {
             *fail = WP_FAIL_PARK;
@@ -673,9 +732,6 @@ static wp_mirror_t *mirror_create(PGconn *conn, const wp_config_t *config, const
     }
 
     /* a column older shapes lack was added while rows existed: they read its missing value */
-    if (shape && shape->positioned &&
-        older_shapes(conn, source, schema, table, shape->first_lsn, &older, &nolder, fail, err, errlen) != 0)
-        goto out;
     for (size_t i = 0; i < ncols; i++) {
         bool added = false;
         for (size_t o = 0; o < nolder && !added && !cols[i].is_key && cols[i].position > 0; o++)
@@ -818,8 +874,10 @@ quote_failed:
 out:
     PQclear(res);
     PQclear(cat.res);
-    for (size_t i = 0; cols && i < ncols; i++)
+    for (size_t i = 0; cols && i < ncols; i++) {
         free(cols[i].mtype);
+        free(cols[i].owned);
+    }
     free(cols);
     free(keyidx);
     free(names);
@@ -837,8 +895,8 @@ out:
 }
 
 wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
-                            const char *table, const wp_tshape_t *shape, bool catalog_waited, wp_fail_t *fail,
-                            char *err, size_t errlen)
+                            const char *table, const wp_tshape_t *shape, bool shape_full, bool catalog_waited,
+                            wp_fail_t *fail, char *err, size_t errlen)
 {
     bool found;
     *fail = WP_FAIL_NONE;
@@ -854,7 +912,7 @@ wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char 
     m = mirror_load(conn, source, schema, table, &found, fail, err, errlen);
     if (m != NULL || found || *fail != WP_FAIL_NONE)
         return m;
-    return mirror_create(conn, config, source, schema, table, shape, catalog_waited, fail, err, errlen);
+    return mirror_create(conn, config, source, schema, table, shape, shape_full, catalog_waited, fail, err, errlen);
 }
 
 /* ---------------------------------------------------------------- schema changes */

@@ -64,7 +64,9 @@ typedef struct wp_mirror {
  * Loads the mirror of source.schema.table from walpipe.mirrors and the
  * catalog, creating it (registry row, mirror table, tombstone table) when it
  * does not exist yet.  shape, when not NULL, gives the columns to create it
- * with; otherwise it starts with the key columns alone.  Returns the mirror,
+ * with (shape_full: an insert's, which lists every column; an update's may
+ * leave unchanged TOAST columns out, and the columns older shapes have are
+ * added); otherwise it starts with the key columns alone.  Returns the mirror,
  * or NULL with *fail and err set.  Runs inside the caller's transaction.
  *
  * A column that older shapes of the table lack was added to the source
@@ -75,8 +77,8 @@ typedef struct wp_mirror {
  * column gets no default and the mirror is recorded as diverged.
  */
 wp_mirror_t *wp_mirror_open(PGconn *conn, const wp_config_t *config, const char *source, const char *schema,
-                            const char *table, const wp_tshape_t *shape, bool catalog_waited, wp_fail_t *fail,
-                            char *err, size_t errlen);
+                            const char *table, const wp_tshape_t *shape, bool shape_full, bool catalog_waited,
+                            wp_fail_t *fail, char *err, size_t errlen);
 
 /* Re-reads the mirror's columns from the catalog.  Returns 0 or -1 (err set). */
 int wp_mirror_reload(PGconn *conn, wp_mirror_t *m, char *err, size_t errlen);

@@ -186,11 +186,7 @@ def test_every_type_equal_then_one_value_off(source_pg, staging_pg, walpipe_fact
     from test_core import setup_source
     from test_workers import CHANGES, ROWS, TABLE_KEYS, TYPES_SCHEMA
     setup_source(source_pg, schema=TYPES_SCHEMA)
-    # One worker: this test is about verify.  With two, CI once caught a mirror bug (open, README
-    # "Transform workers", known bug): worker 1 waited for ek's key holding the claim with all_types'
-    # inserts, worker 2 created the all_types mirror from a later UPDATE whose shape leaves the
-    # TOASTed column big out, and the older inserts never added it (column "big" does not exist).
-    w = start(walpipe_factory, staging_pg, source_pg, workers=1)
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2)
     for stmt in ROWS + CHANGES + [ENUM_KEYS]:
         source_pg.sql(stmt, dbname="app")
     wait_applied(source_pg, staging_pg, w)
