@@ -374,6 +374,95 @@ out:
 }
 
 /*
+ * pgoutput: the tables in `tables` that exist on the source but that the
+ * publication does not publish (a table added to `tables` after the
+ * publication was made): their changes would never be sent.  walpipe's own
+ * publication gets them added (ALTER PUBLICATION ... ADD TABLE: changes
+ * committed from then on are sent, as pgoutput reads the publication as of
+ * each change); a named one, which walpipe never changes, gets a warning
+ * with that fix.  Returns 0, or -1 after logging why.
+ */
+static int publication_cover(wp_reader_t *reader, bool *fatal)
+{
+    const wp_source_config_t *source = reader->source;
+    const char *pub = source->publication;
+    wp_buf_t sql = WP_BUF_INIT, list = WP_BUF_INIT;
+    PGresult *res = NULL;
+    char *lit = NULL, *ident = NULL;
+    int rc = -1;
+    if (source->ntables == 0)
+        return 0; /* FOR ALL TABLES */
+    lit = PQescapeLiteral(reader->conn, pub, strlen(pub));
+    ident = PQescapeIdentifier(reader->conn, pub, strlen(pub));
+    if (lit == NULL || ident == NULL) {
+        wp_error("could not quote the publication name: %s", PQerrorMessage(reader->conn));
+        goto out;
+    }
+    wp_buf_puts(&sql, "SELECT format('%I.%I', v.s, v.t) FROM (VALUES ");
+    for (size_t i = 0; i < source->ntables; i++) {
+        char *s = PQescapeLiteral(reader->conn, source->tables[i].schema, strlen(source->tables[i].schema));
+        char *t = PQescapeLiteral(reader->conn, source->tables[i].table, strlen(source->tables[i].table));
+        if (s && t)
+            wp_buf_printf(&sql, "%s(%d, %s, %s)", i ? ", " : "", (int)i, s, t);
+        PQfreemem(s);
+        PQfreemem(t);
+        if (s == NULL || t == NULL) {
+            wp_error("could not quote a table name: %s", PQerrorMessage(reader->conn));
+            goto out;
+        }
+    }
+    wp_buf_printf(&sql,
+                  ") v(i, s, t) JOIN pg_catalog.pg_namespace n ON n.nspname = v.s "
+                  "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = v.t AND c.relkind = 'r' "
+                  "AND c.relpersistence = 'p' "
+                  "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication p WHERE p.pubname = %s AND "
+                  "(p.puballtables OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt WHERE "
+                  "pt.pubname = p.pubname AND pt.schemaname = v.s AND pt.tablename = v.t))) ORDER BY v.i",
+                  lit);
+    res = PQexec(reader->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_result_error("could not read what the publication publishes", reader->conn, res, fatal);
+        goto out;
+    }
+    for (int r = 0; r < PQntuples(res); r++)
+        wp_buf_printf(&list, "%s%s", r ? ", " : "", PQgetvalue(res, r, 0));
+    if (PQntuples(res) == 0) {
+        rc = 0;
+        goto out;
+    }
+    if (source->publication_set) {
+        wp_warn("publication \"%s\" (source \"%s\") does not publish %s, which the source's tables list: "
+                "their changes are not sent, so walpipe never sees them; hint: ALTER PUBLICATION %s ADD TABLE %s "
+                "(walpipe never changes a publication it did not create)",
+                pub, source->name, list.data, ident, list.data);
+        rc = 0;
+        goto out;
+    }
+    wp_buf_reset(&sql);
+    wp_buf_printf(&sql, "ALTER PUBLICATION %s ADD TABLE %s", ident, list.data);
+    PQclear(res);
+    res = PQexec(reader->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        log_result_error("could not add the source's new tables to walpipe's publication", reader->conn, res, fatal);
+        goto out;
+    }
+    wp_warn("added %s to publication \"%s\" (source \"%s\"): listed in tables since the publication was "
+            "created; their changes are sent from now on, not those committed before; hint: `walpipe snapshot "
+            "--config FILE --source %s --table SCHEMA.TABLE` copies their rows",
+            list.data, pub, source->name, source->name);
+    rc = 0;
+out:
+    PQclear(res);
+    if (lit)
+        PQfreemem(lit);
+    if (ident)
+        PQfreemem(ident);
+    wp_buf_free(&sql);
+    wp_buf_free(&list);
+    return rc;
+}
+
+/*
  * pgoutput: does the publication exist?  A named one must; walpipe's own
  * (publication unset) is created with the slot, so it must exist once the
  * slot does.  Returns 0, or -1 after logging the fix (*fatal set).
@@ -401,7 +490,7 @@ static int check_publication(wp_reader_t *reader, bool slot_exists, bool *fatal)
         *fatal = true;
         goto out;
     }
-    rc = 0;
+    rc = exists ? publication_cover(reader, fatal) : 0;
 out:
     return rc;
 }
