@@ -142,6 +142,13 @@ typedef struct ctx {
     size_t errlen;
     bool failed;
     uint64_t call; /* this call's number in the session's table memory (0 without one) */
+    /* column lists this call already found in the cache, by pointer (the event's texts do not
+       change during a call, and a slot this call uses is not evicted during it) */
+    struct {
+        const char *json, *key_json;
+        struct list_slot *slot;
+    } memo[4];
+    int nmemo;
 } ctx_t;
 
 static void set_err(ctx_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -509,6 +516,15 @@ static bool same_text(const char *a, const char *b)
     return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
 }
 
+static void collist_memo(ctx_t *c, const char *json, const char *key_json, list_slot_t *slot)
+{
+    if (c->nmemo < (int)(sizeof c->memo / sizeof c->memo[0])) {
+        c->memo[c->nmemo].json = json;
+        c->memo[c->nmemo].key_json = key_json;
+        c->memo[c->nmemo++].slot = slot;
+    }
+}
+
 /*
  * The column list json with each column's key flag set from the key list key_json (NULL: no
  * key; the same text: every column is a key column).  From the session's list cache when there
@@ -524,6 +540,13 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
     memset(out, 0, sizeof *out);
     if (!json)
         return 0;
+    for (int i = 0; i < c->nmemo; i++)
+        if (c->memo[i].json == json && c->memo[i].key_json == key_json) {
+            *out = c->memo[i].slot->list;
+            out->borrowed = true;
+            out->slot = c->memo[i].slot;
+            return 0;
+        }
     uint64_t h = text_hash(key_json ? key_json : "", text_hash(json, UINT64_C(14695981039346656037))) ^
                  (uint64_t)c->opt->decimal_mode;
     if (t) {
@@ -534,6 +557,7 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
             *out = slot->list;
             out->borrowed = true;
             out->slot = slot;
+            collist_memo(c, json, key_json, slot);
             return 0;
         }
         if (slot->cols_text && slot->pinned == c->call)
@@ -568,6 +592,7 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
             slot->list = *out;
             out->borrowed = true;
             out->slot = slot;
+            collist_memo(c, json, key_json, slot);
         } else {
             free(ct);
             free(kt);
@@ -2447,7 +2472,7 @@ out:
 int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int tombstones, wp_dbz_record_t out[3],
                   char *err, size_t errlen)
 {
-    ctx_t c = {opt, ev, 0, NULL, err, errlen, false, 0};
+    ctx_t c = {.opt = opt, .ev = ev, .err = err, .errlen = errlen};
     yajl_gen g = NULL;
     yajl_val payload = NULL;
     wp_fj_arena_t *arena = NULL, *own_arena = NULL;
@@ -2511,8 +2536,6 @@ out:
         size_t big = 0;
         for (int i = 0; i < (n > 0 ? n : 0); i++)
             big = out[i].value_len > big ? out[i].value_len : big;
-        yajl_gen_clear(g);
-        yajl_gen_reset(g, NULL);
         if (big > (1u << 20)) {
             yajl_gen_free(g);
             opt->tables->gen = NULL;
