@@ -483,7 +483,10 @@ static void test_random_byte_for_byte(void **state)
             int keyval = (int)pick(20);
             ev.ticket = (uint64_t)i + 1;
             ev.source = pick(2) ? "src1" : "s\"2";
-            ev.lsn = pick(4) == 0 ? rnd() : rnd() % 100000000;
+            static const uint64_t edge_lsns[] = {0, 9, 10, 99, 100, 101, 999, 1000, UINT64_C(9223372036854775807),
+                                                 UINT64_C(9223372036854775808), UINT64_MAX};
+            ev.lsn = pick(8) == 0 ? edge_lsns[pick(sizeof edge_lsns / sizeof *edge_lsns)]
+                     : pick(4) == 0 ? rnd() : rnd() % 100000000;
             ev.seq = (int32_t)pick(1000);
             ev.op = op;
             ev.schema = t->schema;
