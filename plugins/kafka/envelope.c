@@ -130,6 +130,8 @@ struct wp_dbz_tables {
     uint64_t calls;
     yajl_gen gen; /* the generator of every call (allocating one per event was a tenth of its cost); NULL: none yet */
     wp_fj_arena_t *arena; /* the payload trees of fastjson.c; NULL: none yet */
+    list_slot_t *recent[4]; /* slots found last (a strcmp is cheaper than text_hash); NULL: none */
+    unsigned next_recent;
 };
 
 /* What one encode call works with. */
@@ -535,6 +537,12 @@ static bool same_text(const char *a, const char *b)
 
 static void collist_memo(ctx_t *c, const char *json, const char *key_json, list_slot_t *slot)
 {
+    struct wp_dbz_tables *t = c->opt->tables;
+    bool recent = false;
+    for (int i = 0; i < 4; i++)
+        recent = recent || t->recent[i] == slot;
+    if (!recent)
+        t->recent[t->next_recent++ % 4] = slot;
     if (c->nmemo < (int)(sizeof c->memo / sizeof c->memo[0])) {
         c->memo[c->nmemo].json = json;
         c->memo[c->nmemo].key_json = key_json;
@@ -564,6 +572,20 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
             out->slot = c->memo[i].slot;
             return 0;
         }
+    for (int i = 0; t && i < 4; i++) {
+        slot = t->recent[i];
+        if (slot && slot->cols_text && slot->mode == (int)c->opt->decimal_mode && strcmp(slot->cols_text, json) == 0 &&
+            same_text(slot->key_text, key_json)) {
+            /* the same hit as through the hash below (one slot per text), without hashing */
+            slot->pinned = c->call;
+            *out = slot->list;
+            out->borrowed = true;
+            out->slot = slot;
+            collist_memo(c, json, key_json, slot);
+            return 0;
+        }
+    }
+    slot = NULL;
     uint64_t h = text_hash(key_json ? key_json : "", text_hash(json, UINT64_C(14695981039346656037))) ^
                  (uint64_t)c->opt->decimal_mode;
     if (t) {
