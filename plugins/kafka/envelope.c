@@ -10,10 +10,12 @@
  *
  * Invariants:
  *  - Output is compact JSON whose object keys are in Debezium's field order, generated
- *    with yajl_gen (no tree, no reordering).  Strings are copied as UTF-8; yajl escapes
- *    '"', '\\' and control characters like Jackson does.
+ *    with yajl_gen (no tree, no reordering); the source block and the envelope's tail are
+ *    written by hand as the same text (put_source, put_json_str: yajl's escaping exactly;
+ *    tests/test_dbz_oracle.c holds it to the encoder as it was, byte for byte).  Strings are
+ *    copied as UTF-8; yajl escapes '"', '\\' and control characters like Jackson does.
  *  - No value is rounded on the way except where Debezium rounds too: numbers are taken
- *    from the payload as text (yajl_tree keeps each number's text); numeric goes to the
+ *    from the payload as text (yajl_tree and fastjson.c keep each number's text); numeric goes to the
  *    Decimal bytes from its decimal TEXT (exact big-integer conversion); only
  *    decimal.handling.mode=double and float columns go through a double, formatted as
  *    Java's Double.toString / Float.toString would (Jackson's output).
