@@ -12,7 +12,7 @@ import collections
 import sys
 
 CATS = [
-    ("payload parse (yajl_tree_parse, wp_fj_parse_object)", ["yajl_tree_parse", "wp_fj_parse_object"]),
+    ("payload parse (yajl_tree_parse)", ["yajl_tree_parse"]),
     ("source block (gen_source, gen_envelope_tail)", ["gen_source", "gen_envelope_tail", "put_source"]),
     ("column lists (collist_load)", ["collist_load"]),
     ("Debezium envelope rest (wp_dbz_encode: yajl_gen of key and value)", ["wp_dbz_encode"]),

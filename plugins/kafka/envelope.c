@@ -15,7 +15,7 @@
  *    tests/test_dbz_oracle.c holds it to the encoder as it was, byte for byte).  Strings are
  *    copied as UTF-8; yajl escapes '"', '\\' and control characters like Jackson does.
  *  - No value is rounded on the way except where Debezium rounds too: numbers are taken
- *    from the payload as text (yajl_tree and fastjson.c keep each number's text); numeric goes to the
+ *    from the payload as text (yajl_tree keeps each number's text); numeric goes to the
  *    Decimal bytes from its decimal TEXT (exact big-integer conversion); only
  *    decimal.handling.mode=double and float columns go through a double, formatted as
  *    Java's Double.toString / Float.toString would (Jackson's output).
@@ -38,7 +38,6 @@
 #include <yajl/yajl_gen.h>
 #include <yajl/yajl_tree.h>
 
-#include "fastjson.h"
 
 /* The Debezium release whose format this module reproduces; it is what source.version holds. */
 #define DBZ_VERSION "3.1.3.Final"
@@ -131,7 +130,6 @@ struct wp_dbz_tables {
     list_slot_t lists[LIST_SLOTS];
     uint64_t calls;
     yajl_gen gen; /* the generator of every call (allocating one per event was a tenth of its cost); NULL: none yet */
-    wp_fj_arena_t *arena; /* the payload trees of fastjson.c; NULL: none yet */
     list_slot_t *recent[4]; /* slots found last (a strcmp is cheaper than text_hash); NULL: none */
     unsigned next_recent;
 };
@@ -660,7 +658,6 @@ void wp_dbz_tables_free(struct wp_dbz_tables *tables)
         return;
     if (tables->gen)
         yajl_gen_free(tables->gen);
-    wp_fj_free(tables->arena);
     for (size_t b = 0; b < TABLE_BUCKETS; b++) {
         table_mem_t *t = tables->buckets[b];
         while (t) {
@@ -2501,8 +2498,6 @@ int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int to
     ctx_t c = {.opt = opt, .ev = ev, .err = err, .errlen = errlen};
     yajl_gen g = NULL;
     yajl_val payload = NULL;
-    wp_fj_arena_t *arena = NULL, *own_arena = NULL;
-    bool payload_in_arena = false;
     char perr[128];
     int n = -1;
 
@@ -2517,20 +2512,7 @@ int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int to
     if (opt->tables)
         c.call = ++opt->tables->calls;
     c.placeholder = opt->unavailable_placeholder ? opt->unavailable_placeholder : DBZ_PLACEHOLDER;
-    /* the payload's tree: from fastjson.c's arena parser when it takes the text (the same tree,
-       a fraction of the cost), else from yajl_tree_parse as always */
-    if (opt->tables) {
-        if (!opt->tables->arena)
-            opt->tables->arena = wp_fj_new();
-        arena = opt->tables->arena;
-    } else
-        arena = own_arena = wp_fj_new();
-    if (arena)
-        payload = wp_fj_parse_object(arena, ev->payload ? ev->payload : "{}");
-    if (payload)
-        payload_in_arena = true;
-    else
-        payload = yajl_tree_parse(ev->payload ? ev->payload : "{}", perr, sizeof perr);
+    payload = yajl_tree_parse(ev->payload ? ev->payload : "{}", perr, sizeof perr);
     if (!payload || !YAJL_IS_OBJECT(payload)) {
         set_err(&c, "payload of (%s, %" PRIu64 ", %d) is not a JSON object", ev->source, ev->lsn, (int)ev->seq);
         goto out;
@@ -2568,11 +2550,7 @@ out:
         }
     } else if (g)
         yajl_gen_free(g);
-    if (payload && !payload_in_arena)
-        yajl_tree_free(payload);
-    if (arena && !own_arena)
-        wp_fj_reset(arena); /* nothing points into it past this call (records are copies) */
-    wp_fj_free(own_arena);
+    yajl_tree_free(payload);
     return n;
 }
 

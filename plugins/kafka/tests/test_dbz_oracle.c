@@ -13,8 +13,6 @@
  *    text types), names with the characters JSON must escape, random lsn/xid/commit times, all
  *    ops including key changes, TOAST-omitted columns and messages.
  * The two encoders keep their own table memory, fed the same events in the same order.
- * And fastjson.c (the encoder's payload parser) against yajl_tree_parse, tree for tree: on
- * texts it must take and texts it must decline (then the encoder falls back to yajl).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -30,7 +28,6 @@
 
 #include "envelope.h"
 #include "envelope_ref.h"
-#include "fastjson.h"
 
 static const char *const fixtures[] = {
     "insert_noschema", "insert_schema",  "update_noschema",   "update_full_identity", "update_key_change",
@@ -553,107 +550,11 @@ static void test_random_byte_for_byte(void **state)
     assert_true(encoded > compared / 2); /* most events are valid: the comparison covers records, not refusals */
 }
 
-/* ---------------------------------------------------------------- fastjson vs yajl_tree_parse */
-
-/* Equal trees as the encoder reads them: types, keys in order, strings, number texts. */
-static int same_tree(yajl_val a, yajl_val b)
-{
-    if (!a || !b || a->type != b->type)
-        return 0;
-    switch (a->type) {
-    case yajl_t_string:
-        return strcmp(a->u.string, b->u.string) == 0;
-    case yajl_t_number:
-        return strcmp(a->u.number.r, b->u.number.r) == 0;
-    case yajl_t_object:
-        if (a->u.object.len != b->u.object.len)
-            return 0;
-        for (size_t i = 0; i < a->u.object.len; i++)
-            if (strcmp(a->u.object.keys[i], b->u.object.keys[i]) != 0 ||
-                !same_tree(a->u.object.values[i], b->u.object.values[i]))
-                return 0;
-        return 1;
-    case yajl_t_array:
-        if (a->u.array.len != b->u.array.len)
-            return 0;
-        for (size_t i = 0; i < a->u.array.len; i++)
-            if (!same_tree(a->u.array.values[i], b->u.array.values[i]))
-                return 0;
-        return 1;
-    default:
-        return 1;
-    }
-}
-
-/* 1: fastjson took text (and its tree is yajl's), 0: declined; fails the test on a wrong tree. */
-static int fast_takes(wp_fj_arena_t *a, const char *text)
-{
-    yajl_val f = wp_fj_parse_object(a, text);
-    yajl_val y = yajl_tree_parse(text, NULL, 0);
-    int ok = !f || (y && same_tree(f, y));
-    if (!ok)
-        print_error("fastjson's tree differs from yajl's for %s\n", text);
-    if (y)
-        yajl_tree_free(y);
-    assert_true(ok);
-    return f != NULL;
-}
-
-static void test_fastjson_matches_yajl(void **state)
-{
-    (void)state;
-    static const char *const taken[] = {
-        "{}", " {\"a\":1} \n", "{\"a\":{\"b\":[1,-2.5e+3,0,-0,1E5,true,false,null,\"x\"]},\"c\":[]}",
-        "{\"k\":\"q\\\"b\\\\s\\/n\\n\\r\\t\\b\\f\"}", "{\"dup\":1,\"dup\":2}", "{\"\":\"\"}",
-        "{ \"a\" : [ 1 , { } ] , \"b\" :\t\"\x7f\" }", "{\"n\":123456789012345678901234567890.5}"};
-    static const char *const declined[] = {
-        "", "[]", "1", "{", "{\"a\":1", "{\"a\":01}", "{\"a\":1.}", "{\"a\":-}", "{\"a\":.5}", "{\"a\":1e}",
-        "{\"a\":truex}", "{\"a\":nul}", "{\"a\":1,}", "{,}", "{\"a\" 1}", "{\"a\":1} x", "{\"a\":1}{}",
-        "/*c*/{}", "{\"a\":\"\\u00e9\"}", "{\"a\":\"\xc3\xa9\"}", "{\"a\":\"\x01\"}", "{\"a\":\"\\x\"}",
-        "{\"a\":\"\xff\"}", "{\"a\":\v1}", "{\"a\":+1}", "{'a':1}", "{\"a\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}"};
-    wp_fj_arena_t *a = wp_fj_new();
-    assert_non_null(a);
-    for (size_t i = 0; i < sizeof taken / sizeof *taken; i++) {
-        if (!fast_takes(a, taken[i]))
-            fail_msg("fastjson declines plain JSON: %s", taken[i]);
-    }
-    for (size_t i = 0; i < sizeof declined / sizeof *declined; i++) {
-        if (fast_takes(a, declined[i]))
-            fail_msg("fastjson takes what it must leave to yajl: %s", declined[i]);
-    }
-    /* the fixtures' payloads: each taken or declined, never a different tree */
-    size_t took = 0, seen = 0;
-    for (const char *const *fx = fixtures; *fx; fx++) {
-        char path[1024];
-        snprintf(path, sizeof path, "%s/%s.json", WP_DBZ_FIXTURES, *fx);
-        char *text = read_file(path);
-        assert_non_null(text);
-        yajl_val t = yajl_tree_parse(text, NULL, 0), steps = get(t, "steps");
-        size_t n = steps ? steps->u.array.len : 1;
-        for (size_t i = 0; i < n; i++) {
-            char *payload = to_text(get(get(steps ? steps->u.array.values[i] : t, "event"), "payload"));
-            if (payload) {
-                seen++;
-                took += (size_t)fast_takes(a, payload);
-            }
-            free(payload);
-        }
-        took += (size_t)fast_takes(a, text); /* a whole fixture: bigger, deeper */
-        seen++;
-        yajl_tree_free(t);
-        free(text);
-    }
-    print_message("fastjson took %zu of %zu fixture texts\n", took, seen);
-    assert_true(took > seen / 2);
-    wp_fj_free(a);
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fixtures_byte_for_byte),
         cmocka_unit_test(test_random_byte_for_byte),
-        cmocka_unit_test(test_fastjson_matches_yajl),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
