@@ -13,7 +13,7 @@ import sys
 
 CATS = [
     ("payload parse (yajl_tree_parse)", ["yajl_tree_parse"]),
-    ("source block (gen_source, snprintf)", ["gen_source"]),
+    ("source block (gen_source, gen_envelope_tail)", ["gen_source", "gen_envelope_tail", "put_source"]),
     ("column lists (collist_load)", ["collist_load"]),
     ("Debezium envelope rest (wp_dbz_encode: yajl_gen of key and value)", ["wp_dbz_encode"]),
     ("rd_kafka_producev (enqueue)", ["rd_kafka_producev"]),

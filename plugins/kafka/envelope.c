@@ -10,8 +10,10 @@
  *
  * Invariants:
  *  - Output is compact JSON whose object keys are in Debezium's field order, generated
- *    with yajl_gen (no tree, no reordering).  Strings are copied as UTF-8; yajl escapes
- *    '"', '\\' and control characters like Jackson does.
+ *    with yajl_gen (no tree, no reordering); the source block and the envelope's tail are
+ *    written by hand as the same text (put_source, put_json_str: yajl's escaping exactly;
+ *    tests/test_dbz_oracle.c holds it to the encoder as it was, byte for byte).  Strings are
+ *    copied as UTF-8; yajl escapes '"', '\\' and control characters like Jackson does.
  *  - No value is rounded on the way except where Debezium rounds too: numbers are taken
  *    from the payload as text (yajl_tree keeps each number's text); numeric goes to the
  *    Decimal bytes from its decimal TEXT (exact big-integer conversion); only
@@ -35,6 +37,7 @@
 
 #include <yajl/yajl_gen.h>
 #include <yajl/yajl_tree.h>
+
 
 /* The Debezium release whose format this module reproduces; it is what source.version holds. */
 #define DBZ_VERSION "3.1.3.Final"
@@ -126,6 +129,9 @@ struct wp_dbz_tables {
     /* parsing a column list is most of an event's cost: the same shapes come again and again */
     list_slot_t lists[LIST_SLOTS];
     uint64_t calls;
+    yajl_gen gen; /* the generator of every call (allocating one per event was a tenth of its cost); NULL: none yet */
+    list_slot_t *recent[4]; /* slots found last (a strcmp is cheaper than text_hash); NULL: none */
+    unsigned next_recent;
 };
 
 /* What one encode call works with. */
@@ -138,6 +144,13 @@ typedef struct ctx {
     size_t errlen;
     bool failed;
     uint64_t call; /* this call's number in the session's table memory (0 without one) */
+    /* column lists this call already found in the cache, by pointer (the event's texts do not
+       change during a call, and a slot this call uses is not evicted during it) */
+    struct {
+        const char *json, *key_json;
+        struct list_slot *slot;
+    } memo[4];
+    int nmemo;
 } ctx_t;
 
 static void set_err(ctx_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -209,22 +222,39 @@ static void gen_key(yajl_gen g, const char *s)
     gen_str(g, s);
 }
 
+/* Decimal text of u into b (at least 21 bytes), two digits per division; returns its length. */
+static size_t u64_text(char *b, uint64_t u)
+{
+    static const char pairs[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+                                "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+                                "8081828384858687888990919293949596979899";
+    char tmp[24];
+    size_t n = sizeof tmp, len;
+    while (u >= 100) {
+        unsigned r = (unsigned)(u % 100);
+        u /= 100;
+        tmp[--n] = pairs[2 * r + 1];
+        tmp[--n] = pairs[2 * r];
+    }
+    if (u >= 10) {
+        tmp[--n] = pairs[2 * u + 1];
+        tmp[--n] = pairs[2 * u];
+    } else
+        tmp[--n] = (char)('0' + u);
+    len = sizeof tmp - n;
+    memcpy(b, tmp + n, len);
+    b[len] = '\0';
+    return len;
+}
+
 /* Decimal text of v into b (at least 21 bytes), returning its length: snprintf was a fifth of the cost. */
 static size_t i64_text(char *b, int64_t v)
 {
-    char tmp[24];
-    size_t n = 0, o = 0;
-    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (v < 0)
-        b[o++] = '-';
-    while (n)
-        b[o++] = tmp[--n];
-    b[o] = '\0';
-    return o;
+    if (v < 0) {
+        b[0] = '-';
+        return 1 + u64_text(b + 1, (uint64_t)0 - (uint64_t)v);
+    }
+    return u64_text(b, (uint64_t)v);
 }
 
 static void gen_i64(yajl_gen g, int64_t v)
@@ -505,6 +535,21 @@ static bool same_text(const char *a, const char *b)
     return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
 }
 
+static void collist_memo(ctx_t *c, const char *json, const char *key_json, list_slot_t *slot)
+{
+    struct wp_dbz_tables *t = c->opt->tables;
+    bool recent = false;
+    for (int i = 0; i < 4; i++)
+        recent = recent || t->recent[i] == slot;
+    if (!recent)
+        t->recent[t->next_recent++ % 4] = slot;
+    if (c->nmemo < (int)(sizeof c->memo / sizeof c->memo[0])) {
+        c->memo[c->nmemo].json = json;
+        c->memo[c->nmemo].key_json = key_json;
+        c->memo[c->nmemo++].slot = slot;
+    }
+}
+
 /*
  * The column list json with each column's key flag set from the key list key_json (NULL: no
  * key; the same text: every column is a key column).  From the session's list cache when there
@@ -520,6 +565,27 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
     memset(out, 0, sizeof *out);
     if (!json)
         return 0;
+    for (int i = 0; i < c->nmemo; i++)
+        if (c->memo[i].json == json && c->memo[i].key_json == key_json) {
+            *out = c->memo[i].slot->list;
+            out->borrowed = true;
+            out->slot = c->memo[i].slot;
+            return 0;
+        }
+    for (int i = 0; t && i < 4; i++) {
+        slot = t->recent[i];
+        if (slot && slot->cols_text && slot->mode == (int)c->opt->decimal_mode && strcmp(slot->cols_text, json) == 0 &&
+            same_text(slot->key_text, key_json)) {
+            /* the same hit as through the hash below (one slot per text), without hashing */
+            slot->pinned = c->call;
+            *out = slot->list;
+            out->borrowed = true;
+            out->slot = slot;
+            collist_memo(c, json, key_json, slot);
+            return 0;
+        }
+    }
+    slot = NULL;
     uint64_t h = text_hash(key_json ? key_json : "", text_hash(json, UINT64_C(14695981039346656037))) ^
                  (uint64_t)c->opt->decimal_mode;
     if (t) {
@@ -530,6 +596,7 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
             *out = slot->list;
             out->borrowed = true;
             out->slot = slot;
+            collist_memo(c, json, key_json, slot);
             return 0;
         }
         if (slot->cols_text && slot->pinned == c->call)
@@ -564,6 +631,7 @@ static int collist_load(ctx_t *c, const char *json, const char *key_json, const 
             slot->list = *out;
             out->borrowed = true;
             out->slot = slot;
+            collist_memo(c, json, key_json, slot);
         } else {
             free(ct);
             free(kt);
@@ -588,6 +656,8 @@ void wp_dbz_tables_free(struct wp_dbz_tables *tables)
 {
     if (!tables)
         return;
+    if (tables->gen)
+        yajl_gen_free(tables->gen);
     for (size_t b = 0; b < TABLE_BUCKETS; b++) {
         table_mem_t *t = tables->buckets[b];
         while (t) {
@@ -609,12 +679,20 @@ void wp_dbz_tables_free(struct wp_dbz_tables *tables)
     free(tables);
 }
 
-static char *table_id(const wp_sink_event_t *ev)
+/* source \x1f schema \x1f table: into buf (cap bytes) when it fits, else malloc'd (free it when
+   it is not buf); NULL on out of memory.  No snprintf: this runs for every event. */
+static char *table_id(const wp_sink_event_t *ev, char *buf, size_t cap)
 {
-    size_t n = strlen(ev->source) + strlen(ev->schema) + strlen(ev->table) + 3;
-    char *id = malloc(n);
-    if (id)
-        snprintf(id, n, "%s\x1f%s\x1f%s", ev->source, ev->schema, ev->table);
+    size_t ls = strlen(ev->source), lc = strlen(ev->schema), lt = strlen(ev->table), n = ls + lc + lt + 3;
+    char *id = n <= cap ? buf : malloc(n);
+    if (id) {
+        memcpy(id, ev->source, ls);
+        id[ls] = '\x1f';
+        memcpy(id + ls + 1, ev->schema, lc);
+        id[ls + 1 + lc] = '\x1f';
+        memcpy(id + ls + 2 + lc, ev->table, lt);
+        id[n - 1] = '\0';
+    }
     return id;
 }
 
@@ -630,7 +708,8 @@ static const char *tables_get(struct wp_dbz_tables *tables, const wp_sink_event_
 {
     if (!tables)
         return NULL;
-    char *id = table_id(ev);
+    char buf[256];
+    char *id = table_id(ev, buf, sizeof buf);
     const char *found = NULL;
     if (!id)
         return NULL;
@@ -639,7 +718,8 @@ static const char *tables_get(struct wp_dbz_tables *tables, const wp_sink_event_
             found = t->columns;
             break;
         }
-    free(id);
+    if (id != buf)
+        free(id);
     return found;
 }
 
@@ -648,37 +728,44 @@ static void tables_put(struct wp_dbz_tables *tables, const wp_sink_event_t *ev, 
 {
     if (!tables || !columns)
         return;
-    char *id = table_id(ev);
+    char buf[256];
+    char *id = table_id(ev, buf, sizeof buf);
     char *copy = NULL;
     if (!id)
-        goto fail;
+        return;
     size_t h = table_hash(id);
     for (table_mem_t *t = tables->buckets[h]; t; t = t->next)
-        if (strcmp(t->id, id) == 0 && strcmp(t->columns, columns) == 0) {
-            free(id);
-            return;
-        }
+        if (strcmp(t->id, id) == 0 && strcmp(t->columns, columns) == 0)
+            goto out; /* known as it is: nothing to copy */
     copy = strdup(columns);
     if (!copy)
-        goto fail;
+        goto out;
     for (table_mem_t *t = tables->buckets[h]; t; t = t->next)
         if (strcmp(t->id, id) == 0) {
             free(t->columns);
             t->columns = copy;
-            free(id);
-            return;
+            copy = NULL;
+            goto out;
         }
     table_mem_t *t = malloc(sizeof *t);
-    if (!t)
-        goto fail;
-    t->id = id;
+    char *kept = id == buf ? strdup(id) : id;
+    if (!t || !kept) {
+        free(t);
+        if (kept != id)
+            free(kept);
+        goto out;
+    }
+    t->id = kept;
     t->columns = copy;
     t->next = tables->buckets[h];
     tables->buckets[h] = t;
     tables->count++;
-    return;
-fail:
-    free(id);
+    copy = NULL;
+    if (id != buf)
+        id = buf; /* kept: the table memory owns it now */
+out:
+    if (id != buf)
+        free(id);
     free(copy);
 }
 
@@ -1673,48 +1760,160 @@ static int64_t now_ns(const wp_dbz_options_t *opt)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* The source block (SourceInfo / AbstractSourceInfoStructMaker.commonStruct, v3.1.3.Final). */
-static void gen_source(ctx_t *c, yajl_gen g, const char *schema, const char *table, bool snapshot)
+/* Copies a string literal to o and returns the end. */
+#define PUT_LIT(o, lit) ((char *)memcpy((o), (lit), sizeof(lit) - 1) + sizeof(lit) - 1)
+
+/*
+ * Writes s at o as a JSON string exactly as yajl_gen_string does (yajl_string_encode without
+ * escape_solidus, no UTF-8 validation): '"' and '\\' escaped, \b \f \n \r \t by name, other
+ * bytes below 0x20 as \u00XX with upper-case hex, everything else as it is.  Returns the end;
+ * o needs room for 6 * strlen(s) + 2 bytes.  (test_dbz_oracle checks it against yajl.)
+ */
+static char *put_json_str(char *o, const char *s)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    *o++ = '"';
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        unsigned char ch = *p;
+        if (ch >= 0x20 && ch != '"' && ch != '\\') {
+            *o++ = (char)ch;
+            continue;
+        }
+        *o++ = '\\';
+        switch (ch) {
+        case '"':
+            *o++ = '"';
+            break;
+        case '\\':
+            *o++ = '\\';
+            break;
+        case '\b':
+            *o++ = 'b';
+            break;
+        case '\f':
+            *o++ = 'f';
+            break;
+        case '\n':
+            *o++ = 'n';
+            break;
+        case '\r':
+            *o++ = 'r';
+            break;
+        case '\t':
+            *o++ = 't';
+            break;
+        default:
+            o = PUT_LIT(o, "u00");
+            *o++ = hex[ch >> 4];
+            *o++ = hex[ch & 15];
+        }
+    }
+    *o++ = '"';
+    return o;
+}
+
+/*
+ * The source block (SourceInfo / AbstractSourceInfoStructMaker.commonStruct, v3.1.3.Final),
+ * written by hand into o (room: source_room()) instead of through yajl_gen: it is the same
+ * compact text yajl_gen writes for it (the constant keys as literals, the strings through
+ * put_json_str, the numbers as gen_i64 writes them), at a tenth of the cost.  Returns the end.
+ */
+static size_t source_room(const ctx_t *c, const char *schema, const char *table)
+{
+    const char *db = c->opt->database ? c->opt->database : "";
+    return 6 * (strlen(c->opt->topic_prefix) + strlen(db) + strlen(schema) + strlen(table)) + 400;
+}
+
+static char *put_source(const ctx_t *c, char *o, const char *schema, const char *table, bool snapshot)
 {
     const wp_sink_event_t *ev = c->ev;
     /* source ts: the commit time; Debezium takes Instant.now() when it has none */
     int64_t ts_us = ev->commit_us ? ev->commit_us : c->now_ns / 1000;
-    char seq[64];
-    yajl_gen_map_open(g);
-    gen_key(g, "version");
-    gen_str(g, DBZ_VERSION);
-    gen_key(g, "connector");
-    gen_str(g, "postgresql");
-    gen_key(g, "name");
-    gen_str(g, c->opt->topic_prefix);
-    gen_key(g, "ts_ms");
-    gen_i64(g, floor_div(ts_us, 1000));
-    gen_key(g, "snapshot");
-    gen_str(g, snapshot ? "true" : "false");
-    gen_key(g, "db");
-    gen_str(g, c->opt->database ? c->opt->database : "");
-    gen_key(g, "sequence");
-    /* SourceInfo.sequence(): ["<lastCommitLsn>","<lsn>"] with null for an unknown last commit */
-    snprintf(seq, sizeof seq, "[null,\"%" PRIu64 "\"]", ev->lsn);
-    gen_str(g, seq);
-    gen_key(g, "ts_us");
-    gen_i64(g, ts_us);
-    gen_key(g, "ts_ns");
-    gen_i64(g, ts_us * 1000);
-    gen_key(g, "schema");
-    gen_str(g, schema);
-    gen_key(g, "table");
-    gen_str(g, table);
-    gen_key(g, "txId");
-    if (ev->xid >= 0)
-        gen_i64(g, ev->xid);
+    o = PUT_LIT(o, "{\"version\":\"" DBZ_VERSION "\",\"connector\":\"postgresql\",\"name\":");
+    o = put_json_str(o, c->opt->topic_prefix);
+    o = PUT_LIT(o, ",\"ts_ms\":");
+    o += i64_text(o, floor_div(ts_us, 1000));
+    if (snapshot)
+        o = PUT_LIT(o, ",\"snapshot\":\"true\",\"db\":");
     else
-        yajl_gen_null(g);
-    gen_key(g, "lsn");
-    gen_i64(g, (int64_t)ev->lsn);
-    gen_key(g, "xmin");
-    yajl_gen_null(g);
-    yajl_gen_map_close(g);
+        o = PUT_LIT(o, ",\"snapshot\":\"false\",\"db\":");
+    o = put_json_str(o, c->opt->database ? c->opt->database : "");
+    /* SourceInfo.sequence(): ["<lastCommitLsn>","<lsn>"] with null for an unknown last commit */
+    o = PUT_LIT(o, ",\"sequence\":\"[null,\\\"");
+    o += u64_text(o, ev->lsn);
+    o = PUT_LIT(o, "\\\"]\",\"ts_us\":");
+    o += i64_text(o, ts_us);
+    o = PUT_LIT(o, ",\"ts_ns\":");
+    o += i64_text(o, ts_us * 1000);
+    o = PUT_LIT(o, ",\"schema\":");
+    o = put_json_str(o, schema);
+    o = PUT_LIT(o, ",\"table\":");
+    o = put_json_str(o, table);
+    o = PUT_LIT(o, ",\"txId\":");
+    if (ev->xid >= 0)
+        o += i64_text(o, ev->xid);
+    else
+        o = PUT_LIT(o, "null");
+    o = PUT_LIT(o, ",\"lsn\":");
+    o += i64_text(o, (int64_t)ev->lsn);
+    o = PUT_LIT(o, ",\"xmin\":null}");
+    return o;
+}
+
+/*
+ * Emits text (compact JSON the caller wrote by hand) into g in a value position.  yajl has no
+ * "raw" call; yajl_gen_number writes its text unchecked, with the separator before it, and
+ * leaves g expecting the next key: so text may be one value, or one value followed by more
+ * ",key:value" members of the same object (then the caller closes the object through g).
+ */
+static void gen_raw(yajl_gen g, const char *text, size_t len)
+{
+    yajl_gen_number(g, text, len);
+}
+
+/* "source":{..} as a value of the map g is in (the key written by the caller). */
+static void gen_source(ctx_t *c, yajl_gen g, const char *schema, const char *table, bool snapshot)
+{
+    char stack[1024];
+    size_t room = source_room(c, schema, table);
+    char *buf = room <= sizeof stack ? stack : malloc(room);
+    if (!buf) {
+        set_err(c, "out of memory");
+        return;
+    }
+    char *o = put_source(c, buf, schema, table, snapshot);
+    gen_raw(g, buf, (size_t)(o - buf));
+    if (buf != stack)
+        free(buf);
+}
+
+/*
+ * The end of a row change's value from its source on: source:{..}, transaction:null, op, ts_ms,
+ * ts_us, ts_ns as members of the envelope g is in (the "source" key written by the caller; the
+ * caller closes the map).  One hand-written text for what is the same in every envelope.
+ */
+static void gen_envelope_tail(ctx_t *c, yajl_gen g, const char *op)
+{
+    const wp_sink_event_t *ev = c->ev;
+    char stack[1024];
+    size_t room = source_room(c, ev->schema, ev->table) + 6 * strlen(op) + 200;
+    char *buf = room <= sizeof stack ? stack : malloc(room);
+    if (!buf) {
+        set_err(c, "out of memory");
+        return;
+    }
+    char *o = put_source(c, buf, ev->schema, ev->table, strcmp(op, "r") == 0);
+    o = PUT_LIT(o, ",\"transaction\":null,\"op\":");
+    o = put_json_str(o, op);
+    o = PUT_LIT(o, ",\"ts_ms\":");
+    o += i64_text(o, floor_div(c->now_ns, 1000000));
+    o = PUT_LIT(o, ",\"ts_us\":");
+    o += i64_text(o, floor_div(c->now_ns, 1000));
+    o = PUT_LIT(o, ",\"ts_ns\":");
+    o += i64_text(o, c->now_ns);
+    gen_raw(g, buf, (size_t)(o - buf));
+    if (buf != stack)
+        free(buf);
 }
 
 /* How a row image treats a column it does not hold. */
@@ -1781,10 +1980,21 @@ static char *topic_name(const char *prefix, const char *schema, const char *tabl
     char *raw = malloc(n + 1);
     if (!raw)
         return NULL;
-    if (schema)
-        snprintf(raw, n + 1, "%s.%s.%s", prefix, schema, table);
-    else
-        snprintf(raw, n + 1, "%s.message", prefix);
+    size_t lp = strlen(prefix), o0 = lp;
+    memcpy(raw, prefix, lp);
+    if (schema) {
+        size_t ls = strlen(schema), lt = strlen(table);
+        raw[o0++] = '.';
+        memcpy(raw + o0, schema, ls);
+        o0 += ls;
+        raw[o0++] = '.';
+        memcpy(raw + o0, table, lt);
+        o0 += lt;
+    } else {
+        memcpy(raw + o0, ".message", 8);
+        o0 += 8;
+    }
+    raw[o0] = '\0';
     size_t o = 0;
     for (const unsigned char *p = (const unsigned char *)raw; *p;) {
         unsigned ch = *p;
@@ -1925,7 +2135,6 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
                       missing_t before_missing, yajl_val after, missing_t after_missing, yajl_val toast_old, char **out,
                       size_t *len)
 {
-    const wp_sink_event_t *ev = c->ev;
     yajl_gen_map_open(g);
     gen_key(g, "before");
     if (before)
@@ -1938,17 +2147,7 @@ static int make_value(ctx_t *c, yajl_gen g, const collist_t *cols, const names_t
     else
         yajl_gen_null(g);
     gen_key(g, "source");
-    gen_source(c, g, ev->schema, ev->table, strcmp(op, "r") == 0);
-    gen_key(g, "transaction");
-    yajl_gen_null(g);
-    gen_key(g, "op");
-    gen_str(g, op);
-    gen_key(g, "ts_ms");
-    gen_i64(g, floor_div(c->now_ns, 1000000));
-    gen_key(g, "ts_us");
-    gen_i64(g, floor_div(c->now_ns, 1000));
-    gen_key(g, "ts_ns");
-    gen_i64(g, c->now_ns);
+    gen_envelope_tail(c, g, op); /* source, transaction, op, ts_ms, ts_us, ts_ns */
     yajl_gen_map_close(g);
     if (c->opt->schemas_enable)
         return take_with_schema(c, g, cols, nm, SCHEMA_ENVELOPE, out, len);
@@ -2136,9 +2335,13 @@ static int encode_row(ctx_t *c, yajl_gen g, yajl_val payload, int tombstones, wp
         set_err(c, "%s event without schema or table", op);
         goto out;
     }
-    snprintf(nm.value, sizeof nm.value, "%s.%s.%s.Value", c->opt->topic_prefix, ev->schema, ev->table);
-    snprintf(nm.envelope, sizeof nm.envelope, "%s.%s.%s.Envelope", c->opt->topic_prefix, ev->schema, ev->table);
-    snprintf(nm.key, sizeof nm.key, "%s.%s.%s.Key", c->opt->topic_prefix, ev->schema, ev->table);
+    if (c->opt->schemas_enable) {
+        /* the schema names: only a record with its schema carries them (3 snprintf per event) */
+        snprintf(nm.value, sizeof nm.value, "%s.%s.%s.Value", c->opt->topic_prefix, ev->schema, ev->table);
+        snprintf(nm.envelope, sizeof nm.envelope, "%s.%s.%s.Envelope", c->opt->topic_prefix, ev->schema, ev->table);
+        snprintf(nm.key, sizeof nm.key, "%s.%s.%s.Key", c->opt->topic_prefix, ev->schema, ev->table);
+    } else
+        nm.value[0] = nm.envelope[0] = nm.key[0] = '\0';
 
     if (collist_load(c, ev->columns, ev->key_columns, "columns", &evcols) < 0 ||
         collist_load(c, ev->key_columns, ev->key_columns, "key_columns", &keycols) < 0)
@@ -2292,7 +2495,7 @@ out:
 int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int tombstones, wp_dbz_record_t out[3],
                   char *err, size_t errlen)
 {
-    ctx_t c = {opt, ev, 0, NULL, err, errlen, false, 0};
+    ctx_t c = {.opt = opt, .ev = ev, .err = err, .errlen = errlen};
     yajl_gen g = NULL;
     yajl_val payload = NULL;
     char perr[128];
@@ -2314,11 +2517,18 @@ int wp_dbz_encode(const wp_dbz_options_t *opt, const wp_sink_event_t *ev, int to
         set_err(&c, "payload of (%s, %" PRIu64 ", %d) is not a JSON object", ev->source, ev->lsn, (int)ev->seq);
         goto out;
     }
-    g = yajl_gen_alloc(NULL);
+    if (opt->tables && opt->tables->gen) {
+        g = opt->tables->gen; /* empty: every document is taken (take) or this call's start clears it */
+        yajl_gen_clear(g);
+        yajl_gen_reset(g, NULL);
+    } else
+        g = yajl_gen_alloc(NULL);
     if (!g) {
         set_err(&c, "out of memory");
         goto out;
     }
+    if (opt->tables)
+        opt->tables->gen = g;
     if (strcmp(ev->op, "message") == 0)
         n = encode_message(&c, g, payload, &out[0]);
     else
@@ -2329,10 +2539,18 @@ out:
     if (n < 0)
         for (int i = 0; i < 3; i++)
             wp_dbz_record_free(&out[i]);
-    if (g)
+    if (g && opt->tables) {
+        /* kept for the next call, unless a big record grew its buffer (it keeps its capacity) */
+        size_t big = 0;
+        for (int i = 0; i < (n > 0 ? n : 0); i++)
+            big = out[i].value_len > big ? out[i].value_len : big;
+        if (big > (1u << 20)) {
+            yajl_gen_free(g);
+            opt->tables->gen = NULL;
+        }
+    } else if (g)
         yajl_gen_free(g);
-    if (payload)
-        yajl_tree_free(payload);
+    yajl_tree_free(payload);
     return n;
 }
 

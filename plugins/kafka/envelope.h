@@ -42,8 +42,8 @@ typedef struct wp_dbz_options {
        snapshot rows; NULL: none.  With it, an update that leaves out unchanged TOAST columns
        carries them with the placeholder, and deletes/truncates carry the table's full row schema
        (Debezium's Value schema) instead of only the key columns.  It also caches parsed column
-       lists and generated schemas: about 4x faster per event (2.5x more with schemas.enable).
-       Recommended.  Not thread-safe: one per session (wp_dbz_tables_new / wp_dbz_tables_free). */
+       lists and generated schemas: about 4x faster per event (2.5x more with schemas.enable),
+       and keeps the JSON generator between calls (at most 1 MB of it is kept).  Recommended.  Not thread-safe: one per session (wp_dbz_tables_new / wp_dbz_tables_free). */
     struct wp_dbz_tables *tables;
 } wp_dbz_options_t;
 

@@ -642,29 +642,71 @@ static int kafka_wait_slot(kafka_session_t *s, char *err, size_t errlen)
     return WP_SINK_OK;
 }
 
-/* Produces one record into its computed partition with walpipe's headers; on a full queue waits. */
+/* Decimal text of v into b (at least 12 bytes); returns its length.  (snprintf, 3 per record, was
+   a tenth of the plugin's own time.) */
+static size_t kafka_dec_text(char *b, int32_t v)
+{
+    char tmp[12];
+    size_t n = 0, o = 0;
+    uint32_t u = v < 0 ? 0u - (uint32_t)v : (uint32_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        b[o++] = '-';
+    while (n)
+        b[o++] = tmp[--n];
+    b[o] = '\0';
+    return o;
+}
+
+/* An LSN as PostgreSQL prints it, "%X/%X" (upper-case hex, no leading zeros), into b (at least
+   18 bytes); returns its length. */
+static size_t kafka_lsn_text(char *b, uint64_t lsn)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t o = 0;
+    for (int half = 0; half < 2; half++) {
+        uint32_t v = half ? (uint32_t)lsn : (uint32_t)(lsn >> 32);
+        int shift = 28;
+        while (shift > 0 && !(v >> shift))
+            shift -= 4;
+        for (; shift >= 0; shift -= 4)
+            b[o++] = hex[(v >> shift) & 15];
+        if (!half)
+            b[o++] = '/';
+    }
+    b[o] = '\0';
+    return o;
+}
+
+/* Produces one record into its computed partition with walpipe's headers; on a full queue waits.
+ * The value's buffer goes to librdkafka (RD_KAFKA_MSG_F_FREE, no copy): on success r->value is
+ * NULL after the call; the key is copied. */
 static int kafka_produce(kafka_session_t *s, const wp_sink_event_t *ev, kafka_topic_t *t, int32_t part,
-                         const wp_dbz_record_t *r, int rec, uint64_t slot, char *err, size_t errlen)
+                         wp_dbz_record_t *r, int rec, uint64_t slot, char *err, size_t errlen)
 {
     char lsn[32], seq[16], recs[16];
     rd_kafka_headers_t *h = rd_kafka_headers_new(6);
     rd_kafka_resp_err_t rerr;
     int waited = 0;
 
-    snprintf(lsn, sizeof lsn, "%X/%X", (unsigned)(ev->lsn >> 32), (unsigned)ev->lsn);
-    snprintf(seq, sizeof seq, "%" PRId32, ev->seq);
-    snprintf(recs, sizeof recs, "%d", rec);
-    rd_kafka_header_add(h, "walpipe.source", -1, ev->source, -1);
-    rd_kafka_header_add(h, "walpipe.lsn", -1, lsn, -1);
-    rd_kafka_header_add(h, "walpipe.seq", -1, seq, -1);
-    rd_kafka_header_add(h, "walpipe.rec", -1, recs, -1);
+    size_t nlsn = kafka_lsn_text(lsn, ev->lsn);
+    size_t nseq = kafka_dec_text(seq, ev->seq);
+    size_t nrec = kafka_dec_text(recs, rec);
+    rd_kafka_header_add(h, "walpipe.source", 14, ev->source, -1);
+    rd_kafka_header_add(h, "walpipe.lsn", 11, lsn, (ssize_t)nlsn);
+    rd_kafka_header_add(h, "walpipe.seq", 11, seq, (ssize_t)nseq);
+    rd_kafka_header_add(h, "walpipe.rec", 11, recs, (ssize_t)nrec);
     if (ev->replay)
         rd_kafka_header_add(h, "walpipe.replay", -1, "1", 1);
     if (r->header_name)
         rd_kafka_header_add(h, r->header_name, -1, r->header_value, (ssize_t)r->header_value_len);
     for (;;) {
         rerr = rd_kafka_producev(s->rk, RD_KAFKA_V_RKT(t->rkt), RD_KAFKA_V_PARTITION(part),
-                                 RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_KEY(r->key, r->key_len),
+                                 RD_KAFKA_V_MSGFLAGS(r->value ? RD_KAFKA_MSG_F_FREE : RD_KAFKA_MSG_F_COPY),
+                                 RD_KAFKA_V_KEY(r->key, r->key_len),
                                  RD_KAFKA_V_VALUE(r->value, r->value_len), RD_KAFKA_V_HEADERS(h),
                                  RD_KAFKA_V_OPAQUE((void *)(uintptr_t)slot), RD_KAFKA_V_END);
         if (rerr != RD_KAFKA_RESP_ERR__QUEUE_FULL)
@@ -685,7 +727,9 @@ static int kafka_produce(kafka_session_t *s, const wp_sink_event_t *ev, kafka_to
         snprintf(err, errlen, "kafka: cannot produce to %s: %s", t->name, rd_kafka_err2str(rerr));
         return rerr == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ? WP_SINK_FATAL : WP_SINK_RETRY;
     }
-    return WP_SINK_OK; /* h is the message's now */
+    r->value = NULL; /* librdkafka's now (F_FREE), like h */
+    r->value_len = 0;
+    return WP_SINK_OK;
 }
 
 static int kafka_deliver_one(kafka_session_t *s, const wp_sink_event_t *ev, char *err, size_t errlen)
