@@ -26,6 +26,9 @@ def _print_table(request):
         capman = request.config.pluginmanager.get_plugin("capturemanager")
         with capman.global_and_fixture_disabled():
             print(f"\nwalpipe torture suite, short form, seed {SEED}\n{torture.table(_ROWS)}")
+            for row in _ROWS:
+                for note in row.notes:
+                    print(f"  {row.name}: {note}")
 
 
 LONG = os.environ.get("WALPIPE_LONG") == "1"

@@ -553,11 +553,60 @@ def scenario_walsender(x):
     time.sleep(x.p["settle_s"])
     load.stop()
     x.caught_up(src, w)
+    if x.plugin == "pgoutput":
+        terminate_while_held(x, w, src, x.p["walsender_cycles"] * n * 4 + 4 * n, 2 * n)
     x.stop(w)
     x.row.faults = f"{x.p['walsender_cycles']} walsender kill mid-txn ({n} rows)"
+    if x.plugin == "pgoutput":
+        x.row.faults += " + 1 while held"
     x.check(hits == x.p["walsender_cycles"],
             f"only {hits} of {x.p['walsender_cycles']} terminations hit a partly staged transaction")
     x.verify(src, stg)
+
+
+def terminate_while_held(x, w, src, lo, n):
+    """pgoutput's own mid-transaction fault: the walsender terminated while walpipe holds a
+    transaction whose Commit it has not received, its tail already in a temporary file.  By
+    condition, with the load stopped: once walpipe logs the spill it is stopped (SIGSTOP), so the
+    walsender blocks on the full socket; the walsender's sent_lsn (the end of the last WAL record
+    it has fully decoded and sent) then stays below the transaction's commit, which only this
+    transaction's records precede: the Commit is unsent.  A try where the walsender got through
+    first is followed by another transaction."""
+    for attempt in range(3):
+        held = w.log().count("held in a temporary file")
+        streams = w.log().count("streaming from slot")
+        insert_big(src, lo + attempt * n, n)
+        after = truth.lsn_int(src.scalar("SELECT pg_current_wal_insert_lsn()::text"))  # past its commit
+        x.wait_log(w, "held in a temporary file", held + 1, timeout=300)
+        w.signal(signal.SIGSTOP)
+        try:
+            def blocked():
+                q = ("SELECT sent_lsn::text FROM pg_stat_replication WHERE pid = (SELECT active_pid "
+                     "FROM pg_replication_slots WHERE slot_name = %s)")
+                a = src.scalar(q, (SLOT,))
+                time.sleep(1)
+                b = src.scalar(q, (SLOT,))
+                return a == b and b is not None and (b,)
+            sent = wait_until(blocked, timeout=60, what="the walsender blocked on stopped walpipe")[0]
+            if truth.lsn_int(sent) < after:
+                pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
+                x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
+                x.row.notes.append(f"walsender terminated with {sent} sent, short of the held {n}-row "
+                                   f"transaction's commit (before {after:X})")
+                terminated = True
+            else:
+                terminated = False
+        finally:
+            w.signal(signal.SIGCONT)
+        if terminated:
+            x.wait_log(w, "streaming from slot", streams + 1)
+            x.caught_up(src, w)
+            # held again from the slot after the reconnect, and this time staged
+            x.check(w.log().count("held in a temporary file") >= held + 2,
+                    "the transaction was not held again after the walsender came back")
+            return
+        x.caught_up(src, w)
+    raise Failed(f"{attempt + 1} transactions of {n} rows each reached walpipe whole before it was stopped")
 
 
 def _retained(src, slot=SLOT):
