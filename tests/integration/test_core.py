@@ -53,11 +53,19 @@ WORKLOAD = [
 ]
 
 
-def setup_source(source_pg, dbname="app", schema=SCHEMA, slot="walpipe_app", truth_slot="truth"):
-    """Creates the database, its tables, walpipe's slot and a truth copy of it."""
+def setup_source(source_pg, dbname="app", schema=SCHEMA, slot="walpipe_app", truth_slot="truth", plugin="wal2json"):
+    """Creates the database, its tables, walpipe's slot and a truth copy of it.  plugin =
+    pgoutput: walpipe's slot is a pgoutput copy of the (wal2json) truth slot, and the publication
+    walpipe would create (walpipe_app, FOR ALL TABLES) is made first, older than both slots."""
     source_pg.createdb(dbname)
     if schema:
         source_pg.sql(schema, dbname=dbname)
+    if plugin == "pgoutput":
+        source_pg.sql(f'CREATE PUBLICATION "{slot}" FOR ALL TABLES', dbname=dbname)
+        wptest.create_slot(source_pg, dbname, truth_slot)
+        source_pg.sql("SELECT pg_copy_logical_replication_slot(%s, %s, false, 'pgoutput')", (truth_slot, slot),
+                      dbname=dbname)
+        return
     wptest.create_slot(source_pg, dbname, slot)
     wptest.copy_slot(source_pg, dbname, slot, truth_slot)
 

@@ -197,7 +197,8 @@ def _sink_pos(staging_pg):
     return (lsn_int(rows[0][0]), rows[0][1]) if rows else (0, -1)
 
 
-def test_walpipe_kafka_exactly_once_across_sigkills(source_pg, staging_pg, walpipe_factory, tmp_path):
+@pytest.mark.parametrize("plugin", ["wal2json", "pgoutput"])
+def test_walpipe_kafka_exactly_once_across_sigkills(source_pg, staging_pg, walpipe_factory, tmp_path, plugin):
     """10 SIGKILLs of walpipe under a write load and brokers down/up: every staged event's record
     is in Kafka exactly once (kcat and confluent-kafka), in order per partition and key, each
     committed insert is there as a Debezium create, and the values parse as Debezium's."""
@@ -205,14 +206,14 @@ def test_walpipe_kafka_exactly_once_across_sigkills(source_pg, staging_pg, walpi
     from test_core import setup_source, wait_caught_up
     from test_sinks import SCHEMA, Writers, start, staged
 
-    setup_source(source_pg, schema=SCHEMA)
+    setup_source(source_pg, schema=SCHEMA, plugin=plugin)
     rng = random.Random(12)
     with KafkaMock(3, log_path=tmp_path / "kafka-mock.log") as mock:
         # schemas off and 16 partitions: the mock keeps only the last 5 MB of each partition
         for t in ("app.public.t1", "app.public.t2"):
             mock.create(t, 32)
         w = start(walpipe_factory, staging_pg, source_pg,
-                  {"k": {"plugin": "kafka", "brokers": mock.bootstrap, "schemas_enable": "false"}})
+                  {"k": {"plugin": "kafka", "brokers": mock.bootstrap, "schemas_enable": "false"}}, plugin=plugin)
         writers = Writers(source_pg, n=1).start()
         try:
             for kill in range(10):
@@ -233,6 +234,7 @@ def test_walpipe_kafka_exactly_once_across_sigkills(source_pg, staging_pg, walpi
         finally:
             writers.stop()
         wait_caught_up(source_pg, w)
+        assert source_pg.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = 'walpipe_app'") == plugin
         truth = staged(staging_pg)
         last = max((lsn_int(lsn), seq) for (_, lsn, seq, *_rest) in truth)
         wait_until(lambda: _sink_pos(staging_pg) >= last, timeout=180,

@@ -8,10 +8,8 @@ keeps.
 """
 
 import json
-import os
 
 import psycopg2
-import pytest
 
 import wptest
 from test_core import wait_caught_up
@@ -260,14 +258,3 @@ def test_named_publication_must_exist(source_pg, staging_pg, walpipe_factory):
     assert '"check":"wal2json"' not in r.stdout
     o = check_line(w, "table")  # pgoutput's words for a table without a replica identity
     assert o["status"] == "fail" and "the source refuses its UPDATEs and DELETEs" in o["message"], o
-
-
-@pytest.mark.parametrize("scenario", ["sigkill"])
-def test_pgoutput_torture(scenario, walpipe_bin, tmp_path):
-    """A torture scenario (torture.py) with walpipe reading pgoutput; its truth is a wal2json slot
-    at the same position, so the verdict is also a comparison of the two inputs under faults."""
-    import torture
-    row = torture.run_one(scenario, full=False, seed=int(os.environ.get("WP_SEED", "13")), workdir=tmp_path,
-                          plugin="pgoutput")
-    print(f"\npgoutput torture: {torture.table([row])}")
-    assert row.ok, f"{scenario} with pgoutput: " + "; ".join(row.problems)

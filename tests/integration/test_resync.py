@@ -17,6 +17,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 import wptest
 from test_core import wait_caught_up
 from test_workers import assert_mirrored, checksum, columns, ident, start, wait_applied
@@ -52,10 +54,12 @@ def in_one_txn(source_pg, statements):
         conn.close()
 
 
-def setup_app(source_pg, schema_sql):
+def setup_app(source_pg, schema_sql, plugin="wal2json"):
     source_pg.createdb("app")
     source_pg.sql(schema_sql, dbname="app")
-    wptest.create_slot(source_pg, "app", "walpipe_app")
+    if plugin == "pgoutput":  # the publication walpipe would create, older than the slot
+        source_pg.sql('CREATE PUBLICATION "walpipe_app" FOR ALL TABLES', dbname="app")
+    wptest.create_slot(source_pg, "app", "walpipe_app", plugin=plugin)
     wptest.create_slot(source_pg, "app", "truth")
 
 
@@ -169,12 +173,14 @@ def test_resync_after_identity_fixed(source_pg, staging_pg, walpipe_factory):
     assert w.stop() == 0
 
 
-def test_snapshot_table_removes_rows_the_source_lacks(source_pg, staging_pg, walpipe_factory):
+@pytest.mark.parametrize("plugin", ["wal2json", "pgoutput"])
+def test_snapshot_table_removes_rows_the_source_lacks(source_pg, staging_pg, walpipe_factory, plugin):
     """`walpipe snapshot --table` of a mirrored table, under concurrent writes, leaves the
-    mirror exactly equal to the source: a row only the mirror has (put there by hand) goes."""
-    setup_app(source_pg, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)")
+    mirror exactly equal to the source: a row only the mirror has (put there by hand) goes.
+    Under pgoutput the resync's consistent point meets the stream's held transactions."""
+    setup_app(source_pg, "CREATE TABLE items (id int PRIMARY KEY, v int, note text)", plugin=plugin)
     source_pg.sql("INSERT INTO items SELECT g, g, 'n' || g FROM generate_series(1, 2000) g", dbname="app")
-    w = start(walpipe_factory, staging_pg, source_pg, workers=2, workers_extra={"resync": "off"})
+    w = start(walpipe_factory, staging_pg, source_pg, workers=2, workers_extra={"resync": "off"}, plugin=plugin)
     wait_applied(source_pg, staging_pg, w)
     assert_mirrored(source_pg, staging_pg, "items", ["id"])
     staging_pg.sql("INSERT INTO analytics.public_items (id, v, note, _walpipe_lsn, _walpipe_seq) "
@@ -223,6 +229,7 @@ def test_snapshot_table_removes_rows_the_source_lacks(source_pg, staging_pg, wal
     first_row = staging_pg.scalar("SELECT min(id) FROM walpipe.raw_events WHERE event_type = 'snapshot'",
                                   dbname="staging")
     assert trunc[0][3] < first_row
+    assert source_pg.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = 'walpipe_app'") == plugin
     assert w.stop() == 0
 
 

@@ -104,12 +104,15 @@ def sink_config(w, name="j", **keys):
         f.write(f"\n[sink {name}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
 
 
-def start(walpipe_factory, staging_pg, source_pg, sinks, workers=0, run=True, tables=None):
-    """walpipe with one source "app" and the given sinks ({name: keys}); init done; run started."""
+def start(walpipe_factory, staging_pg, source_pg, sinks, workers=0, run=True, tables=None, plugin=None):
+    """walpipe with one source "app" and the given sinks ({name: keys}); init done; run started.
+    plugin: the source's input (unset: wal2json)."""
     w = walpipe_factory("[placeholder]\n")
     src = {"conninfo": source_pg.conninfo("app"), "slot": "walpipe_app"}
     if tables:
         src["tables"] = tables
+    if plugin:
+        src["plugin"] = plugin
     wptest.write_config(w.config_path, staging_pg.conninfo("staging"), {"app": src},
                         staging_extra={"batch_ms": 20})
     with open(w.config_path, "a") as f:
@@ -174,12 +177,17 @@ class Writers:
 # --------------------------------------------------------------------------
 # (a) exactly once, in order, across SIGKILLs
 
-def test_jsonl_exactly_once_in_order_across_sigkills(source_pg, staging_pg, walpipe_factory, tmp_path):
-    setup_source(source_pg, schema=SCHEMA)
+def slot_plugin(source_pg, slot="walpipe_app"):
+    return source_pg.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+
+
+@pytest.mark.parametrize("plugin", ["wal2json", "pgoutput"])
+def test_jsonl_exactly_once_in_order_across_sigkills(source_pg, staging_pg, walpipe_factory, tmp_path, plugin):
+    setup_source(source_pg, schema=SCHEMA, plugin=plugin)
     out = tmp_path / "out" / "events.jsonl"
     out.parent.mkdir()
     w = start(walpipe_factory, staging_pg, source_pg,
-              {"j": {"path": out, "rotate_bytes": 300000, "batch_events": 100}})
+              {"j": {"path": out, "rotate_bytes": 300000, "batch_events": 100}}, plugin=plugin)
     writers = Writers(source_pg).start()
     rnd = random.Random(11)
     try:
@@ -193,6 +201,7 @@ def test_jsonl_exactly_once_in_order_across_sigkills(source_pg, staging_pg, walp
     finally:
         writers.stop()
     wait_caught_up(source_pg, w)
+    assert slot_plugin(source_pg) == plugin  # walpipe really read with it
     total = len(staged(staging_pg))
     wait_until(lambda: count_lines(out) >= total, timeout=120, what=f"{total} events in the jsonl file", walpipe=w)
     assert w.stop() == 0

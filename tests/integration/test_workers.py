@@ -31,12 +31,15 @@ def ident(name):
 
 
 def start(walpipe_factory, staging_pg, source_pg, workers=1, workers_extra=None, staging_extra=None, init=True,
-          run=True, tables=None):
-    """A walpipe with a [workers] section; `walpipe init` done, `walpipe run` started."""
+          run=True, tables=None, plugin=None):
+    """A walpipe with a [workers] section; `walpipe init` done, `walpipe run` started.
+    plugin: the source's input (unset: walpipe's default, wal2json)."""
     w = walpipe_factory("[placeholder]\n")
     src = {"conninfo": source_pg.conninfo("app"), "slot": "walpipe_app"}
     if tables:
         src["tables"] = tables
+    if plugin:
+        src["plugin"] = plugin
     wptest.write_config(w.config_path, staging_pg.conninfo("staging"), {"app": src}, staging_extra=staging_extra)
     extra = {"count": workers, "retry_backoff_ms": 200}
     extra.update(workers_extra or {})

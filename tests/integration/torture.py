@@ -22,7 +22,7 @@ staged exactly once, with the right row image.
     source-down   two sources, one of them down the whole run; the other stages
                   everything while it retries (both timings reported)
 
-Run it with scripts/torture [--full] [--only NAME,...] [--seed N]; the short
+Run it with scripts/torture [--full] [--only NAME,...] [--seed N] [--plugin pgoutput]; the short
 form is also tests/integration/test_torture.py in the default test suite.
 The run prints a table and exits non-zero on any loss, duplicate, wrong row
 image or failed check.
@@ -349,7 +349,10 @@ class World:
 
     # -- the verdict
 
-    def verify(self, src, staging, dbname="app", truth_slot=TRUTH_SLOT, source="app"):
+    def verify(self, src, staging, dbname="app", truth_slot=TRUTH_SLOT, source="app", slot=SLOT):
+        # the run really read with the plugin asked for: walpipe's slot is of that plugin
+        used = src.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        self.check(used == self.plugin, f"{source}: walpipe's slot {slot} is of plugin {used}, not {self.plugin}")
         t = truth.stream_compare(src, dbname, truth_slot, staging, "staging", source_name=source)
         r = self.row
         r.expected = (r.expected or 0) + t.expected
@@ -550,11 +553,60 @@ def scenario_walsender(x):
     time.sleep(x.p["settle_s"])
     load.stop()
     x.caught_up(src, w)
+    if x.plugin == "pgoutput":
+        terminate_while_held(x, w, src, x.p["walsender_cycles"] * n * 4 + 4 * n, 2 * n)
     x.stop(w)
     x.row.faults = f"{x.p['walsender_cycles']} walsender kill mid-txn ({n} rows)"
+    if x.plugin == "pgoutput":
+        x.row.faults += " + 1 while held"
     x.check(hits == x.p["walsender_cycles"],
             f"only {hits} of {x.p['walsender_cycles']} terminations hit a partly staged transaction")
     x.verify(src, stg)
+
+
+def terminate_while_held(x, w, src, lo, n):
+    """pgoutput's own mid-transaction fault: the walsender terminated while walpipe holds a
+    transaction whose Commit it has not received, its tail already in a temporary file.  By
+    condition, with the load stopped: once walpipe logs the spill it is stopped (SIGSTOP), so the
+    walsender blocks on the full socket; the walsender's sent_lsn (the end of the last WAL record
+    it has fully decoded and sent) then stays below the transaction's commit, which only this
+    transaction's records precede: the Commit is unsent.  A try where the walsender got through
+    first is followed by another transaction."""
+    for attempt in range(3):
+        held = w.log().count("held in a temporary file")
+        streams = w.log().count("streaming from slot")
+        insert_big(src, lo + attempt * n, n)
+        after = truth.lsn_int(src.scalar("SELECT pg_current_wal_insert_lsn()::text"))  # past its commit
+        x.wait_log(w, "held in a temporary file", held + 1, timeout=300)
+        w.signal(signal.SIGSTOP)
+        try:
+            def blocked():
+                q = ("SELECT sent_lsn::text FROM pg_stat_replication WHERE pid = (SELECT active_pid "
+                     "FROM pg_replication_slots WHERE slot_name = %s)")
+                a = src.scalar(q, (SLOT,))
+                time.sleep(1)
+                b = src.scalar(q, (SLOT,))
+                return a == b and b is not None and (b,)
+            sent = wait_until(blocked, timeout=60, what="the walsender blocked on stopped walpipe")[0]
+            if truth.lsn_int(sent) < after:
+                pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
+                x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
+                x.row.notes.append(f"walsender terminated with {sent} sent, short of the held {n}-row "
+                                   f"transaction's commit (before {after:X})")
+                terminated = True
+            else:
+                terminated = False
+        finally:
+            w.signal(signal.SIGCONT)
+        if terminated:
+            x.wait_log(w, "streaming from slot", streams + 1)
+            x.caught_up(src, w)
+            # held again from the slot after the reconnect, and this time staged
+            x.check(w.log().count("held in a temporary file") >= held + 2,
+                    "the transaction was not held again after the walsender came back")
+            return
+        x.caught_up(src, w)
+    raise Failed(f"{attempt + 1} transactions of {n} rows each reached walpipe whole before it was stopped")
 
 
 def _retained(src, slot=SLOT):
@@ -681,6 +733,13 @@ def scenario_big_txn(x):
     x.caught_up(src, w)
     x.stop(w)
     x.row.faults = f"SIGKILL inside a {n}-row txn"
+    if x.plugin == "pgoutput":
+        # pgoutput's form of "staged in part": the transaction was held whole until its Commit (its
+        # tail in a temporary file past 8 MB) before staging began, and held again from the slot
+        # after the restart, its staged part skipped
+        held = w.log().count("held in a temporary file")
+        x.check(held >= 2, f"the big transaction was held in a temporary file {held} time(s), not before and "
+                           "after the kill")
     x.verify(src, stg)
 
 
@@ -798,6 +857,8 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="the full form (20 kills, 60 s outage, 2M-row txn, ...)")
     ap.add_argument("--only", default="", help="comma-separated scenario names: " + ", ".join(SCENARIOS))
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    ap.add_argument("--plugin", default="wal2json", choices=("wal2json", "pgoutput"),
+                    help="walpipe's input (the truth slot is wal2json's either way)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SCENARIOS)
     bad = [n for n in names if n not in SCENARIOS]
@@ -807,12 +868,12 @@ def main(argv=None):
         ap.error(f"walpipe binary not found at {wptest.walpipe_bin()}; build it or set WALPIPE_BIN")
     seed = args.seed if args.seed is not None else int(os.environ.get("WP_SEED", random.randrange(1 << 30)))
     form = "full" if args.full else "short"
-    print(f"torture: {form} form, seed {seed}, scenarios: {', '.join(names)}", flush=True)
+    print(f"torture: {form} form, seed {seed}, input {args.plugin}, scenarios: {', '.join(names)}", flush=True)
     rows = []
     t0 = time.monotonic()
     for name in names:
         print(f"torture: {name} ...", flush=True)
-        r = run_one(name, full=args.full, seed=seed)
+        r = run_one(name, full=args.full, seed=seed, plugin=args.plugin)
         rows.append(r)
         verdict = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
         print(f"torture: {name}: {verdict} ({r.seconds:.0f} s)", flush=True)
