@@ -10,7 +10,7 @@ consumed up to the target LSN.
 Contenders, each on its own slot copied from one base slot at the same
 position (pg_copy_logical_replication_slot), all with the same wal2json
 options (format-version 2, include-xids, include-timestamp, include-lsn,
-include-type-oids) and the same session settings; pg_recvlogical_pgoutput
+include-type-oids, -column-positions) and the same session settings; pg_recvlogical_pgoutput
 and walpipe_pgoutput are the first two on a copy made with pgoutput
 (proto_version 1, a FOR ALL TABLES publication, messages):
   pg_recvlogical  to /dev/null with --endpos: the decode ceiling
@@ -69,7 +69,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SOURCE_NAME = "bench"
 MARKER_PREFIX = "wpbench"
 WAL2JSON_OPTIONS = ["format-version=2", "include-xids=1", "include-timestamp=1", "include-lsn=1",
-                    "include-type-oids=1"]
+                    "include-type-oids=1", "include-column-positions=1"]  # what walpipe's reader asks
 # walpipe pins these on its replication connection; the other contenders get them too.
 SOURCE_PGOPTIONS = ("-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres "
                     "-c bytea_output=hex -c extra_float_digits=3")

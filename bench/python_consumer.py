@@ -48,7 +48,7 @@ FNV_PRIME = 1099511628211
 MASK64 = (1 << 64) - 1
 
 WAL2JSON_OPTIONS = {"format-version": "2", "include-xids": "1", "include-timestamp": "1",
-                    "include-lsn": "1", "include-type-oids": "1"}
+                    "include-lsn": "1", "include-type-oids": "1", "include-column-positions": "1"}
 # The same session settings walpipe pins, so values render the same way.
 SOURCE_OPTIONS = ("-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres "
                   "-c bytea_output=hex -c extra_float_digits=3")
@@ -212,15 +212,16 @@ class Consumer:
             if f is not None and v is not None:
                 v = f(v)
             out[name] = v
-            sig.append(key + (name,))
+            sig.append(key + (name, c.get("position")))
         return out, tuple(sig)
 
     def shape_id(self, schema, table, sig):
         key = (schema, table, sig)
         sid = self.shapes.get(key)
         if sid is None:
-            cols = json.dumps([{"name": n, "type": t, "typeoid": o} for (o, t, n) in sig],
-                              separators=(",", ":"), ensure_ascii=False)
+            # walpipe's shape text: "position" (the attnum) only where wal2json sent one
+            cols = json.dumps([dict({"name": n, "type": t, "typeoid": o}, **({"position": p} if p else {}))
+                               for (o, t, n, p) in sig], separators=(",", ":"), ensure_ascii=False)
             h = fnv1a(FNV_OFFSET, (schema or "").encode() + b"\0" + table.encode() + b"\0")
             h = fnv1a(h, cols.encode())
             sid = (h & 0x7FFFFFFFFFFFFFFF) or 1
