@@ -570,12 +570,16 @@ def terminate_while_held(x, w, src, lo, n):
     condition, with the load stopped: once walpipe logs the spill it is stopped (SIGSTOP), so the
     walsender blocks on the full socket; the walsender's sent_lsn (the end of the last WAL record
     it has fully decoded and sent) then stays below the transaction's commit, which only this
-    transaction's records precede: the Commit is unsent.  A try where the walsender got through
-    first is followed by another transaction."""
+    transaction's records precede: the Commit is unsent.  A try where walpipe got the whole
+    transaction before it was stopped (a fast machine) is followed by a bigger one, whose tail
+    past the spill takes longer to send."""
+    start = lo
     for attempt in range(3):
         held = w.log().count("held in a temporary file")
         streams = w.log().count("streaming from slot")
-        insert_big(src, lo + attempt * n, n)
+        size = n * (attempt + 1)
+        insert_big(src, start, size)
+        start += size
         after = truth.lsn_int(src.scalar("SELECT pg_current_wal_insert_lsn()::text"))  # past its commit
         x.wait_log(w, "held in a temporary file", held + 1, timeout=300)
         w.signal(signal.SIGSTOP)
@@ -591,7 +595,7 @@ def terminate_while_held(x, w, src, lo, n):
             if truth.lsn_int(sent) < after:
                 pid = src.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
                 x.check(src.scalar("SELECT pg_terminate_backend(%s)", (pid,)), f"could not terminate walsender {pid}")
-                x.row.notes.append(f"walsender terminated with {sent} sent, short of the held {n}-row "
+                x.row.notes.append(f"walsender terminated with {sent} sent, short of the held {size}-row "
                                    f"transaction's commit (before {after:X})")
                 terminated = True
             else:
@@ -606,7 +610,7 @@ def terminate_while_held(x, w, src, lo, n):
                     "the transaction was not held again after the walsender came back")
             return
         x.caught_up(src, w)
-    raise Failed(f"{attempt + 1} transactions of {n} rows each reached walpipe whole before it was stopped")
+    raise Failed(f"{attempt + 1} transactions of {n} to {size} rows reached walpipe whole before it was stopped")
 
 
 def _retained(src, slot=SLOT):
