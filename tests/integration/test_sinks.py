@@ -61,22 +61,35 @@ def jsonl_files(path):
     return rotated + ([path] if path.exists() else [])
 
 
+def read_files(path, read):
+    """read(f) of each of the sink's files in order.  A running sink may rotate path (rename it to
+    path.N, then create path again on its next write) between the listing and an open: then the
+    files are listed again."""
+    while True:
+        try:
+            return [read(f) for f in jsonl_files(path)]
+        except FileNotFoundError:
+            continue
+
+
 def read_jsonl(path):
-    out = []
-    for f in jsonl_files(path):
+    def lines(f):
+        out = []
         with open(f) as fh:
             for line in fh:
                 assert line.endswith("\n"), f"torn line in {f}: {line!r}"
                 out.append(json.loads(line))
-    return out
+        return out
+    return [e for part in read_files(path, lines) for e in part]
 
 
 def count_lines(path):
-    n = 0
-    for f in jsonl_files(path):
+    """Lines written so far (a listing that misses a file being rotated counts fewer: callers wait
+    for counts to grow, so a low count only makes them look again)."""
+    def count(f):
         with open(f, "rb") as fh:
-            n += fh.read().count(b"\n")
-    return n
+            return fh.read().count(b"\n")
+    return sum(read_files(path, count))
 
 
 def staged(staging_pg, extra=""):
