@@ -25,72 +25,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "envelope.h"
-
-static char *read_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    if (buf)
-        buf[n] = '\0';
-    fclose(f);
-    return buf;
-}
-
-static yajl_val get(yajl_val obj, const char *key)
-{
-    const char *path[] = {key, NULL};
-    return obj ? yajl_tree_get(obj, path, yajl_t_any) : NULL;
-}
-
-/* Compact JSON text of v, numbers by their text (what the event's payload would be). */
-static void dump(yajl_gen g, yajl_val v)
-{
-    if (YAJL_IS_OBJECT(v)) {
-        yajl_gen_map_open(g);
-        for (size_t i = 0; i < v->u.object.len; i++) {
-            yajl_gen_string(g, (const unsigned char *)v->u.object.keys[i], strlen(v->u.object.keys[i]));
-            dump(g, v->u.object.values[i]);
-        }
-        yajl_gen_map_close(g);
-    } else if (YAJL_IS_ARRAY(v)) {
-        yajl_gen_array_open(g);
-        for (size_t i = 0; i < v->u.array.len; i++)
-            dump(g, v->u.array.values[i]);
-        yajl_gen_array_close(g);
-    } else if (YAJL_IS_STRING(v))
-        yajl_gen_string(g, (const unsigned char *)v->u.string, strlen(v->u.string));
-    else if (YAJL_IS_NUMBER(v))
-        yajl_gen_number(g, v->u.number.r, strlen(v->u.number.r));
-    else if (YAJL_IS_TRUE(v))
-        yajl_gen_bool(g, 1);
-    else if (YAJL_IS_FALSE(v))
-        yajl_gen_bool(g, 0);
-    else
-        yajl_gen_null(g);
-}
-
-static char *to_text(yajl_val v)
-{
-    if (!v || YAJL_IS_NULL(v))
-        return NULL;
-    yajl_gen g = yajl_gen_alloc(NULL);
-    dump(g, v);
-    const unsigned char *buf;
-    size_t n;
-    yajl_gen_get_buf(g, &buf, &n);
-    char *s = strndup((const char *)buf, n);
-    yajl_gen_free(g);
-    return s;
-}
+#include "fixture_json.h"
 
 /* Field-by-field, order-sensitive comparison; on a difference prints the path and returns 0. */
 static int same(yajl_val want, yajl_val got, const char *path)
@@ -193,11 +128,6 @@ static wp_dbz_decimal_t decimal_mode(yajl_val v)
                                       : WP_DBZ_DECIMAL_PRECISE;
 }
 
-static const char *str_or_null(yajl_val v)
-{
-    return v && YAJL_IS_STRING(v) ? v->u.string : NULL;
-}
-
 /*
  * Runs the fixture's events in order through one encoder session (one table memory) and checks
  * each event's records: "events" is an array of {"event":..,"records":[..]} (or one "event" and
@@ -207,24 +137,24 @@ static void run_fixture(const char *name)
 {
     char path[1024], perr[256];
     snprintf(path, sizeof path, "%s/%s.json", WP_DBZ_FIXTURES, name);
-    char *text = read_file(path);
+    char *text = fx_read_file(path);
     assert_non_null(text);
     yajl_val fx = yajl_tree_parse(text, perr, sizeof perr);
     if (!fx)
         fail_msg("%s: %s", path, perr);
-    yajl_val o = get(fx, "options");
+    yajl_val o = fx_get(fx, "options");
     wp_dbz_options_t opt = {0};
-    opt.topic_prefix = str_or_null(get(o, "topic_prefix"));
-    opt.database = str_or_null(get(o, "database"));
-    opt.schemas_enable = YAJL_IS_TRUE(get(o, "schemas_enable"));
-    opt.decimal_mode = decimal_mode(get(o, "decimal_mode"));
-    opt.unavailable_placeholder = str_or_null(get(o, "unavailable_placeholder"));
-    opt.now_ns = get(o, "now_ns") ? YAJL_GET_INTEGER(get(o, "now_ns")) : 0;
-    if (YAJL_IS_TRUE(get(o, "table_memory")))
+    opt.topic_prefix = fx_str_or_null(fx_get(o, "topic_prefix"));
+    opt.database = fx_str_or_null(fx_get(o, "database"));
+    opt.schemas_enable = YAJL_IS_TRUE(fx_get(o, "schemas_enable"));
+    opt.decimal_mode = decimal_mode(fx_get(o, "decimal_mode"));
+    opt.unavailable_placeholder = fx_str_or_null(fx_get(o, "unavailable_placeholder"));
+    opt.now_ns = fx_get(o, "now_ns") ? YAJL_GET_INTEGER(fx_get(o, "now_ns")) : 0;
+    if (YAJL_IS_TRUE(fx_get(o, "table_memory")))
         opt.tables = wp_dbz_tables_new();
-    int tombstones = !YAJL_IS_FALSE(get(o, "tombstones"));
+    int tombstones = !YAJL_IS_FALSE(fx_get(o, "tombstones"));
 
-    yajl_val steps = get(fx, "steps");
+    yajl_val steps = fx_get(fx, "steps");
     size_t nsteps = steps ? steps->u.array.len : 1;
     int ok = 1;
     /* with a table memory, every step runs twice: the second round is served by its caches
@@ -232,20 +162,20 @@ static void run_fixture(const char *name)
     size_t rounds = opt.tables ? 2 : 1;
     for (size_t s = 0; s < nsteps * rounds && ok; s++) {
         yajl_val step = steps ? steps->u.array.values[s % nsteps] : fx;
-        yajl_val e = get(step, "event");
+        yajl_val e = fx_get(step, "event");
         wp_sink_event_t ev = {0};
         ev.ticket = s + 1;
-        ev.source = str_or_null(get(e, "source"));
-        ev.lsn = (uint64_t)YAJL_GET_INTEGER(get(e, "lsn"));
-        ev.seq = (int32_t)YAJL_GET_INTEGER(get(e, "seq"));
-        ev.op = str_or_null(get(e, "op"));
-        ev.schema = str_or_null(get(e, "schema"));
-        ev.table = str_or_null(get(e, "table"));
-        ev.xid = get(e, "xid") && YAJL_IS_INTEGER(get(e, "xid")) ? YAJL_GET_INTEGER(get(e, "xid")) : -1;
-        ev.commit_us = get(e, "commit_us") ? YAJL_GET_INTEGER(get(e, "commit_us")) : 0;
-        char *payload = to_text(get(e, "payload"));
-        char *columns = to_text(get(e, "columns"));
-        char *key_columns = to_text(get(e, "key_columns"));
+        ev.source = fx_str_or_null(fx_get(e, "source"));
+        ev.lsn = (uint64_t)YAJL_GET_INTEGER(fx_get(e, "lsn"));
+        ev.seq = (int32_t)YAJL_GET_INTEGER(fx_get(e, "seq"));
+        ev.op = fx_str_or_null(fx_get(e, "op"));
+        ev.schema = fx_str_or_null(fx_get(e, "schema"));
+        ev.table = fx_str_or_null(fx_get(e, "table"));
+        ev.xid = fx_get(e, "xid") && YAJL_IS_INTEGER(fx_get(e, "xid")) ? YAJL_GET_INTEGER(fx_get(e, "xid")) : -1;
+        ev.commit_us = fx_get(e, "commit_us") ? YAJL_GET_INTEGER(fx_get(e, "commit_us")) : 0;
+        char *payload = fx_to_text(fx_get(e, "payload"));
+        char *columns = fx_to_text(fx_get(e, "columns"));
+        char *key_columns = fx_to_text(fx_get(e, "key_columns"));
         ev.payload = payload;
         ev.payload_len = payload ? strlen(payload) : 0;
         ev.columns = columns;
@@ -254,8 +184,8 @@ static void run_fixture(const char *name)
         wp_dbz_record_t out[3];
         char err[256];
         int n = wp_dbz_encode(&opt, &ev, tombstones, out, err, sizeof err);
-        yajl_val want = get(step, "records");
-        yajl_val want_err = get(step, "error");
+        yajl_val want = fx_get(step, "records");
+        yajl_val want_err = fx_get(step, "error");
         if (want_err) {
             if (n != -1 || strstr(err, want_err->u.string) == NULL) {
                 print_error("%s step %zu: want error containing \"%s\", got n=%d \"%s\"\n", name, s, want_err->u.string,
@@ -274,18 +204,18 @@ static void run_fixture(const char *name)
             for (int i = 0; i < n && ok; i++) {
                 yajl_val r = want->u.array.values[i];
                 char p[256];
-                if (strcmp(out[i].topic, get(r, "topic")->u.string) != 0) {
-                    print_error("%s step %zu record %d: topic want %s got %s\n", name, s, i, get(r, "topic")->u.string,
+                if (strcmp(out[i].topic, fx_get(r, "topic")->u.string) != 0) {
+                    print_error("%s step %zu record %d: topic want %s got %s\n", name, s, i, fx_get(r, "topic")->u.string,
                                 out[i].topic);
                     ok = 0;
                     break;
                 }
                 snprintf(p, sizeof p, "%s[%zu].record[%d].key", name, s, i);
-                ok = ok && same_part(get(r, "key"), out[i].key, out[i].key_len, p);
+                ok = ok && same_part(fx_get(r, "key"), out[i].key, out[i].key_len, p);
                 snprintf(p, sizeof p, "%s[%zu].record[%d].value", name, s, i);
-                ok = ok && same_part(get(r, "value"), out[i].value, out[i].value_len, p);
-                yajl_val h = get(r, "header");
-                const char *hn = str_or_null(get(h, "name"));
+                ok = ok && same_part(fx_get(r, "value"), out[i].value, out[i].value_len, p);
+                yajl_val h = fx_get(r, "header");
+                const char *hn = fx_str_or_null(fx_get(h, "name"));
                 if ((hn == NULL) != (out[i].header_name == NULL) ||
                     (hn && strcmp(hn, out[i].header_name) != 0)) {
                     print_error("%s step %zu record %d: header want %s got %s\n", name, s, i, hn ? hn : "none",
@@ -294,7 +224,7 @@ static void run_fixture(const char *name)
                 }
                 snprintf(p, sizeof p, "%s[%zu].record[%d].header", name, s, i);
                 if (ok && hn)
-                    ok = same_part(get(h, "value"), out[i].header_value, out[i].header_value_len, p);
+                    ok = same_part(fx_get(h, "value"), out[i].header_value, out[i].header_value_len, p);
             }
             for (int i = 0; i < n; i++)
                 wp_dbz_record_free(&out[i]);
@@ -373,7 +303,7 @@ static void test_real_clock(void **state)
     clock_gettime(CLOCK_REALTIME, &b);
     yajl_val v = yajl_tree_parse(out[0].value, NULL, 0);
     assert_non_null(v);
-    long long ts = YAJL_GET_INTEGER(get(v, "ts_ms"));
+    long long ts = YAJL_GET_INTEGER(fx_get(v, "ts_ms"));
     assert_true(ts >= (long long)a.tv_sec * 1000 + a.tv_nsec / 1000000);
     assert_true(ts <= (long long)b.tv_sec * 1000 + b.tv_nsec / 1000000);
     yajl_tree_free(v);

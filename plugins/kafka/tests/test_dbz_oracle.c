@@ -27,6 +27,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "envelope.h"
+#include "fixture_json.h"
 #include "envelope_ref.h"
 
 static const char *const fixtures[] = {
@@ -35,85 +36,6 @@ static const char *const fixtures[] = {
     "message_noschema", "message_schema", "types_noschema",   "types_schema",         "numeric_precise",
     "numeric_string",  "numeric_double", "temporal",          "arrays",               "toast_placeholder",
     "toast_stale_memory", "utf8_topic",  "no_key",            "errors",               NULL};
-
-static char *read_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    if (buf)
-        buf[n] = '\0';
-    fclose(f);
-    return buf;
-}
-
-static yajl_val get(yajl_val obj, const char *key)
-{
-    const char *path[] = {key, NULL};
-    return obj && YAJL_IS_OBJECT(obj) ? yajl_tree_get(obj, path, yajl_t_any) : NULL;
-}
-
-static const char *str_or_null(yajl_val v)
-{
-    return v && YAJL_IS_STRING(v) ? v->u.string : NULL;
-}
-
-/* Compact JSON text of v, numbers by their text. */
-static void dump(yajl_gen g, yajl_val v)
-{
-    if (YAJL_IS_OBJECT(v)) {
-        yajl_gen_map_open(g);
-        for (size_t i = 0; i < v->u.object.len; i++) {
-            yajl_gen_string(g, (const unsigned char *)v->u.object.keys[i], strlen(v->u.object.keys[i]));
-            dump(g, v->u.object.values[i]);
-        }
-        yajl_gen_map_close(g);
-    } else if (YAJL_IS_ARRAY(v)) {
-        yajl_gen_array_open(g);
-        for (size_t i = 0; i < v->u.array.len; i++)
-            dump(g, v->u.array.values[i]);
-        yajl_gen_array_close(g);
-    } else if (YAJL_IS_STRING(v))
-        yajl_gen_string(g, (const unsigned char *)v->u.string, strlen(v->u.string));
-    else if (YAJL_IS_NUMBER(v))
-        yajl_gen_number(g, v->u.number.r, strlen(v->u.number.r));
-    else if (YAJL_IS_TRUE(v))
-        yajl_gen_bool(g, 1);
-    else if (YAJL_IS_FALSE(v))
-        yajl_gen_bool(g, 0);
-    else
-        yajl_gen_null(g);
-}
-
-static char *gen_text(yajl_gen g)
-{
-    const unsigned char *buf;
-    size_t n;
-    yajl_gen_get_buf(g, &buf, &n);
-    char *s = strndup((const char *)buf, n);
-    yajl_gen_clear(g);
-    yajl_gen_reset(g, NULL);
-    return s;
-}
-
-static char *to_text(yajl_val v)
-{
-    if (!v || YAJL_IS_NULL(v))
-        return NULL;
-    yajl_gen g = yajl_gen_alloc(NULL);
-    dump(g, v);
-    char *s = gen_text(g);
-    yajl_gen_free(g);
-    return s;
-}
 
 static int same_bytes(const char *a, size_t alen, const char *b, size_t blen)
 {
@@ -178,38 +100,38 @@ static int same_output(const wp_dbz_options_t *opt, const wp_dbz_options_t *ref_
 static int run_fixture_variant(yajl_val fx, const char *name, int schemas, int memory, int tombstones,
                                wp_dbz_decimal_t mode)
 {
-    yajl_val o = get(fx, "options");
+    yajl_val o = fx_get(fx, "options");
     wp_dbz_options_t opt = {0}, ref = {0};
     char label[256];
     int ok = 1;
 
-    opt.topic_prefix = str_or_null(get(o, "topic_prefix"));
-    opt.database = str_or_null(get(o, "database"));
+    opt.topic_prefix = fx_str_or_null(fx_get(o, "topic_prefix"));
+    opt.database = fx_str_or_null(fx_get(o, "database"));
     opt.schemas_enable = schemas;
     opt.decimal_mode = mode;
-    opt.unavailable_placeholder = str_or_null(get(o, "unavailable_placeholder"));
-    opt.now_ns = get(o, "now_ns") ? YAJL_GET_INTEGER(get(o, "now_ns")) : 1;
+    opt.unavailable_placeholder = fx_str_or_null(fx_get(o, "unavailable_placeholder"));
+    opt.now_ns = fx_get(o, "now_ns") ? YAJL_GET_INTEGER(fx_get(o, "now_ns")) : 1;
     ref = opt;
     if (memory) {
         opt.tables = wp_dbz_tables_new();
         ref.tables = wp_dbz_ref_tables_new();
     }
-    yajl_val steps = get(fx, "steps");
+    yajl_val steps = fx_get(fx, "steps");
     size_t nsteps = steps ? steps->u.array.len : 1;
     for (size_t s = 0; s < nsteps * 2 && ok; s++) {
-        yajl_val e = get(steps ? steps->u.array.values[s % nsteps] : fx, "event");
+        yajl_val e = fx_get(steps ? steps->u.array.values[s % nsteps] : fx, "event");
         wp_sink_event_t ev = {0};
         ev.ticket = s + 1;
-        ev.source = str_or_null(get(e, "source"));
-        ev.lsn = (uint64_t)YAJL_GET_INTEGER(get(e, "lsn"));
-        ev.seq = (int32_t)YAJL_GET_INTEGER(get(e, "seq"));
-        ev.op = str_or_null(get(e, "op"));
-        ev.schema = str_or_null(get(e, "schema"));
-        ev.table = str_or_null(get(e, "table"));
-        ev.xid = get(e, "xid") && YAJL_IS_INTEGER(get(e, "xid")) ? YAJL_GET_INTEGER(get(e, "xid")) : -1;
-        ev.commit_us = get(e, "commit_us") ? YAJL_GET_INTEGER(get(e, "commit_us")) : 0;
-        char *payload = to_text(get(e, "payload")), *columns = to_text(get(e, "columns"));
-        char *key_columns = to_text(get(e, "key_columns"));
+        ev.source = fx_str_or_null(fx_get(e, "source"));
+        ev.lsn = (uint64_t)YAJL_GET_INTEGER(fx_get(e, "lsn"));
+        ev.seq = (int32_t)YAJL_GET_INTEGER(fx_get(e, "seq"));
+        ev.op = fx_str_or_null(fx_get(e, "op"));
+        ev.schema = fx_str_or_null(fx_get(e, "schema"));
+        ev.table = fx_str_or_null(fx_get(e, "table"));
+        ev.xid = fx_get(e, "xid") && YAJL_IS_INTEGER(fx_get(e, "xid")) ? YAJL_GET_INTEGER(fx_get(e, "xid")) : -1;
+        ev.commit_us = fx_get(e, "commit_us") ? YAJL_GET_INTEGER(fx_get(e, "commit_us")) : 0;
+        char *payload = fx_to_text(fx_get(e, "payload")), *columns = fx_to_text(fx_get(e, "columns"));
+        char *key_columns = fx_to_text(fx_get(e, "key_columns"));
         ev.payload = payload;
         ev.payload_len = payload ? strlen(payload) : 0;
         ev.columns = columns;
@@ -234,7 +156,7 @@ static void test_fixtures_byte_for_byte(void **state)
     for (const char *const *f = fixtures; *f && ok; f++) {
         char path[1024], perr[256];
         snprintf(path, sizeof path, "%s/%s.json", WP_DBZ_FIXTURES, *f);
-        char *text = read_file(path);
+        char *text = fx_read_file(path);
         assert_non_null(text);
         yajl_val fx = yajl_tree_parse(text, perr, sizeof perr);
         if (!fx)
@@ -307,12 +229,12 @@ static size_t pool_type(const char *type)
 
 static void pool_add(yajl_val event)
 {
-    yajl_val cols = get(event, "columns"), payload = get(event, "payload");
+    yajl_val cols = fx_get(event, "columns"), payload = fx_get(event, "payload");
     if (!cols || !YAJL_IS_ARRAY(cols))
         return;
     for (size_t i = 0; i < cols->u.array.len; i++) {
-        const char *n = str_or_null(get(cols->u.array.values[i], "name"));
-        const char *t = str_or_null(get(cols->u.array.values[i], "type"));
+        const char *n = fx_str_or_null(fx_get(cols->u.array.values[i], "name"));
+        const char *t = fx_str_or_null(fx_get(cols->u.array.values[i], "type"));
         if (!n || !t)
             continue;
         size_t k = pool_type(t);
@@ -324,7 +246,7 @@ static void pool_add(yajl_val event)
         }
         const char *images[] = {"after", "before", "key"};
         for (int im = 0; im < 3; im++) {
-            yajl_val v = get(get(payload, images[im]), n);
+            yajl_val v = fx_get(fx_get(payload, images[im]), n);
             if (v && npool_vals[k] < 16)
                 pool_vals[k][npool_vals[k]++] = v;
         }
@@ -355,7 +277,7 @@ static void gen_value(yajl_gen g, const rtable_t *t, size_t c)
         random_text(s, sizeof s);
         yajl_gen_string(g, (const unsigned char *)s, strlen(s));
     } else {
-        dump(g, pool_vals[k][pick(npool_vals[k])]);
+        fx_dump(g, pool_vals[k][pick(npool_vals[k])]);
     }
 }
 
@@ -403,7 +325,7 @@ static void make_tables(rtable_t *tabs, size_t ntabs, yajl_gen g)
             yajl_gen_map_close(g);
         }
         yajl_gen_array_close(g);
-        t->columns = gen_text(g);
+        t->columns = fx_gen_text(g);
         t->key_columns = NULL;
         if (t->keyed) {
             yajl_gen_array_open(g);
@@ -414,7 +336,7 @@ static void make_tables(rtable_t *tabs, size_t ntabs, yajl_gen g)
             yajl_gen_string(g, (const unsigned char *)"integer", 7);
             yajl_gen_map_close(g);
             yajl_gen_array_close(g);
-            t->key_columns = gen_text(g);
+            t->key_columns = fx_gen_text(g);
         }
     }
 }
@@ -439,18 +361,18 @@ static void test_random_byte_for_byte(void **state)
     for (const char *const *f = fixtures; *f; f++) {
         char path[1024];
         snprintf(path, sizeof path, "%s/%s.json", WP_DBZ_FIXTURES, *f);
-        texts[ntexts] = read_file(path);
+        texts[ntexts] = fx_read_file(path);
         assert_non_null(texts[ntexts]);
         trees[ntexts] = yajl_tree_parse(texts[ntexts], NULL, 0);
         assert_non_null(trees[ntexts]);
-        yajl_val fx = trees[ntexts++], steps = get(fx, "steps");
+        yajl_val fx = trees[ntexts++], steps = fx_get(fx, "steps");
         if (strcmp(*f, "errors") == 0)
             continue; /* its columns are broken on purpose */
         if (steps)
             for (size_t s = 0; s < steps->u.array.len; s++)
-                pool_add(get(steps->u.array.values[s], "event"));
+                pool_add(fx_get(steps->u.array.values[s], "event"));
         else
-            pool_add(get(fx, "event"));
+            pool_add(fx_get(fx, "event"));
     }
     assert_true(npool > 40);
     assert_true(pool_type("integer") < npool);
@@ -522,7 +444,7 @@ static void test_random_byte_for_byte(void **state)
                 gen_image(g, t, 0, 0, keyval);
             }
             yajl_gen_map_close(g);
-            char *payload = gen_text(g);
+            char *payload = fx_gen_text(g);
             ev.payload = payload;
             ev.payload_len = strlen(payload);
             snprintf(label, sizeof label, "seed %llu session %d event %d (%s)", (unsigned long long)seed, session, i,
