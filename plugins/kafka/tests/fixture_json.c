@@ -83,3 +83,30 @@ char *fx_to_text(yajl_val v)
     yajl_gen_free(g);
     return s;
 }
+
+void fx_event(yajl_val e, uint64_t ticket, wp_sink_event_t *ev)
+{
+    memset(ev, 0, sizeof *ev);
+    ev->ticket = ticket;
+    ev->source = fx_str_or_null(fx_get(e, "source"));
+    ev->lsn = (uint64_t)YAJL_GET_INTEGER(fx_get(e, "lsn"));
+    ev->seq = (int32_t)YAJL_GET_INTEGER(fx_get(e, "seq"));
+    ev->op = fx_str_or_null(fx_get(e, "op"));
+    ev->schema = fx_str_or_null(fx_get(e, "schema"));
+    ev->table = fx_str_or_null(fx_get(e, "table"));
+    ev->xid = fx_get(e, "xid") && YAJL_IS_INTEGER(fx_get(e, "xid")) ? YAJL_GET_INTEGER(fx_get(e, "xid")) : -1;
+    ev->commit_us = fx_get(e, "commit_us") ? YAJL_GET_INTEGER(fx_get(e, "commit_us")) : 0;
+    char *payload = fx_to_text(fx_get(e, "payload"));
+    ev->payload = payload;
+    ev->payload_len = payload ? strlen(payload) : 0;
+    ev->columns = fx_to_text(fx_get(e, "columns"));
+    ev->key_columns = fx_to_text(fx_get(e, "key_columns"));
+}
+
+void fx_event_free(wp_sink_event_t *ev)
+{
+    free((char *)ev->payload);
+    free((char *)ev->columns);
+    free((char *)ev->key_columns);
+    ev->payload = ev->columns = ev->key_columns = NULL;
+}

@@ -9,6 +9,8 @@
 #include <yajl/yajl_gen.h>
 #include <yajl/yajl_tree.h>
 
+#include <walpipe/sink.h>
+
 /* The whole file as a NUL-terminated string, or NULL. */
 char *fx_read_file(const char *path);
 /* obj[key] when obj is an object, else NULL. */
@@ -21,5 +23,9 @@ void fx_dump(yajl_gen g, yajl_val v);
 char *fx_gen_text(yajl_gen g);
 /* Compact JSON text of v, numbers by their text (what an event's payload would be); NULL for null. */
 char *fx_to_text(yajl_val v);
+/* ev from a fixture's "event" object e; its payload, columns and key_columns are malloc'ed texts,
+   freed by fx_event_free. */
+void fx_event(yajl_val e, uint64_t ticket, wp_sink_event_t *ev);
+void fx_event_free(wp_sink_event_t *ev);
 
 #endif

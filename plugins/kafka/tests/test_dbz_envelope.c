@@ -163,23 +163,8 @@ static void run_fixture(const char *name)
     for (size_t s = 0; s < nsteps * rounds && ok; s++) {
         yajl_val step = steps ? steps->u.array.values[s % nsteps] : fx;
         yajl_val e = fx_get(step, "event");
-        wp_sink_event_t ev = {0};
-        ev.ticket = s + 1;
-        ev.source = fx_str_or_null(fx_get(e, "source"));
-        ev.lsn = (uint64_t)YAJL_GET_INTEGER(fx_get(e, "lsn"));
-        ev.seq = (int32_t)YAJL_GET_INTEGER(fx_get(e, "seq"));
-        ev.op = fx_str_or_null(fx_get(e, "op"));
-        ev.schema = fx_str_or_null(fx_get(e, "schema"));
-        ev.table = fx_str_or_null(fx_get(e, "table"));
-        ev.xid = fx_get(e, "xid") && YAJL_IS_INTEGER(fx_get(e, "xid")) ? YAJL_GET_INTEGER(fx_get(e, "xid")) : -1;
-        ev.commit_us = fx_get(e, "commit_us") ? YAJL_GET_INTEGER(fx_get(e, "commit_us")) : 0;
-        char *payload = fx_to_text(fx_get(e, "payload"));
-        char *columns = fx_to_text(fx_get(e, "columns"));
-        char *key_columns = fx_to_text(fx_get(e, "key_columns"));
-        ev.payload = payload;
-        ev.payload_len = payload ? strlen(payload) : 0;
-        ev.columns = columns;
-        ev.key_columns = key_columns;
+        wp_sink_event_t ev;
+        fx_event(e, s + 1, &ev);
 
         wp_dbz_record_t out[3];
         char err[256];
@@ -229,9 +214,7 @@ static void run_fixture(const char *name)
             for (int i = 0; i < n; i++)
                 wp_dbz_record_free(&out[i]);
         }
-        free(payload);
-        free(columns);
-        free(key_columns);
+        fx_event_free(&ev);
     }
     wp_dbz_tables_free(opt.tables);
     yajl_tree_free(fx);

@@ -120,28 +120,12 @@ static int run_fixture_variant(yajl_val fx, const char *name, int schemas, int m
     size_t nsteps = steps ? steps->u.array.len : 1;
     for (size_t s = 0; s < nsteps * 2 && ok; s++) {
         yajl_val e = fx_get(steps ? steps->u.array.values[s % nsteps] : fx, "event");
-        wp_sink_event_t ev = {0};
-        ev.ticket = s + 1;
-        ev.source = fx_str_or_null(fx_get(e, "source"));
-        ev.lsn = (uint64_t)YAJL_GET_INTEGER(fx_get(e, "lsn"));
-        ev.seq = (int32_t)YAJL_GET_INTEGER(fx_get(e, "seq"));
-        ev.op = fx_str_or_null(fx_get(e, "op"));
-        ev.schema = fx_str_or_null(fx_get(e, "schema"));
-        ev.table = fx_str_or_null(fx_get(e, "table"));
-        ev.xid = fx_get(e, "xid") && YAJL_IS_INTEGER(fx_get(e, "xid")) ? YAJL_GET_INTEGER(fx_get(e, "xid")) : -1;
-        ev.commit_us = fx_get(e, "commit_us") ? YAJL_GET_INTEGER(fx_get(e, "commit_us")) : 0;
-        char *payload = fx_to_text(fx_get(e, "payload")), *columns = fx_to_text(fx_get(e, "columns"));
-        char *key_columns = fx_to_text(fx_get(e, "key_columns"));
-        ev.payload = payload;
-        ev.payload_len = payload ? strlen(payload) : 0;
-        ev.columns = columns;
-        ev.key_columns = key_columns;
+        wp_sink_event_t ev;
+        fx_event(e, s + 1, &ev);
         snprintf(label, sizeof label, "%s step %zu (schemas %d, memory %d, tombstones %d, decimal %d)", name, s,
                  schemas, memory, tombstones, (int)mode);
         ok = same_output(&opt, &ref, &ev, tombstones, label);
-        free(payload);
-        free(columns);
-        free(key_columns);
+        fx_event_free(&ev);
     }
     wp_dbz_tables_free(opt.tables);
     wp_dbz_ref_tables_free(ref.tables);
