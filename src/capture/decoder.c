@@ -949,7 +949,8 @@ static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
 /*
  * Microseconds since 2000-01-01 00:00 UTC (timestamptz's binary form) of an
  * ISO timestamp as PostgreSQL prints a timestamptz under DateStyle ISO:
- * "YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM[:SS]]" (or -HH...), years of 4 to 6 digits.
+ * "YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM[:SS]]" (or -HH...), years of 4 to 6 digits up to
+ * PostgreSQL's last, 294276.
  */
 static bool parse_timestamp(const char *s, size_t len, int64_t *out)
 {
@@ -993,7 +994,9 @@ static bool parse_timestamp(const char *s, size_t len, int64_t *out)
     if (p != end)
         return false;
     bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    if (mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || sec > 59 ||
+    /* PostgreSQL's timestamps end in 294276 AD; a later year is no timestamp it prints (and would
+     * overflow the microseconds below) */
+    if (y > 294276 || mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 || sec > 59 ||
         oh > 15 || om > 59 || os > 59)
         return false;
     v = days_from_civil(y, mo, d) - days_from_civil(2000, 1, 1);

@@ -634,9 +634,13 @@ static const char *check_shape(wp_decoder_t *d, const wp_change_t *c, char *why,
     for (size_t i = 0; i < want; i++) {
         const json_t *e = json_array_get(root, i);
         const json_t *oid = json_object_get(e, "typeoid");
-        CHECK(json_is_object(e) && json_object_size(e) == 3 && json_is_string(json_object_get(e, "name")) &&
-                  json_is_string(json_object_get(e, "type")),
-              "shape entry %zu is not {name,type,typeoid}", i + 1);
+        const json_t *pos = json_object_get(e, "position"); /* only when wal2json sent positions */
+        CHECK(json_is_object(e) && json_object_size(e) == (pos ? 4u : 3u) &&
+                  json_is_string(json_object_get(e, "name")) && json_is_string(json_object_get(e, "type")),
+              "shape entry %zu is not {name,type,typeoid[,position]}", i + 1);
+        CHECK(pos == NULL || (json_is_integer(pos) && json_integer_value(pos) >= 1 &&
+                              json_integer_value(pos) <= 32767),
+              "shape entry %zu has a position that is not an attribute number", i + 1);
         CHECK(json_is_null(oid) || (json_is_integer(oid) && json_integer_value(oid) >= 0 &&
                                     json_integer_value(oid) <= (json_int_t)UINT32_MAX),
               "shape entry %zu has a typeoid that is not an OID", i + 1);
