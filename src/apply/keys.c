@@ -74,7 +74,8 @@ static const char DISCOVER_SQL[] =
  * changes carry: the mirror applies changes by key, and no set of columns is
  * known to tell its rows apart.  NULL when it has a key: REPLICA IDENTITY
  * NOTHING then only means that wal2json drops its UPDATEs and DELETEs, which
- * the stager detects and records as divergences; the inserts still apply.
+ * the stager detects and records as divergences (under pgoutput the source
+ * refuses them); the inserts still apply.
  */
 static const char *key_problem(const char *identity, bool has_key)
 {
@@ -85,15 +86,16 @@ static const char *key_problem(const char *identity, bool has_key)
                "applies changes by key (in any order, any number of times), and rows that are exact duplicates "
                "cannot be told apart; its changes go to walpipe.dead_letters; hint: add a primary key";
     if (strcmp(identity, "nothing") == 0)
-        return "it has no primary key or unique index on NOT NULL columns, and REPLICA IDENTITY NOTHING (wal2json "
-               "drops its UPDATEs and DELETEs): the mirror applies changes by key; its changes go to "
+        return "it has no primary key or unique index on NOT NULL columns, and REPLICA IDENTITY NOTHING (its UPDATEs "
+               "and DELETEs carry no key: wal2json drops them, and under pgoutput the source refuses them): the mirror applies changes by key; its changes go to "
                "walpipe.dead_letters; hint: add a primary key and ALTER TABLE ... REPLICA IDENTITY DEFAULT";
     if (strcmp(identity, "index") == 0)
         return "its replica identity index is not usable (dropped, invalid or deferrable) and it has no primary key "
                "or other unique index on NOT NULL columns: the mirror applies changes by key; its changes go to "
                "walpipe.dead_letters; hint: ALTER TABLE ... REPLICA IDENTITY USING INDEX on a valid unique index";
     return "it has no usable primary key (none, or DEFERRABLE) and no unique index on NOT NULL columns, and "
-           "REPLICA IDENTITY DEFAULT, so wal2json drops its UPDATEs and DELETEs; its changes go to "
+           "REPLICA IDENTITY DEFAULT, so its UPDATEs and DELETEs carry no key (wal2json drops them, and under "
+           "pgoutput the source refuses them); its changes go to "
            "walpipe.dead_letters; hint: add a primary key";
 }
 

@@ -777,11 +777,14 @@ static void check_tables(check_ctx_t *ctx, PGconn *conn, const wp_source_config_
             /* keys.c's text: "why; hint: fix" */
             const char *hint = strstr(problem, "; hint: ");
             int why_len = hint ? (int)(hint - problem) : (int)strlen(problem);
-            /* keys.c's text names wal2json's dropping where it applies; else this says it */
-            bool said = strstr(problem, "drops its UPDATEs") != NULL;
+            /* keys.c's text says what becomes of the keyless UPDATEs and DELETEs where it applies; else this does */
+            bool said = strstr(problem, "carry no key") != NULL;
             report(ctx, CHECK_FAIL, "table", hint ? hint + 8 : "give it a primary key",
                    "%s cannot be mirrored: %.*s%s%s", name.data, why_len, problem,
-                   dropped && !said ? "; and wal2json drops its UPDATEs and DELETEs: " : "",
+                   dropped && !said
+                       ? (src->plugin == WP_PLUGIN_PGOUTPUT ? "; and the source refuses its UPDATEs and DELETEs: "
+                                                            : "; and wal2json drops its UPDATEs and DELETEs: ")
+                       : "",
                    dropped && !said ? dropped : "");
         } else if (dropped) {
             char *cols = key_names(PQgetvalue(keys, r, 3));
