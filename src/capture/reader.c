@@ -1401,9 +1401,8 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
             if (reader->broken)
                 goto fail;
             wp_segment_t *segment = reader->segment;
-            if (segment &&
-                (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS || reader->boundary_due) &&
-                push_segment(reader, queue, false, true) != 0)
+            bool full = segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS);
+            if ((full || reader->boundary_due) && push_segment(reader, queue, false, true) != 0)
                 goto fail;
         } else if (buf[0] == 'k' && n >= 18) {
             wp_lsn_t wal_end = get_u64(buf + 1);

@@ -459,3 +459,24 @@ def test_a_stop_inside_a_transaction_rolls_its_rows_back(source_pg, staging_pg, 
     wait_caught_up(source_pg, w)
     assert w.stop() == 0
     truth.assert_exactly_once(truth.read_truth(source_pg, "app", "truth"), truth.read_staged(staging_pg, "staging"))
+
+
+def test_a_backlog_of_transactions_commits_in_batches(source_pg, staging_pg, walpipe_factory):
+    """Staging commits a pgoutput batch only between transactions; read from a backlog, segments
+    fill up inside transactions, so each transaction that filled one ends its own segment at its
+    Commit, where a full batch commits: no batch grows past batch_rows by more than the segment
+    that filled it and the rest of the transaction under way."""
+    txns, rows, batch_rows = 40, 1000, 2000
+    setup_source(source_pg, schema=STREAM_SCHEMA, plugin="pgoutput")
+    for t in range(txns):  # the backlog: written before walpipe starts
+        source_pg.sql(f"INSERT INTO big SELECT g, repeat('b', 40) FROM generate_series({t * rows + 1}, "
+                      f"{(t + 1) * rows}) g", dbname="app")
+    w = stream_walpipe(walpipe_factory, staging_pg, source_pg, staging_extra={"batch_rows": batch_rows})
+    wait_caught_up(source_pg, w)
+    assert w.stop() == 0
+    sizes = [n for (n,) in staging_pg.sql("SELECT count(*) FROM walpipe.raw_events GROUP BY batch_id",
+                                          dbname="staging")]
+    assert sum(sizes) == txns * rows
+    most = batch_rows + 2000 + rows  # full, plus the segment that filled it (SEGMENT_MAX_ROWS), plus a transaction
+    assert max(sizes) <= most, f"a batch of {max(sizes)} rows (batches: {sorted(sizes)})"
+    truth.assert_exactly_once(truth.read_truth(source_pg, "app", "truth"), truth.read_staged(staging_pg, "staging"))
