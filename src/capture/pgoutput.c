@@ -37,7 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "log.h"
 #include "pgoutput.h"
@@ -64,15 +63,6 @@ typedef struct rel {
     size_t ncols;
 } rel_t;
 
-typedef struct held {
-    wp_lsn_t lsn;
-    size_t off; /* into held_data */
-    size_t len;
-} held_t;
-
-/* Held bytes kept in memory; the rest of a transaction goes to a temporary file. */
-#define HOLD_MEMORY ((size_t)8 << 20)
-
 struct wp_pgoutput {
     const wp_source_config_t *source;
     wp_pgoutput_describe_fn describe;
@@ -97,19 +87,6 @@ struct wp_pgoutput {
     wp_decoder_column_t *cols[2];
     size_t cols_cap[2];
 
-    /* held transaction */
-    bool holding;
-    wp_buf_t held_data;
-    held_t *held;
-    size_t nheld, held_cap;
-    size_t hold_memory;   /* HOLD_MEMORY, or a test's */
-    FILE *spill;          /* tmpfile(), once a transaction outgrew hold_memory; NULL when never */
-    size_t spill_len;     /* bytes of the current transaction in it: records of Int64 lsn, Int64 len, message */
-    size_t nspilled;      /* messages in it; they follow the nheld - nspilled in memory */
-    size_t spill_pos;     /* where the next message to read back starts */
-    size_t spill_next;    /* the index it has (messages are read back in order) */
-    bool spill_failed;    /* could not create or write it: everything stays in memory */
-    wp_buf_t spill_read;  /* the last message read back from it */
 };
 
 /* ---- reading ------------------------------------------------------------------------------- */
@@ -615,7 +592,7 @@ int wp_pgoutput_next(wp_pgoutput_t *p, wp_decoder_t *decoder, wp_change_t *chang
     return truncate_next(p, decoder, change, errbuf, errlen);
 }
 
-/* ---- lifecycle and holding ----------------------------------------------------------------- */
+/* ---- lifecycle ----------------------------------------------------------------- */
 
 wp_pgoutput_t *wp_pgoutput_create(const wp_source_config_t *source, wp_pgoutput_describe_fn describe, void *arg)
 {
@@ -623,13 +600,7 @@ wp_pgoutput_t *wp_pgoutput_create(const wp_source_config_t *source, wp_pgoutput_
     p->source = source;
     p->describe = describe;
     p->describe_arg = arg;
-    p->hold_memory = HOLD_MEMORY;
     return p;
-}
-
-void wp_pgoutput_set_hold_memory(wp_pgoutput_t *p, size_t bytes)
-{
-    p->hold_memory = bytes;
 }
 
 void wp_pgoutput_reset(wp_pgoutput_t *p)
@@ -640,7 +611,6 @@ void wp_pgoutput_reset(wp_pgoutput_t *p)
     }
     p->nrels = 0;
     p->trunc = NULL;
-    wp_pgoutput_release(p);
 }
 
 void wp_pgoutput_destroy(wp_pgoutput_t *p)
@@ -651,104 +621,40 @@ void wp_pgoutput_destroy(wp_pgoutput_t *p)
     free(p->rels);
     free(p->cols[0]);
     free(p->cols[1]);
-    wp_buf_free(&p->held_data);
-    wp_buf_free(&p->spill_read);
-    if (p->spill)
-        fclose(p->spill);
-    free(p->held);
     free(p);
 }
 
-bool wp_pgoutput_holding(const wp_pgoutput_t *p)
-{
-    return p->holding;
-}
+/*
+ * WAL layout (PostgreSQL's xlog.c and xlogreader.c): records follow one
+ * another MAXALIGNed (8 bytes) in the pages' space after each page header
+ * (XLOG_BLCKSZ 8192; the header is 24 bytes, 40 on a segment's first
+ * page); a record may cross a page, its rest following the next header.  A
+ * record's end (what a Commit's end_lsn is) is then: in one page, its start
+ * plus its MAXALIGNed length; crossing, the next page's start plus the header
+ * plus its MAXALIGNed rest.  walpipe assumes the default 16 MB segments: at
+ * another size a commit record crossing onto a segment's first page is
+ * mispredicted, which costs a relabel, never a wrong key.
+ */
+#define WAL_PAGE 8192u
+#define WAL_SEGMENT (16u << 20)
+#define WAL_SHORT_HEADER 24u
+#define WAL_LONG_HEADER 40u
+#define WAL_ALIGN(n) (((n) + 7u) & ~(uint64_t)7u)
+/*
+ * A plain commit record under wal_level = logical: the record header (24),
+ * the main data's block header (2), xl_xact_commit (8), xl_xact_xinfo (4),
+ * xl_xact_dbinfo (8, logical decoding needs it).  Subtransactions, dropped
+ * relations, invalidations (DDL) or an origin make it longer; never shorter.
+ */
+#define PLAIN_COMMIT_RECORD 46u
 
-int wp_pgoutput_hold(wp_pgoutput_t *p, wp_lsn_t lsn, const char *data, size_t len)
+wp_lsn_t wp_pgoutput_predict_end(wp_lsn_t commit_start)
 {
-    p->holding = true;
-    if (p->nspilled > 0 || (p->held_data.len + len > p->hold_memory && p->nheld > 0 && !p->spill_failed)) {
-        uint64_t head[2] = {lsn, len};
-        if (p->spill == NULL && (p->spill = tmpfile()) == NULL) {
-            wp_warn("could not create a temporary file for a large pgoutput transaction (%m); it is held in "
-                    "memory");
-            p->spill_failed = true;
-        } else if (pwrite(fileno(p->spill), head, sizeof head, (off_t)p->spill_len) != (ssize_t)sizeof head ||
-                   pwrite(fileno(p->spill), data, len, (off_t)(p->spill_len + sizeof head)) != (ssize_t)len) {
-            wp_error("could not write a large pgoutput transaction to its temporary file: %m");
-            return -1;
-        } else {
-            if (p->nspilled == 0) {
-                p->spill_next = p->nheld;
-                p->spill_pos = 0;
-                wp_info("a pgoutput transaction outgrew %zu bytes: its rest is held in a temporary file until "
-                        "its commit", p->hold_memory);
-            }
-            p->spill_len += sizeof head + len;
-            p->nspilled++;
-            p->nheld++;
-            return 0;
-        }
-    }
-    if (p->nheld == p->held_cap) {
-        p->held_cap = p->held_cap ? p->held_cap * 2 : 64;
-        p->held = wp_realloc(p->held, p->held_cap * sizeof *p->held);
-    }
-    p->held[p->nheld++] = (held_t){.lsn = lsn, .off = p->held_data.len, .len = len};
-    wp_buf_append(&p->held_data, data, len);
-    return 0;
-}
-
-size_t wp_pgoutput_nheld(const wp_pgoutput_t *p)
-{
-    return p->nheld;
-}
-
-const char *wp_pgoutput_held(wp_pgoutput_t *p, size_t i, size_t *len, wp_lsn_t *lsn)
-{
-    size_t nmem = p->nheld - p->nspilled;
-    if (i < nmem) {
-        *len = p->held[i].len;
-        *lsn = p->held[i].lsn;
-        return p->held_data.data + p->held[i].off;
-    }
-    uint64_t head[2] = {0, 0};
-    if (i != p->spill_next || p->spill_pos >= p->spill_len) {
-        wp_error("a large pgoutput transaction's message %zu was asked for out of order", i);
-        return NULL;
-    }
-    if (pread(fileno(p->spill), head, sizeof head, (off_t)p->spill_pos) != (ssize_t)sizeof head ||
-        head[1] > p->spill_len - p->spill_pos - sizeof head) {
-        wp_error("could not read a large pgoutput transaction back from its temporary file: %m");
-        return NULL;
-    }
-    wp_buf_reset(&p->spill_read);
-    wp_buf_reserve(&p->spill_read, (size_t)head[1] + 1);
-    if (pread(fileno(p->spill), p->spill_read.data, (size_t)head[1], (off_t)(p->spill_pos + sizeof head)) !=
-        (ssize_t)head[1]) {
-        wp_error("could not read a large pgoutput transaction back from its temporary file: %m");
-        return NULL;
-    }
-    p->spill_pos += sizeof head + (size_t)head[1];
-    p->spill_next++;
-    *len = (size_t)head[1];
-    *lsn = head[0];
-    return p->spill_read.data;
-}
-
-void wp_pgoutput_release(wp_pgoutput_t *p)
-{
-    p->nheld = 0;
-    p->holding = false;
-    if (p->spill && p->spill_len > 0 && ftruncate(fileno(p->spill), 0) != 0)
-        wp_warn("could not empty the temporary file of a large pgoutput transaction: %m");
-    p->spill_len = 0;
-    p->nspilled = 0;
-    p->spill_pos = 0;
-    p->spill_failed = false;
-    if (p->spill_read.cap > p->hold_memory)
-        wp_buf_free(&p->spill_read);
-    if (p->held_data.cap > 2 * p->hold_memory) /* a huge transaction is over: give its memory back */
-        wp_buf_free(&p->held_data);
-    wp_buf_reset(&p->held_data);
+    uint64_t in_page = commit_start % WAL_PAGE;
+    uint64_t room = WAL_PAGE - in_page;
+    if (PLAIN_COMMIT_RECORD <= room)
+        return commit_start + WAL_ALIGN(PLAIN_COMMIT_RECORD);
+    uint64_t next_page = commit_start - in_page + WAL_PAGE;
+    uint64_t header = next_page % WAL_SEGMENT == 0 ? WAL_LONG_HEADER : WAL_SHORT_HEADER;
+    return next_page + header + WAL_ALIGN(PLAIN_COMMIT_RECORD - room);
 }

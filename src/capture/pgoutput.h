@@ -15,8 +15,9 @@
  * new one replaces the old.
  *
  * Begin does not carry the commit's end LSN, by which every row of the
- * transaction is keyed, so the caller holds a transaction's messages until
- * its Commit (wp_pgoutput_hold) and parses them then, Begin first.
+ * transaction is keyed, only the commit record's start: the caller predicts
+ * the end from it (wp_pgoutput_predict_end) and checks the prediction
+ * against the Commit's end_lsn (reader.c).
  *
  * Every message is bounds-checked: a cut or garbled message is an error with
  * a reason (for a dead letter), never a read past its end.
@@ -80,31 +81,13 @@ int wp_pgoutput_parse(wp_pgoutput_t *p, wp_decoder_t *decoder, const char *data,
 /* The next change the last parsed message holds (a Truncate's next table): WP_PGO_CHANGE or WP_PGO_NONE. */
 int wp_pgoutput_next(wp_pgoutput_t *p, wp_decoder_t *decoder, wp_change_t *change, char *errbuf, size_t errlen);
 
-/* ---- holding a transaction until its Commit ---- */
-
-/* True from a held Begin until wp_pgoutput_release. */
-bool wp_pgoutput_holding(const wp_pgoutput_t *p);
 /*
- * Keeps a copy of a message with the LSN of its XLogData header: in memory
- * up to 8 MB of a transaction, the rest in a temporary file (tmpfile(), in
- * /tmp, deleted when closed), so a transaction of any size costs bounded
- * memory.  If the file cannot be made, memory it is (warned).  Returns 0, or
- * -1 (logged) when the file could not be written: the caller retries the
- * stream from its checkpoint.
+ * The end LSN of a plain commit record (46 bytes: a transaction without
+ * subtransactions, dropped relations or catalog changes, under wal_level =
+ * logical) that starts at commit_start (a Begin's final_lsn): the commit end
+ * LSN its Commit will most likely give.  Never past the real end: a commit
+ * record is never shorter.
  */
-int wp_pgoutput_hold(wp_pgoutput_t *p, wp_lsn_t lsn, const char *data, size_t len);
-size_t wp_pgoutput_nheld(const wp_pgoutput_t *p);
-/*
- * The i-th held message; *lsn its header LSN.  Messages are read in order
- * (those in the file can only be read back so).  Borrowed until the next
- * call or release (one read back from the file shares one buffer).  NULL
- * (logged) when the file cannot give it back: the caller retries the stream.
- */
-const char *wp_pgoutput_held(wp_pgoutput_t *p, size_t i, size_t *len, wp_lsn_t *lsn);
-/* Drops the held messages. */
-void wp_pgoutput_release(wp_pgoutput_t *p);
-
-/* Tests: hold at most bytes of a transaction in memory (default 8 MB). */
-void wp_pgoutput_set_hold_memory(wp_pgoutput_t *p, size_t bytes);
+wp_lsn_t wp_pgoutput_predict_end(wp_lsn_t commit_start);
 
 #endif /* WP_PGOUTPUT_H */

@@ -50,6 +50,7 @@ void wp_segment_destroy(wp_segment_t *segment)
         return;
     wp_buf_free(&segment->copy);
     free(segment->commit_runs);
+    free(segment->relabels);
     for (wp_dead_letter_t *d = segment->dead, *n; d; d = n) {
         n = d->next;
         free(d->schema);
@@ -162,6 +163,15 @@ wp_shape_t *wp_segment_shape(wp_segment_t *segment, int64_t id, const char *sche
 bool wp_segment_empty(const wp_segment_t *segment)
 {
     return segment->rows == 0 && segment->dead == NULL && segment->shapes == NULL && segment->dropped == NULL;
+}
+
+void wp_segment_add_relabel(wp_segment_t *segment, wp_lsn_t from, wp_lsn_t to)
+{
+    if (segment->nrelabels == segment->relabels_cap) {
+        segment->relabels_cap = segment->relabels_cap ? segment->relabels_cap * 2 : 4;
+        segment->relabels = wp_realloc(segment->relabels, segment->relabels_cap * sizeof *segment->relabels);
+    }
+    segment->relabels[segment->nrelabels++] = (wp_relabel_t){from, to};
 }
 
 void wp_queue_init(wp_queue_t *queue, size_t max)
@@ -291,4 +301,20 @@ size_t wp_queue_length(wp_queue_t *queue)
     size_t n = queue->count;
     pthread_mutex_unlock(&queue->mu);
     return n;
+}
+
+void wp_queue_set_finished(wp_queue_t *queue)
+{
+    pthread_mutex_lock(&queue->mu);
+    queue->finished = true;
+    pthread_cond_broadcast(&queue->changed);
+    pthread_mutex_unlock(&queue->mu);
+}
+
+bool wp_queue_finished(wp_queue_t *queue)
+{
+    pthread_mutex_lock(&queue->mu);
+    bool finished = queue->finished;
+    pthread_mutex_unlock(&queue->mu);
+    return finished;
 }

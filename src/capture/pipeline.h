@@ -94,6 +94,17 @@ typedef struct wp_commit_run {
     uint64_t rows;
 } wp_commit_run_t;
 
+/*
+ * The rows a segment (or an earlier segment of the open batch) keyed by a
+ * predicted commit end LSN (reader.c: a pgoutput Begin lacks the real one)
+ * whose transaction's Commit then gave another: the stager rewrites from
+ * into to, in the batch, before the checkpoint that passes the transaction.
+ */
+typedef struct wp_relabel {
+    wp_lsn_t from; /* the prediction */
+    wp_lsn_t to;   /* the commit end LSN the Commit gave */
+} wp_relabel_t;
+
 typedef struct wp_segment {
     wp_buf_t copy; /* raw_events rows in binary COPY format (encoder.c) */
     size_t rows;
@@ -103,7 +114,16 @@ typedef struct wp_segment {
     wp_dead_letter_t *dead; /* in stream order */
     wp_dropped_t *dropped;  /* changes wal2json dropped, in stream order */
     wp_shape_t *shapes;     /* every table shape the segment's rows use, each once */
+    wp_relabel_t *relabels; /* owned: transactions ending in this segment whose key was mispredicted */
+    size_t nrelabels, relabels_cap;
     wp_position_t pos;      /* position once this segment is committed */
+    /*
+     * The segment ends inside a source transaction whose rows are keyed by
+     * a prediction (pgoutput): staging must not commit after it; the
+     * transaction's Commit comes in a later segment.  With final: the
+     * reader stopped inside it, and the stager rolls the batch back.
+     */
+    bool txn_open;
     bool final;             /* the reader stops after this segment */
     bool more_coming;       /* pushed because it was full: the reader is behind, more follows at once */
     struct wp_segment *next;
@@ -143,6 +163,8 @@ void wp_segment_count(wp_segment_t *segment, const char *event_type, int64_t com
 wp_segment_t *wp_segment_create(void);
 void wp_segment_destroy(wp_segment_t *segment); /* NULL is a no-op */
 bool wp_segment_empty(const wp_segment_t *segment);
+/* Notes that rows keyed by from belong to the transaction whose commit ends at to. */
+void wp_segment_add_relabel(wp_segment_t *segment, wp_lsn_t from, wp_lsn_t to);
 
 typedef struct wp_queue {
     pthread_mutex_t mu;
@@ -152,6 +174,7 @@ typedef struct wp_queue {
     bool failed;           /* either side hit an error: the session is over */
     wp_position_t durable; /* written by the stager after each commit */
     uint64_t staged_rows;  /* rows committed this session (for progress logs) */
+    bool finished;         /* the stager handled the final segment (committed it, or rolled it back) */
 } wp_queue_t;
 
 void wp_queue_init(wp_queue_t *queue, size_t max);
@@ -172,6 +195,8 @@ void wp_queue_fail(wp_queue_t *queue);
 bool wp_queue_failed(wp_queue_t *queue);
 void wp_queue_set_durable(wp_queue_t *queue, const wp_position_t *pos, size_t rows);
 wp_position_t wp_queue_durable(wp_queue_t *queue);
+void wp_queue_set_finished(wp_queue_t *queue);
+bool wp_queue_finished(wp_queue_t *queue);
 size_t wp_queue_length(wp_queue_t *queue);
 
 

@@ -18,6 +18,13 @@
  * before the checkpoint, and the first txn_seq changes of the transaction the
  * checkpoint says was staged in part, so each change is staged exactly once.
  *
+ * pgoutput's Begin lacks the commit end LSN that keys a transaction's rows:
+ * the reader predicts it (wp_pgoutput_predict_end) and streams the rows
+ * keyed so, in segments marked txn_open, which staging never commits; the
+ * Commit confirms the prediction or has the stager relabel them in the same
+ * staging transaction (wp_segment_add_relabel).  So no checkpoint of a
+ * pgoutput source ever lies inside a transaction.
+ *
  * The loop has the shape of pg_recvlogical's: one poll on the socket with a
  * computed timeout; XLogData and keepalives dispatched separately; feedback
  * on a timer.  Message layouts (big-endian):
@@ -40,6 +47,7 @@
 #include "decoder.h"
 #include "encoder.h"
 #include "log.h"
+#include "metrics.h"
 #include "pg.h"
 #include "pgoutput.h"
 #include "reader.h"
@@ -62,10 +70,9 @@ struct wp_reader {
     const wp_source_config_t *source;
     PGconn *conn;
     const input_ops_t *input; /* the slot's output plugin: how to start it and read its messages */
-    wp_pgoutput_t *pgoutput;  /* pgoutput only: relation cache and held transaction */
+    wp_pgoutput_t *pgoutput;  /* pgoutput only: relation cache */
     PGconn *catalog;          /* pgoutput only: plain connection naming types (opened when first needed) */
     bool broken;              /* a message could not be read for a reason of ours (catalog): retry the stream */
-    wp_queue_t *queue;        /* while streaming: where segments go (pgoutput pushes inside a held transaction) */
     wp_decoder_t *decoder;
     wp_encoder_t *encoder;
     wp_filter_t *filter; /* the source's column filters and masks, applied by decoder */
@@ -79,7 +86,8 @@ struct wp_reader {
     bool skipping;  /* whole transaction already staged */
     int skip_seq;   /* changes of this transaction already staged */
     int seq;
-    wp_lsn_t txn_end;
+    wp_lsn_t txn_end;   /* the transaction's commit end LSN (pgoutput: predicted until its Commit) */
+    wp_lsn_t txn_final; /* pgoutput: the commit record's start, from Begin */
     bool has_xid;
     int64_t xid;
     char ts[64];
@@ -91,6 +99,17 @@ struct wp_reader {
     int64_t last_feedback_ms;
     int64_t last_position_push_ms;
     int64_t dirty_since_ms; /* 0, or when rows or a transaction end first waited to be pushed */
+
+    /*
+     * pgoutput: a segment was pushed inside the open transaction; at its
+     * Commit the segment is pushed at once (boundary_due), giving staging a
+     * point where it may commit (it never commits inside a transaction).
+     */
+    bool txn_pushed;
+    bool boundary_due;
+    /* pgoutput: commits that did not end where Begin predicted */
+    uint64_t mispredicted;
+    wp_metric_t *m_mispredicted;
 };
 
 /* ---- small helpers ------------------------------------------------------------------------- */
@@ -309,8 +328,14 @@ wp_reader_t *wp_reader_create(const wp_config_t *config, const wp_source_config_
     reader->filter = wp_filter_create(source);
     wp_decoder_set_filter(reader->decoder, reader->filter);
     reader->input = source->plugin == WP_PLUGIN_PGOUTPUT ? &pgoutput_input : &wal2json_input;
-    if (source->plugin == WP_PLUGIN_PGOUTPUT)
+    if (source->plugin == WP_PLUGIN_PGOUTPUT) {
         reader->pgoutput = wp_pgoutput_create(source, describe_relation, reader);
+        reader->m_mispredicted =
+            wp_metric(WP_METRIC_COUNTER, "walpipe_pgoutput_mispredicted_commits_total",
+                      "pgoutput transactions whose commit end LSN was not the one predicted at their Begin (their "
+                      "rows were relabelled in staging before their checkpoint)",
+                      "source", source->name, NULL);
+    }
     return reader;
 }
 
@@ -777,6 +802,11 @@ static int push_segment(wp_reader_t *reader, wp_queue_t *queue, bool final, bool
 {
     wp_segment_t *segment = current_segment(reader);
     segment->pos = reader->pos;
+    /* rows keyed by a predicted commit end may follow: staging must wait for the Commit */
+    segment->txn_open = reader->pgoutput != NULL && reader->in_txn && !reader->skipping;
+    if (segment->txn_open)
+        reader->txn_pushed = true;
+    reader->boundary_due = false;
     segment->final = final;
     segment->more_coming = more_coming;
     for (;;) {
@@ -927,6 +957,83 @@ static void wal2json_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const ch
 }
 
 /*
+ * pgoutput's Begin: the transaction's rows are keyed by its commit end LSN,
+ * which only the Commit gives; Begin gives the commit record's start
+ * (final_lsn), from which the end of a plain commit record follows
+ * (wp_pgoutput_predict_end).
+ */
+static void pgoutput_begin(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len,
+                           wp_change_t *begin)
+{
+    if (reader->in_txn) {
+        /*
+         * Its rows may be in the open staging batch under its prediction,
+         * and no Commit will relabel or confirm them: start over from the
+         * checkpoint (the batch rolls back).  A walsender never does this.
+         */
+        wp_error("pgoutput began a transaction before the previous one committed; restarting the stream");
+        reader->broken = true;
+        return;
+    }
+    reader->txn_final = begin->lsn;
+    reader->txn_pushed = false;
+    begin->nextlsn = wp_pgoutput_predict_end(begin->lsn);
+    dispatch(reader, header_lsn, data, len, begin, NULL);
+    /*
+     * A checkpoint inside a pgoutput transaction (written before walpipe
+     * streamed them; the stager no longer commits one) names it by its real
+     * end, which the prediction may miss: it is the first transaction not
+     * skipped whose commit starts before that end.
+     */
+    if (!reader->skipping && reader->start.txn_end != WP_LSN_INVALID && reader->txn_final < reader->start.txn_end)
+        reader->skip_seq = reader->start.txn_seq;
+}
+
+/*
+ * pgoutput's Commit (change, or NULL when unreadable: err says why; its
+ * XLogData header then gives the end, as the walsender writes a Commit at
+ * its commit end LSN): a mispredicted end has the rows already keyed by the
+ * prediction relabelled in staging, before the checkpoint that passes them.
+ */
+static void pgoutput_commit(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len,
+                            const wp_change_t *change, const char *err)
+{
+    wp_change_t commit;
+    if (change) {
+        commit = *change;
+    } else {
+        wp_warn("unreadable pgoutput Commit (%s); taking its transaction's end from the message's position", err);
+        memset(&commit, 0, sizeof commit);
+        commit.op = WP_OP_COMMIT;
+        commit.lsn = commit.nextlsn = header_lsn;
+    }
+    if (reader->in_txn && commit.nextlsn != reader->txn_end) {
+        char a[WP_LSN_STRLEN], b[WP_LSN_STRLEN], c[WP_LSN_STRLEN];
+        reader->mispredicted++;
+        wp_metric_add(reader->m_mispredicted, 1);
+        wp_debug("pgoutput transaction %lld: commit at %s ends at %s, not at the predicted %s (a commit record of "
+                 "more than a plain one's 46 bytes)%s; %llu mispredicted so far",
+                 (long long)reader->xid, wp_lsn_format(reader->txn_final, a), wp_lsn_format(commit.nextlsn, b),
+                 wp_lsn_format(reader->txn_end, c),
+                 reader->pos.txn_end == reader->txn_end ? ": relabelling its rows" : "",
+                 (unsigned long long)reader->mispredicted);
+        /* rows (or dead letters) were staged under the prediction: staging rewrites their key */
+        if (!reader->skipping && reader->pos.txn_end == reader->txn_end)
+            wp_segment_add_relabel(current_segment(reader), reader->txn_end, commit.nextlsn);
+        reader->txn_end = commit.nextlsn;
+    }
+    dispatch(reader, header_lsn, data, len, &commit, NULL);
+    /*
+     * A transaction that filled segments leaves the reader behind the
+     * source; its segments so far all ended inside it.  Pushing now ends
+     * one at its Commit, where a full or old batch can commit.
+     */
+    if (reader->txn_pushed)
+        reader->boundary_due = true;
+    reader->txn_pushed = false;
+}
+
+/*
  * pgoutput: one message, parsed (and, for a Truncate, each of its tables)
  * and dispatched.  A catalog failure stops the stream (reader->broken):
  * the message is fine, the reader could not name its types.
@@ -936,6 +1043,24 @@ static void pgoutput_message(wp_reader_t *reader, wp_lsn_t header_lsn, const cha
     wp_change_t change;
     char err[WP_ERRLEN];
     int rc = wp_pgoutput_parse(reader->pgoutput, reader->decoder, data, len, &change, err, sizeof err);
+    if (rc == WP_PGO_CHANGE && change.op == WP_OP_BEGIN) {
+        pgoutput_begin(reader, header_lsn, data, len, &change);
+        return;
+    }
+    if (rc == WP_PGO_BAD && len > 0 && data[0] == 'B') {
+        /*
+         * No commit position to key the transaction's rows by, nor to tell
+         * whether it was staged before: a walsender never sends this (Begin
+         * has a fixed layout), so the stream starts over.
+         */
+        wp_error("unreadable pgoutput Begin: %s; restarting the stream", err);
+        reader->broken = true;
+        return;
+    }
+    if ((rc == WP_PGO_CHANGE && change.op == WP_OP_COMMIT) || (rc == WP_PGO_BAD && len > 0 && data[0] == 'C')) {
+        pgoutput_commit(reader, header_lsn, data, len, rc == WP_PGO_CHANGE ? &change : NULL, err);
+        return;
+    }
     for (;;) {
         if (rc == WP_PGO_RETRY) {
             if (!reader->broken)
@@ -952,77 +1077,11 @@ static void pgoutput_message(wp_reader_t *reader, wp_lsn_t header_lsn, const cha
     }
 }
 
-/*
- * pgoutput's Begin lacks the commit end LSN that keys every row of its
- * transaction (wal2json's B has it: nextlsn), so a transaction's messages
- * are held until its Commit, which has it; then they are dispatched in
- * order, Begin first with the end LSN filled in.  Messages outside a
- * transaction (a non-transactional logical message) go at once.  The held
- * bytes are pgoutput's compact binary form; a huge transaction costs its
- * size in memory (README, "Reading with pgoutput").
- */
+/* pgoutput: messages are dispatched as they arrive, rows keyed by a predicted commit end (see the top). */
 static void pgoutput_xlogdata(wp_reader_t *reader, wp_lsn_t header_lsn, const char *data, size_t len)
 {
-    wp_pgoutput_t *p = reader->pgoutput;
-    char kind = len > 0 ? data[0] : '\0';
-    if (reader->broken)
-        return;
-    if (kind == 'B' && wp_pgoutput_holding(p)) {
-        wp_warn("pgoutput began a transaction before the previous one committed; its held messages are dropped");
-        wp_pgoutput_release(p);
-    }
-    if (kind != 'C' && (kind == 'B' || wp_pgoutput_holding(p))) {
-        if (wp_pgoutput_hold(p, header_lsn, data, len) != 0)
-            reader->broken = true; /* logged; the stream restarts from the checkpoint */
-        return;
-    }
-    if (kind != 'C' || !wp_pgoutput_holding(p)) {
-        pgoutput_message(reader, header_lsn, data, len);
-        return;
-    }
-
-    /* the Commit: its end LSN is what the held Begin lacked (the XLogData header holds it too) */
-    wp_change_t commit, begin;
-    char err[WP_ERRLEN];
-    int rc = wp_pgoutput_parse(p, reader->decoder, data, len, &commit, err, sizeof err);
-    if (rc != WP_PGO_CHANGE) {
-        wp_warn("unreadable pgoutput Commit (%s); keying its transaction by the message's position", err);
-        memset(&commit, 0, sizeof commit);
-        commit.op = WP_OP_COMMIT;
-        commit.lsn = commit.nextlsn = header_lsn;
-    }
-    size_t blen;
-    wp_lsn_t blsn;
-    const char *b = wp_pgoutput_held(p, 0, &blen, &blsn);
-    if (wp_pgoutput_parse(p, reader->decoder, b, blen, &begin, err, sizeof err) != WP_PGO_CHANGE) {
-        wp_warn("unreadable pgoutput Begin (%s); its transaction is staged without an xid", err);
-        memset(&begin, 0, sizeof begin);
-        begin.op = WP_OP_BEGIN;
-    }
-    begin.nextlsn = commit.nextlsn;
-    if (commit.timestamp == NULL) {
-        commit.has_xid = begin.has_xid;
-        commit.xid = begin.xid;
-    }
-    dispatch(reader, blsn, b, blen, &begin, NULL);
-    for (size_t i = 1; i < wp_pgoutput_nheld(p) && !reader->broken; i++) {
-        size_t mlen;
-        wp_lsn_t mlsn;
-        const char *m = wp_pgoutput_held(p, i, &mlen, &mlsn);
-        if (m == NULL) {
-            reader->broken = true; /* logged; the stream restarts from the checkpoint */
-            break;
-        }
-        pgoutput_message(reader, mlsn, m, mlen);
-        /* a big transaction goes to staging in segments, as wal2json's does */
-        wp_segment_t *segment = reader->segment;
-        if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
-            push_segment(reader, reader->queue, false, true) != 0)
-            reader->broken = true;
-    }
-    wp_pgoutput_release(p);
     if (!reader->broken)
-        dispatch(reader, header_lsn, data, len, &commit, NULL);
+        pgoutput_message(reader, header_lsn, data, len);
 }
 
 /* Appends , "option" 'value' with the value's quotes doubled (the replication grammar's literal). */
@@ -1150,9 +1209,6 @@ static void handle_keepalive(wp_reader_t *reader, wp_lsn_t wal_end)
 {
     if (reader->in_txn || wal_end <= reader->pos.lsn || reader->pos.txn_end != WP_LSN_INVALID)
         return;
-    /* a held pgoutput transaction is not staged yet, though walEnd may be past its commit already */
-    if (reader->pgoutput && wp_pgoutput_holding(reader->pgoutput))
-        return;
     reader->pos.lsn = wal_end;
 }
 
@@ -1230,16 +1286,18 @@ static int wait_socket(PGconn *conn, int timeout_ms)
     return 0;
 }
 
-/* Graceful stop: stage what we hold, wait for its commit, acknowledge it, end the COPY. */
+/*
+ * Graceful stop: stage what we have, wait for its commit, acknowledge it,
+ * end the COPY.  Inside a pgoutput transaction whose Commit has not arrived
+ * the stager rolls the batch back instead (its rows carry a predicted key):
+ * then what staging held before is acknowledged, and the source sends the
+ * rest again on the next start.
+ */
 static int finish_stream(wp_reader_t *reader, wp_queue_t *queue)
 {
     if (push_segment(reader, queue, true, false) != 0)
         return -1;
-    for (;;) {
-        wp_position_t durable = wp_queue_durable(queue);
-        if (durable.lsn == reader->pushed.lsn && durable.txn_end == reader->pushed.txn_end &&
-            durable.txn_seq == reader->pushed.txn_seq)
-            break;
+    while (!wp_queue_finished(queue)) {
         if (wp_queue_failed(queue))
             return -1;
         if (maybe_feedback(reader, queue) != 0)
@@ -1263,10 +1321,10 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
     char *buf = NULL;
     *fatal = false;
     reader->start = *start;
-    reader->queue = queue;
     reader->pos = *start;
     reader->pushed = *start;
     reader->in_txn = reader->skipping = false;
+    reader->txn_pushed = reader->boundary_due = false;
     reader->acked = WP_LSN_INVALID;
     reader->received = WP_LSN_INVALID;
     reader->last_feedback_ms = 0;
@@ -1343,8 +1401,8 @@ int wp_reader_stream(wp_reader_t *reader, const wp_position_t *start, wp_queue_t
             if (reader->broken)
                 goto fail;
             wp_segment_t *segment = reader->segment;
-            if (segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS) &&
-                push_segment(reader, queue, false, true) != 0)
+            bool full = segment && (segment->copy.len >= SEGMENT_MAX_BYTES || segment->rows >= SEGMENT_MAX_ROWS);
+            if ((full || reader->boundary_due) && push_segment(reader, queue, false, true) != 0)
                 goto fail;
         } else if (buf[0] == 'k' && n >= 18) {
             wp_lsn_t wal_end = get_u64(buf + 1);

@@ -14,7 +14,12 @@
  *
  * A batch ends when it holds batch_rows rows or batch_bytes bytes, when it is
  * batch_ms old, or when the queue runs dry while the reader is caught up with
- * the source (nothing more to wait for).  Any
+ * the source (nothing more to wait for) -- but never inside a source
+ * transaction whose rows are keyed by a predicted commit end LSN (pgoutput,
+ * segment->txn_open): those wait for the transaction's Commit, which may
+ * relabel them (segment->relabels) in the batch before the checkpoint passes
+ * them, so no committed row ever carries a wrong lsn.  A reader that stops
+ * inside such a transaction has the batch rolled back.  Any
  * staging error rolls the batch back and fails the session; the source then
  * reconnects and resumes from the last committed checkpoint.
  *
@@ -61,6 +66,8 @@ struct wp_stager {
     int64_t batch_started_ms;
     wp_position_t batch_pos;
     bool batch_has_pos;
+    bool batch_open;      /* the last segment staged ended inside a predicted-key transaction: no commit now */
+    int64_t batch_min_id; /* pgoutput: every raw_events row of the batch has id >= this (relabelling finds them by it) */
     /* progress */
     uint64_t total_rows;
     uint64_t total_dead;
@@ -445,7 +452,7 @@ static int make_uuid(char out[37])
 
 static int batch_begin(wp_stager_t *stager)
 {
-    char uuid[37], sql[128];
+    char uuid[37], sql[192];
     if (make_uuid(uuid) != 0)
         return -1;
     /*
@@ -454,8 +461,26 @@ static int batch_begin(wp_stager_t *stager)
      * each statement seeing what other transactions committed.
      */
     snprintf(sql, sizeof sql, "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL walpipe.batch_id = '%s'", uuid);
-    if (exec_sql(stager, sql, "begin a staging transaction") != 0)
-        return -1;
+    if (stager->source->plugin != WP_PLUGIN_PGOUTPUT) {
+        if (exec_sql(stager, sql, "begin a staging transaction") != 0)
+            return -1;
+    } else {
+        /*
+         * And the id sequence's position, in the same round trip: the rows
+         * this batch COPYs take ids from it after this (raw_events_id_seq
+         * has CACHE 1, as BIGSERIAL made it), so a relabel finds them by
+         * the primary key (id, received_at) instead of scanning.
+         */
+        snprintf(sql + strlen(sql), sizeof sql - strlen(sql), "; SELECT last_value FROM walpipe.raw_events_id_seq");
+        PGresult *res = PQexec(stager->conn, sql);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+            wp_error("staging: could not begin a staging transaction: %s", PQerrorMessage(stager->conn));
+            PQclear(res);
+            return -1;
+        }
+        stager->batch_min_id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        PQclear(res);
+    }
     stager->in_txn = true;
     stager->batch_rows = stager->batch_bytes = 0;
     memset(stager->batch_type_rows, 0, sizeof stager->batch_type_rows);
@@ -463,6 +488,7 @@ static int batch_begin(wp_stager_t *stager)
     stager->batch_newest_commit = 0;
     stager->batch_started_ms = wp_now_ms();
     stager->batch_has_pos = false;
+    stager->batch_open = false;
     return 0;
 }
 
@@ -705,6 +731,45 @@ static int stage_dropped(wp_stager_t *stager, const wp_dropped_t *dropped)
     return 0;
 }
 
+/*
+ * Rewrites the key of a transaction whose commit end LSN was predicted
+ * wrong (reader.c, pgoutput): everything this batch wrote keyed by the
+ * prediction -- its raw_events rows, decode dead letters, the first_lsn of
+ * shapes it recorded first, open divergences -- gets the real end.  Nothing
+ * else can hold the prediction: it lies inside the transaction's commit
+ * record (a commit record is never shorter than predicted), where no other
+ * row's key can point.  lsn is no partition key of raw_events (received_at
+ * is) and in no unique key, so the UPDATE moves no row and cannot conflict.
+ */
+static int stage_relabel(wp_stager_t *stager, const wp_relabel_t *relabel)
+{
+    char from[WP_LSN_STRLEN], to[WP_LSN_STRLEN], min_id[32];
+    wp_lsn_format(relabel->from, from);
+    wp_lsn_format(relabel->to, to);
+    snprintf(min_id, sizeof min_id, "%lld", (long long)stager->batch_min_id);
+    const char *params[] = {stager->source->name, from, to, min_id};
+    PGresult *res = query_params(
+        stager,
+        "WITH r AS (UPDATE walpipe.raw_events SET lsn = $3 WHERE source = $1 AND lsn = $2 AND id >= $4::bigint "
+        "RETURNING 1), "
+        "d AS (UPDATE walpipe.dead_letters SET lsn = $3 WHERE source = $1 AND lsn = $2 AND kind = 'decode' "
+        "RETURNING 1), "
+        "s AS (UPDATE walpipe.table_schemas SET first_lsn = $3 WHERE source = $1 AND first_lsn = $2 RETURNING 1), "
+        "v AS (UPDATE walpipe.divergences SET lsn = $3 WHERE source = $1 AND lsn = $2 AND resolved_at IS NULL "
+        "RETURNING 1) "
+        "SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM d), (SELECT count(*) FROM s), "
+        "(SELECT count(*) FROM v)",
+        4, params, NULL, NULL, "relabel a mispredicted transaction");
+    if (res == NULL)
+        return -1;
+    long long rows = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    wp_debug("relabelled the transaction keyed %s to its commit end %s: %lld rows, %s dead letters, %s shapes, %s "
+             "divergences",
+             from, to, rows, PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 2), PQgetvalue(res, 0, 3));
+    PQclear(res);
+    return 0;
+}
+
 /* After a commit: adds the batch to this source's metrics. */
 static void publish_batch(wp_stager_t *stager)
 {
@@ -759,6 +824,10 @@ static int stage_segment(wp_stager_t *stager, wp_segment_t *segment)
         if (put_copy_data(stager, segment->copy.data, segment->copy.len) != 0)
             return -1;
     }
+    /* after the rows: a relabel covers this segment's rows of the transaction too */
+    for (size_t i = 0; i < segment->nrelabels; i++)
+        if (copy_end(stager) != 0 || stage_relabel(stager, &segment->relabels[i]) != 0)
+            return -1;
     stager->batch_rows += segment->rows;
     stager->batch_bytes += segment->copy.len;
     for (int i = 0; i < WP_EVENT_TYPES; i++)
@@ -774,6 +843,7 @@ static int stage_segment(wp_stager_t *stager, wp_segment_t *segment)
     }
     stager->batch_pos = segment->pos;
     stager->batch_has_pos = true;
+    stager->batch_open = segment->txn_open;
     return 0;
 }
 
@@ -835,7 +905,7 @@ int wp_stager_run(wp_stager_t *stager, wp_queue_t *queue)
     bool failed = false;
     for (;;) {
         int wait = STAGER_IDLE_WAIT_MS;
-        if (stager->in_txn) {
+        if (stager->in_txn && !stager->batch_open) {
             int64_t left = stager->batch_started_ms + stager->config->batch_ms - wp_now_ms();
             wait = left > 0 ? (int)left : 0;
         }
@@ -859,13 +929,23 @@ int wp_stager_run(wp_stager_t *stager, wp_queue_t *queue)
              * it works through a backlog the batch grows to its limits instead.
              */
             bool dry = wp_queue_length(queue) == 0 && !more_coming;
-            if ((final || full || old || dry) && batch_commit(stager, queue) != 0)
+            if (final && stager->batch_open) {
+                /* the reader stopped inside a transaction it had not all: none of the batch is checkpointed */
+                wp_info("stopped inside a source transaction whose commit had not arrived: rolled back the "
+                        "staging batch holding its first rows (the source sends them again)");
+                if (copy_end(stager) != 0 || exec_sql(stager, "ROLLBACK", "roll back the unfinished batch") != 0)
+                    goto out;
+                stager->in_txn = false;
+                wp_shapes_rollback(stager->shapes);
+            } else if ((final || full || old || dry) && !stager->batch_open && batch_commit(stager, queue) != 0) {
                 goto out;
+            }
             if (final) {
+                wp_queue_set_finished(queue);
                 rc = 0;
                 goto out;
             }
-        } else if (stager->in_txn && batch_commit(stager, queue) != 0) {
+        } else if (stager->in_txn && !stager->batch_open && batch_commit(stager, queue) != 0) {
             goto out;
         }
         if (!stager->in_txn) {

@@ -33,7 +33,7 @@ def _print_table(request):
 
 LONG = os.environ.get("WALPIPE_LONG") == "1"
 # Under pgoutput the default suite runs the scenarios that reach pgoutput's own code (src/capture/
-# pgoutput.c): a restart inside a held or half-staged transaction (sigkill, source-crash, walsender,
+# pgoutput.c): a restart inside a half-staged transaction (sigkill, source-crash, walsender,
 # big-txn) and a stream resumed after staging went away (staging-down).  staging-slow and
 # source-down exercise the stager and the source loop, which do not depend on the input: with
 # WALPIPE_LONG=1 they run under pgoutput too.
