@@ -216,12 +216,15 @@ def test_live_renames_under_several_workers(source_pg, staging_pg, walpipe_facto
 
 def test_default_not_known_is_a_recorded_divergence(source_pg, staging_pg, walpipe_factory):
     """The catalog never says (the column is dropped before walpipe reads it): the mirror adds the
-    column without a default and records the divergence, never silently."""
+    column without a default and records the divergence, never silently.  The column lives and dies
+    inside one source transaction, so no catalog read of `walpipe run` can see it, however the
+    machine schedules them (as separate statements a loaded run once read the catalog between
+    the ADD and the DROP and learnt the default)."""
     w = stage_only(source_pg, staging_pg, walpipe_factory, "CREATE TABLE gone (id int PRIMARY KEY, v text)",
                    ["INSERT INTO gone SELECT g, 'v' || g FROM generate_series(1, 5) g",
-                    "ALTER TABLE gone ADD COLUMN d text DEFAULT 'dflt'",
-                    "INSERT INTO gone VALUES (6, 'v6', 'own')",
-                    "ALTER TABLE gone DROP COLUMN d"],
+                    "BEGIN; ALTER TABLE gone ADD COLUMN d text DEFAULT 'dflt'; "
+                    "INSERT INTO gone VALUES (6, 'v6', 'own'); "
+                    "ALTER TABLE gone DROP COLUMN d; COMMIT"],
                    workers_extra={"claim_size": 3, "resync": "off"})
     work = start_work(walpipe_factory, w, 1)
     wait_applied(source_pg, staging_pg, w, workers=work)
