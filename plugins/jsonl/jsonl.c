@@ -39,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -271,25 +272,57 @@ static int open_current(jsonl_t *j, char *err, size_t errlen)
     return WP_SINK_OK;
 }
 
+/*
+ * The file's writers (`walpipe run`'s sink and a `walpipe replay` through the
+ * same sink) hold an exclusive flock while they write a batch, and while one
+ * looks for a torn tail: a line another process is writing is never taken
+ * for a crash's torn tail and cut.
+ */
+static int lock_file(jsonl_t *j, int op, char *err, size_t errlen)
+{
+    while (flock(j->fd, op) != 0) {
+        if (errno != EINTR)
+            return fail(err, errlen, WP_SINK_RETRY, "could not %s %s: %s", op == LOCK_UN ? "unlock" : "lock",
+                        j->path, strerror(errno));
+    }
+    return WP_SINK_OK;
+}
+
 /* Cuts a torn last line (a crash mid-write: never reported durable) off the current file. */
 static int cut_torn_tail(jsonl_t *j, char *err, size_t errlen)
 {
     char c;
+    struct stat st;
+    int rc = lock_file(j, LOCK_EX, err, errlen);
+    if (rc != WP_SINK_OK)
+        return rc;
+    if (fstat(j->fd, &st) != 0) {
+        rc = fail(err, errlen, WP_SINK_RETRY, "could not stat %s: %s", j->path, strerror(errno));
+        goto out;
+    }
+    j->size = st.st_size;
     off_t end = j->size;
     int rfd = open(j->path, O_RDONLY);
-    if (rfd < 0)
-        return fail(err, errlen, WP_SINK_RETRY, "could not read %s: %s", j->path, strerror(errno));
+    if (rfd < 0) {
+        rc = fail(err, errlen, WP_SINK_RETRY, "could not read %s: %s", j->path, strerror(errno));
+        goto out;
+    }
     while (end > 0 && pread(rfd, &c, 1, end - 1) == 1 && c != '\n')
         end--;
     close(rfd);
     if (end == j->size)
-        return WP_SINK_OK;
-    if (ftruncate(j->fd, end) != 0)
-        return fail(err, errlen, WP_SINK_RETRY, "could not cut the torn last line of %s: %s", j->path,
-                    strerror(errno));
+        goto out;
+    if (ftruncate(j->fd, end) != 0) {
+        rc = fail(err, errlen, WP_SINK_RETRY, "could not cut the torn last line of %s: %s", j->path,
+                  strerror(errno));
+        goto out;
+    }
     j->host->log(j->host, WP_SINK_LOG_WARN, "cut a torn last line (an unfinished write) off the file");
     j->size = end;
-    return WP_SINK_OK;
+out:
+    if (lock_file(j, LOCK_UN, err, errlen) != WP_SINK_OK && rc == WP_SINK_OK)
+        rc = WP_SINK_RETRY;
+    return rc;
 }
 
 static int jsonl_open(const wp_sink_host_t *host, void **state, char *err, size_t errlen)
@@ -409,20 +442,28 @@ static void put_event(jsonl_t *j, const wp_sink_event_t *ev)
 static int write_out(jsonl_t *j, char *err, size_t errlen)
 {
     size_t off = 0;
+    int rc = j->path ? lock_file(j, LOCK_EX, err, errlen) : WP_SINK_OK;
+    if (rc != WP_SINK_OK)
+        return rc;
     while (off < j->len) {
         ssize_t n = write(j->fd, j->buf + off, j->len - off);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0)
-            return fail(err, errlen, WP_SINK_RETRY, "could not write %s: %s", j->path ? j->path : "stdout",
-                        strerror(errno));
+        if (n < 0) {
+            rc = fail(err, errlen, WP_SINK_RETRY, "could not write %s: %s", j->path ? j->path : "stdout",
+                      strerror(errno));
+            goto out;
+        }
         off += (size_t)n;
     }
     j->size += (off_t)j->len;
     j->len = 0;
     if (j->fsync_on && j->path && fsync(j->fd) != 0)
-        return fail(err, errlen, WP_SINK_RETRY, "could not fsync %s: %s", j->path, strerror(errno));
-    return WP_SINK_OK;
+        rc = fail(err, errlen, WP_SINK_RETRY, "could not fsync %s: %s", j->path, strerror(errno));
+out:
+    if (j->path && lock_file(j, LOCK_UN, err, errlen) != WP_SINK_OK && rc == WP_SINK_OK)
+        rc = WP_SINK_RETRY;
+    return rc;
 }
 
 static int jsonl_deliver(void *state, const wp_sink_event_t *events, size_t n, char *err, size_t errlen)
